@@ -1,0 +1,1 @@
+"""Event sources: the kernel side. No rule logic lives here (osquery's split)."""

@@ -1,0 +1,338 @@
+"""The batch format between agent and collector, version 1.
+
+A batch is one msgpack map (string keys), sent as the body of
+``POST /api/v1/batches`` with ``Content-Type: application/msgpack``::
+
+    {
+      "v": 1,                      # wire version (int)
+      "batch_id": "<32 hex>",      # chosen by the agent; a resend reuses it
+      "epoch": "<32 hex>",         # the agent's state database; new after a reset
+      "seq": 7,                    # 1, 2, 3 ... per epoch; a resend reuses it
+      "agent_id": "<id>",          # must equal the identity of the API key
+      "host_name": "web-01",
+      "sent_at": 1790000000000,    # ms since the epoch, agent clock
+      "events": [ <event>, ... ],  # full detail, while a pair is locally rare
+      "counts": [ <count>, ... ],  # timestamps only, once it is not
+      "gaps":   [ <gap>, ... ],    # what the agent knows it lost
+    }
+
+``<event>`` is a map: ``ts`` (int ms), ``action`` ("creation" | "rename"),
+``exe`` and ``path`` (bin or nil: file names are bytes), and optional detail:
+``etype`` ([str]), ``orig`` (bin, a rename's source), ``pid``, ``ppid``
+(int), ``pname``, ``cmd``, ``uid``, ``uname``, ``attr``, ``ppname`` (str),
+``ppexe`` (bin), ``file`` (map: ``size``, ``mode``, ``uid``, ``gid`` int,
+``sha256`` str, ``sample`` bin, ``gone`` bool).
+
+``<count>`` is ``[exe, path, [t0, d1, d2, ...]]``: the pair's event times,
+sorted, the first absolute and each next one a non-negative delta in ms.
+Each time is one event, exactly like an ``<event>`` without detail; a pair
+whose count in the agent's own hour reaches the rule's threshold goes on as
+counts, so ``cc`` and ``agent_count`` stay exact for any evaluation time.
+
+``<gap>`` is a map: ``start``, ``end`` (ms), ``lost`` (int, 0 = unknown)
+and ``reason`` (str: "overflow", "outbox_full", "disk_full", ...).
+
+Compatibility rule. ``v`` is a major version. Within one version, fields may
+be added to ``<event>``, ``<gap>`` and the batch map, and readers ignore
+fields they do not know; a field is never removed or given a new meaning
+without a new ``v``. A collector accepts every version in
+``SUPPORTED_VERSIONS`` (the current one and the one before it) and answers
+any other with 400 and the list; an agent speaks ``VERSION`` only.
+Idempotency: ``(agent_id, epoch, seq)`` names a batch; the contents of a
+batch never change once it has a seq, so a resend is a duplicate by name.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import msgpack
+
+from agent.errors import VersionError, WireError
+
+VERSION = 1
+SUPPORTED_VERSIONS = (1,)
+
+# Hard limits. The unpacker gets them explicitly so a length claim cannot
+# allocate (msgpack < 1.2.4 preallocates from the header).
+MAX_BODY = 8 << 20  # bytes of one batch
+MAX_RECORDS = 20_000  # events + count times + gaps in one batch
+MAX_BIN = 16 << 10  # a path (PATH_MAX is 4096) or a file sample
+MAX_STR = 16 << 10  # a command line is capped by the agent before this
+MAX_ID = 128
+MAX_TS = (1 << 53) - 1
+ACTIONS = ("creation", "rename")
+_HEX32 = re.compile(r"[0-9a-f]{32}\Z")
+_ID = re.compile(r"[A-Za-z0-9._:@-]{1,128}\Z")
+
+
+@dataclass(frozen=True)
+class EventRecord:
+    ts: int
+    action: str
+    exe: Optional[bytes]
+    path: Optional[bytes]
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CountRecord:
+    exe: Optional[bytes]
+    path: Optional[bytes]
+    times: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class GapRecord:
+    start: int
+    end: int
+    lost: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Batch:
+    batch_id: str
+    epoch: str
+    seq: int
+    agent_id: str
+    host_name: str
+    sent_at: int
+    events: tuple[EventRecord, ...] = ()
+    counts: tuple[CountRecord, ...] = ()
+    gaps: tuple[GapRecord, ...] = ()
+    version: int = VERSION
+
+    def size(self) -> int:
+        """Records in the batch, each count time counting as one."""
+        return len(self.events) + sum(len(c.times) for c in self.counts) + len(self.gaps)
+
+
+def valid_agent_id(value: str) -> bool:
+    return bool(_ID.match(value))
+
+
+# ---------------------------------------------------------------- encoding
+
+
+def encode_event(rec: EventRecord) -> dict[str, Any]:
+    out: dict[str, Any] = {"ts": rec.ts, "action": rec.action, "exe": rec.exe, "path": rec.path}
+    out.update(rec.detail)
+    return out
+
+
+def encode_times(times: list[int]) -> list[int]:
+    times = sorted(times)
+    return [times[0]] + [b - a for a, b in zip(times, times[1:])] if times else []
+
+
+def encode_batch(batch: Batch) -> bytes:
+    doc = {
+        "v": batch.version,
+        "batch_id": batch.batch_id,
+        "epoch": batch.epoch,
+        "seq": batch.seq,
+        "agent_id": batch.agent_id,
+        "host_name": batch.host_name,
+        "sent_at": batch.sent_at,
+        "events": [encode_event(e) for e in batch.events],
+        "counts": [[c.exe, c.path, encode_times(list(c.times))] for c in batch.counts],
+        "gaps": [{"start": g.start, "end": g.end, "lost": g.lost, "reason": g.reason} for g in batch.gaps],
+    }
+    return bytes(msgpack.packb(doc, use_bin_type=True))
+
+
+# ---------------------------------------------------------------- decoding
+
+
+def _no_ext(code: int, data: bytes) -> Any:
+    raise WireError(f"ext type {code} is not allowed")
+
+
+def _pairs(pairs: list[tuple[Any, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if not isinstance(k, str):
+            raise WireError("map keys must be strings")
+        if k in out:
+            raise WireError(f"duplicate map key {k!r}")
+        out[k] = v
+    return out
+
+
+def unpack(body: bytes) -> Any:
+    """msgpack bytes to Python objects, with every limit explicit.
+
+    Raises WireError for anything that is not one well-formed, bounded
+    msgpack object: truncation, trailing bytes, reserved bytes, ext types,
+    non-string or duplicate map keys, excessive nesting or lengths.
+    """
+    if len(body) > MAX_BODY:
+        raise WireError(f"body of {len(body)} bytes exceeds {MAX_BODY}")
+    try:
+        return msgpack.unpackb(
+            body,
+            raw=False,
+            use_list=True,
+            strict_map_key=True,
+            object_pairs_hook=_pairs,
+            ext_hook=_no_ext,
+            max_buffer_size=MAX_BODY,
+            max_str_len=MAX_STR,
+            max_bin_len=MAX_BIN,
+            max_array_len=MAX_RECORDS,
+            max_map_len=64,
+            max_ext_len=0,
+        )
+    except WireError:
+        raise
+    except msgpack.ExtraData:
+        raise WireError("trailing bytes after the batch") from None
+    except (ValueError, TypeError, msgpack.UnpackException, RecursionError) as e:
+        # StackError, FormatError, OutOfData and UnicodeDecodeError all land here.
+        raise WireError(f"not well-formed msgpack ({type(e).__name__})") from None
+
+
+def _int(v: Any, path: str, lo: int = 0, hi: int = MAX_TS) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise WireError(f"must be an integer, got {type(v).__name__}", path)
+    if not lo <= v <= hi:
+        raise WireError(f"must be in [{lo}, {hi}], got {v}", path)
+    return v
+
+
+def _str(v: Any, path: str, limit: int = MAX_STR, empty: bool = True) -> str:
+    if not isinstance(v, str):
+        raise WireError(f"must be a string, got {type(v).__name__}", path)
+    if len(v) > limit or (not empty and not v):
+        raise WireError(f"length {len(v)} outside [{0 if empty else 1}, {limit}]", path)
+    return v
+
+
+def _bin(v: Any, path: str, nil: bool = True) -> Optional[bytes]:
+    if v is None and nil:
+        return None
+    if not isinstance(v, bytes):
+        raise WireError(f"must be bin{' or nil' if nil else ''}, got {type(v).__name__}", path)
+    if not v:
+        raise WireError("must not be empty", path)
+    return v
+
+
+def _list(v: Any, path: str) -> list[Any]:
+    if not isinstance(v, list):
+        raise WireError(f"must be an array, got {type(v).__name__}", path)
+    return v
+
+
+def _map(v: Any, path: str) -> dict[str, Any]:
+    if not isinstance(v, dict):
+        raise WireError(f"must be a map, got {type(v).__name__}", path)
+    return v
+
+
+_DETAIL_INT = ("pid", "ppid")
+_DETAIL_STR = ("pname", "cmd", "uid", "uname", "attr", "ppname")
+_DETAIL_BIN = ("orig", "ppexe")
+_FILE_INT = ("size", "mode", "uid", "gid")
+
+
+def _detail(e: dict[str, Any], path: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k in _DETAIL_INT:
+        if e.get(k) is not None:
+            out[k] = _int(e[k], f"{path}.{k}", 0, (1 << 31) - 1)
+    for k in _DETAIL_STR:
+        if e.get(k) is not None:
+            out[k] = _str(e[k], f"{path}.{k}")
+    for k in _DETAIL_BIN:
+        if e.get(k) is not None:
+            out[k] = _bin(e[k], f"{path}.{k}")
+    if e.get("etype") is not None:
+        out["etype"] = [_str(t, f"{path}.etype[{i}]", 32) for i, t in enumerate(_list(e["etype"], path))]
+    if e.get("file") is not None:
+        f = _map(e["file"], f"{path}.file")
+        facts: dict[str, Any] = {}
+        for k in _FILE_INT:
+            if f.get(k) is not None:
+                facts[k] = _int(f[k], f"{path}.file.{k}", 0, MAX_TS)
+        if f.get("sha256") is not None:
+            facts["sha256"] = _str(f["sha256"], f"{path}.file.sha256", 64)
+        if f.get("sample") is not None:
+            facts["sample"] = _bin(f["sample"], f"{path}.file.sample")
+        if f.get("gone") is not None:
+            if not isinstance(f["gone"], bool):
+                raise WireError("must be a boolean", f"{path}.file.gone")
+            facts["gone"] = f["gone"]
+        out["file"] = facts
+    return out
+
+
+def decode_batch(body: bytes) -> Batch:
+    """Validate a batch body completely; raise WireError naming the field."""
+    doc = _map(unpack(body), "batch")
+    v = doc.get("v")
+    if v not in SUPPORTED_VERSIONS or isinstance(v, bool):
+        raise VersionError(
+            f"unsupported wire version {v!r}; supported: {', '.join(map(str, SUPPORTED_VERSIONS))}", "v"
+        )
+    batch_id = _str(doc.get("batch_id"), "batch_id", 32)
+    epoch = _str(doc.get("epoch"), "epoch", 32)
+    if not _HEX32.match(batch_id):
+        raise WireError("must be 32 lowercase hex digits", "batch_id")
+    if not _HEX32.match(epoch):
+        raise WireError("must be 32 lowercase hex digits", "epoch")
+    agent_id = _str(doc.get("agent_id"), "agent_id", MAX_ID)
+    if not valid_agent_id(agent_id):
+        raise WireError("must be 1-128 of A-Z a-z 0-9 . _ : @ -", "agent_id")
+    host_name = _str(doc.get("host_name"), "host_name", 255, empty=False)
+    seq = _int(doc.get("seq"), "seq", 1)
+    sent_at = _int(doc.get("sent_at"), "sent_at")
+
+    events = []
+    for i, raw in enumerate(_list(doc.get("events", []), "events")):
+        p = f"events[{i}]"
+        e = _map(raw, p)
+        action = e.get("action")
+        if action not in ACTIONS:
+            raise WireError(f"must be one of {', '.join(ACTIONS)}", f"{p}.action")
+        events.append(
+            EventRecord(
+                ts=_int(e.get("ts"), f"{p}.ts"),
+                action=action,
+                exe=_bin(e.get("exe"), f"{p}.exe"),
+                path=_bin(e.get("path"), f"{p}.path"),
+                detail=_detail(e, p),
+            )
+        )
+    counts = []
+    n_times = 0
+    for i, raw in enumerate(_list(doc.get("counts", []), "counts")):
+        p = f"counts[{i}]"
+        c = _list(raw, p)
+        if len(c) != 3:
+            raise WireError("must be [exe, path, times]", p)
+        deltas = _list(c[2], f"{p}[2]")
+        if not deltas:
+            raise WireError("must hold at least one time", f"{p}[2]")
+        times = [_int(deltas[0], f"{p}[2][0]")]
+        for j, d in enumerate(deltas[1:], 1):
+            t = times[-1] + _int(d, f"{p}[2][{j}]")
+            times.append(_int(t, f"{p}[2][{j}]"))
+        n_times += len(times)
+        counts.append(CountRecord(_bin(c[0], f"{p}[0]"), _bin(c[1], f"{p}[1]"), tuple(times)))
+    gaps = []
+    for i, raw in enumerate(_list(doc.get("gaps", []), "gaps")):
+        p = f"gaps[{i}]"
+        g = _map(raw, p)
+        start, end = _int(g.get("start"), f"{p}.start"), _int(g.get("end"), f"{p}.end")
+        if end < start:
+            raise WireError("end before start", p)
+        gaps.append(GapRecord(start, end, _int(g.get("lost", 0), f"{p}.lost"), _str(g.get("reason"), f"{p}.reason", 64)))
+    if len(events) + n_times + len(gaps) > MAX_RECORDS:
+        raise WireError(f"more than {MAX_RECORDS} records", "batch")
+    if not events and not counts and not gaps:
+        raise WireError("holds no record", "batch")
+    return Batch(batch_id, epoch, seq, agent_id, host_name, sent_at, tuple(events), tuple(counts), tuple(gaps), v)

@@ -330,17 +330,21 @@ def load(
     collector = _build(CollectorConfig(), COLLECTOR_KEYS, raw.pop("collector", {}), problems)
     outputs = []
     for section in sorted(raw):
-        keys = raw[section]
+        entries = raw[section]
         if section.startswith("output."):
-            kind = keys.get("type", ("", ""))[0].strip()
+            kind = entries.get("type", ("", ""))[0].strip()
             if kind not in OUTPUT_TYPES:
-                where = keys["type"][1] if "type" in keys else f"[{section}] type"
-                problems.append(f"{where}: {kind!r} is not an output type (choose one of: {', '.join(OUTPUT_TYPES)})")
-            opts = {k: v.strip() for k, (v, _) in keys.items() if k != "type"}
+                where = entries["type"][1] if "type" in entries else f"[{section}] type"
+                problems.append(
+                    f"{where}: {kind!r} is not an output type (choose one of: {', '.join(OUTPUT_TYPES)})"
+                )
+            opts = {k: v.strip() for k, (v, _) in entries.items() if k != "type"}
             outputs.append(OutputConfig(section[len("output.") :], kind, opts))
         else:
-            where = next(iter(keys.values()))[1].split(":")[0] if keys else ""
-            problems.append(f"{where}: [{section}] is not a known section (rule, agent, collector, output.NAME)")
+            where = next(iter(entries.values()))[1].split(":")[0] if entries else ""
+            problems.append(
+                f"{where}: [{section}] is not a known section (rule, agent, collector, output.NAME)"
+            )
     problems.extend(_cross_checks(rule, agent, collector))
     if problems:
         raise ConfigError(problems)

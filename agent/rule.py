@@ -58,9 +58,7 @@ class Technique:
 
 THREAT = (
     Technique("TA0003", "Persistence", "T1505", "Server Software Component", "T1505.003", "Web Shell"),
-    Technique(
-        "TA0002", "Execution", "T1059", "Command and Scripting Interpreter", "T1059.004", "Unix Shell"
-    ),
+    Technique("TA0002", "Execution", "T1059", "Command and Scripting Interpreter", "T1059.004", "Unix Shell"),
     Technique("TA0011", "Command and Control", "T1071", "Application Layer Protocol"),
 )
 

@@ -330,9 +330,64 @@ def decode_batch(body: bytes) -> Batch:
         start, end = _int(g.get("start"), f"{p}.start"), _int(g.get("end"), f"{p}.end")
         if end < start:
             raise WireError("end before start", p)
-        gaps.append(GapRecord(start, end, _int(g.get("lost", 0), f"{p}.lost"), _str(g.get("reason"), f"{p}.reason", 64)))
+        gaps.append(
+            GapRecord(
+                start, end, _int(g.get("lost", 0), f"{p}.lost"), _str(g.get("reason"), f"{p}.reason", 64)
+            )
+        )
     if len(events) + n_times + len(gaps) > MAX_RECORDS:
         raise WireError(f"more than {MAX_RECORDS} records", "batch")
     if not events and not counts and not gaps:
         raise WireError("holds no record", "batch")
-    return Batch(batch_id, epoch, seq, agent_id, host_name, sent_at, tuple(events), tuple(counts), tuple(gaps), v)
+    return Batch(
+        batch_id, epoch, seq, agent_id, host_name, sent_at, tuple(events), tuple(counts), tuple(gaps), v
+    )
+
+
+# ---------------------------------------------------------------- agent side
+
+MAX_CMD = 4096  # a command line is cut here (with a marker) before it is stored
+
+
+def event_map(ev: Any, facts: Any = None) -> dict[str, Any]:
+    """A FileEvent as an ``<event>`` map with full detail (see the docstring)."""
+    p, u = ev.process, ev.user
+    out: dict[str, Any] = {
+        "ts": ev.ts_ms,
+        "action": ev.action,
+        "exe": p.executable or None,
+        "path": ev.path or None,
+        "etype": list(ev.event_type),
+        "attr": ev.attribution,
+    }
+    optional = {
+        "orig": ev.original_path or None,
+        "pid": p.pid,
+        "ppid": p.ppid,
+        "pname": _cut(p.name),
+        "cmd": _cut(p.command_line),
+        "uid": _cut(u.id),
+        "uname": _cut(u.name),
+        "ppname": _cut(p.parent_name),
+        "ppexe": p.parent_executable or None,
+    }
+    out.update({k: v for k, v in optional.items() if v is not None})
+    if facts is not None:
+        f = {
+            "size": facts.size,
+            "mode": facts.mode,
+            "uid": facts.uid,
+            "gid": facts.gid,
+            "sha256": facts.sha256,
+            "sample": facts.sample or None,
+            "gone": facts.gone,
+        }
+        out["file"] = {k: v for k, v in f.items() if v is not None}
+    return out
+
+
+def _cut(text: Optional[str]) -> Optional[str]:
+    if text is None:
+        return None
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")  # no lone surrogates on the wire
+    return text if len(text) <= MAX_CMD else text[: MAX_CMD - 3] + "..."

@@ -1,0 +1,346 @@
+"""The agent: wiring of source, resolver, rule, store and shipper; signals;
+status.
+
+Two entry points: :func:`run_live` (``rarewrite agent run``) watches the
+host until SIGTERM; :func:`run_replay` (``rarewrite agent replay``) feeds a
+recorded file through the same pipeline and returns once the collector has
+acknowledged everything.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import signal
+import socket
+import threading
+import uuid
+from typing import Any, Optional
+
+from agent import __version__
+from agent.clock import Clock, SystemClock
+from agent.config import Config
+from agent.errors import EnrollError, RarewriteError, StoreError
+from agent.events import OVERFLOW, FileEvent
+from agent.rule import matches
+from agent.shipper import Identity, RequestsTransport, Shipper
+from agent.sources.replay import BadLine, read_ndjson
+from agent.store import AgentStore
+
+log = logging.getLogger("rarewrite.agent")
+
+STATUS_FILE = "status.json"
+LOCK_FILE = "agent.lock"
+
+
+class StateDir:
+    """The agent's folder: lock, identity, store, key, status."""
+
+    def __init__(self, path: str) -> None:
+        self.path = os.path.abspath(path)
+        os.makedirs(self.path, mode=0o700, exist_ok=True)
+        self._lock_fd: Optional[int] = None
+
+    def lock(self) -> None:
+        """One agent per state dir; the lock dies with the process (SIGKILL too)."""
+        fd = os.open(os.path.join(self.path, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RarewriteError(f"{self.path} is in use by another running agent") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+
+    def identity(self, agent_id: str = "", host_name: str = "") -> Identity:
+        """The agent id made on first start (or the one forced); the host name."""
+        ident_path = os.path.join(self.path, "identity.json")
+        stored: dict[str, Any] = {}
+        try:
+            with open(ident_path, encoding="utf-8") as f:
+                stored = json.load(f)
+        except (OSError, ValueError):
+            pass
+        if not agent_id:
+            agent_id = str(stored.get("agent_id") or uuid.uuid4())
+        if stored.get("agent_id") != agent_id:
+            _write_atomic(ident_path, json.dumps({"agent_id": agent_id}).encode(), 0o600)
+        return Identity(agent_id, host_name or socket.gethostname())
+
+    def write_status(self, doc: dict[str, Any]) -> None:
+        _write_atomic(os.path.join(self.path, STATUS_FILE), json.dumps(doc, indent=1).encode(), 0o644)
+
+    @property
+    def store_path(self) -> str:
+        return os.path.join(self.path, "agent.db")
+
+
+def _write_atomic(path: str, data: bytes, mode: int) -> None:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def read_status(state_dir: str) -> tuple[int, dict[str, Any]]:
+    """(exit code, document) for ``rarewrite agent status``: 0 and state
+    "running" only while an agent holds the state dir's lock."""
+    path = os.path.abspath(state_dir)
+    doc: dict[str, Any] = {}
+    try:
+        with open(os.path.join(path, STATUS_FILE), encoding="utf-8") as f:
+            doc = json.load(f)
+    except (OSError, ValueError):
+        pass
+    alive = False
+    try:
+        fd = os.open(os.path.join(path, LOCK_FILE), os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        except BlockingIOError:
+            alive = True
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+    if not alive:
+        last = doc.get("state")
+        doc["state"] = "stopped"
+        if last and last != "stopped":
+            doc["last_state"] = last
+        return 3, doc  # LSB: program is not running
+    if doc.get("state") != "running":
+        return 3, doc  # alive but not (yet) watching
+    return 0, doc
+
+
+def _secret_ok(secret: str) -> str:
+    if not secret:
+        raise RarewriteError(
+            "no enrollment secret: set RAREWRITE_ENROLLMENT_SECRET, --enrollment-secret, "
+            "or [agent] enrollment_secret_file"
+        )
+    return secret
+
+
+def _shipper(
+    cfg: Config, state: StateDir, store: AgentStore, ident: Identity, secret: str, clock: Clock
+) -> Shipper:
+    a = cfg.agent
+    if not a.collector:
+        raise RarewriteError("no collector URL: give --collector or [agent] collector")
+    transport = RequestsTransport(a.request_timeout_ms / 1000, a.ca_bundle, a.client_cert, a.client_key)
+    return Shipper(
+        store, transport, a.collector, state.path, ident, _secret_ok(secret), clock,
+        a.batch_max_records, a.backoff_max_ms / 1000,
+    )  # fmt: skip
+
+
+# ------------------------------------------------------------------ replay
+
+
+def run_replay(cfg: Config, events_path: str, secret: str, clock: Optional[Clock] = None) -> int:
+    """Replay a recorded file; exit 0 once everything is acknowledged."""
+    clock = clock or SystemClock()
+    state = StateDir(cfg.agent.state_dir)
+    state.lock()
+    ident = state.identity(cfg.agent.agent_id, cfg.agent.host_name)
+    store = AgentStore(state.store_path, cfg.rule, clock, cfg.agent.outbox_max_records)
+    shipper = _shipper(cfg, state, store, ident, secret, clock)
+    read = matched = bad = 0
+    chunk: list[FileEvent] = []
+    if not os.path.exists(events_path):
+        raise RarewriteError(f"{events_path}: no such file")
+    for item in read_ndjson(events_path):
+        if isinstance(item, BadLine):
+            bad += 1
+            log.warning("event=bad_line file=%r line=%d reason=%r", events_path, item.line, item.reason)
+            continue
+        read += 1
+        if matches(cfg.rule, item):
+            chunk.append(item)
+            if len(chunk) >= 2000:
+                store.record(chunk)
+                matched += len(chunk)
+                chunk = []
+    store.record(chunk)
+    matched += len(chunk)
+    log.info("event=replay_read file=%r read=%d matched=%d bad_lines=%d", events_path, read, matched, bad)
+    deadline = clock.monotonic() + max(60.0, cfg.agent.request_timeout_ms / 1000 * 4)
+    while True:
+        if shipper.drain(deadline):
+            log.info("event=replay_done acknowledged=%d", shipper.counters["records_sent"])
+            return 0
+        if clock.monotonic() >= deadline:
+            raise RarewriteError(
+                f"collector did not acknowledge everything in time ({store.depth()} records left in "
+                f"{state.store_path}; run replay again to resume): {shipper.last_error}"
+            )
+
+
+# ------------------------------------------------------------------ live
+
+
+class LiveAgent:
+    """``rarewrite agent run``: the sensor loop in the main thread, the
+    shipper in a second one."""
+
+    def __init__(self, cfg: Config, secret: str, clock: Optional[Clock] = None) -> None:
+        self.cfg = cfg
+        self.secret = secret
+        self.clock = clock or SystemClock()
+        self.stop = threading.Event()
+        self.reload = threading.Event()
+        self.counters = {"seen": 0, "matched": 0, "overflows": 0, "unknown": 0, "errors": 0}
+        self.started_ms = self.clock.now_ms()
+
+    def run(self) -> int:
+        from agent.facts import read_facts
+        from agent.procinfo import Resolver
+        from agent.sources.auto import open_source
+
+        cfg = self.cfg
+        state = StateDir(cfg.agent.state_dir)
+        state.lock()
+        ident = state.identity(cfg.agent.agent_id, cfg.agent.host_name)
+        self.state, self.ident = state, ident
+        store = AgentStore(
+            state.store_path, cfg.rule, self.clock, cfg.agent.outbox_max_records,
+            facts=(lambda ev: read_facts(ev, cfg.agent.hash_max_bytes)) if cfg.agent.file_facts else None,
+        )  # fmt: skip
+        shipper = _shipper(cfg, state, store, ident, self.secret, self.clock)
+        self.store, self.shipper = store, shipper
+        self._install_signals()
+        state.write_status(self._status("starting", None))
+        rule = cfg.rule
+        resolver = Resolver(self.clock, is_web_process=rule.process_matches)
+        source = open_source(
+            cfg.agent.backend,
+            [os.fsencode(p) for p in cfg.agent.watch],
+            [os.fsencode(p) for p in cfg.agent.exclude],
+            [os.fsencode(state.path)],
+            os.getpid(),
+            self.clock,
+            rule.process_matches,
+        )
+        log.info(
+            "event=started version=%s backend=%s agent_id=%s host_name=%r watch=%s",
+            __version__,
+            source.name,
+            ident.agent_id,
+            ident.host_name,
+            list(cfg.agent.watch),
+        )
+        fatal: list[BaseException] = []
+        ship_thread = threading.Thread(target=self._ship, args=(shipper, fatal), name="shipper", daemon=True)
+        ship_thread.start()
+        last_status = 0.0
+        try:
+            while not self.stop.is_set():
+                raws = source.read(0.25)
+                batch: list[FileEvent] = []
+                for raw in raws:
+                    if raw.kind == OVERFLOW:
+                        self.counters["overflows"] += 1
+                        now = self.clock.now_ms()
+                        store.record_gap(now, now, raw.lost, "overflow")
+                        log.warning("event=queue_overflow overflows_total=%d", self.counters["overflows"])
+                        continue
+                    try:
+                        ev = resolver.resolve(raw)
+                    except Exception as e:  # noqa: BLE001 - one bad event must not stop the sensor
+                        self.counters["errors"] += 1
+                        log.error("event=resolve_failed error=%r", str(e))
+                        continue
+                    if ev is None:
+                        continue
+                    self.counters["seen"] += 1
+                    if matches(rule, ev):
+                        batch.append(ev)
+                if batch:
+                    store.record(batch)
+                    self.counters["matched"] += len(batch)
+                if fatal:
+                    raise fatal[0]
+                now_s = self.clock.monotonic()
+                if now_s - last_status >= 1.0:
+                    last_status = now_s
+                    state.write_status(self._status("running", source))
+                if self.reload.is_set():
+                    self.reload.clear()
+                    log.info("event=reload_requested note='restart the service to apply watch changes'")
+        finally:
+            self.stop.set()
+            state.write_status(self._status("stopping", source))
+            source.close()
+            ship_thread.join(timeout=2)
+            try:
+                flushed = shipper.drain(self.clock.monotonic() + 5.0)
+            except RarewriteError:
+                flushed = False
+            state.write_status(self._status("stopped", None))
+            log.info("event=stopped flushed=%s outbox_depth=%d", flushed, store.depth())
+        return 0
+
+    def _ship(self, shipper: Shipper, fatal: list[BaseException]) -> None:
+        try:
+            shipper.run(self.stop, self.cfg.agent.ship_interval_ms / 1000)
+        except EnrollError as e:
+            fatal.append(e)
+            self.stop.set()
+
+    def _install_signals(self) -> None:
+        def on_term(signum: int, frame: Any) -> None:
+            self.stop.set()
+
+        def on_hup(signum: int, frame: Any) -> None:
+            self.reload.set()
+
+        signal.signal(signal.SIGTERM, on_term)
+        signal.signal(signal.SIGINT, on_term)
+        signal.signal(signal.SIGHUP, on_hup)
+
+    def _status(self, state: str, source: Any) -> dict[str, Any]:
+        src = source.stats() if source is not None else {}
+        store_counters = dict(self.store.counters)
+        try:
+            depth = self.store.depth()
+        except (StoreError, OSError, Exception):  # noqa: BLE001 - status must always be written
+            depth = -1
+        sh = self.shipper
+        return {
+            "state": state,
+            "pid": os.getpid(),
+            "version": __version__,
+            "agent_id": self.ident.agent_id,
+            "host_name": self.ident.host_name,
+            "backend": source.name if source is not None else None,
+            "watch": list(self.cfg.agent.watch),
+            "exclude": list(self.cfg.agent.exclude),
+            "marked": src.get("marked", []),
+            "refused": src.get("refused", []),
+            "source": {k: v for k, v in src.items() if k not in ("marked", "refused")},
+            "counters": {
+                **self.counters,
+                "dropped": store_counters["dropped"] + store_counters["not_stored"],
+                "stored": store_counters["stored"],
+                "detailed": store_counters["detailed"],
+                "quarantined": store_counters["quarantined"],
+                **{f"ship_{k}": v for k, v in sh.counters.items()},
+            },
+            "outbox_depth": depth,
+            "last_shipment_ms": sh.last_success_ms,
+            "collector_reachable": sh.reachable,
+            "last_error": sh.last_error,
+            "started_ms": self.started_ms,
+            "updated_ms": self.clock.now_ms(),
+        }
+
+
+def run_live(cfg: Config, secret: str) -> int:
+    return LiveAgent(cfg, secret).run()

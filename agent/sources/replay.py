@@ -1,0 +1,144 @@
+"""Recorded ECS documents (NDJSON) as events: for tests, and for admins who
+want to try the rule on data they already have.
+
+Nested objects and dotted keys are both read (``{"process": {"name": x}}``
+and ``{"process.name": x}``), ``event.type`` as an array or a scalar,
+unknown fields ignored. As in ES|QL, a field holding several values is null
+for the equality tests, so it never matches. A line that is not a JSON
+object with a usable ``@timestamp`` is reported with its line number and
+skipped.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from agent.events import RECORDED, FileEvent, ProcessInfo, UserInfo, to_bytes
+
+log = logging.getLogger("rarewrite.sources.replay")
+
+
+@dataclass(frozen=True)
+class BadLine:
+    line: int
+    reason: str
+
+
+def get(doc: dict[str, Any], dotted: str) -> Any:
+    """A field by its dotted name, from dotted keys or nested objects."""
+    if dotted in doc:
+        return doc[dotted]
+    cur: Any = doc
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
+        if not isinstance(cur, dict):
+            return None
+        rest = ".".join(parts[i:])
+        if rest in cur and i:
+            return cur[rest]  # partly dotted: {"process": {"parent.pid": 1}}
+        if part not in cur:
+            return None
+        cur = cur[part]
+    return cur
+
+
+def scalar(value: Any) -> Any:
+    """ES|QL: a one-element list is its element; several values are null."""
+    if isinstance(value, list):
+        return value[0] if len(value) == 1 else None
+    return value
+
+
+def keyword(value: Any) -> Optional[str]:
+    """A keyword field as ES indexes it: numbers and booleans become text."""
+    value = scalar(value)
+    if value is None or isinstance(value, (dict, list)):
+        return None
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return value if isinstance(value, str) else str(value)
+
+
+def integer(value: Any) -> Optional[int]:
+    value = scalar(value)
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    return None
+
+
+def parse_timestamp(value: Any) -> int:
+    """ISO 8601 (any offset, any fraction) or epoch milliseconds, to whole ms
+    (Elasticsearch's date precision; finer digits are cut, not rounded)."""
+    value = scalar(value)
+    if isinstance(value, bool) or value is None:
+        raise ValueError("no @timestamp")
+    if isinstance(value, (int, float)):
+        return int(value)
+    if not isinstance(value, str):
+        raise ValueError("@timestamp is not a string")
+    text = value.strip()
+    if text.isdigit():
+        return int(text)
+    if text.endswith(("Z", "z")):
+        text = text[:-1] + "+00:00"
+    frac = ""
+    head, dot, tail = text.partition(".")
+    if dot:
+        digits = len(tail) - len(tail.lstrip("0123456789"))
+        frac, zone = tail[:digits], tail[digits:]
+        text = head + zone
+    t = dt.datetime.fromisoformat(text)
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=dt.timezone.utc)
+    whole = (t - dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)) // dt.timedelta(seconds=1)
+    return whole * 1000 + int((frac + "000")[:3])
+
+
+def to_event(doc: dict[str, Any]) -> FileEvent:
+    """One ECS document as a FileEvent (ValueError when it has no time)."""
+    etype = get(doc, "event.type")
+    etypes = tuple(str(t) for t in etype) if isinstance(etype, list) else ((str(etype),) if etype else ())
+    action = keyword(get(doc, "event.action")) or ""
+    return FileEvent(
+        ts_ms=parse_timestamp(get(doc, "@timestamp")),
+        action=action,
+        path=to_bytes(keyword(get(doc, "file.path"))),
+        process=ProcessInfo(
+            pid=integer(get(doc, "process.pid")),
+            name=keyword(get(doc, "process.name")),
+            executable=to_bytes(keyword(get(doc, "process.executable"))),
+            ppid=integer(get(doc, "process.parent.pid")),
+            command_line=keyword(get(doc, "process.command_line")),
+            parent_name=keyword(get(doc, "process.parent.name")),
+            parent_executable=to_bytes(keyword(get(doc, "process.parent.executable"))),
+        ),
+        user=UserInfo(id=keyword(get(doc, "user.id")), name=keyword(get(doc, "user.name"))),
+        event_type=etypes,
+        original_path=to_bytes(keyword(get(doc, "file.Ext.original.path"))),
+        os_type=keyword(get(doc, "host.os.type")),
+        attribution=RECORDED,
+    )
+
+
+def read_ndjson(path: str) -> Iterator[FileEvent | BadLine]:
+    """Events in file order; a bad line yields BadLine instead of raising."""
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                doc = json.loads(raw)
+                if not isinstance(doc, dict):
+                    raise ValueError("not a JSON object")
+                yield to_event(doc)
+            except (ValueError, TypeError, OverflowError, RecursionError) as e:
+                yield BadLine(n, " ".join(str(e).split())[:200] or type(e).__name__)

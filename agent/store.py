@@ -1,0 +1,403 @@
+"""The agent's state: the rolling hour and the outbox, in one SQLite file.
+
+Schema version 1 (``meta.schema_version``)::
+
+    meta(k TEXT PRIMARY KEY, v)            epoch, next_seq, schema_version
+    win(pair BLOB, ts INTEGER)             this agent's matching events, one hour
+    outbox(id INTEGER PRIMARY KEY AUTOINCREMENT, kind INTEGER, ts INTEGER, body BLOB)
+                                           kind 0: an <event> map (msgpack)
+                                           kind 1: a count time; body = the pair
+                                           kind 2: a <gap> map (msgpack)
+    lease(seq INTEGER PRIMARY KEY, batch_id TEXT, hi INTEGER, n INTEGER, body BLOB)
+                                           the one batch in flight, bytes frozen
+    quarantine(id, at, reason, body)       records the collector refused (400)
+
+A pair is ``msgpack([exe, path])``. An event goes into ``win`` and ``outbox``
+in the same transaction; the detail decision (DESIGN §2) is made there: full
+detail while the pair has fewer than ``count_below`` events in the agent's
+hour ending at the event, a bare time after that.
+
+Readability rule: a file with a newer schema_version is refused with a clear
+error (never half-read); an older one is migrated in place, in one
+transaction. A file that fails ``PRAGMA quick_check`` at start is moved aside
+and a fresh one is created (power loss must not become a crash loop).
+
+Durability: WAL with ``synchronous=NORMAL``. A committed transaction survives
+a crash or SIGKILL of the agent (the promise); after a power loss the last
+few transactions may roll back, which costs fewer events than an fsync per
+read would cost on a busy server. ``[agent] durable = full`` is the way to
+trade that speed for power-loss safety when it is ever needed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import msgpack
+
+from agent import wire
+from agent.clock import Clock
+from agent.errors import StoreError
+from agent.events import FileEvent, FileFacts
+from agent.rule import Rule
+
+log = logging.getLogger("rarewrite.store")
+
+SCHEMA_VERSION = 1
+EVENT, COUNT, GAP = 0, 1, 2
+BATCH_BYTES = 2 << 20  # stay well under the collector's body cap
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta(k TEXT PRIMARY KEY, v);
+CREATE TABLE IF NOT EXISTS win(pair BLOB NOT NULL, ts INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS win_pair_ts ON win(pair, ts);
+CREATE INDEX IF NOT EXISTS win_ts ON win(ts);
+CREATE TABLE IF NOT EXISTS outbox(id INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind INTEGER NOT NULL, ts INTEGER NOT NULL, body BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS lease(seq INTEGER PRIMARY KEY, batch_id TEXT NOT NULL,
+    hi INTEGER NOT NULL, n INTEGER NOT NULL, body BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS quarantine(id INTEGER PRIMARY KEY, at INTEGER NOT NULL,
+    reason TEXT NOT NULL, kind INTEGER NOT NULL, body BLOB NOT NULL);
+"""
+
+
+def pair_key(exe: Optional[bytes], path: Optional[bytes]) -> bytes:
+    return bytes(msgpack.packb([exe, path], use_bin_type=True))
+
+
+def pair_of(key: bytes) -> tuple[Optional[bytes], Optional[bytes]]:
+    exe, path = msgpack.unpackb(key, raw=False)
+    return exe, path
+
+
+@dataclass(frozen=True)
+class Lease:
+    """The batch in flight: its bytes never change once it has a seq."""
+
+    seq: int
+    batch_id: str
+    hi: int  # the highest outbox id it holds
+    n: int  # records in it
+    body: bytes
+
+
+def _is_full(e: sqlite3.Error) -> bool:
+    return "full" in str(e).lower() or "disk i/o" in str(e).lower()
+
+
+class AgentStore:
+    """The rolling hour and the outbox. One writer (the sensor loop) and one
+    shipper may use it from two threads; each gets its own connection."""
+
+    def __init__(
+        self,
+        path: str,
+        rule: Rule,
+        clock: Clock,
+        outbox_max: int = 2_000_000,
+        facts: Optional[Callable[[FileEvent], Optional[FileFacts]]] = None,
+    ) -> None:
+        self.path = path
+        self.rule = rule
+        self.clock = clock
+        self.outbox_max = outbox_max
+        self.facts = facts
+        self._local = threading.local()
+        self._lock = threading.Lock()  # serialises writers across threads
+        self.counters = {"stored": 0, "detailed": 0, "dropped": 0, "quarantined": 0, "not_stored": 0}
+        self._unstored: Optional[list[int]] = None  # [first ts, last ts, count] lost to a full disk
+        self._writes_since_prune = 0
+        self._open()
+
+    # -------------------------------------------------------------- opening
+
+    def _open(self) -> None:
+        os.makedirs(os.path.dirname(self.path) or ".", mode=0o700, exist_ok=True)
+        if os.path.exists(self.path) and not self._healthy():
+            aside = f"{self.path}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}"
+            for suffix in ("", "-wal", "-shm"):
+                if os.path.exists(self.path + suffix):
+                    os.replace(self.path + suffix, aside + suffix)
+            log.error("event=state_corrupt action=moved_aside path=%r aside=%r", self.path, aside)
+        db = self._db()
+        version = self._meta(db, "schema_version")
+        if version is not None and int(version) > SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.path}: schema version {version} is newer than this agent's {SCHEMA_VERSION}; "
+                "upgrade rarewrite or move the file away"
+            )
+        db.executescript("BEGIN;" + _SCHEMA + "COMMIT;")
+        if version is None:
+            db.execute("BEGIN IMMEDIATE")
+            db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
+            db.execute("INSERT OR IGNORE INTO meta VALUES ('epoch', ?)", (uuid.uuid4().hex,))
+            db.execute("INSERT OR IGNORE INTO meta VALUES ('next_seq', 1)")
+            db.execute("COMMIT")
+        os.chmod(self.path, 0o600)
+
+    def _healthy(self) -> bool:
+        try:
+            db = sqlite3.connect(self.path, timeout=10)
+            try:
+                ok = db.execute("PRAGMA quick_check").fetchone()
+                return bool(ok and ok[0] == "ok")
+            finally:
+                db.close()
+        except sqlite3.DatabaseError as e:
+            log.error("event=state_check_failed path=%r error=%r", self.path, str(e))
+            return False
+
+    def _db(self) -> sqlite3.Connection:
+        db: Optional[sqlite3.Connection] = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=True)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("PRAGMA busy_timeout=30000")
+            self._local.db = db
+        return db
+
+    @staticmethod
+    def _meta(db: sqlite3.Connection, key: str) -> Any:
+        try:
+            row = db.execute("SELECT v FROM meta WHERE k=?", (key,)).fetchone()
+        except sqlite3.OperationalError:
+            return None
+        return row[0] if row else None
+
+    @property
+    def epoch(self) -> str:
+        return str(self._meta(self._db(), "epoch"))
+
+    def close(self) -> None:
+        db = getattr(self._local, "db", None)
+        if db is not None:
+            db.close()
+            self._local.db = None
+
+    # -------------------------------------------------------------- recording
+
+    def record(self, events: Sequence[FileEvent]) -> int:
+        """Store matching events in one transaction; returns how many were
+        detailed. On a full disk nothing is raised: the events are counted as
+        not stored and a gap is written once space returns."""
+        if not events and self._unstored is None:
+            return 0
+        db = self._db()
+        detailed = 0
+        with self._lock:
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                self._flush_unstored(db)
+                for ev in events:
+                    key = pair_key(ev.process.executable or None, ev.path or None)
+                    db.execute("INSERT INTO win VALUES (?, ?)", (key, ev.ts_ms))
+                    n = db.execute(
+                        "SELECT count(*) FROM (SELECT 1 FROM win WHERE pair=? AND ts>? AND ts<=? LIMIT ?)",
+                        (key, ev.ts_ms - self.rule.window_ms, ev.ts_ms, self.rule.count_below),
+                    ).fetchone()[0]
+                    if n < self.rule.count_below:
+                        facts = self.facts(ev) if self.facts else None
+                        body = msgpack.packb(wire.event_map(ev, facts), use_bin_type=True)
+                        db.execute("INSERT INTO outbox(kind, ts, body) VALUES (0, ?, ?)", (ev.ts_ms, body))
+                        detailed += 1
+                    else:
+                        db.execute("INSERT INTO outbox(kind, ts, body) VALUES (1, ?, ?)", (ev.ts_ms, key))
+                db.execute("COMMIT")
+            except sqlite3.Error as e:
+                db.execute("ROLLBACK") if db.in_transaction else None
+                if not _is_full(e) and not isinstance(e, sqlite3.OperationalError):
+                    raise StoreError(f"{self.path}: {e}") from e
+                self._note_unstored(events, e)
+                return 0
+        self.counters["stored"] += len(events)
+        self.counters["detailed"] += detailed
+        self._writes_since_prune += len(events)
+        if self._writes_since_prune >= 5000:
+            self._writes_since_prune = 0
+            self.maintain()
+        return detailed
+
+    def _note_unstored(self, events: Sequence[FileEvent], e: sqlite3.Error) -> None:
+        self.counters["not_stored"] += len(events)
+        if events:
+            lo, hi = min(ev.ts_ms for ev in events), max(ev.ts_ms for ev in events)
+            if self._unstored is None:
+                self._unstored = [lo, hi, len(events)]
+            else:
+                u = self._unstored
+                self._unstored = [min(u[0], lo), max(u[1], hi), u[2] + len(events)]
+        log.error("event=store_failed error=%r not_stored_total=%d", str(e), self.counters["not_stored"])
+
+    def _flush_unstored(self, db: sqlite3.Connection) -> None:
+        if self._unstored is not None:
+            lo, hi, n = self._unstored
+            self._insert_gap(db, lo, hi, n, "disk_full")
+            self._unstored = None
+
+    def record_gap(self, start_ms: int, end_ms: int, lost: int, reason: str) -> None:
+        """A span in which events were lost (kernel overflow, full disk...)."""
+        db = self._db()
+        with self._lock:
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                self._insert_gap(db, start_ms, end_ms, lost, reason)
+                db.execute("COMMIT")
+            except sqlite3.Error as e:
+                db.execute("ROLLBACK") if db.in_transaction else None
+                log.error("event=gap_not_stored reason=%s error=%r", reason, str(e))
+
+    @staticmethod
+    def _insert_gap(db: sqlite3.Connection, start: int, end: int, lost: int, reason: str) -> None:
+        body = msgpack.packb({"start": start, "end": end, "lost": lost, "reason": reason})
+        db.execute("INSERT INTO outbox(kind, ts, body) VALUES (2, ?, ?)", (start, body))
+
+    def maintain(self) -> None:
+        """Prune the rolling hour and enforce the outbox bound."""
+        db = self._db()
+        with self._lock:
+            try:
+                newest = db.execute("SELECT max(ts) FROM win").fetchone()[0]
+                if newest is not None:
+                    db.execute("DELETE FROM win WHERE ts <= ?", (newest - self.rule.window_ms,))
+                self._bound_outbox(db)
+            except sqlite3.Error as e:
+                log.error("event=maintain_failed error=%r", str(e))
+
+    def _bound_outbox(self, db: sqlite3.Connection) -> None:
+        depth = db.execute("SELECT count(*) FROM outbox").fetchone()[0]
+        over = depth - self.outbox_max
+        if over <= 0:
+            return
+        hi = db.execute("SELECT coalesce(max(hi), 0) FROM lease").fetchone()[0]
+        db.execute("BEGIN IMMEDIATE")
+        # First the oldest detail goes: an event becomes a bare count time,
+        # which keeps cc and agent_count exact. Only then do times go.
+        rows = db.execute(
+            "SELECT id, body FROM outbox WHERE kind=0 AND id>? ORDER BY id LIMIT ?", (hi, over)
+        ).fetchall()
+        for rid, body in rows:
+            e = msgpack.unpackb(body, raw=False)
+            db.execute(
+                "UPDATE outbox SET kind=1, body=? WHERE id=?", (pair_key(e.get("exe"), e.get("path")), rid)
+            )
+        # Bytes shrink but rows do not: drop the oldest times and say so.
+        old = db.execute(
+            "SELECT min(ts), max(ts), count(*) FROM (SELECT ts FROM outbox WHERE kind=1 AND id>? "
+            "ORDER BY id LIMIT ?)",
+            (hi, over),
+        ).fetchone()
+        if old[2]:
+            db.execute(
+                "DELETE FROM outbox WHERE id IN "
+                "(SELECT id FROM outbox WHERE kind=1 AND id>? ORDER BY id LIMIT ?)",
+                (hi, over),
+            )
+            self._insert_gap(db, old[0], old[1], old[2], "outbox_full")
+            self.counters["dropped"] += old[2]
+            log.warning("event=outbox_full dropped=%d dropped_total=%d", old[2], self.counters["dropped"])
+        db.execute("COMMIT")
+
+    # -------------------------------------------------------------- shipping
+
+    def depth(self) -> int:
+        return int(self._db().execute("SELECT count(*) FROM outbox").fetchone()[0])
+
+    def lease(self, agent_id: str, host_name: str, max_records: int) -> Optional[Lease]:
+        """The batch in flight, or a new one from the oldest outbox rows."""
+        db = self._db()
+        row = db.execute("SELECT seq, batch_id, hi, n, body FROM lease").fetchone()
+        if row:
+            return Lease(*row)
+        with self._lock:
+            rows = db.execute(
+                "SELECT id, kind, ts, body FROM outbox ORDER BY id LIMIT ?", (max_records,)
+            ).fetchall()
+            if not rows:
+                return None
+            events: list[dict[str, Any]] = []
+            times: dict[bytes, list[int]] = {}
+            gaps: list[dict[str, Any]] = []
+            size, hi = 0, 0
+            for rid, kind, ts, body in rows:
+                if size + len(body) + 16 > BATCH_BYTES and hi:
+                    break
+                size += len(body) + 16
+                hi = rid
+                if kind == EVENT:
+                    events.append(msgpack.unpackb(body, raw=False))
+                elif kind == COUNT:
+                    times.setdefault(body, []).append(ts)
+                else:
+                    gaps.append(msgpack.unpackb(body, raw=False))
+            seq = int(self._meta(db, "next_seq"))
+            batch_id = uuid.uuid4().hex
+            doc = {
+                "v": wire.VERSION,
+                "batch_id": batch_id,
+                "epoch": self.epoch,
+                "seq": seq,
+                "agent_id": agent_id,
+                "host_name": host_name,
+                "sent_at": self.clock.now_ms(),
+                "events": events,
+                "counts": [[*pair_of(k), wire.encode_times(t)] for k, t in times.items()],
+                "gaps": gaps,
+            }
+            n = len(events) + sum(len(t) for t in times.values()) + len(gaps)
+            body = bytes(msgpack.packb(doc, use_bin_type=True))
+            db.execute("INSERT INTO lease VALUES (?, ?, ?, ?, ?)", (seq, batch_id, hi, n, body))
+            return Lease(seq, batch_id, hi, n, body)
+
+    def ack(self, lease: Lease) -> None:
+        """The collector committed the batch: it leaves the outbox."""
+        db = self._db()
+        with self._lock:
+            db.execute("BEGIN IMMEDIATE")
+            db.execute("DELETE FROM outbox WHERE id <= ?", (lease.hi,))
+            db.execute("DELETE FROM lease WHERE seq=?", (lease.seq,))
+            db.execute("UPDATE meta SET v=? WHERE k='next_seq'", (lease.seq + 1,))
+            db.execute("COMMIT")
+
+    def split(self, lease: Lease, reason: str) -> None:
+        """The collector refused the batch as a whole (400/413): nothing of it
+        was stored, so it may be re-formed. Halve it; a single refused record
+        goes to quarantine (kept on disk, counted), never retried as is."""
+        db = self._db()
+        with self._lock:
+            db.execute("BEGIN IMMEDIATE")
+            db.execute("DELETE FROM lease WHERE seq=?", (lease.seq,))
+            ids = [r[0] for r in db.execute("SELECT id FROM outbox WHERE id<=? ORDER BY id", (lease.hi,))]
+            if len(ids) <= 1:
+                db.execute(
+                    "INSERT INTO quarantine(at, reason, kind, body) SELECT ?, ?, kind, body FROM outbox "
+                    "WHERE id<=?",
+                    (self.clock.now_ms(), reason[:500], lease.hi),
+                )
+                db.execute("DELETE FROM outbox WHERE id<=?", (lease.hi,))
+                self.counters["quarantined"] += len(ids)
+                log.error(
+                    "event=record_quarantined reason=%r quarantined_total=%d",
+                    reason[:200],
+                    self.counters["quarantined"],
+                )
+            db.execute("COMMIT")
+        self._split_hint = len(ids) // 2 if len(ids) > 1 else 0
+
+    _split_hint = 0
+
+    def next_batch_limit(self, default: int) -> int:
+        """After a split, the next batch is at most half the refused one."""
+        hint, self._split_hint = self._split_hint, 0
+        return min(default, hint) if hint else default
+
+    def quarantined(self) -> int:
+        return int(self._db().execute("SELECT count(*) FROM quarantine").fetchone()[0])

@@ -15,7 +15,7 @@ import logging
 import os
 import random
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Optional, Protocol
 
@@ -305,3 +305,16 @@ class Shipper:
 
 
 _UA = f"rarewrite-agent/{__version__}"
+
+
+class FakeTransport:
+    """A transport for unit tests (httpx's MockTransport idea): ``handler``
+    answers each request; every request is kept in ``sent``."""
+
+    def __init__(self, handler: Callable[[str, bytes, Mapping[str, str]], Response]) -> None:
+        self.handler = handler
+        self.sent: list[tuple[str, bytes, dict[str, str]]] = []
+
+    def post(self, url: str, body: bytes, headers: Mapping[str, str]) -> Response:
+        self.sent.append((url, body, dict(headers)))
+        return self.handler(url, body, headers)

@@ -179,7 +179,6 @@ def unpack(body: bytes) -> Any:
             strict_map_key=True,
             object_pairs_hook=_pairs,
             ext_hook=_no_ext,
-            max_buffer_size=MAX_BODY,
             max_str_len=MAX_STR,
             max_bin_len=MAX_BIN,
             max_array_len=MAX_RECORDS,

@@ -1,0 +1,201 @@
+"""The agent's store and shipper with a fake collector: detail vs counts,
+leases that never change, acks, splits and quarantine, corrupt files."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import msgpack
+import pytest
+
+from agent import wire
+from agent.clock import FakeClock
+from agent.errors import EnrollError
+from agent.events import FileEvent, ProcessInfo, UserInfo
+from agent.rule import Rule
+from agent.shipper import FakeTransport, Identity, Response, Shipper, retry_after
+from agent.store import AgentStore
+
+T0 = 1_795_780_800_000
+
+
+def ev(path: bytes = b"/var/www/a.php", ts: int = T0, exe: bytes = b"/usr/sbin/nginx") -> FileEvent:
+    return FileEvent(
+        ts, "creation", path, ProcessInfo(42, "nginx", exe, 1, "nginx -g x"), UserInfo("33", "www-data")
+    )
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> AgentStore:
+    return AgentStore(str(tmp_path / "agent.db"), Rule(), FakeClock(T0))
+
+
+def test_detail_while_locally_rare_then_counts(store: AgentStore) -> None:
+    detailed = store.record([ev(ts=T0 + i) for i in range(7)])
+    assert detailed == 4  # events 1-4 are rare in the agent's hour; 5th onward are counts
+    lease = store.lease("a1", "h1", 100)
+    assert lease is not None
+    batch = wire.decode_batch(lease.body)
+    assert len(batch.events) == 4 and [len(c.times) for c in batch.counts] == [3]
+    assert batch.size() == 7 and lease.n == 7
+    assert batch.events[0].detail["pid"] == 42 and batch.events[0].detail["cmd"] == "nginx -g x"
+
+
+def test_a_pair_becomes_rare_again_after_an_hour(store: AgentStore) -> None:
+    store.record([ev(ts=T0 + i) for i in range(5)])
+    assert store.record([ev(ts=T0 + 3_600_000 + 10)]) == 1
+
+
+def test_lease_bytes_never_change_until_acked(store: AgentStore) -> None:
+    store.record([ev(path=f"/p{i}".encode(), ts=T0 + i) for i in range(10)])
+    first = store.lease("a", "h", 4)
+    store.record([ev(path=b"/later")])
+    again = store.lease("a", "h", 100)
+    assert first == again and first is not None and first.seq == 1
+    store.ack(first)
+    nxt = store.lease("a", "h", 100)
+    assert nxt is not None and nxt.seq == 2 and nxt.n == 7
+    store.ack(nxt)
+    assert store.depth() == 0 and store.lease("a", "h", 100) is None
+
+
+def test_lease_survives_reopen(tmp_path: Path) -> None:
+    path = str(tmp_path / "agent.db")
+    s1 = AgentStore(path, Rule(), FakeClock(T0))
+    s1.record([ev()])
+    lease = s1.lease("a", "h", 10)
+    s1.close()
+    s2 = AgentStore(path, Rule(), FakeClock(T0 + 5000))
+    assert s2.lease("a", "h", 10) == lease and s2.epoch == s1.epoch
+
+
+def test_split_then_quarantine_the_poison_record(store: AgentStore) -> None:
+    store.record([ev(path=f"/p{i}".encode(), ts=T0 + i) for i in range(4)])
+    lease = store.lease("a", "h", 100)
+    assert lease is not None
+    store.split(lease, "HTTP 400")
+    half = store.lease("a", "h", store.next_batch_limit(100))
+    assert half is not None and half.n == 2 and half.seq == lease.seq
+    store.split(half, "HTTP 400")
+    one = store.lease("a", "h", store.next_batch_limit(100))
+    assert one is not None and one.n == 1
+    store.split(one, "HTTP 400: bad path")
+    assert store.quarantined() == 1 and store.counters["quarantined"] == 1 and store.depth() == 3
+
+
+def test_corrupt_state_file_is_moved_aside(tmp_path: Path) -> None:
+    path = tmp_path / "agent.db"
+    path.write_bytes(b"SQLite format 3\x00" + os.urandom(4000))
+    s = AgentStore(str(path), Rule(), FakeClock(T0))
+    s.record([ev()])
+    assert s.depth() == 1
+    assert any(p.name.startswith("agent.db.corrupt-") for p in tmp_path.iterdir())
+
+
+def test_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = str(tmp_path / "agent.db")
+    s = AgentStore(path, Rule(), FakeClock(T0))
+    s._db().execute("UPDATE meta SET v=99 WHERE k='schema_version'")
+    s.close()
+    with pytest.raises(Exception, match="newer"):
+        AgentStore(path, Rule(), FakeClock(T0))
+
+
+def test_outbox_bound_drops_detail_first_then_oldest_times(tmp_path: Path) -> None:
+    s = AgentStore(str(tmp_path / "a.db"), Rule(), FakeClock(T0), outbox_max=10)
+    s.record([ev(path=f"/p{i}".encode(), ts=T0 + i) for i in range(15)])
+    s.maintain()
+    lease = s.lease("a", "h", 1000)
+    assert lease is not None
+    batch = wire.decode_batch(lease.body)
+    assert s.counters["dropped"] == 5
+    assert [g.reason for g in batch.gaps] == ["outbox_full"] and batch.gaps[0].lost == 5
+    assert batch.size() == 11  # ten times + the gap
+
+
+def _collector(
+    status: int = 200, body: bytes = b'{"status": "stored"}', headers: Mapping[str, str] | None = None
+) -> FakeTransport:
+    def handler(url: str, data: bytes, hdrs: Mapping[str, str]) -> Response:
+        if url.endswith("/enroll"):
+            doc = json.loads(data)
+            if doc["enrollment_secret"] != "s3cret":
+                return Response(401, {}, b"{}")
+            return Response(200, {}, b'{"api_key": "k-1"}')
+        return Response(status, headers or {}, body)
+
+    return FakeTransport(handler)
+
+
+def _shipper(store: AgentStore, transport: FakeTransport, tmp_path: Path, secret: str = "s3cret") -> Shipper:
+    clock = store.clock
+    return Shipper(store, transport, "http://c", str(tmp_path), Identity("a1", "h1"), secret, clock)
+
+
+def test_enroll_once_keep_key_private_and_ship(store: AgentStore, tmp_path: Path) -> None:
+    store.record([ev()])
+    t = _collector()
+    sh = _shipper(store, t, tmp_path)
+    assert sh.ship_once()
+    assert [u.rsplit("/", 1)[1] for u, _, _ in t.sent] == ["enroll", "batches"]
+    assert t.sent[1][2]["Authorization"] == "Bearer k-1"
+    assert (os.stat(tmp_path / "api_key").st_mode & 0o777) == 0o600
+    assert store.depth() == 0
+    store.record([ev(path=b"/b")])
+    assert _shipper(store, t, tmp_path).ship_once()
+    assert [u.rsplit("/", 1)[1] for u, _, _ in t.sent] == ["enroll", "batches", "batches"]
+
+
+def test_wrong_secret_is_fatal(store: AgentStore, tmp_path: Path) -> None:
+    store.record([ev()])
+    with pytest.raises(EnrollError, match="secret"):
+        _shipper(store, _collector(), tmp_path, secret="wrong").ship_once()
+    assert store.depth() == 1
+
+
+@pytest.mark.parametrize("status", [500, 503, 429, 502])
+def test_server_errors_keep_the_batch_and_back_off(store: AgentStore, tmp_path: Path, status: int) -> None:
+    store.record([ev()])
+    sh = _shipper(store, _collector(status, headers={"Retry-After": "7"}), tmp_path)
+    assert not sh.ship_once()
+    assert store.depth() == 1 and sh.not_before - store.clock.monotonic() == pytest.approx(7.0)
+    assert not sh.ship_once()  # still backing off: nothing sent
+    assert len(sh.transport.sent) == 2  # type: ignore[attr-defined]
+
+
+def test_backoff_grows_with_jitter(store: AgentStore, tmp_path: Path) -> None:
+    store.record([ev()])
+    sh = _shipper(store, _collector(500), tmp_path)
+    delays = []
+    for _ in range(8):
+        sh.ship_once()
+        delays.append(sh.not_before - store.clock.monotonic())
+        store.clock.advance(delays[-1])  # type: ignore[attr-defined]
+    assert max(delays) > 4 * min(delays) and all(d <= 300 for d in delays)
+
+
+def test_a_400_splits_and_never_retries_poison_forever(store: AgentStore, tmp_path: Path) -> None:
+    store.record([ev(path=b"/good1"), ev(path=b"/poison"), ev(path=b"/good2")])
+
+    def handler(url: str, data: bytes, hdrs: Mapping[str, str]) -> Response:
+        if url.endswith("/enroll"):
+            return Response(200, {}, b'{"api_key": "k"}')
+        doc = msgpack.unpackb(data, raw=False)
+        if any(e["path"] == b"/poison" for e in doc["events"]):
+            return Response(400, {}, b'{"error": "events[0].path: poison"}')
+        return Response(200, {}, b'{"status": "stored"}')
+
+    sh = _shipper(store, FakeTransport(handler), tmp_path)
+    for _ in range(10):
+        sh.ship_once()
+    assert store.depth() == 0 and store.quarantined() == 1
+
+
+def test_retry_after_forms() -> None:
+    assert retry_after({"Retry-After": "5"}, 0) == 5
+    assert retry_after({"retry-after": "Wed, 21 Oct 2015 07:28:10 GMT"}, 1445412480) == 10
+    assert retry_after({"Retry-After": "soon"}, 0) is None
+    assert retry_after({}, 0) is None

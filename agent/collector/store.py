@@ -1,0 +1,674 @@
+"""The collector's store: agents, events, gaps and alerts in one SQLite file.
+
+Durability: the file runs in WAL mode with ``synchronous=FULL``, so a
+``COMMIT`` has reached the disk (the WAL is fsynced) when it returns; the
+server sends a 2xx for a batch only after :meth:`CollectorStore.ingest`
+returned, i.e. after that durable commit.
+
+Schema (version 1)::
+
+    meta(key PK, value)                         schema_version
+    agents(ref PK, agent_id UNIQUE, host_ref, key_hash UNIQUE, revoked,
+           enrolled_ms, last_seen_ms)
+    hosts(ref PK, name UNIQUE)                  interned host names
+    pairs(ref PK, key UNIQUE, exe BLOB, path BLOB, last_ts)
+                                                interned (exe, path); key is
+                                                msgpack([exe, path]) so nil works
+    epochs(agent_ref, epoch, last_seq, last_sent_at)   PK (agent_ref, epoch)
+    batches(agent_ref, epoch, seq, batch_id, received_ms, records)
+                                                PK (agent_ref, epoch, seq),
+                                                UNIQUE (agent_ref, batch_id)
+    events(id PK, ts, pair, agent, host, detail BLOB)
+                                                one row per event; detail is
+                                                msgpack of the EventRecord
+                                                detail (NULL for count times);
+                                                covering index (ts, pair, agent, host)
+    gaps(id PK, agent_ref, start_ms, end_ms, lost, reason, received_ms)
+    alerts(alert_id PK, rule_id, exe, path, at_ms, first_ts, doc)
+
+Concurrency: every thread gets its own connection (``threading.local``);
+writers take ``BEGIN IMMEDIATE`` and wait on ``busy_timeout``. WAL readers see
+a snapshot, so pruning never changes what a running evaluation reads (an
+evaluation runs in one read transaction, see :meth:`CollectorStore.read`).
+Every ``sqlite3`` error surfaces as :class:`agent.errors.StoreError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Optional, Protocol
+from urllib.parse import quote
+
+import msgpack
+
+from agent import wire
+from agent.errors import StoreError
+from agent.rule import Row, Rule
+
+log = logging.getLogger("rarewrite.collector.store")
+
+SCHEMA_VERSION = 1
+BUSY_TIMEOUT_MS = 5000
+PRUNE_CHUNK = 5000
+
+Pair = tuple[Optional[bytes], Optional[bytes]]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS hosts (ref INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);
+CREATE TABLE IF NOT EXISTS agents (
+    ref INTEGER PRIMARY KEY,
+    agent_id TEXT NOT NULL UNIQUE,
+    host_ref INTEGER NOT NULL REFERENCES hosts(ref),
+    key_hash TEXT NOT NULL UNIQUE,
+    revoked INTEGER NOT NULL DEFAULT 0,
+    enrolled_ms INTEGER NOT NULL,
+    last_seen_ms INTEGER
+);
+CREATE TABLE IF NOT EXISTS pairs (
+    ref INTEGER PRIMARY KEY,
+    key BLOB NOT NULL UNIQUE,
+    exe BLOB,
+    path BLOB,
+    last_ts INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS pairs_last_ts ON pairs(last_ts);
+CREATE TABLE IF NOT EXISTS epochs (
+    agent_ref INTEGER NOT NULL,
+    epoch TEXT NOT NULL,
+    last_seq INTEGER NOT NULL,
+    last_sent_at INTEGER NOT NULL,
+    PRIMARY KEY (agent_ref, epoch)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS batches (
+    agent_ref INTEGER NOT NULL,
+    epoch TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    batch_id TEXT NOT NULL,
+    received_ms INTEGER NOT NULL,
+    records INTEGER NOT NULL,
+    PRIMARY KEY (agent_ref, epoch, seq)
+);
+CREATE UNIQUE INDEX IF NOT EXISTS batches_id ON batches(agent_ref, batch_id);
+CREATE INDEX IF NOT EXISTS batches_received ON batches(received_ms);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY,
+    ts INTEGER NOT NULL,
+    pair INTEGER NOT NULL,
+    agent INTEGER NOT NULL,
+    host INTEGER NOT NULL,
+    detail BLOB
+);
+CREATE INDEX IF NOT EXISTS events_window ON events(ts, pair, agent, host);
+CREATE TABLE IF NOT EXISTS gaps (
+    id INTEGER PRIMARY KEY,
+    agent_ref INTEGER NOT NULL,
+    start_ms INTEGER NOT NULL,
+    end_ms INTEGER NOT NULL,
+    lost INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    received_ms INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS gaps_end ON gaps(end_ms);
+CREATE TABLE IF NOT EXISTS alerts (
+    alert_id TEXT PRIMARY KEY,
+    rule_id TEXT NOT NULL,
+    exe BLOB,
+    path BLOB,
+    at_ms INTEGER NOT NULL,
+    first_ts INTEGER NOT NULL,
+    doc TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS alerts_at ON alerts(at_ms);
+"""
+
+# The rule's aggregate. The covering index events_window serves the range on
+# ts without touching the table; one GROUP BY pass over the window (a temp
+# B-tree keyed by pair). For the published rule (agent_count == 1) the fast
+# form needs no DISTINCT: one agent means min(agent) = max(agent), and the
+# rare row whose agent changed host names gets its host list in a second,
+# indexed query. Any other agent_count takes the general form.
+_META_SQL = f"INSERT OR REPLACE INTO meta(key, value) VALUES ('schema_version', '{SCHEMA_VERSION}');"  # noqa: S608
+
+_ROWS_ONE_AGENT_SQL = """
+SELECT g.cc, 1, g.a1, g.h1, g.h2, p.exe, p.path, g.first_ts, g.pair
+FROM (
+    SELECT pair, count(*) AS cc, min(agent) AS a1, min(host) AS h1, max(host) AS h2, min(ts) AS first_ts
+    FROM events
+    WHERE ts > ? AND ts <= ?
+    GROUP BY pair
+    HAVING count(*) < ? AND min(agent) = max(agent)
+) AS g
+JOIN pairs AS p ON p.ref = g.pair
+ORDER BY g.cc, p.exe, p.path
+LIMIT ?
+"""
+_ROWS_SQL = """
+SELECT g.cc, g.ac, g.agents, g.hosts, NULL, p.exe, p.path, g.first_ts, g.pair
+FROM (
+    SELECT pair, count(*) AS cc, count(DISTINCT agent) AS ac,
+           group_concat(DISTINCT agent) AS agents, group_concat(DISTINCT host) AS hosts,
+           min(ts) AS first_ts
+    FROM events
+    WHERE ts > ? AND ts <= ?
+    GROUP BY pair
+    HAVING count(*) < ? AND count(DISTINCT agent) = ?
+) AS g
+JOIN pairs AS p ON p.ref = g.pair
+ORDER BY g.cc, p.exe, p.path
+LIMIT ?
+"""
+
+
+@dataclass(frozen=True)
+class AgentRecord:
+    agent_id: str
+    host_name: str
+    revoked: bool
+    ref: int = 0
+    host_ref: int = 0
+    enrolled_ms: int = 0
+    last_seen_ms: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class GapRow:
+    agent_id: str
+    start_ms: int
+    end_ms: int
+    lost: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class StoredEvent:
+    """One stored event of a pair, for alert enrichment."""
+
+    ts: int
+    agent_id: str
+    host_name: str
+    detail: Optional[dict[str, Any]]  # None for an event sent as a count time
+
+
+@dataclass(frozen=True)
+class RankedRow:
+    """A rule row plus the first event time of its pair in the window."""
+
+    row: Row
+    first_ts: int
+
+
+class Store(Protocol):
+    """What the server and the evaluator need; SQLite now, PostgreSQL later."""
+
+    def enroll(self, agent_id: str, host_name: str, key_hash: str, now_ms: int) -> None: ...
+    def agent_for_key(self, key_hash: str) -> Optional[AgentRecord]: ...
+    def revoke(self, agent_id: str) -> bool: ...
+    def list_agents(self) -> list[AgentRecord]: ...
+    def ingest(self, agent: AgentRecord, batch: wire.Batch, now_ms: int) -> str: ...
+    def rows(self, rule: Rule, at_ms: int) -> list[Row]: ...
+    def ranked_rows(self, rule: Rule, at_ms: int) -> list[RankedRow]: ...
+    def pair_events(self, pair: Pair, lo_ms: int, hi_ms: int, limit: int) -> list[StoredEvent]: ...
+    def gaps_overlapping(self, start_ms: int, end_ms: int) -> list[GapRow]: ...
+    def record_alerts(self, rule_id: str, alerts: Sequence[tuple[str, Pair, int, int, str]]) -> list[str]: ...
+    def alerted_pairs(self, rule_id: str, since_ms: int) -> set[Pair]: ...
+    def list_alerts(self, since_ms: int) -> list[dict[str, Any]]: ...
+    def prune(self, before_ms: int) -> int: ...
+    def counts(self) -> dict[str, Any]: ...
+    def check(self) -> None: ...
+    def read(self) -> contextlib.AbstractContextManager[None]: ...
+    def close(self) -> None: ...
+
+
+def pair_key(exe: Optional[bytes], path: Optional[bytes]) -> bytes:
+    return bytes(msgpack.packb([exe, path], use_bin_type=True))
+
+
+@contextlib.contextmanager
+def _db_errors(what: str) -> Iterator[None]:
+    try:
+        yield
+    except sqlite3.Error as e:
+        raise StoreError(f"collector database: {what} failed: {e}") from e
+
+
+class CollectorStore:
+    """The SQLite implementation of :class:`Store`; safe to call from any thread."""
+
+    def __init__(self, path: str, readonly: bool = False) -> None:
+        self.path = path
+        self.readonly = readonly
+        self._local = threading.local()
+        self._all: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        self._agent_names: dict[int, str] = {}
+        self._host_names: dict[int, str] = {}
+        if readonly and not os.path.exists(path):
+            raise StoreError(f"no collector database at {path!r}")
+        conn = self._conn()
+        with _db_errors("opening the schema"):
+            self._init_schema(conn)
+
+    # ------------------------------------------------------------ plumbing
+
+    def _connect(self) -> sqlite3.Connection:
+        with _db_errors(f"opening {self.path!r}"):
+            if self.readonly:
+                conn = sqlite3.connect(
+                    f"file:{quote(os.path.abspath(self.path))}?mode=ro", uri=True, isolation_level=None
+                )
+            else:
+                conn = sqlite3.connect(self.path, isolation_level=None)
+            conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            if not self.readonly:
+                conn.execute("PRAGMA journal_mode=WAL")
+                # FULL: the WAL is fsynced at every commit, so a 2xx means durable.
+                conn.execute("PRAGMA synchronous=FULL")
+        with self._lock:
+            self._all.append(conn)
+        return conn
+
+    def _conn(self) -> sqlite3.Connection:
+        conn: Optional[sqlite3.Connection] = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._connect()
+            self._local.conn = conn
+        return conn
+
+    def _init_schema(self, conn: sqlite3.Connection) -> None:
+        has_meta = conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'").fetchone()
+        version = None
+        if has_meta:
+            got = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+            version = int(got[0]) if got else None
+        if version is not None and version > SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.path!r} has schema version {version}, newer than this rarewrite supports "
+                f"({SCHEMA_VERSION}); upgrade rarewrite or use another database"
+            )
+        if self.readonly:
+            if version is None:
+                raise StoreError(f"{self.path!r} is not a rarewrite collector database")
+            return
+        if version is None:
+            # One script, one transaction: a half-created schema never persists.
+            try:
+                conn.executescript("BEGIN IMMEDIATE;" + _SCHEMA + _META_SQL + "COMMIT;")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+
+    @contextlib.contextmanager
+    def _write(self, what: str) -> Iterator[sqlite3.Connection]:
+        """One write transaction; rolled back on any error."""
+        if self.readonly:
+            raise StoreError("the collector database is open read-only")
+        conn = self._conn()
+        with _db_errors(what):
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
+                raise
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[None]:
+        """Run the block in one read transaction: one snapshot for all its reads."""
+        conn = self._conn()
+        if conn.in_transaction:
+            yield
+            return
+        with _db_errors("reading"):
+            conn.execute("BEGIN")
+            try:
+                yield
+            finally:
+                if conn.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._lock:
+            conns, self._all = self._all, []
+        for conn in conns:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
+        self._local = threading.local()
+
+    def check(self) -> None:
+        """Raise StoreError unless the database answers."""
+        with _db_errors("health check"):
+            self._conn().execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+
+    # ------------------------------------------------------------ agents
+
+    @staticmethod
+    def _host_ref(conn: sqlite3.Connection, name: str) -> int:
+        conn.execute("INSERT OR IGNORE INTO hosts(name) VALUES (?)", (name,))
+        return int(conn.execute("SELECT ref FROM hosts WHERE name=?", (name,)).fetchone()[0])
+
+    def enroll(self, agent_id: str, host_name: str, key_hash: str, now_ms: int) -> None:
+        """Bind ``key_hash`` to ``agent_id``; re-enrolling replaces the key and un-revokes."""
+        with self._write("enroll") as conn:
+            host = self._host_ref(conn, host_name)
+            conn.execute(
+                "INSERT INTO agents(agent_id, host_ref, key_hash, revoked, enrolled_ms) "
+                "VALUES (?, ?, ?, 0, ?) "
+                "ON CONFLICT(agent_id) DO UPDATE SET host_ref=excluded.host_ref, key_hash=excluded.key_hash, "
+                "revoked=0, enrolled_ms=excluded.enrolled_ms",
+                (agent_id, host, key_hash, now_ms),
+            )
+
+    _AGENT_SQL = (
+        "SELECT a.agent_id, h.name, a.revoked, a.ref, a.host_ref, a.enrolled_ms, a.last_seen_ms "
+        "FROM agents a JOIN hosts h ON h.ref = a.host_ref"
+    )
+
+    @staticmethod
+    def _agent(r: Sequence[Any]) -> AgentRecord:
+        return AgentRecord(str(r[0]), str(r[1]), bool(r[2]), int(r[3]), int(r[4]), int(r[5]), r[6])
+
+    def agent_for_key(self, key_hash: str) -> Optional[AgentRecord]:
+        with _db_errors("key lookup"):
+            r = self._conn().execute(self._AGENT_SQL + " WHERE a.key_hash=?", (key_hash,)).fetchone()
+        return self._agent(r) if r else None
+
+    def revoke(self, agent_id: str) -> bool:
+        with self._write("revoke") as conn:
+            cur = conn.execute("UPDATE agents SET revoked=1 WHERE agent_id=?", (agent_id,))
+            return cur.rowcount > 0
+
+    def list_agents(self) -> list[AgentRecord]:
+        with _db_errors("listing agents"):
+            rows = self._conn().execute(self._AGENT_SQL + " ORDER BY a.agent_id").fetchall()
+        return [self._agent(r) for r in rows]
+
+    # ------------------------------------------------------------ ingest
+
+    def ingest(self, agent: AgentRecord, batch: wire.Batch, now_ms: int) -> str:
+        """Store one decoded batch for ``agent`` in one transaction.
+
+        Returns "duplicate" (nothing changed) when the batch was stored before
+        by name (agent, epoch, seq), by batch id, or when its seq is not past
+        the last one of its epoch; else "stored". A seq gap records a
+        "possible_loss" gap for the agent.
+        """
+        with self._write("ingest") as conn:
+            seen = conn.execute(
+                "SELECT 1 FROM batches WHERE agent_ref=? AND batch_id=?", (agent.ref, batch.batch_id)
+            ).fetchone()
+            if seen:
+                return "duplicate"
+            ep = conn.execute(
+                "SELECT last_seq, last_sent_at FROM epochs WHERE agent_ref=? AND epoch=?",
+                (agent.ref, batch.epoch),
+            ).fetchone()
+            if ep is not None and batch.seq <= ep[0]:
+                return "duplicate"
+            times = [e.ts for e in batch.events] + [t for c in batch.counts for t in c.times]
+            if (ep is None and batch.seq > 1) or (ep is not None and batch.seq > ep[0] + 1):
+                missing = batch.seq - 1 - (ep[0] if ep else 0)
+                start = ep[1] if ep else min([*times, batch.sent_at])
+                conn.execute(
+                    "INSERT INTO gaps(agent_ref, start_ms, end_ms, lost, reason, received_ms) "
+                    "VALUES (?, ?, ?, 0, 'possible_loss', ?)",
+                    (agent.ref, min(start, batch.sent_at), batch.sent_at, now_ms),
+                )
+                log.warning(
+                    "event=seq_gap agent_id=%r epoch=%s missing_batches=%d",
+                    agent.agent_id,
+                    batch.epoch,
+                    missing,
+                )
+            conn.execute(
+                "INSERT INTO epochs(agent_ref, epoch, last_seq, last_sent_at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT(agent_ref, epoch) DO UPDATE SET last_seq=excluded.last_seq, "
+                "last_sent_at=excluded.last_sent_at",
+                (agent.ref, batch.epoch, batch.seq, batch.sent_at),
+            )
+            conn.execute(
+                "INSERT INTO batches(agent_ref, epoch, seq, batch_id, received_ms, records) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (agent.ref, batch.epoch, batch.seq, batch.batch_id, now_ms, batch.size()),
+            )
+            refs: dict[bytes, int] = {}
+
+            def intern(exe: Optional[bytes], path: Optional[bytes], last_ts: int) -> int:
+                key = pair_key(exe, path)
+                ref = refs.get(key)
+                if ref is None:
+                    conn.execute(
+                        "INSERT INTO pairs(key, exe, path, last_ts) VALUES (?, ?, ?, ?) "
+                        "ON CONFLICT(key) DO UPDATE SET last_ts=max(last_ts, excluded.last_ts)",
+                        (key, exe, path, last_ts),
+                    )
+                    ref = int(conn.execute("SELECT ref FROM pairs WHERE key=?", (key,)).fetchone()[0])
+                    refs[key] = ref
+                else:
+                    conn.execute("UPDATE pairs SET last_ts=max(last_ts, ?) WHERE ref=?", (last_ts, ref))
+                return ref
+
+            rows: list[tuple[int, int, int, int, Optional[bytes]]] = []
+            for e in batch.events:
+                detail = bytes(msgpack.packb({"action": e.action, **e.detail}, use_bin_type=True))
+                rows.append((e.ts, intern(e.exe, e.path, e.ts), agent.ref, agent.host_ref, detail))
+            for c in batch.counts:
+                ref = intern(c.exe, c.path, max(c.times))
+                rows.extend((t, ref, agent.ref, agent.host_ref, None) for t in c.times)
+            conn.executemany("INSERT INTO events(ts, pair, agent, host, detail) VALUES (?, ?, ?, ?, ?)", rows)
+            conn.executemany(
+                "INSERT INTO gaps(agent_ref, start_ms, end_ms, lost, reason, received_ms) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                [(agent.ref, g.start, g.end, g.lost, g.reason, now_ms) for g in batch.gaps],
+            )
+            conn.execute("UPDATE agents SET last_seen_ms=? WHERE ref=?", (now_ms, agent.ref))
+            return "stored"
+
+    # ------------------------------------------------------------ evaluation
+
+    def _names(self, conn: sqlite3.Connection, refs: set[int], table: str) -> dict[int, str]:
+        cache = self._agent_names if table == "agents" else self._host_names
+        if not refs <= cache.keys():
+            sql = "SELECT ref, agent_id FROM agents" if table == "agents" else "SELECT ref, name FROM hosts"
+            cache.update((int(r), str(n)) for r, n in conn.execute(sql))
+        return cache
+
+    def ranked_rows(self, rule: Rule, at_ms: int) -> list[RankedRow]:
+        """The rule's rows at T, each with its pair's first event time in the window."""
+        conn = self._conn()
+        lo = at_ms - rule.window_ms
+        got: list[tuple[int, int, list[int], list[int], Optional[bytes], Optional[bytes], int]] = []
+        with _db_errors("evaluating"), self.read():
+            if rule.agent_count == 1:
+                for cc, _, a1, h1, h2, exe, path, first, pair in conn.execute(
+                    _ROWS_ONE_AGENT_SQL, (lo, at_ms, rule.count_below, rule.limit)
+                ):
+                    host_refs = [int(h1)]
+                    if h1 != h2:
+                        host_refs = [
+                            int(h)
+                            for (h,) in conn.execute(
+                                "SELECT DISTINCT host FROM events WHERE ts > ? AND ts <= ? AND pair = ?",
+                                (lo, at_ms, pair),
+                            )
+                        ]
+                    got.append((int(cc), 1, [int(a1)], host_refs, exe, path, int(first)))
+            else:
+                for cc, ac, a, h, _, exe, path, first, _ in conn.execute(
+                    _ROWS_SQL, (lo, at_ms, rule.count_below, rule.agent_count, rule.limit)
+                ):
+                    agents_ = [int(x) for x in str(a).split(",")]
+                    hosts_ = [int(x) for x in str(h).split(",")]
+                    got.append((int(cc), int(ac), agents_, hosts_, exe, path, int(first)))
+            agent_names = self._names(conn, {x for r in got for x in r[2]}, "agents")
+            host_names = self._names(conn, {x for r in got for x in r[3]}, "hosts")
+        out = []
+        for cc, ac, a, h, exe, path, first in got:
+            row = Row(
+                cc=cc,
+                agent_count=ac,
+                host_names=tuple(sorted({host_names[x] for x in h})),
+                agent_ids=tuple(sorted({agent_names[x] for x in a})),
+                executable=None if exe is None else bytes(exe),
+                path=None if path is None else bytes(path),
+            )
+            out.append(RankedRow(row, first))
+        return out
+
+    def rows(self, rule: Rule, at_ms: int) -> list[Row]:
+        """The rule's rows at T: exact to the millisecond, sorted by cc, at most rule.limit."""
+        return [r.row for r in self.ranked_rows(rule, at_ms)]
+
+    def pair_events(self, pair: Pair, lo_ms: int, hi_ms: int, limit: int) -> list[StoredEvent]:
+        """Up to ``limit`` events of ``pair`` with lo < ts <= hi, oldest first."""
+        conn = self._conn()
+        with _db_errors("reading events"):
+            ref = conn.execute("SELECT ref FROM pairs WHERE key=?", (pair_key(*pair),)).fetchone()
+            if ref is None:
+                return []
+            got = conn.execute(
+                "SELECT e.ts, a.agent_id, h.name, e.detail FROM events e "
+                "JOIN agents a ON a.ref = e.agent JOIN hosts h ON h.ref = e.host "
+                "WHERE e.ts > ? AND e.ts <= ? AND e.pair = ? ORDER BY e.ts, e.id LIMIT ?",
+                (lo_ms, hi_ms, ref[0], limit),
+            ).fetchall()
+        out = []
+        for ts, agent_id, host, detail in got:
+            d = None
+            if detail is not None:
+                d = msgpack.unpackb(detail, raw=False, strict_map_key=True)
+            out.append(StoredEvent(int(ts), str(agent_id), str(host), d))
+        return out
+
+    def gaps_overlapping(self, start_ms: int, end_ms: int) -> list[GapRow]:
+        """Gaps whose [start, end] meets (start_ms, end_ms], any agent."""
+        with _db_errors("reading gaps"):
+            got = (
+                self._conn()
+                .execute(
+                    "SELECT a.agent_id, g.start_ms, g.end_ms, g.lost, g.reason FROM gaps g "
+                    "JOIN agents a ON a.ref = g.agent_ref "
+                    "WHERE g.end_ms > ? AND g.start_ms <= ? ORDER BY g.id",
+                    (start_ms, end_ms),
+                )
+                .fetchall()
+            )
+        return [GapRow(str(a), int(s), int(e), int(n), str(r)) for a, s, e, n, r in got]
+
+    # ------------------------------------------------------------ alerts
+
+    def record_alerts(self, rule_id: str, alerts: Sequence[tuple[str, Pair, int, int, str]]) -> list[str]:
+        """Store (alert_id, pair, at_ms, first_ts, doc_json) tuples; return the ids that were new."""
+        new = []
+        with self._write("recording alerts") as conn:
+            for alert_id, (exe, path), at_ms, first_ts, doc in alerts:
+                cur = conn.execute(
+                    "INSERT OR IGNORE INTO alerts(alert_id, rule_id, exe, path, at_ms, first_ts, doc) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (alert_id, rule_id, exe, path, at_ms, first_ts, doc),
+                )
+                if cur.rowcount:
+                    new.append(alert_id)
+        return new
+
+    def alerted_pairs(self, rule_id: str, since_ms: int) -> set[Pair]:
+        """Pairs alerted by ``rule_id`` at a time T' > since_ms."""
+        with _db_errors("reading alerts"):
+            got = (
+                self._conn()
+                .execute("SELECT exe, path FROM alerts WHERE rule_id=? AND at_ms > ?", (rule_id, since_ms))
+                .fetchall()
+            )
+        return {(None if e is None else bytes(e), None if p is None else bytes(p)) for e, p in got}
+
+    def list_alerts(self, since_ms: int) -> list[dict[str, Any]]:
+        with _db_errors("reading alerts"):
+            got = (
+                self._conn()
+                .execute("SELECT doc FROM alerts WHERE at_ms > ? ORDER BY at_ms, alert_id", (since_ms,))
+                .fetchall()
+            )
+        return [json.loads(d) for (d,) in got]
+
+    # ------------------------------------------------------------ upkeep
+
+    def prune(self, before_ms: int) -> int:
+        """Delete events, gaps and batch names older than ``before_ms`` in small
+        transactions (ingest can run between them); return events deleted."""
+        total = 0
+        while True:
+            with self._write("pruning events") as conn:
+                n = conn.execute(
+                    "DELETE FROM events WHERE id IN (SELECT id FROM events WHERE ts < ? LIMIT ?)",
+                    (before_ms, PRUNE_CHUNK),
+                ).rowcount
+            total += n
+            if n < PRUNE_CHUNK:
+                break
+        with self._write("pruning") as conn:
+            conn.execute("DELETE FROM gaps WHERE end_ms < ?", (before_ms,))
+            conn.execute("DELETE FROM batches WHERE received_ms < ?", (before_ms,))
+            conn.execute("DELETE FROM alerts WHERE at_ms < ?", (before_ms - 7 * 86_400_000,))
+            # A pair whose newest event is older than the cutoff has no event left,
+            # unless one arrived late; check inside this transaction.
+            if conn.execute("SELECT 1 FROM events WHERE ts < ? LIMIT 1", (before_ms,)).fetchone() is None:
+                conn.execute("DELETE FROM pairs WHERE last_ts < ?", (before_ms,))
+        return total
+
+    def counts(self) -> dict[str, Any]:
+        """Small gauges for /metrics."""
+        conn = self._conn()
+        with _db_errors("counting"):
+            agents = conn.execute("SELECT count(*) FROM agents WHERE revoked=0").fetchone()[0]
+            gaps = dict(conn.execute("SELECT reason, count(*) FROM gaps GROUP BY reason").fetchall())
+            alerts = conn.execute("SELECT count(*) FROM alerts").fetchone()[0]
+        return {
+            "agents": int(agents),
+            "gaps": {str(k): int(v) for k, v in gaps.items()},
+            "alerts": int(alerts),
+        }
+
+
+# ---------------------------------------------------------------- CLI helpers
+
+
+def agents_cli(db: str, action: str, agent_id: str = "") -> list[dict[str, Any]]:
+    """``rarewrite collector agents list|revoke``: plain data for the CLI to print.
+
+    ``list`` returns every agent; ``revoke`` returns the revoked agent or raises
+    StoreError when no agent has that id.
+    """
+    store = CollectorStore(db) if os.path.exists(db) else None
+    if store is None:
+        raise StoreError(f"no collector database at {db!r}")
+    try:
+        if action == "revoke":
+            if not store.revoke(agent_id):
+                raise StoreError(f"no agent with id {agent_id!r}")
+        elif action != "list":
+            raise StoreError(f"unknown agents action {action!r} (list or revoke)")
+        return [
+            {
+                "agent_id": a.agent_id,
+                "host_name": a.host_name,
+                "revoked": a.revoked,
+                "enrolled_ms": a.enrolled_ms,
+                "last_seen_ms": a.last_seen_ms,
+            }
+            for a in store.list_agents()
+            if action == "list" or a.agent_id == agent_id
+        ]
+    finally:
+        store.close()

@@ -10,6 +10,7 @@ acknowledged everything.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -119,6 +120,14 @@ def read_status(state_dir: str) -> tuple[int, dict[str, Any]]:
     return 0, doc
 
 
+def _file_digest(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:32]
+
+
 def _secret_ok(secret: str) -> str:
     if not secret:
         raise RarewriteError(
@@ -152,26 +161,34 @@ def run_replay(cfg: Config, events_path: str, secret: str, clock: Optional[Clock
     ident = state.identity(cfg.agent.agent_id, cfg.agent.host_name)
     store = AgentStore(state.store_path, cfg.rule, clock, cfg.agent.outbox_max_records)
     shipper = _shipper(cfg, state, store, ident, secret, clock)
-    read = matched = bad = 0
-    chunk: list[FileEvent] = []
     if not os.path.exists(events_path):
         raise RarewriteError(f"{events_path}: no such file")
-    for item in read_ndjson(events_path):
+    # A rerun of the same file (after a failure) resumes where the store
+    # says it stopped, so no event is recorded twice.
+    progress_key = "replay:" + _file_digest(events_path)
+    done = store.progress(progress_key)
+    read = matched = bad = 0
+    chunk: list[FileEvent] = []
+    line = 0
+    for line, item in enumerate(read_ndjson(events_path), 1):
+        if line <= done:
+            continue
         if isinstance(item, BadLine):
             bad += 1
             log.warning("event=bad_line file=%r line=%d reason=%r", events_path, item.line, item.reason)
-            continue
-        read += 1
-        if matches(cfg.rule, item):
-            chunk.append(item)
-            if len(chunk) >= 2000:
-                store.record(chunk)
-                matched += len(chunk)
-                chunk = []
-    store.record(chunk)
-    matched += len(chunk)
+        else:
+            read += 1
+            if matches(cfg.rule, item):
+                chunk.append(item)
+        if len(chunk) >= 2000:
+            store.record(chunk, (progress_key, line))
+            matched += len(chunk)
+            chunk = []
+    if line > done:
+        store.record(chunk, (progress_key, line))
+        matched += len(chunk)
     log.info("event=replay_read file=%r read=%d matched=%d bad_lines=%d", events_path, read, matched, bad)
-    deadline = clock.monotonic() + max(60.0, cfg.agent.request_timeout_ms / 1000 * 4)
+    deadline = clock.monotonic() + max(5.0, cfg.agent.request_timeout_ms / 1000 * 4)
     while True:
         if shipper.drain(deadline):
             log.info("event=replay_done acknowledged=%d", shipper.counters["records_sent"])

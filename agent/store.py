@@ -173,6 +173,11 @@ class AgentStore:
             return None
         return row[0] if row else None
 
+    def progress(self, key: str) -> int:
+        """A value saved by :meth:`record` (0 when never saved)."""
+        value = self._meta(self._db(), key)
+        return int(value) if value is not None else 0
+
     @property
     def epoch(self) -> str:
         return str(self._meta(self._db(), "epoch"))
@@ -185,11 +190,12 @@ class AgentStore:
 
     # -------------------------------------------------------------- recording
 
-    def record(self, events: Sequence[FileEvent]) -> int:
+    def record(self, events: Sequence[FileEvent], progress: Optional[tuple[str, int]] = None) -> int:
         """Store matching events in one transaction; returns how many were
-        detailed. On a full disk nothing is raised: the events are counted as
-        not stored and a gap is written once space returns."""
-        if not events and self._unstored is None:
+        detailed. ``progress`` (key, value) is saved in the same transaction
+        (replay resumes from it). On a full disk nothing is raised: the events
+        are counted as not stored and a gap is written once space returns."""
+        if not events and self._unstored is None and progress is None:
             return 0
         db = self._db()
         detailed = 0
@@ -211,6 +217,8 @@ class AgentStore:
                         detailed += 1
                     else:
                         db.execute("INSERT INTO outbox(kind, ts, body) VALUES (1, ?, ?)", (ev.ts_ms, key))
+                if progress is not None:
+                    db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", progress)
                 db.execute("COMMIT")
             except sqlite3.Error as e:
                 db.execute("ROLLBACK") if db.in_transaction else None

@@ -220,7 +220,7 @@ class Store(Protocol):
     def record_alerts(self, rule_id: str, alerts: Sequence[tuple[str, Pair, int, int, str]]) -> list[str]: ...
     def alerted_pairs(self, rule_id: str, since_ms: int) -> set[Pair]: ...
     def list_alerts(self, since_ms: int) -> list[dict[str, Any]]: ...
-    def prune(self, before_ms: int) -> int: ...
+    def prune(self, before_ms: int, max_chunks: Optional[int] = None) -> int: ...
     def counts(self) -> dict[str, Any]: ...
     def check(self) -> None: ...
     def read(self) -> contextlib.AbstractContextManager[None]: ...
@@ -604,10 +604,13 @@ class CollectorStore:
 
     # ------------------------------------------------------------ upkeep
 
-    def prune(self, before_ms: int) -> int:
+    def prune(self, before_ms: int, max_chunks: Optional[int] = None) -> int:
         """Delete events, gaps and batch names older than ``before_ms`` in small
-        transactions (ingest can run between them); return events deleted."""
+        transactions (ingest can run between them); return events deleted.
+        With ``max_chunks`` stop after that many event chunks (call again while
+        it returns a multiple of PRUNE_CHUNK)."""
         total = 0
+        chunks = 0
         while True:
             with self._write("pruning events") as conn:
                 n = conn.execute(
@@ -615,8 +618,11 @@ class CollectorStore:
                     (before_ms, PRUNE_CHUNK),
                 ).rowcount
             total += n
+            chunks += 1
             if n < PRUNE_CHUNK:
                 break
+            if max_chunks is not None and chunks >= max_chunks:
+                return total
         with self._write("pruning") as conn:
             conn.execute("DELETE FROM gaps WHERE end_ms < ?", (before_ms,))
             conn.execute("DELETE FROM batches WHERE received_ms < ?", (before_ms,))

@@ -1,0 +1,253 @@
+"""The evaluator: the rule's rows at T, and alert documents built from them.
+
+:func:`evaluate` is a pure function of the store and T. The two schedules,
+:func:`run_hourly` and :func:`run_continuous`, decide which rows become
+alerts and record them in the store, so a pair is never alerted twice in
+overlapping windows and a restart never alerts again what was alerted.
+
+An alert's id is ``sha256(rule_id, exe, path, bucket)`` with the bucket
+``h:<T // schedule>`` for hourly runs and ``c:<first event time>`` for the
+continuous schedule: the same run over the same data gives the same id.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any, Optional
+
+from agent.collector.store import CollectorStore, Pair, RankedRow, Store, StoredEvent
+from agent.events import render
+from agent.rule import Row, Rule
+
+log = logging.getLogger("rarewrite.collector.evaluate")
+
+SEVERITY_NUMBER = {"low": 1, "medium": 2, "high": 3, "critical": 4}
+
+
+def evaluate(store: Store, rule: Rule, at_ms: int) -> list[Row]:
+    """The rule's rows at T (window at_ms - window < ts <= at_ms)."""
+    return store.rows(rule, at_ms)
+
+
+def evaluate_db(db_path: str, rule: Rule, at_ms: int) -> list[Row]:
+    """Open ``db_path`` read-only (a live server may hold it) and evaluate.
+
+    A missing file or one that is not a collector database raises StoreError.
+    """
+    store = CollectorStore(db_path, readonly=True)
+    try:
+        return evaluate(store, rule, at_ms)
+    finally:
+        store.close()
+
+
+def iso(ms: int) -> str:
+    """Milliseconds since the epoch as ISO 8601 UTC with milliseconds."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms // 1000)) + f".{ms % 1000:03d}Z"
+
+
+def dumps(doc: Any) -> str:
+    """JSON for logs, files and outputs: ASCII only, so newlines, ANSI ESC and
+    undecodable bytes (surrogates from events.render) arrive escaped."""
+    return json.dumps(doc, ensure_ascii=True, sort_keys=True, separators=(",", ":"))
+
+
+def alert_id(rule_id: str, pair: Pair, bucket: str) -> str:
+    h = hashlib.sha256()
+    for part in (
+        rule_id.encode(),
+        b"-" if pair[0] is None else b"+" + pair[0],
+        b"-" if pair[1] is None else b"+" + pair[1],
+    ):
+        h.update(len(part).to_bytes(8, "big") + part)
+    h.update(bucket.encode())
+    return h.hexdigest()
+
+
+def _threat(rule: Rule) -> list[dict[str, Any]]:
+    by_tactic: dict[str, dict[str, Any]] = {}
+    for t in rule.threat:
+        entry = by_tactic.setdefault(
+            t.tactic_id,
+            {
+                "framework": "MITRE ATT&CK",
+                "tactic": {
+                    "id": t.tactic_id,
+                    "name": t.tactic_name,
+                    "reference": f"https://attack.mitre.org/tactics/{t.tactic_id}/",
+                },
+                "technique": [],
+            },
+        )
+        tech: dict[str, Any] = {
+            "id": t.technique_id,
+            "name": t.technique_name,
+            "reference": f"https://attack.mitre.org/techniques/{t.technique_id}/",
+        }
+        if t.subtechnique_id:
+            sub_path = t.subtechnique_id.replace(".", "/")
+            tech["subtechnique"] = [
+                {
+                    "id": t.subtechnique_id,
+                    "name": t.subtechnique_name,
+                    "reference": f"https://attack.mitre.org/techniques/{sub_path}/",
+                }
+            ]
+        entry["technique"].append(tech)
+    return list(by_tactic.values())
+
+
+def _event_doc(ev: StoredEvent) -> dict[str, Any]:
+    doc: dict[str, Any] = {"@timestamp": iso(ev.ts), "agent.id": ev.agent_id, "host.name": ev.host_name}
+    d = ev.detail
+    if d is None:
+        doc["rarewrite.detail"] = "count"  # sent as a count time: no detail by design
+        return doc
+    put = doc.__setitem__
+    action = d.get("action")
+    put("event.action", action)
+    if d.get("etype") is not None:
+        put("event.type", list(d["etype"]))
+    for src, dst in (("pid", "process.pid"), ("pname", "process.name"), ("cmd", "process.command_line")):
+        if d.get(src) is not None:
+            put(dst, d[src])
+    for src, dst in (("ppid", "process.parent.pid"), ("ppname", "process.parent.name")):
+        if d.get(src) is not None:
+            put(dst, d[src])
+    if d.get("ppexe") is not None:
+        put("process.parent.executable", render(d["ppexe"]))
+    if d.get("uname") is not None:
+        put("user.name", d["uname"])
+    if d.get("uid") is not None:
+        put("user.id", d["uid"])
+    if d.get("attr") is not None:
+        put("rarewrite.attribution", d["attr"])
+    if d.get("orig") is not None:
+        put("file.Ext.original.path", render(d["orig"]))
+    facts = d.get("file")
+    if isinstance(facts, dict):
+        for k in ("size", "uid", "gid"):
+            if facts.get(k) is not None:
+                put(f"file.{k}", facts[k])
+        if facts.get("mode") is not None:
+            put("file.mode", f"{int(facts['mode']) & 0o7777:o}")
+        if facts.get("sha256") is not None:
+            put("file.hash.sha256", facts["sha256"])
+        if facts.get("sample") is not None:
+            put("rarewrite.file.sample_base64", base64.b64encode(facts["sample"]).decode())
+        if facts.get("gone") is not None:
+            put("rarewrite.file.gone", bool(facts["gone"]))
+    return doc
+
+
+def alert_documents(
+    rule: Rule,
+    rows: Sequence[RankedRow],
+    at_ms: int,
+    store: Store,
+    schedule: str = "hourly",
+) -> list[dict[str, Any]]:
+    """ECS alert documents for ``rows`` at T, enriched from the store."""
+    lo = at_ms - rule.window_ms
+    gaps = store.gaps_overlapping(lo, at_ms)
+    docs = []
+    for ranked in rows:
+        row = ranked.row
+        pair = (row.executable, row.path)
+        bucket = f"h:{at_ms // rule.schedule_ms}" if schedule == "hourly" else f"c:{ranked.first_ts}"
+        others = [g for g in gaps if g.agent_id not in row.agent_ids]
+        events = store.pair_events(pair, lo, at_ms, rule.count_below)
+        docs.append(
+            {
+                "@timestamp": iso(at_ms),
+                "alert": {"id": alert_id(rule.rule_id, pair, bucket)},
+                "event": {
+                    "kind": "alert",
+                    "category": ["file"],
+                    "type": ["creation"],
+                    "module": "rarewrite",
+                    "severity": SEVERITY_NUMBER.get(rule.severity, 2),
+                    "risk_score": rule.risk_score,
+                },
+                "kibana": {
+                    "alert": {
+                        "rule": {"name": rule.name, "uuid": rule.rule_id},
+                        "severity": rule.severity,
+                        "risk_score": rule.risk_score,
+                    }
+                },
+                "rule": {"name": rule.name, "id": rule.rule_id, "description": rule.description},
+                "tags": list(rule.tags),
+                "threat": _threat(rule),
+                "process": {"executable": render(row.executable)},
+                "file": {"path": render(row.path)},
+                "cc": row.cc,
+                "agent_count": row.agent_count,
+                "host": {"name": list(row.host_names)},
+                "agent": {"id": list(row.agent_ids)},
+                "rarewrite": {
+                    "schedule": schedule,
+                    "window": {"start": iso(lo), "end": iso(at_ms)},
+                    "first_seen": iso(ranked.first_ts),
+                    "events": [_event_doc(e) for e in events],
+                    "gap_on_other_agents": bool(others),
+                    "gaps": [
+                        {
+                            "agent.id": g.agent_id,
+                            "start": iso(g.start_ms),
+                            "end": iso(g.end_ms),
+                            "lost": g.lost,
+                            "reason": g.reason,
+                        }
+                        for g in gaps
+                    ],
+                },
+            }
+        )
+    return docs
+
+
+def _record(
+    store: Store, rule: Rule, ranked: Sequence[RankedRow], docs: list[dict[str, Any]], at_ms: int
+) -> list[dict[str, Any]]:
+    items = [
+        (str(doc["alert"]["id"]), (r.row.executable, r.row.path), at_ms, r.first_ts, dumps(doc))
+        for r, doc in zip(ranked, docs)
+    ]
+    new = set(store.record_alerts(rule.rule_id, items))
+    return [doc for doc in docs if doc["alert"]["id"] in new]
+
+
+def _pick(
+    store: Store, rule: Rule, at_ms: int, settle_ms: Optional[int]
+) -> tuple[list[RankedRow], list[dict[str, Any]]]:
+    with store.read():
+        ranked = store.ranked_rows(rule, at_ms)
+        alerted = store.alerted_pairs(rule.rule_id, at_ms - rule.window_ms)
+        fresh = [
+            r
+            for r in ranked
+            if (r.row.executable, r.row.path) not in alerted
+            and (settle_ms is None or r.first_ts <= at_ms - settle_ms)
+        ]
+        docs = alert_documents(rule, fresh, at_ms, store, "hourly" if settle_ms is None else "continuous")
+    return fresh, docs
+
+
+def run_hourly(store: Store, rule: Rule, at_ms: int) -> list[dict[str, Any]]:
+    """One run of the rule's own schedule at T: alert every row whose pair was
+    not alerted in an overlapping window (T - window, T]; return the new alerts."""
+    fresh, docs = _pick(store, rule, at_ms, None)
+    return _record(store, rule, fresh, docs, at_ms)
+
+
+def run_continuous(store: Store, rule: Rule, at_ms: int, settle_ms: int) -> list[dict[str, Any]]:
+    """One tick of the continuous schedule: alert a row at T once its pair's
+    first event in the window is at least ``settle_ms`` old, once per window."""
+    fresh, docs = _pick(store, rule, at_ms, settle_ms)
+    return _record(store, rule, fresh, docs, at_ms)

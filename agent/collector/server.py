@@ -1,0 +1,497 @@
+"""The collector's HTTP server (aiohttp): enrollment, batch ingest, health, metrics.
+
+Status codes of ``POST /api/v1/batches``, checked in this order:
+
+- 413 when Content-Length is over ``max_body`` (before anything is read);
+- 401 for a missing, malformed, unknown or revoked key;
+- 429 with Retry-After when the agent is over its rate (token bucket);
+- 415 for a Content-Encoding other than identity or gzip;
+- 408 when the body does not arrive within ``read_timeout`` (connection closed);
+- 413 when a streamed body or a gzip body, decompressed, passes ``max_body``
+  (gzip is decompressed here with a hard output cap, never by aiohttp);
+- 400 for any WireError, as JSON ``{"error": "<field path>: <reason>"}``; an
+  unknown version lists the supported ones;
+- 403 plus a WARNING on ``rarewrite.collector.security`` when the batch's
+  agent_id is not the key's agent (nothing stored under either id);
+- 503 when the store raises StoreError (nothing of the batch is stored);
+- 200 ``{"status": "stored" | "duplicate"}`` after the durable commit.
+
+Database work runs in threads: one writer thread (ingest, enroll, prune) so
+writes never contend inside the process, and a small pool for reads and for
+decoding, so the event loop never blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import os
+import re
+import signal
+import ssl
+import zlib
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from typing import Any, Optional, TypeVar
+
+from aiohttp import web
+
+from agent import wire
+from agent.clock import Clock, SystemClock
+from agent.collector import evaluate as ev
+from agent.collector.auth import LogLimiter, TokenBuckets, bearer, key_hash, new_api_key, secret_ok
+from agent.collector.outputs import Output, build_outputs, emit_all
+from agent.collector.store import PRUNE_CHUNK, CollectorStore, Store
+from agent.config import Config
+from agent.errors import StoreError, VersionError, WireError
+
+log = logging.getLogger("rarewrite.collector.server")
+security = logging.getLogger("rarewrite.collector.security")
+
+ENROLL_MAX_BODY = 64 << 10
+ENROLL_FAILURES_PER_S = 2.0  # wrong secrets per client address, burst 10
+PRUNE_EVERY_S = 60.0
+CONTINUOUS_EVERY_S = 1.0
+_PRINTABLE = re.compile(r"[^\x00-\x1f\x7f]{1,255}\Z")
+_LABEL = re.compile(r"[^A-Za-z0-9_.:-]")
+
+R = TypeVar("R")
+
+
+class Reject(Exception):
+    """An HTTP error answer with a JSON reason."""
+
+    def __init__(
+        self, status: int, reason: str, close: bool = False, headers: Optional[dict[str, str]] = None
+    ):
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+        self.close = close
+        self.headers = headers or {}
+
+
+class Collector:
+    """Everything the handlers share."""
+
+    def __init__(self, cfg: Config, store: Store, secret: str, clock: Clock, outputs: list[Output]) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.secret = secret
+        self.clock = clock
+        self.outputs = outputs
+        self.max_body = cfg.collector.max_body
+        self.read_timeout = cfg.collector.read_timeout_ms / 1000.0
+        self.rates = TokenBuckets(cfg.collector.rate_limit)
+        self.enroll_failures = TokenBuckets(ENROLL_FAILURES_PER_S, 10)
+        self.auth_log = LogLimiter()
+        self.error_log = LogLimiter()
+        self.reads = ThreadPoolExecutor(4, thread_name_prefix="rw-read")
+        self.writer = ThreadPoolExecutor(1, thread_name_prefix="rw-write")
+        self.batches: Counter[str] = Counter()
+        self.rejects: Counter[int] = Counter()
+        self.events = 0
+        self.alerts_emitted = 0
+
+    async def read(self, fn: Callable[..., R], *args: Any) -> R:
+        return await asyncio.get_running_loop().run_in_executor(self.reads, partial(fn, *args))
+
+    async def write(self, fn: Callable[..., R], *args: Any) -> R:
+        return await asyncio.get_running_loop().run_in_executor(self.writer, partial(fn, *args))
+
+    def limited(self, logger: logging.Logger, level: int, key: str, msg: str, *args: Any) -> None:
+        """Log at most a few lines per key a minute; say how many were dropped."""
+        ok, suppressed = self.auth_log.allow(key, self.clock.monotonic())
+        if ok:
+            logger.log(level, msg + " suppressed=%d", *args, suppressed)
+
+    def close(self) -> None:
+        self.reads.shutdown(wait=True)
+        self.writer.shutdown(wait=True)
+        for out in self.outputs:
+            with contextlib.suppress(OSError):
+                out.close()
+
+
+# aiohttp >= 3.9 wants typed keys (and warns on str keys); 3.8 has only str keys.
+COLLECTOR: Any = web.AppKey("collector", Collector) if hasattr(web, "AppKey") else "rarewrite.collector"
+
+
+def _c(request: web.Request) -> Collector:
+    c: Collector = request.app[COLLECTOR]
+    return c
+
+
+def _peer(request: web.Request) -> str:
+    return str(request.remote or "?")
+
+
+async def _read_body(request: web.Request, cap: int, timeout: float) -> bytes:
+    """The whole body, at most ``cap`` bytes, within ``timeout`` seconds."""
+    if request.content_length is not None and request.content_length > cap:
+        raise Reject(413, f"body of {request.content_length} bytes exceeds the limit of {cap}", close=True)
+    buf = bytearray()
+
+    async def pull() -> None:
+        while True:
+            chunk = await request.content.readany()
+            if not chunk:
+                return
+            buf.extend(chunk)
+            if len(buf) > cap:
+                raise Reject(413, f"body exceeds the limit of {cap} bytes", close=True)
+
+    try:
+        await asyncio.wait_for(pull(), timeout)
+    except asyncio.TimeoutError:
+        raise Reject(408, f"body not received within {timeout:g}s", close=True) from None
+    return bytes(buf)
+
+
+def _gunzip(body: bytes, cap: int) -> bytes:
+    d = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+    try:
+        out = d.decompress(body, cap + 1)
+    except zlib.error:
+        raise Reject(400, "body is not valid gzip") from None
+    if len(out) > cap:
+        raise Reject(413, f"decompressed body exceeds the limit of {cap} bytes")
+    if not d.eof or d.unused_data:
+        raise Reject(400, "gzip body truncated or followed by extra data")
+    return out
+
+
+def _json_reject(status: int, reason: str, headers: Optional[dict[str, str]] = None) -> web.Response:
+    return web.Response(
+        status=status,
+        text=json.dumps({"error": reason}, ensure_ascii=True),
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+@web.middleware
+async def _errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    c = _c(request)
+    try:
+        return await handler(request)
+    except Reject as r:
+        c.rejects[r.status] += 1
+        resp = _json_reject(r.status, r.reason, r.headers)
+        if r.close:
+            resp.force_close()
+        return resp
+    except StoreError as e:
+        c.rejects[503] += 1
+        ok, suppressed = c.error_log.allow("store", c.clock.monotonic())
+        if ok:
+            log.error("event=store_error path=%s error=%r suppressed=%d", request.path, str(e), suppressed)
+        return _json_reject(503, "collector database unavailable; retry later", {"Retry-After": "5"})
+
+
+async def enroll(request: web.Request) -> web.Response:
+    c = _c(request)
+    body = await _read_body(request, ENROLL_MAX_BODY, c.read_timeout)
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError):
+        raise Reject(400, "body is not valid JSON") from None
+    if not isinstance(doc, dict):
+        raise Reject(400, "body must be a JSON object")
+    peer = _peer(request)
+    if not secret_ok(doc.get("enrollment_secret"), c.secret):
+        c.limited(
+            security,
+            logging.WARNING,
+            f"enroll:{peer}",
+            "event=enroll_denied peer=%r reason=%r",
+            peer,
+            "wrong secret",
+        )
+        wait = c.enroll_failures.take(peer, c.clock.monotonic())
+        if wait > 0:
+            raise Reject(429, "too many failed enrollments", headers={"Retry-After": str(math.ceil(wait))})
+        raise Reject(401, "wrong enrollment secret")
+    agent_id, host_name = doc.get("agent_id"), doc.get("host_name")
+    if not isinstance(agent_id, str) or not wire.valid_agent_id(agent_id):
+        raise Reject(400, "agent_id: must be 1-128 of A-Z a-z 0-9 . _ : @ -")
+    if not isinstance(host_name, str) or not _PRINTABLE.match(host_name) or not _utf8(host_name):
+        raise Reject(400, "host_name: must be 1-255 printable characters")
+    key = new_api_key()
+    await c.write(c.store.enroll, agent_id, host_name, key_hash(key), c.clock.now_ms())
+    log.info("event=enrolled agent_id=%r host_name=%r peer=%r", agent_id, host_name, peer)
+    return web.json_response({"api_key": key})
+
+
+def _utf8(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+async def batches(request: web.Request) -> web.Response:
+    c = _c(request)
+    if request.content_length is not None and request.content_length > c.max_body:
+        raise Reject(
+            413, f"body of {request.content_length} bytes exceeds the limit of {c.max_body}", close=True
+        )
+    peer = _peer(request)
+    token = bearer(request.headers.get("Authorization"))
+    if token is None:
+        c.limited(
+            security, logging.WARNING, f"auth:{peer}", "event=auth_failed peer=%r reason=%r", peer, "no key"
+        )
+        raise Reject(
+            401, "missing or malformed Authorization: Bearer <key>", headers={"WWW-Authenticate": "Bearer"}
+        )
+    agent = await c.read(c.store.agent_for_key, key_hash(token))
+    if agent is None or agent.revoked:
+        why = "unknown key" if agent is None else "revoked agent"
+        c.limited(security, logging.WARNING, f"auth:{peer}", "event=auth_failed peer=%r reason=%r", peer, why)
+        raise Reject(401, why, headers={"WWW-Authenticate": "Bearer"})
+    wait = c.rates.take(agent.agent_id, c.clock.monotonic())
+    if wait > 0:
+        raise Reject(429, "rate limit exceeded", headers={"Retry-After": str(max(1, math.ceil(wait)))})
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in ("identity", "gzip"):
+        raise Reject(415, f"Content-Encoding {encoding!r} not supported (identity or gzip)")
+    body = await _read_body(request, c.max_body, c.read_timeout)
+    if encoding == "gzip":
+        body = await c.read(_gunzip, body, c.max_body)
+    try:
+        batch = await c.read(wire.decode_batch, body)
+    except VersionError as e:
+        raise Reject(
+            400, str(e), headers={"X-Supported-Versions": ",".join(map(str, wire.SUPPORTED_VERSIONS))}
+        ) from None
+    except WireError as e:
+        c.limited(
+            log,
+            logging.INFO,
+            f"wire:{agent.agent_id}",
+            "event=batch_rejected agent_id=%r error=%r",
+            agent.agent_id,
+            str(e),
+        )
+        raise Reject(400, str(e)) from None
+    if batch.agent_id != agent.agent_id:
+        c.limited(
+            security,
+            logging.WARNING,
+            f"identity:{agent.agent_id}",
+            "event=agent_identity_mismatch key_agent_id=%r body_agent_id=%r peer=%r",
+            agent.agent_id,
+            batch.agent_id,
+            peer,
+        )
+        raise Reject(403, "agent_id does not match the API key's agent")
+    status = await c.write(c.store.ingest, agent, batch, c.clock.now_ms())
+    c.batches[status] += 1
+    if status == "stored":
+        c.events += len(batch.events) + sum(len(x.times) for x in batch.counts)
+    return web.json_response({"status": status})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    c = _c(request)
+    try:
+        await c.read(c.store.check)
+    except StoreError:
+        return web.Response(status=503, text="database unavailable\n")
+    return web.Response(text="ok\n")
+
+
+def _rss() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+async def metrics(request: web.Request) -> web.Response:
+    c = _c(request)
+    counts = await c.read(c.store.counts)
+    lines = ["# TYPE rarewrite_collector_batches_total counter"]
+    for status in ("stored", "duplicate"):
+        lines.append(f'rarewrite_collector_batches_total{{status="{status}"}} {c.batches[status]}')
+    lines += [
+        "# TYPE rarewrite_collector_events_total counter",
+        f"rarewrite_collector_events_total {c.events}",
+    ]
+    lines.append("# TYPE rarewrite_collector_rejects_total counter")
+    for code in sorted(c.rejects):
+        lines.append(f'rarewrite_collector_rejects_total{{code="{code}"}} {c.rejects[code]}')
+    lines += ["# TYPE rarewrite_collector_agents gauge", f"rarewrite_collector_agents {counts['agents']}"]
+    lines.append("# TYPE rarewrite_collector_gaps_total gauge")
+    gaps: Counter[str] = Counter()
+    for reason, n in counts["gaps"].items():
+        gaps[_LABEL.sub("_", reason)[:64]] += n
+    for reason, n in sorted(gaps.items())[:100]:
+        lines.append(f'rarewrite_collector_gaps_total{{reason="{reason}"}} {n}')
+    lines += [
+        "# TYPE rarewrite_collector_alerts_total gauge",
+        f"rarewrite_collector_alerts_total {counts['alerts']}",
+    ]
+    lines += ["# TYPE process_resident_memory_bytes gauge", f"process_resident_memory_bytes {_rss()}"]
+    return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+
+
+def make_app(
+    cfg: Config, store: Store, secret: str, clock: Clock, outputs: Optional[list[Output]] = None
+) -> web.Application:
+    """The aiohttp application; no background tasks (see :func:`serve`)."""
+    app = web.Application(client_max_size=cfg.collector.max_body, middlewares=[_errors])
+    c = Collector(cfg, store, secret, clock, outputs or [])
+    app[COLLECTOR] = c
+    app.router.add_post("/api/v1/enroll", enroll)
+    app.router.add_post("/api/v1/batches", batches)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
+
+    async def cleanup(_: web.Application) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, c.close)
+
+    app.on_cleanup.append(cleanup)
+    return app
+
+
+# ------------------------------------------------------------------ background
+
+
+async def schedule_loop(c: Collector) -> None:
+    """Run the rule on its schedule until cancelled."""
+    rule = c.cfg.rule
+    continuous = c.cfg.collector.schedule == "continuous"
+    while True:
+        now = c.clock.now_ms()
+        if continuous:
+            await asyncio.sleep(CONTINUOUS_EVERY_S)
+            at = c.clock.now_ms()
+            run = partial(ev.run_continuous, c.store, rule, at, c.cfg.collector.settle_ms)
+        else:
+            at = (now // rule.schedule_ms + 1) * rule.schedule_ms
+            await asyncio.sleep((at - now) / 1000.0)
+            run = partial(ev.run_hourly, c.store, rule, at)
+        try:
+            started = c.clock.monotonic()
+            alerts = await c.read(run)
+            if alerts:
+                await c.read(emit_all, c.outputs, alerts)
+                c.alerts_emitted += len(alerts)
+            took = c.clock.monotonic() - started
+            if not continuous or alerts:
+                log.info("event=evaluated at=%s alerts=%d seconds=%.3f", ev.iso(at), len(alerts), took)
+            if continuous and took > CONTINUOUS_EVERY_S:
+                await asyncio.sleep(took)  # never spend more than half the time evaluating
+        except StoreError as e:
+            ok, suppressed = c.error_log.allow("schedule", c.clock.monotonic())
+            if ok:
+                log.error("event=evaluation_failed error=%r suppressed=%d", str(e), suppressed)
+
+
+async def prune_loop(c: Collector) -> None:
+    """Delete what is past retention, one small chunk per writer call."""
+    while True:
+        before = c.clock.now_ms() - c.cfg.collector.retention_ms
+        try:
+            total = 0
+            while True:
+                n = await c.write(c.store.prune, before, 1)
+                total += n
+                if n < PRUNE_CHUNK:
+                    break
+                await asyncio.sleep(0)
+            if total:
+                log.info("event=pruned events=%d before=%s", total, ev.iso(before))
+        except StoreError as e:
+            ok, suppressed = c.error_log.allow("prune", c.clock.monotonic())
+            if ok:
+                log.error("event=prune_failed error=%r suppressed=%d", str(e), suppressed)
+        await asyncio.sleep(PRUNE_EVERY_S)
+
+
+def ssl_context(cfg: Config) -> Optional[ssl.SSLContext]:
+    cc = cfg.collector
+    if not cc.tls_cert:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cc.tls_cert, cc.tls_key or None)
+    if cc.tls_client_ca:
+        ctx.load_verify_locations(cc.tls_client_ca)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+def _host_port(listen: str) -> tuple[str, int]:
+    host, _, port = listen.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+async def _serve(cfg: Config, secret: str) -> int:
+    store = CollectorStore(cfg.collector.db)
+    try:
+        outputs = build_outputs(cfg)
+        ctx = ssl_context(cfg)
+    except (OSError, ssl.SSLError) as e:
+        store.close()
+        log.error("event=startup_failed error=%r", str(e))
+        return 1
+    app = make_app(cfg, store, secret, SystemClock(), outputs)
+    c: Collector = app[COLLECTOR]
+    # auto_decompress off: gzip is decompressed by us, with an output cap.
+    runner = web.AppRunner(app, access_log=None, auto_decompress=False, keepalive_timeout=75)
+    await runner.setup()
+    host, port = _host_port(cfg.collector.listen)
+    site = web.TCPSite(runner, host, port, ssl_context=ctx, shutdown_timeout=5.0, backlog=512)
+    try:
+        await site.start()
+    except OSError as e:
+        log.error("event=listen_failed address=%r error=%r", cfg.collector.listen, str(e))
+        await runner.cleanup()
+        store.close()
+        return 1
+    log.info(
+        "event=listening address=%r tls=%s client_certs=%s db=%r schedule=%s",
+        cfg.collector.listen,
+        "yes" if ctx else "no",
+        "required" if cfg.collector.tls_client_ca else "no",
+        cfg.collector.db,
+        cfg.collector.schedule,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    tasks = [asyncio.create_task(schedule_loop(c)), asyncio.create_task(prune_loop(c))]
+    try:
+        await stop.wait()
+        log.info("event=stopping")
+    finally:
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        await runner.cleanup()
+        store.close()
+    log.info("event=stopped")
+    return 0
+
+
+def serve(cfg: Config, secret: str) -> int:
+    """Serve until SIGTERM or SIGINT; 0 after a clean shutdown, 1 if it cannot start.
+
+    Raises StoreError when the database cannot be opened (e.g. a newer schema).
+    """
+    return asyncio.run(_serve(cfg, secret))

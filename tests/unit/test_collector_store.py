@@ -1,0 +1,250 @@
+"""CollectorStore: idempotent ingest and the rule's rows, on hand-made batches."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from agent import wire
+from agent.collector import evaluate as ev
+from agent.collector.store import AgentRecord, CollectorStore, agents_cli
+from agent.errors import StoreError
+from agent.rule import Row, Rule
+
+T = 1_790_000_000_000
+H = 3_600_000
+EXE = b"/usr/sbin/apache2"
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[CollectorStore]:
+    s = CollectorStore(str(tmp_path / "c.db"))
+    yield s
+    s.close()
+
+
+def agent(store: CollectorStore, agent_id: str, host: str = "") -> AgentRecord:
+    store.enroll(agent_id, host or f"host-{agent_id}", f"hash-{agent_id}", T)
+    rec = store.agent_for_key(f"hash-{agent_id}")
+    assert rec is not None
+    return rec
+
+
+class Seq:
+    def __init__(self) -> None:
+        self.n = 0
+
+    def batch(
+        self,
+        a: AgentRecord,
+        events: tuple[wire.EventRecord, ...] = (),
+        counts: tuple[wire.CountRecord, ...] = (),
+        gaps: tuple[wire.GapRecord, ...] = (),
+        seq: int = 0,
+        batch_id: str = "",
+    ) -> wire.Batch:
+        self.n += 1
+        return wire.Batch(
+            batch_id or os.urandom(16).hex(),
+            "e" * 32,
+            seq or self.n,
+            a.agent_id,
+            a.host_name,
+            T,
+            events,
+            counts,
+            gaps,
+        )
+
+
+def ev_(ts: int, path: bytes, exe: bytes | None = EXE, **detail: object) -> wire.EventRecord:
+    return wire.EventRecord(ts, "creation", exe, path, dict(detail))
+
+
+def test_ingest_and_rows(store: CollectorStore) -> None:
+    a, b = agent(store, "a"), agent(store, "b")
+    s = Seq()
+    assert store.ingest(a, s.batch(a, (ev_(T - 10, b"/x", pid=5), ev_(T - 5, b"/y"))), T) == "stored"
+    sb = Seq()
+    assert store.ingest(b, sb.batch(b, (ev_(T - 7, b"/y"),)), T) == "stored"
+    rows = store.rows(Rule(), T)
+    assert rows == [Row(1, 1, ("host-a",), ("a",), EXE, b"/x")]
+    two = store.rows(replace(Rule(), agent_count=2), T)
+    assert two == [Row(2, 2, ("host-a", "host-b"), ("a", "b"), EXE, b"/y")]
+
+
+def test_duplicate_batch_changes_nothing(store: CollectorStore) -> None:
+    a = agent(store, "a")
+    s = Seq()
+    b1 = s.batch(a, (ev_(T - 10, b"/x"),))
+    assert store.ingest(a, b1, T) == "stored"
+    assert store.ingest(a, b1, T) == "duplicate"  # same name, same id
+    assert store.ingest(a, replace(b1, batch_id="f" * 32), T) == "duplicate"  # seq <= last
+    assert store.ingest(a, replace(b1, seq=9), T) == "duplicate"  # batch id seen
+    assert store.rows(Rule(), T) == [Row(1, 1, ("host-a",), ("a",), EXE, b"/x")]
+    assert store.gaps_overlapping(0, T + H) == []
+
+
+def test_seq_gap_recorded(store: CollectorStore) -> None:
+    a = agent(store, "a")
+    s = Seq()
+    store.ingest(a, s.batch(a, (ev_(T - 10, b"/x"),), seq=1), T)
+    assert store.ingest(a, s.batch(a, (ev_(T - 9, b"/x"),), seq=4), T) == "stored"
+    gaps = store.gaps_overlapping(T - H, T)
+    assert [(g.agent_id, g.reason) for g in gaps] == [("a", "possible_loss")]
+    assert store.counts()["gaps"] == {"possible_loss": 1}
+
+
+def test_gaps_from_batch(store: CollectorStore) -> None:
+    a = agent(store, "a")
+    store.ingest(a, Seq().batch(a, gaps=(wire.GapRecord(T - 100, T - 50, 3, "overflow"),)), T)
+    assert [(g.lost, g.reason) for g in store.gaps_overlapping(T - H, T)] == [(3, "overflow")]
+    assert store.gaps_overlapping(T - 40, T) == []
+
+
+def test_window_edges(store: CollectorStore) -> None:
+    a = agent(store, "a")
+    s = Seq()
+    evs = (ev_(T - H, b"/out-low"), ev_(T - H + 1, b"/in-low"), ev_(T, b"/in-high"), ev_(T + 1, b"/out-high"))
+    store.ingest(a, s.batch(a, evs), T)
+    assert sorted(r.path or b"" for r in store.rows(Rule(), T)) == [b"/in-high", b"/in-low"]
+
+
+@pytest.mark.parametrize(("n", "rare"), [(4, True), (5, False), (6, False)])
+def test_count_edges(store: CollectorStore, n: int, rare: bool) -> None:
+    a = agent(store, "a")
+    store.ingest(a, Seq().batch(a, tuple(ev_(T - i, b"/p") for i in range(n))), T)
+    assert bool(store.rows(Rule(), T)) is rare
+
+
+def test_none_exe_and_path_and_counts(store: CollectorStore) -> None:
+    a = agent(store, "a")
+    s = Seq()
+    store.ingest(
+        a, s.batch(a, (ev_(T - 3, None, exe=None),), (wire.CountRecord(None, None, (T - 2, T - 1)),)), T
+    )
+    store.ingest(a, s.batch(a, counts=(wire.CountRecord(EXE, None, (T - 2,)),)), T)
+    rows = store.rows(Rule(), T)
+    assert rows == [Row(1, 1, ("host-a",), ("a",), EXE, None), Row(3, 1, ("host-a",), ("a",), None, None)]
+
+
+def test_counts_count_like_events(store: CollectorStore) -> None:
+    a = agent(store, "a")
+    s = Seq()
+    store.ingest(a, s.batch(a, (ev_(T - 10, b"/p"),)), T)
+    store.ingest(a, s.batch(a, counts=(wire.CountRecord(EXE, b"/p", (T - 9, T - 9, T - 8)),)), T)
+    assert store.rows(Rule(), T) == [Row(4, 1, ("host-a",), ("a",), EXE, b"/p")]
+    store.ingest(a, s.batch(a, counts=(wire.CountRecord(EXE, b"/p", (T - 1,)),)), T)
+    assert store.rows(Rule(), T) == []
+
+
+def test_identity_host_from_enrollment(store: CollectorStore) -> None:
+    a = agent(store, "a", "real-host")
+    store.ingest(a, replace(Seq().batch(a, (ev_(T - 1, b"/p"),)), host_name="liar"), T)
+    assert store.rows(Rule(), T)[0].host_names == ("real-host",)
+
+
+def test_enroll_revoke_reenroll(store: CollectorStore) -> None:
+    agent(store, "a")
+    assert store.revoke("a") and not store.revoke("nobody")
+    rec = store.agent_for_key("hash-a")
+    assert rec is not None and rec.revoked
+    store.enroll("a", "h2", "new-hash", T)
+    assert store.agent_for_key("hash-a") is None
+    rec = store.agent_for_key("new-hash")
+    assert rec is not None and not rec.revoked and rec.host_name == "h2"
+    assert [x.agent_id for x in store.list_agents()] == ["a"]
+
+
+def test_prune(store: CollectorStore) -> None:
+    a = agent(store, "a")
+    s = Seq()
+    store.ingest(a, s.batch(a, tuple(ev_(T - 2 * H - i, b"/old%d" % i) for i in range(7))), T)
+    store.ingest(
+        a, s.batch(a, (ev_(T - 5, b"/new"),), gaps=(wire.GapRecord(T - 3 * H, T - 3 * H, 0, "x"),)), T
+    )
+    assert store.prune(T - H) == 7
+    assert store.rows(replace(Rule(), window_ms=4 * H), T) == [Row(1, 1, ("host-a",), ("a",), EXE, b"/new")]
+    assert store.gaps_overlapping(0, T) == []
+
+
+def test_alerts_hourly_once_per_overlapping_window(store: CollectorStore) -> None:
+    a, b = agent(store, "a"), agent(store, "b")
+    s = Seq()
+    store.ingest(
+        a, s.batch(a, (ev_(T - 10, b"/shell.php", pid=42, cmd="php -r x\x1b[31m\n", uname="www-data"),)), T
+    )
+    store.ingest(b, Seq().batch(b, gaps=(wire.GapRecord(T - 100, T - 90, 0, "overflow"),)), T)
+    rule = Rule()
+    alerts = ev.run_hourly(store, rule, T)
+    assert len(alerts) == 1
+    doc = alerts[0]
+    assert doc["event"]["kind"] == "alert" and doc["rarewrite"]["gap_on_other_agents"] is True
+    assert doc["threat"][0]["tactic"]["reference"] == "https://attack.mitre.org/tactics/TA0003/"
+    assert doc["rarewrite"]["events"][0]["process.pid"] == 42
+    text = ev.dumps(doc)
+    assert "\x1b" not in text and "\n" not in text and "\\u001b" in text
+    assert ev.run_hourly(store, rule, T) == []  # same run again: nothing new
+    assert ev.run_hourly(store, rule, T + H // 2) == []  # overlapping window
+    again = ev.run_hourly(store, rule, T + H + 20)  # the event left the window
+    assert again == []
+    assert len(store.list_alerts(0)) == 1
+    assert json.loads(text)["alert"]["id"] == store.list_alerts(0)[0]["alert"]["id"]
+
+
+def test_continuous_settle(store: CollectorStore) -> None:
+    a = agent(store, "a")
+    store.ingest(a, Seq().batch(a, (ev_(T - 10_000, b"/p"),)), T)
+    assert ev.run_continuous(store, Rule(), T, settle_ms=30_000) == []
+    assert len(ev.run_continuous(store, Rule(), T + 20_000, settle_ms=30_000)) == 1
+    assert ev.run_continuous(store, Rule(), T + 21_000, settle_ms=30_000) == []
+
+
+def test_hostile_bytes_rendered(store: CollectorStore) -> None:
+    a = agent(store, "a")
+    path = b"/var/www/\xff\xfe\n\x1b[2J" + b"a" * 4000
+    store.ingest(a, Seq().batch(a, (ev_(T - 1, path, orig=b"/tmp/\x00x"),)), T)
+    alerts = ev.run_hourly(store, Rule(), T)
+    text = ev.dumps(alerts[0])
+    assert text.isascii() and "\n" not in text and "\x1b" not in text
+
+
+def test_evaluate_db_readonly_and_missing(tmp_path: Path, store: CollectorStore) -> None:
+    a = agent(store, "a")
+    store.ingest(a, Seq().batch(a, (ev_(T - 1, b"/p"),)), T)
+    assert ev.evaluate_db(store.path, Rule(), T) == store.rows(Rule(), T)
+    with pytest.raises(StoreError, match="no collector database"):
+        ev.evaluate_db(str(tmp_path / "missing.db"), Rule(), T)
+    assert not (tmp_path / "missing.db").exists()
+
+
+def test_newer_schema_refused(tmp_path: Path) -> None:
+    p = str(tmp_path / "n.db")
+    CollectorStore(p).close()
+    with sqlite3.connect(p) as c:
+        c.execute("UPDATE meta SET value='99' WHERE key='schema_version'")
+    with pytest.raises(StoreError, match="newer"):
+        CollectorStore(p)
+
+
+def test_store_error_on_readonly_write(store: CollectorStore) -> None:
+    ro = CollectorStore(store.path, readonly=True)
+    try:
+        with pytest.raises(StoreError):
+            ro.enroll("x", "h", "k", T)
+    finally:
+        ro.close()
+
+
+def test_agents_cli(store: CollectorStore) -> None:
+    agent(store, "a")
+    assert [x["agent_id"] for x in agents_cli(store.path, "list")] == ["a"]
+    assert agents_cli(store.path, "revoke", "a")[0]["revoked"] is True
+    with pytest.raises(StoreError):
+        agents_cli(store.path, "revoke", "zz")

@@ -1,0 +1,236 @@
+"""The systemd units, the packaged reference configs and the Debian build."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Mapping
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+import agent
+from agent.config import AGENT_KEYS, COLLECTOR_KEYS, RULE_KEYS, Config, load
+
+TOP = Path(__file__).resolve().parents[2]
+UNITS = TOP / "systemd"
+ETC = TOP / "packaging" / "etc"
+DEBIAN = TOP / "packaging" / "debian"
+
+
+def unit_entries(path: Path) -> list[tuple[str, str, str]]:
+    """(section, key, value) in file order; systemd allows repeated keys."""
+    out = []
+    section = ""
+    for raw in path.read_text(encoding="utf-8").splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("["):
+            section = line.strip("[]")
+            continue
+        key, _, value = line.partition("=")
+        out.append((section, key.strip(), value.strip()))
+    return out
+
+
+def unit(name: str) -> dict[str, str]:
+    """Last value of each [Service]/[Unit]/[Install] key."""
+    return {key: value for _, key, value in unit_entries(UNITS / name)}
+
+
+# ------------------------------------------------------------- units
+
+
+@pytest.mark.parametrize("name", ["rarewrite-agent.service", "rarewrite-collector.service"])
+def test_systemd_analyze_verify(name: str, tmp_path: Path) -> None:
+    exe = shutil.which("systemd-analyze")
+    if exe is None:
+        pytest.skip("systemd-analyze not installed")
+    # verify insists that ExecStart's binary exists: point it at one that does.
+    text = (UNITS / name).read_text(encoding="utf-8").replace("/usr/bin/rarewrite", "/bin/true")
+    (tmp_path / name).write_text(text, encoding="utf-8")
+    r = subprocess.run(
+        [exe, "verify", "--man=no", str(tmp_path / name)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    complaints = [line for line in (r.stdout + r.stderr).splitlines() if name in line or "rarewrite" in line]
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert complaints == []  # unknown keys are only warnings, with rc 0
+
+
+def test_agent_unit_least_privilege() -> None:
+    u = unit("rarewrite-agent.service")
+    assert u["ExecStart"] == "/usr/bin/rarewrite agent run --config /etc/rarewrite/agent.conf"
+    assert u["ExecStartPre"] == "/usr/bin/rarewrite config check --config /etc/rarewrite/agent.conf"
+    assert set(u["CapabilityBoundingSet"].split()) == {
+        "CAP_SYS_ADMIN",
+        "CAP_DAC_READ_SEARCH",
+        "CAP_SYS_PTRACE",
+    }
+    assert u["AmbientCapabilities"] == ""
+    for key in (
+        "NoNewPrivileges",
+        "ProtectKernelTunables",
+        "ProtectKernelModules",
+        "ProtectControlGroups",
+        "ProtectClock",
+        "RestrictNamespaces",
+        "LockPersonality",
+        "MemoryDenyWriteExecute",
+    ):
+        assert u[key] == "yes", key
+    assert u["ProtectSystem"] == "strict"
+    assert u["StateDirectory"] == "rarewrite/agent"
+    assert u["ReadWritePaths"] == "/var/lib/rarewrite/agent"
+    assert set(u["RestrictAddressFamilies"].split()) == {"AF_UNIX", "AF_INET", "AF_INET6"}
+    assert u["SystemCallArchitectures"] == "native"
+    assert (u["CPUQuota"], u["MemoryMax"], u["Restart"], u["Type"]) == ("20%", "200M", "on-failure", "simple")
+    # the agent must see the real /tmp and /home
+    assert "PrivateTmp" not in u
+    assert "ProtectHome" not in u
+
+
+def test_collector_unit_hardening() -> None:
+    u = unit("rarewrite-collector.service")
+    assert u["ExecStart"] == "/usr/bin/rarewrite collector serve --config /etc/rarewrite/collector.conf"
+    assert u["DynamicUser"] == "yes"
+    assert u["StateDirectory"] == "rarewrite/collector"
+    assert u["LoadCredential"] == "enrollment.secret:/etc/rarewrite/enrollment.secret"
+    assert u["CapabilityBoundingSet"] == ""
+    for key in ("PrivateTmp", "ProtectHome", "PrivateDevices", "NoNewPrivileges", "MemoryDenyWriteExecute"):
+        assert u[key] == "yes", key
+    assert u["ProtectSystem"] == "strict"
+
+
+def test_no_secret_value_in_units() -> None:
+    for name in ("rarewrite-agent.service", "rarewrite-collector.service"):
+        for _, key, value in unit_entries(UNITS / name):
+            assert key not in ("Environment", "EnvironmentFile"), (name, key)
+            assert "--enrollment-secret" not in value, (name, key)
+
+
+# ------------------------------------------------------------- reference configs
+
+
+def commented_keys(path: Path) -> dict[str, set[str]]:
+    keys: dict[str, set[str]] = {}
+    section = ""
+    for line in path.read_text(encoding="utf-8").splitlines():
+        m = re.match(r"^\[([^\]]+)\]$", line)
+        if m:
+            section = m.group(1)
+        m = re.match(r"^#([a-z_]+) =", line)
+        if m and section:
+            keys.setdefault(section, set()).add(m.group(1))
+    return keys
+
+
+def uncommented(path: Path, dest: Path) -> Path:
+    """The reference file with every documented key switched on."""
+    lines = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        documented = re.match(r"^#([a-z_]+) =", line) or re.match(r"^#    \S", line)
+        lines.append(line[1:] if documented else line)
+    dest.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return dest
+
+
+@pytest.mark.parametrize(
+    ("name", "section", "spec"),
+    [("agent.conf", "agent", AGENT_KEYS), ("collector.conf", "collector", COLLECTOR_KEYS)],
+)
+def test_reference_config_documents_every_key(name: str, section: str, spec: Mapping[str, object]) -> None:
+    path = ETC / name
+    text = path.read_text(encoding="utf-8")
+    assert "do not edit" in text.lower()
+    assert f"{name[:-5]}.d/*.conf" in text
+    keys = commented_keys(path)
+    assert keys[section] == set(spec)
+    assert keys["rule"] == set(RULE_KEYS)
+
+
+@pytest.mark.parametrize("name", ["agent.conf", "collector.conf"])
+def test_reference_config_parses_and_documents_the_defaults(name: str, tmp_path: Path) -> None:
+    path = ETC / name
+    # as shipped (everything commented): the built-in defaults
+    cfg = load([str(path)])
+    assert replace(cfg, files=()) == Config()
+    # every documented value switched on: still exactly the defaults
+    on = load([str(uncommented(path, tmp_path / name))])
+    assert replace(on, files=()) == Config()
+
+
+# ------------------------------------------------------------- Debian
+
+
+def test_debian_version_is_the_package_version() -> None:
+    first = (DEBIAN / "changelog").read_text(encoding="utf-8").splitlines()[0]
+    m = re.match(r"^rarewrite \(([^)]+)\)", first)
+    assert m is not None
+    assert m.group(1).split("-")[0] == agent.__version__
+    assert "debhelper-compat (= 13)" in (DEBIAN / "control").read_text(encoding="utf-8")
+
+
+def test_wrapper_puts_private_dir_first(tmp_path: Path) -> None:
+    # the packaged command, pointed at this checkout instead of /usr/lib/rarewrite
+    text = (DEBIAN / "rarewrite.wrapper").read_text(encoding="utf-8").replace("/usr/lib/rarewrite", str(TOP))
+    wrapper = tmp_path / "rarewrite"
+    wrapper.write_text(text, encoding="utf-8")
+    r = subprocess.run(
+        [shutil.which("python3") or "python3", str(wrapper), "--version"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": ""},
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == f"rarewrite {agent.__version__}"
+
+
+@pytest.mark.slow
+def test_build_deb(tmp_path: Path) -> None:
+    if not (shutil.which("dpkg-buildpackage") and shutil.which("dh")):
+        pytest.skip(
+            "dpkg-buildpackage/debhelper not installed (packaging/build-deb.sh installs them as root)"
+        )
+    r = subprocess.run(
+        [str(TOP / "packaging" / "build-deb.sh"), "--worktree"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=170,
+        env={**os.environ, "RAREWRITE_DIST": str(tmp_path)},
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    debs = sorted(p.name for p in tmp_path.glob("*.deb"))
+    v = agent.__version__
+    assert debs == [f"rarewrite-{p}_{v}_all.deb" for p in ("agent", "collector", "common")]
+
+    def contents(pkg: str) -> str:
+        return subprocess.run(
+            ["dpkg-deb", "-c", str(tmp_path / f"rarewrite-{pkg}_{v}_all.deb")],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+
+    assert "./usr/lib/rarewrite/agent/cli.py" in contents("common")
+    assert "./usr/bin/rarewrite" in contents("common")
+    assert "./lib/systemd/system/rarewrite-agent.service" in contents("agent")
+    assert "./etc/rarewrite/collector.conf" in contents("collector")
+    for pkg in ("agent", "collector"):
+        ctl = tmp_path / f"ctl-{pkg}"
+        subprocess.run(
+            ["dpkg-deb", "-e", str(tmp_path / f"rarewrite-{pkg}_{v}_all.deb"), str(ctl)], check=True
+        )
+        assert (ctl / "conffiles").read_text().split() == [f"/etc/rarewrite/{pkg}.conf"]
+        assert "deb-systemd-helper enable" in (ctl / "postinst").read_text()

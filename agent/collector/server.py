@@ -187,6 +187,12 @@ async def _errors(
         resp = _json_reject(r.status, r.reason, r.headers)
         if r.close:
             resp.force_close()
+        if r.status == 408:
+            # A stalled body: answer, then close at once instead of aiohttp's
+            # lingering read (close() still flushes the answer first).
+            await resp.prepare(request)
+            await resp.write_eof()
+            request.protocol.force_close()
         return resp
     except StoreError as e:
         c.rejects[503] += 1

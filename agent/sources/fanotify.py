@@ -1,0 +1,653 @@
+"""The fanotify event source: filesystem marks, dir handles resolved to byte paths.
+
+One fanotify group reports directory-entry events (create, rename) with the
+parent directory's file handle and the entry name, plus each exec with the
+executable's. Filesystem marks (not per-directory watches) cover every mount
+namespace and container; path scope is a prefix filter here. The kernel ABI
+and the buffer parser live in :mod:`agent.sources.fanotify_abi`.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import select
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from agent.clock import Clock, SystemClock
+from agent.errors import SourceError
+from agent.events import CREATION, EXEC, OVERFLOW, RENAME, RawEvent
+from agent.sources import fanotify_abi as abi
+from agent.sources.base import in_scope
+
+log = logging.getLogger("rarewrite.sources.fanotify")
+
+# Filesystems with no user files worth watching (and often refusing marks).
+PSEUDO_FS = frozenset(
+    {
+        "proc",
+        "sysfs",
+        "cgroup",
+        "cgroup2",
+        "devpts",
+        "mqueue",
+        "debugfs",
+        "tracefs",
+        "securityfs",
+        "pstore",
+        "bpf",
+        "configfs",
+        "fusectl",
+        "binfmt_misc",
+        "autofs",
+        "hugetlbfs",
+        "nsfs",
+        "efivarfs",
+        "selinuxfs",
+        "rpc_pipefs",
+    }
+)
+# Remote filesystems: marked when they hold a watched path, but not for execs.
+NETWORK_FS = frozenset(
+    {"nfs", "nfs4", "cifs", "smb3", "smbfs", "ceph", "glusterfs", "afs", "9p", "fuse.sshfs"}
+)
+
+READ_BUFFER = 256 * 1024
+MAX_READS_PER_CALL = 64  # 16 MiB of events at most per read() call
+MOUNT_RESCAN_S = 5.0
+DIR_CACHE_SIZE = 4096
+DIR_CACHE_TTL_S = 30.0
+LOG_INTERVAL_S = 10.0
+
+
+@dataclass(frozen=True)
+class Mount:
+    """One line of /proc/self/mountinfo."""
+
+    mount_id: int
+    dev: int
+    root: bytes
+    mount_point: bytes
+    fstype: str
+
+
+def parse_mountinfo(data: bytes) -> list[Mount]:
+    """Mounts from mountinfo text; malformed lines are skipped."""
+    mounts: list[Mount] = []
+    for line in data.split(b"\n"):
+        fields = line.split(b" ")
+        try:
+            sep = fields.index(b"-", 6)
+            major, minor = fields[2].split(b":")
+            mounts.append(
+                Mount(
+                    mount_id=int(fields[0]),
+                    dev=os.makedev(int(major), int(minor)),
+                    root=_unescape(fields[3]),
+                    mount_point=_unescape(fields[4]),
+                    fstype=fields[sep + 1].decode("ascii", "replace"),
+                )
+            )
+        except (ValueError, IndexError):
+            continue
+    return mounts
+
+
+def _unescape(field: bytes) -> bytes:
+    """Undo the kernel's octal escapes (\\040 for space, \\012 for newline...)."""
+    if b"\\" not in field:
+        return field
+    out = bytearray()
+    i = 0
+    while i < len(field):
+        if field[i] == 0x5C and i + 4 <= len(field) and field[i + 1 : i + 4].isdigit():
+            out.append(int(field[i + 1 : i + 4], 8) & 0xFF)
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return bytes(out)
+
+
+def _under(path: bytes, prefix: bytes) -> bool:
+    if prefix == b"/":
+        return path.startswith(b"/")
+    p = prefix.rstrip(b"/")
+    return path == p or path.startswith(p + b"/")
+
+
+class _RateLimited:
+    """Logs one line per key per interval and counts what it held back."""
+
+    def __init__(self, logger: logging.Logger, clock: Clock, interval: float = LOG_INTERVAL_S) -> None:
+        self._log = logger
+        self._clock = clock
+        self._interval = interval
+        self._last: dict[str, tuple[float, int]] = {}
+
+    def __call__(self, level: int, key: str, msg: str, *args: Any) -> None:
+        now = self._clock.monotonic()
+        last = self._last.get(key)
+        if last is not None and now - last[0] < self._interval:
+            self._last[key] = (last[0], last[1] + 1)
+            return
+        suppressed = last[1] if last is not None else 0
+        if len(self._last) > 1024:
+            self._last.clear()
+        self._last[key] = (now, 0)
+        self._log.log(level, msg + " suppressed=%d", *args, suppressed)
+
+
+@dataclass
+class _Marked:
+    mount_point: bytes
+    fstype: str
+    mask: int
+    fsid: Optional[tuple[int, int]]
+
+
+class FanotifySource:
+    """fanotify with FAN_REPORT_DFID_NAME (+ TARGET_FID): creations, renames, execs.
+
+    ``own_pid``: the agent's pid; its file events are dropped (``None``: none
+    dropped). ``ignore``: directories that get an ignore mark (the agent's
+    state directory). Paths are bytes throughout.
+    """
+
+    name = "fanotify"
+
+    def __init__(
+        self,
+        watch: Sequence[bytes],
+        exclude: Sequence[bytes],
+        ignore: Sequence[bytes] = (),
+        own_pid: Optional[int] = None,
+        clock: Optional[Clock] = None,
+        mounts_path: str = "/proc/self/mountinfo",
+    ) -> None:
+        self._watch = [os.fsencode(w) for w in watch]
+        self._exclude = [os.fsencode(x) for x in exclude]
+        self._ignore = [os.fsencode(i) for i in ignore]
+        self._own_pid = own_pid
+        self._clock: Clock = clock if clock is not None else SystemClock()
+        self._mounts_path = mounts_path
+        self._fd = -1
+        self._closed = False
+        self._init_flags = 0
+        self._target_fid = False
+        self._pidfd = False
+        self._rename_bit: Optional[int] = None  # FAN_RENAME or FAN_MOVED_TO, decided at first mark
+        self._marked: dict[int, _Marked] = {}  # st_dev -> mark
+        self._refused: dict[bytes, str] = {}  # mount point -> reason
+        self._by_fsid: dict[tuple[int, int], bytes] = {}
+        self._mounts_hash = b""
+        self._last_scan = 0.0
+        self._dir_cache: OrderedDict[tuple[tuple[int, int], int, bytes], tuple[bytes, float]] = OrderedDict()
+        self._counters = {
+            "seen": 0,
+            "overflows": 0,
+            "unresolved": 0,
+            "exec": 0,
+            "own_pid_dropped": 0,
+            "out_of_scope": 0,
+            "parse_errors": 0,
+            "read_errors": 0,
+        }
+        self._rl = _RateLimited(log, self._clock)
+
+    # --- lifecycle ---------------------------------------------------------
+
+    def start(self) -> None:
+        """Create the group and mark filesystems; SourceError when fanotify is unusable."""
+        if self._fd >= 0:
+            return
+        if self._closed:
+            raise SourceError("fanotify source already closed")
+        self._fd = self._init_group()
+        try:
+            self._rescan_mounts(force=True)
+            if self._watch and not any(m.mask & abi.FAN_CREATE for m in self._marked.values()):
+                reasons = "; ".join(f"{os.fsdecode(k)}: {v}" for k, v in self._refused.items()) or "no mount"
+                raise SourceError(f"fanotify: no watched filesystem could be marked ({reasons})")
+            self._place_ignore_marks()
+        except BaseException:
+            os.close(self._fd)
+            self._fd = -1
+            raise
+        log.info(
+            "fanotify started target_fid=%s pidfd=%s rename=%s marked=%d refused=%d",
+            self._target_fid,
+            self._pidfd,
+            "FAN_RENAME" if self._rename_bit == abi.FAN_RENAME else "FAN_MOVED_TO",
+            len(self._marked),
+            len(self._refused),
+        )
+
+    def _init_group(self) -> int:
+        base = abi.FAN_CLASS_NOTIF | abi.FAN_CLOEXEC | abi.FAN_NONBLOCK
+        event_flags = os.O_RDONLY | abi.O_LARGEFILE | os.O_CLOEXEC
+        attempts = (
+            (abi.FAN_REPORT_DFID_NAME_TARGET | abi.FAN_REPORT_PIDFD, True, True),
+            (abi.FAN_REPORT_DFID_NAME_TARGET, True, False),
+            (abi.FAN_REPORT_DFID_NAME | abi.FAN_REPORT_PIDFD, False, True),
+            (abi.FAN_REPORT_DFID_NAME, False, False),
+        )
+        last: Optional[OSError] = None
+        for flags, target, pidfd in attempts:
+            try:
+                fd = abi.fanotify_init(base | flags, event_flags)
+            except OSError as exc:
+                last = exc
+                if exc.errno == errno.EINVAL:
+                    continue
+                break
+            self._init_flags = base | flags
+            self._target_fid = target
+            self._pidfd = pidfd
+            if not target:
+                log.warning(
+                    "fanotify no FAN_REPORT_TARGET_FID (kernel < 5.17): repeated same-name creates may merge"
+                )
+            return fd
+        assert last is not None  # noqa: S101 - the loop ran at least once
+        if last.errno == errno.EPERM:
+            raise SourceError("fanotify_init: EPERM: need CAP_SYS_ADMIN") from last
+        if last.errno == errno.EINVAL:
+            raise SourceError(
+                "fanotify_init: EINVAL: kernel too old (needs 5.9 for FAN_REPORT_DFID_NAME)"
+            ) from last
+        if last.errno == errno.ENOSYS:
+            raise SourceError("fanotify_init: ENOSYS: kernel built without fanotify") from last
+        raise SourceError(
+            f"fanotify_init: {errno.errorcode.get(last.errno or 0, last.errno)}: {last}"
+        ) from last
+
+    def close(self) -> None:
+        """Close the group (the kernel drops every mark with it). Idempotent."""
+        self._closed = True
+        if self._fd >= 0:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+            self._fd = -1
+        self._dir_cache.clear()
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = dict(self._counters)
+        out["marked"] = sorted(
+            os.fsdecode(m.mount_point) for m in self._marked.values() if m.mask & abi.FAN_CREATE
+        )
+        out["exec_marked"] = sorted(os.fsdecode(m.mount_point) for m in self._marked.values())
+        out["refused"] = [{"mount": os.fsdecode(k), "reason": v} for k, v in sorted(self._refused.items())]
+        out["target_fid"] = self._target_fid
+        out["merge_possible"] = not self._target_fid
+        out["pidfd"] = self._pidfd
+        out["rename_event"] = "FAN_RENAME" if self._rename_bit == abi.FAN_RENAME else "FAN_MOVED_TO"
+        out["dir_cache"] = len(self._dir_cache)
+        return out
+
+    # --- marks -------------------------------------------------------------
+
+    def _rescan_mounts(self, force: bool = False) -> None:
+        """Mark filesystems that appeared since the last scan (A11)."""
+        self._last_scan = self._clock.monotonic()
+        try:
+            with open(self._mounts_path, "rb") as f:
+                data = f.read()
+        except OSError as exc:
+            self._rl(
+                logging.WARNING, "mountinfo", "mountinfo unreadable path=%s error=%s", self._mounts_path, exc
+            )
+            return
+        digest = hashlib.blake2b(data, digest_size=16).digest()
+        if digest == self._mounts_hash and not force:
+            return
+        self._mounts_hash = digest
+        wanted = self._plan(parse_mountinfo(data))
+        for dev in [d for d in self._marked if d not in wanted]:
+            gone = self._marked.pop(dev)  # the kernel dropped the mark with the superblock
+            if gone.fsid is not None:
+                self._by_fsid.pop(gone.fsid, None)
+            log.info("fanotify filesystem gone mount=%r", gone.mount_point)
+        live_points = {m[0].mount_point for m in wanted.values()}
+        for point in [p for p in self._refused if p not in live_points]:
+            del self._refused[point]
+        for dev, (mount, mask, candidates) in wanted.items():
+            have = self._marked.get(dev)
+            if have is not None and have.mask & mask == mask:
+                continue
+            self._mark_fs(dev, mount, mask, candidates)
+
+    def _plan(self, mounts: list[Mount]) -> dict[int, tuple[Mount, int, list[Mount]]]:
+        """Filesystem (st_dev) -> (mount to mark through, wanted mask, all its mounts)."""
+        local = [m for m in mounts if m.fstype not in PSEUDO_FS]
+        in_scope_devs: set[int] = set()
+        for w in self._watch:
+            best: Optional[Mount] = None
+            for m in local:
+                if _under(w, m.mount_point) and (best is None or len(m.mount_point) >= len(best.mount_point)):
+                    best = m
+            if best is not None and not any(_under(best.mount_point, x) for x in self._exclude):
+                in_scope_devs.add(best.dev)
+            for m in local:
+                if _under(m.mount_point, w) and not any(_under(m.mount_point, x) for x in self._exclude):
+                    in_scope_devs.add(m.dev)
+        by_dev: dict[int, list[Mount]] = {}
+        for m in local:
+            by_dev.setdefault(m.dev, []).append(m)
+        plan: dict[int, tuple[Mount, int, list[Mount]]] = {}
+        for dev, group in by_dev.items():
+            mask = 0
+            if dev in in_scope_devs:
+                mask |= abi.FAN_CREATE | abi.FAN_ONDIR
+            if group[0].fstype not in NETWORK_FS:
+                mask |= abi.FAN_OPEN_EXEC
+            if mask:
+                group.sort(key=lambda m: (m.root != b"/", len(m.mount_point)))
+                plan[dev] = (group[0], mask, group)
+        return plan
+
+    def _mark_fs(self, dev: int, mount: Mount, mask: int, candidates: list[Mount]) -> None:
+        point: Optional[bytes] = None
+        for m in candidates:  # a mount point may be hidden under another mount
+            try:
+                if os.stat(m.mount_point).st_dev == dev:
+                    point = m.mount_point
+                    break
+            except OSError:
+                continue
+        if point is None:  # hidden under another mount: nothing reaches it by path
+            log.info("fanotify mount hidden mount=%r fstype=%s", mount.mount_point, mount.fstype)
+            return
+        full = mask
+        if mask & abi.FAN_CREATE:
+            full |= self._rename_bit if self._rename_bit is not None else abi.FAN_RENAME
+        flags = abi.FAN_MARK_ADD | abi.FAN_MARK_FILESYSTEM
+        try:
+            try:
+                abi.fanotify_mark(self._fd, flags, full, abi.AT_FDCWD, point)
+                if mask & abi.FAN_CREATE and self._rename_bit is None:
+                    self._rename_bit = abi.FAN_RENAME
+            except OSError as exc:
+                if exc.errno != errno.EINVAL or not mask & abi.FAN_CREATE or self._rename_bit is not None:
+                    raise
+                full = (full & ~abi.FAN_RENAME) | abi.FAN_MOVED_TO  # kernel < 5.17
+                abi.fanotify_mark(self._fd, flags, full, abi.AT_FDCWD, point)
+                self._rename_bit = abi.FAN_MOVED_TO
+        except OSError as exc:
+            name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+            hint = " need CAP_SYS_ADMIN" if exc.errno == errno.EPERM else ""
+            self._refuse(point, f"{name}{hint}")
+            return
+        fsid: Optional[tuple[int, int]] = None
+        try:
+            fsid = abi.fsid_of_statvfs(os.statvfs(point).f_fsid)
+        except OSError:
+            pass
+        self._marked[dev] = _Marked(point, mount.fstype, mask, fsid)
+        self._refused.pop(point, None)
+        if fsid is not None:
+            self._by_fsid[fsid] = point
+        log.info(
+            "fanotify marked mount=%r fstype=%s files=%s", point, mount.fstype, bool(mask & abi.FAN_CREATE)
+        )
+
+    def _refuse(self, point: bytes, reason: str) -> None:
+        if self._refused.get(point) != reason:
+            log.warning("fanotify mark refused mount=%r reason=%s", point, reason)
+        self._refused[point] = reason
+
+    def _place_ignore_marks(self) -> None:
+        """Ignore marks on the agent's own directories; the pid filter is the real guarantee."""
+        rename = self._rename_bit if self._rename_bit is not None else abi.FAN_MOVED_TO
+        attempts = (
+            (
+                abi.FAN_MARK_ADD | abi.FAN_MARK_IGNORE_SURV,
+                abi.FAN_CREATE | rename | abi.FAN_ONDIR | abi.FAN_EVENT_ON_CHILD,
+            ),
+            (
+                abi.FAN_MARK_ADD | abi.FAN_MARK_IGNORED_MASK | abi.FAN_MARK_IGNORED_SURV_MODIFY,
+                abi.FAN_CREATE | rename,
+            ),
+        )
+        for path in self._ignore:
+            err: Optional[OSError] = None
+            for flags, mask in attempts:
+                try:
+                    abi.fanotify_mark(self._fd, flags, mask, abi.AT_FDCWD, path)
+                    err = None
+                    break
+                except OSError as exc:
+                    err = exc
+            if err is not None:
+                log.warning("fanotify ignore mark failed path=%r error=%s", path, err.strerror)
+
+    # --- reading -----------------------------------------------------------
+
+    def read(self, timeout: float) -> Sequence[RawEvent]:
+        """Wait up to ``timeout`` s, drain the queue, return events in kernel order."""
+        if self._fd < 0:
+            return []
+        if self._clock.monotonic() - self._last_scan >= MOUNT_RESCAN_S:
+            self._rescan_mounts()
+        try:
+            poller = select.poll()
+            poller.register(self._fd, select.POLLIN)
+            if not poller.poll(max(0, int(timeout * 1000))):
+                return []
+        except (OSError, ValueError) as exc:
+            self._rl(logging.ERROR, "poll", "fanotify poll failed error=%s", exc)
+            return []
+        out: list[RawEvent] = []
+        mount_fds: dict[tuple[int, int], int] = {}
+        try:
+            for _ in range(MAX_READS_PER_CALL):
+                try:
+                    buf = os.read(self._fd, READ_BUFFER)
+                except BlockingIOError:
+                    break
+                except InterruptedError:
+                    continue
+                except OSError as exc:
+                    self._counters["read_errors"] += 1
+                    self._rl(logging.ERROR, "read", "fanotify read failed error=%s", exc)
+                    break
+                if not buf:
+                    break
+                ts = self._clock.now_ms()
+                res = abi.parse_buffer(buf)
+                for fd in res.orphan_pidfds:
+                    _close_quietly(fd)
+                if res.error is not None:
+                    self._counters["parse_errors"] += 1
+                    self._rl(logging.ERROR, "parse", "fanotify parse stopped reason=%s", res.error)
+                for ev in res.events:
+                    try:
+                        self._convert(ev, ts, out, mount_fds)
+                    except Exception as exc:  # noqa: BLE001 - one bad event must not stop the reader (A10)
+                        self._counters["unresolved"] += 1
+                        self._rl(
+                            logging.ERROR, "convert", "fanotify event dropped mask=%#x error=%r", ev.mask, exc
+                        )
+                    finally:
+                        if ev.pidfd is not None and ev.pidfd >= 0:
+                            _close_quietly(ev.pidfd)
+                        if ev.fd >= 0:
+                            _close_quietly(ev.fd)
+        finally:
+            for fd in mount_fds.values():
+                if fd >= 0:
+                    _close_quietly(fd)
+        return out
+
+    def _convert(
+        self,
+        ev: abi.ParsedEvent,
+        ts: int,
+        out: list[RawEvent],
+        mount_fds: dict[tuple[int, int], int],
+    ) -> None:
+        mask = ev.mask
+        if mask & abi.FAN_Q_OVERFLOW:
+            self._counters["overflows"] += 1
+            self._rl(logging.WARNING, "overflow", "fanotify queue overflow: events lost")
+            out.append(RawEvent(kind=OVERFLOW, ts_ms=ts, path=None, lost=1))
+            return
+        pid = ev.pid if ev.pid > 0 else None
+        if mask & abi.FAN_OPEN_EXEC:
+            rec = ev.record(abi.FAN_EVENT_INFO_TYPE_DFID_NAME)
+            path = self._join(rec, mount_fds) if rec is not None else None
+            if path is not None:
+                self._counters["exec"] += 1
+                out.append(RawEvent(kind=EXEC, ts_ms=ts, path=path, pid=pid))
+        is_dir = bool(mask & abi.FAN_ONDIR)
+        if mask & abi.FAN_RENAME:
+            old = ev.record(abi.FAN_EVENT_INFO_TYPE_OLD_DFID_NAME)
+            new = ev.record(abi.FAN_EVENT_INFO_TYPE_NEW_DFID_NAME)
+            if is_dir:
+                self._dir_cache.clear()  # every cached path below the moved dir is stale
+            if new is not None:
+                new_path = self._join(new, mount_fds)
+                old_path = self._join(old, mount_fds) if old is not None else None
+                self._emit(out, kind=RENAME, ts=ts, path=new_path, pid=pid, original=old_path, is_dir=is_dir)
+        if mask & abi.FAN_MOVED_TO:
+            if is_dir:
+                self._dir_cache.clear()
+            rec = ev.record(abi.FAN_EVENT_INFO_TYPE_DFID_NAME)
+            if rec is not None:
+                self._emit(
+                    out,
+                    kind=RENAME,
+                    ts=ts,
+                    path=self._join(rec, mount_fds),
+                    pid=pid,
+                    original=None,
+                    is_dir=is_dir,
+                )
+        if mask & abi.FAN_CREATE:
+            rec = ev.record(abi.FAN_EVENT_INFO_TYPE_DFID_NAME)
+            if rec is not None:
+                self._emit(
+                    out,
+                    kind=CREATION,
+                    ts=ts,
+                    path=self._join(rec, mount_fds),
+                    pid=pid,
+                    original=None,
+                    is_dir=is_dir,
+                )
+
+    def _emit(
+        self,
+        out: list[RawEvent],
+        *,
+        kind: str,
+        ts: int,
+        path: Optional[bytes],
+        pid: Optional[int],
+        original: Optional[bytes],
+        is_dir: bool,
+    ) -> None:
+        if path is None:
+            return  # counted as unresolved by _join
+        if pid is not None and pid == self._own_pid:
+            self._counters["own_pid_dropped"] += 1
+            return
+        if not in_scope(path, self._watch, self._exclude):
+            self._counters["out_of_scope"] += 1
+            return
+        self._counters["seen"] += 1
+        out.append(RawEvent(kind=kind, ts_ms=ts, path=path, pid=pid, original_path=original, is_dir=is_dir))
+
+    # --- handle resolution -------------------------------------------------
+
+    def _join(self, rec: abi.FidRecord, mount_fds: dict[tuple[int, int], int]) -> Optional[bytes]:
+        directory = self._dir_path(rec, mount_fds)
+        if directory is None:
+            return None
+        name = rec.name or b""
+        if not name or name == b".":
+            return directory
+        return (directory if directory.endswith(b"/") else directory + b"/") + name
+
+    def _dir_path(self, rec: abi.FidRecord, mount_fds: dict[tuple[int, int], int]) -> Optional[bytes]:
+        key = rec.key
+        now = self._clock.monotonic()
+        hit = self._dir_cache.get(key)
+        if hit is not None:
+            if now - hit[1] < DIR_CACHE_TTL_S:
+                self._dir_cache.move_to_end(key)
+                return hit[0]
+            del self._dir_cache[key]
+        mfd = self._mount_fd(rec.fsid, mount_fds)
+        if mfd < 0:
+            self._unresolved(rec, "unknown_fsid")
+            return None
+        try:
+            fd = abi.open_by_handle_at(mfd, rec.handle_type, rec.handle, abi.O_PATH | os.O_CLOEXEC)
+        except OSError as exc:
+            self._unresolved(rec, errno.errorcode.get(exc.errno or 0, str(exc.errno)))
+            return None
+        try:
+            path = os.readlink(b"/proc/self/fd/%d" % fd)
+        except OSError as exc:
+            self._unresolved(rec, errno.errorcode.get(exc.errno or 0, str(exc.errno)))
+            return None
+        finally:
+            _close_quietly(fd)
+        if path.endswith(b" (deleted)"):
+            return path  # a directory removed since: keep the event, never cache it
+        self._dir_cache[key] = (path, now)
+        if len(self._dir_cache) > DIR_CACHE_SIZE:
+            self._dir_cache.popitem(last=False)
+        return path
+
+    def _mount_fd(self, fsid: tuple[int, int], mount_fds: dict[tuple[int, int], int]) -> int:
+        """A directory fd on the filesystem, open only for this read() call.
+
+        Held no longer, so that the agent never keeps a mount busy (umount
+        would fail with EBUSY while we held an fd on it).
+        """
+        fd = mount_fds.get(fsid)
+        if fd is not None:
+            return fd
+        point = self._by_fsid.get(fsid)
+        fd = -1
+        if point is not None:
+            try:
+                fd = os.open(point, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                if abi.fsid_of_statvfs(os.fstatvfs(fd).f_fsid) != fsid:
+                    _close_quietly(fd)
+                    fd = -1
+            except OSError:
+                fd = -1
+        mount_fds[fsid] = fd
+        return fd
+
+    def _unresolved(self, rec: abi.FidRecord, reason: str) -> None:
+        self._counters["unresolved"] += 1
+        self._rl(
+            logging.WARNING,
+            "unresolved:" + reason,
+            "fanotify handle unresolved reason=%s fsid=%s handle=%s name=%r",
+            reason,
+            f"{rec.fsid[0]:08x}{rec.fsid[1]:08x}",
+            rec.handle.hex(),
+            rec.name,
+        )
+
+
+def _close_quietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass

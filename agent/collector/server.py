@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import logging
 import math
@@ -456,10 +457,14 @@ async def _serve(cfg: Config, secret: str) -> int:
     app = make_app(cfg, store, secret, SystemClock(), outputs)
     c: Collector = app[COLLECTOR]
     # auto_decompress off: gzip is decompressed by us, with an output cap.
-    runner = web.AppRunner(app, access_log=None, auto_decompress=False, keepalive_timeout=75)
+    # shutdown_timeout moved from TCPSite (aiohttp 3.8) to the runner (3.9+).
+    on_runner = "shutdown_timeout" in inspect.signature(web.BaseRunner.__init__).parameters
+    runner_kw: dict[str, Any] = {"shutdown_timeout": 5.0} if on_runner else {}
+    site_kw: dict[str, Any] = {} if on_runner else {"shutdown_timeout": 5.0}
+    runner = web.AppRunner(app, access_log=None, auto_decompress=False, keepalive_timeout=75, **runner_kw)
     await runner.setup()
     host, port = _host_port(cfg.collector.listen)
-    site = web.TCPSite(runner, host, port, ssl_context=ctx, shutdown_timeout=5.0, backlog=512)
+    site = web.TCPSite(runner, host, port, ssl_context=ctx, backlog=512, **site_kw)
     try:
         await site.start()
     except OSError as e:

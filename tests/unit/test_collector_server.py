@@ -418,3 +418,115 @@ def test_unknown_route_and_method(srv: Server) -> None:
 def test_struct_sanity() -> None:
     # the 2^32 claims above really are what they say
     assert struct.unpack(">I", b"\xff\xff\xff\xff")[0] == 2**32 - 1
+
+
+SERVE = """
+import sys
+from agent.config import Config, CollectorConfig
+from agent.rule import Rule
+from agent.collector.server import serve
+port, db, alerts, cert, key = sys.argv[1:6]
+cc = CollectorConfig(listen="127.0.0.1:" + port, db=db, schedule="continuous", settle_ms=1, alerts_file=alerts,
+                     tls_cert=cert, tls_key=key)
+sys.exit(serve(Config(collector=cc), "s3cret-s3cret"))
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _serve_proc(tmp_path: Path, port: int, cert: str = "", key: str = "") -> Any:
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    args = [
+        sys.executable,
+        "-c",
+        SERVE,
+        str(port),
+        str(tmp_path / "s.db"),
+        str(tmp_path / "alerts.ndjson"),
+        cert,
+        key,
+    ]
+    with open(tmp_path / f"serve-{port}.log", "w") as log:
+        return subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _wait_up(conn_factory: Any, proc: Any) -> None:
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "collector exited"
+        c = conn_factory()
+        try:
+            c.request("GET", "/healthz")
+            if c.getresponse().status == 200:
+                return
+        except OSError:
+            time.sleep(0.1)
+        finally:
+            c.close()
+    raise AssertionError("collector did not come up")
+
+
+def test_serve_continuous_alerts_and_sigterm(tmp_path: Path) -> None:
+    import signal
+
+    port = _free_port()
+    proc = _serve_proc(tmp_path, port)
+    try:
+        _wait_up(lambda: http.client.HTTPConnection("127.0.0.1", port, timeout=5), proc)
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        body = {"enrollment_secret": "s3cret-s3cret", "agent_id": "a-1", "host_name": "web-1"}
+        c.request("POST", "/api/v1/enroll", json.dumps(body))
+        key = json.loads(c.getresponse().read())["api_key"]
+        now = int(time.time() * 1000)
+        d = doc(
+            "a-1",
+            sent_at=now,
+            events=[{"ts": now - 2000, "action": "creation", "exe": b"/e", "path": b"/p\n"}],
+        )
+        c.request("POST", "/api/v1/batches", pack(d), {"Authorization": f"Bearer {key}"})
+        assert c.getresponse().status == 200
+        alerts = tmp_path / "alerts.ndjson"
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not (alerts.exists() and alerts.read_bytes()):
+            time.sleep(0.2)
+        lines = alerts.read_text().splitlines()
+        assert len(lines) == 1 and json.loads(lines[0])["file"]["path"] == "/p\n"
+        c.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+
+
+def test_serve_tls(tmp_path: Path) -> None:
+    import shutil
+    import ssl
+    import subprocess
+
+    if not shutil.which("openssl"):
+        pytest.skip("no openssl to make a certificate")
+    cert, key = str(tmp_path / "c.pem"), str(tmp_path / "k.pem")
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert, "-days", "1",
+         "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    port = _free_port()
+    proc = _serve_proc(tmp_path, port, cert, key)
+    ctx = ssl.create_default_context(cafile=cert)
+    try:
+        _wait_up(lambda: http.client.HTTPSConnection("127.0.0.1", port, timeout=5, context=ctx), proc)
+        plain = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        with pytest.raises((ConnectionError, http.client.HTTPException)):
+            plain.request("GET", "/healthz")
+            plain.getresponse()
+        plain.close()
+    finally:
+        proc.terminate()
+        assert proc.wait(15) == 0

@@ -238,7 +238,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         if cmd == "replay":
             return daemon.run_replay(cfg, args.events, secret)
-        return daemon.run_live(cfg, secret)
+        return daemon.run_live(cfg, secret, loader=lambda: _load(args, AGENT_CONF))
     cfg = _load(args, COLLECTOR_CONF)
     _setup_logging(cfg.collector.log_level)
     if cmd == "serve":

@@ -18,12 +18,14 @@ import signal
 import socket
 import threading
 import uuid
+from collections.abc import Callable
+from dataclasses import replace
 from typing import Any, Optional
 
 from agent import __version__
 from agent.clock import Clock, SystemClock
 from agent.config import Config
-from agent.errors import EnrollError, RarewriteError, StoreError
+from agent.errors import ConfigError, EnrollError, RarewriteError, StoreError
 from agent.events import OVERFLOW, FileEvent
 from agent.rule import matches
 from agent.shipper import Identity, RequestsTransport, Shipper
@@ -207,8 +209,15 @@ class LiveAgent:
     """``rarewrite agent run``: the sensor loop in the main thread, the
     shipper in a second one."""
 
-    def __init__(self, cfg: Config, secret: str, clock: Optional[Clock] = None) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        secret: str,
+        clock: Optional[Clock] = None,
+        loader: Optional[Callable[[], Config]] = None,
+    ) -> None:
         self.cfg = cfg
+        self.loader = loader
         self.secret = secret
         self.clock = clock or SystemClock()
         self.stop = threading.Event()
@@ -235,16 +244,9 @@ class LiveAgent:
         self._install_signals()
         state.write_status(self._status("starting", None))
         rule = cfg.rule
-        resolver = Resolver(self.clock, is_web_process=rule.process_matches)
-        source = open_source(
-            cfg.agent.backend,
-            [os.fsencode(p) for p in cfg.agent.watch],
-            [os.fsencode(p) for p in cfg.agent.exclude],
-            [os.fsencode(state.path)],
-            os.getpid(),
-            self.clock,
-            rule.process_matches,
-        )
+        # late-bound on purpose: a SIGHUP reload swaps self.cfg
+        resolver = Resolver(self.clock, is_web_process=lambda name: self.cfg.rule.process_matches(name))  # noqa: PLW0108
+        source = self._open_source(open_source)
         log.info(
             "event=started version=%s backend=%s agent_id=%s host_name=%r watch=%s",
             __version__,
@@ -290,7 +292,8 @@ class LiveAgent:
                     state.write_status(self._status("running", source))
                 if self.reload.is_set():
                     self.reload.clear()
-                    log.info("event=reload_requested note='restart the service to apply watch changes'")
+                    source = self._reload(source, open_source)
+                    rule = self.cfg.rule
         finally:
             self.stop.set()
             state.write_status(self._status("stopping", source))
@@ -303,6 +306,51 @@ class LiveAgent:
             state.write_status(self._status("stopped", None))
             log.info("event=stopped flushed=%s outbox_depth=%d", flushed, store.depth())
         return 0
+
+    def _open_source(self, opener: Callable[..., Any]) -> Any:
+        a = self.cfg.agent
+        return opener(
+            a.backend,
+            [os.fsencode(p) for p in a.watch],
+            [os.fsencode(p) for p in a.exclude],
+            [os.fsencode(self.state.path)],
+            os.getpid(),
+            self.clock,
+            self.cfg.rule.process_matches,
+        )
+
+    def _reload(self, source: Any, opener: Callable[..., Any]) -> Any:
+        """SIGHUP: read the config again. A bad config changes nothing (every
+        problem is logged); a good one swaps the rule at once and re-opens the
+        source when the watch scope or backend changed."""
+        if self.loader is None:
+            log.warning("event=reload_ignored reason='no config loader'")
+            return source
+        try:
+            new = self.loader()
+        except ConfigError as e:
+            for problem in e.problems:
+                log.error("event=reload_rejected problem=%r", problem)
+            log.error(
+                "event=reload_rejected problems=%d note='still running the old config'", len(e.problems)
+            )
+            return source
+        old, self.cfg = self.cfg, new
+        self.store.rule = new.rule
+        scope = ("backend", "watch", "exclude")
+        if any(getattr(old.agent, k) != getattr(new.agent, k) for k in scope):
+            try:
+                fresh = self._open_source(opener)
+            except RarewriteError as e:
+                log.error("event=reload_source_failed error=%r note='keeping the old source'", str(e))
+                self.cfg = replace(new, agent=replace(new.agent, **{k: getattr(old.agent, k) for k in scope}))
+                return source
+            source.close()
+            source = fresh
+        log.info(
+            "event=reloaded files=%s watch=%s backend=%s", list(new.files), list(new.agent.watch), source.name
+        )
+        return source
 
     def _ship(self, shipper: Shipper, fatal: list[BaseException]) -> None:
         try:
@@ -359,5 +407,5 @@ class LiveAgent:
         }
 
 
-def run_live(cfg: Config, secret: str) -> int:
-    return LiveAgent(cfg, secret).run()
+def run_live(cfg: Config, secret: str, loader: Optional[Callable[[], Config]] = None) -> int:
+    return LiveAgent(cfg, secret, loader=loader).run()

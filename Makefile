@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test lint typecheck pytest run clean venv
+.PHONY: test lint typecheck pytest run clean venv deb rpm
 
 venv: $(STAMP)
 
@@ -29,5 +29,11 @@ test: lint typecheck pytest
 run: $(STAMP)
 	$(VENV)/bin/python -m agent.quickstart
 
+deb:
+	packaging/build-deb.sh
+
+rpm:
+	packaging/build-rpm.sh
+
 clean:
-	rm -rf $(VENV) build dist *.egg-info .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) build dist run *.egg-info .mypy_cache .pytest_cache .ruff_cache

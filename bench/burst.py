@@ -1,0 +1,289 @@
+#!/usr/bin/env python3
+"""Worst-case burst, every event matches (issue 7, simplified): agent vs no sensor.
+
+Root only. One web-server-named process running as www-data (a symlink named
+``php-fpm8.2`` to the Python interpreter, so the kernel calls the task
+php-fpm8.2) creates D new directories and F files in them on a scratch
+filesystem, and for every 10th file writes ``<name>.tmp`` and renames it to
+``<name>.php``. All work is in that ONE process (no mkdir/mv children).
+Matching events per run: F creations + F/10 renames + D directory creations.
+
+Alternating pairs (order flipped every pair) of: no sensor, and
+``rarewrite agent run --watch TARGET`` against a real collector on loopback
+(started once, on this host too). Per run: the writer's own wall time for the
+workload; for agent runs the status counters (seen, matched, overflows,
+dropped, stored), the seconds from the workload's end until ``matched``
+covers every event, agent CPU seconds (utime+stime of all its threads, from
+just before the workload until then) per event, and agent RSS (VmRSS sampled
+every 50 ms, max; VmHWM; VmRSS once everything is matched).
+
+Target: a fresh tmpfs mounted under /srv (default), or with ``--fs ext4`` a
+loop-device ext4 image made by mkfs.ext4 in /var/tmp. Unmounted and removed
+in a finally.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Any
+
+import _common as c
+
+from tests.support import procs
+
+WRITER = r"""
+import json, os, sys, time
+root, nfiles, ndirs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+t0 = time.perf_counter()
+dirs = [os.path.join(root, f"d{i:03d}") for i in range(ndirs)]
+for d in dirs:
+    os.mkdir(d)
+per = -(-nfiles // ndirs)
+renames = 0
+for i in range(nfiles):
+    name = f"{dirs[i // per]}/f{i:06d}"
+    if i % 10 == 0:
+        fd = os.open(name + ".tmp", flags, 0o644)
+        os.write(fd, b"<?php ?>\n")
+        os.close(fd)
+        os.rename(name + ".tmp", name + ".php")
+        renames += 1
+    else:
+        os.close(os.open(name + ".html", flags, 0o644))
+print(json.dumps({"wall_s": time.perf_counter() - t0, "files": nfiles, "renames": renames, "dirs": ndirs}))
+"""
+
+
+class Target:
+    """A scratch filesystem mounted under /srv."""
+
+    def __init__(self, fs: str, size_mb: int) -> None:
+        self.fs = fs
+        os.makedirs("/srv", exist_ok=True)
+        self.mnt = tempfile.mkdtemp(prefix=f"rw-burst-{fs}-", dir="/srv")
+        self.image = None
+        if fs == "tmpfs":
+            _sh("mount", "-t", "tmpfs", "-o", f"size={size_mb}m,mode=0755", "tmpfs", self.mnt)
+        else:
+            fd, self.image = tempfile.mkstemp(prefix="rw-burst-", suffix=".ext4", dir="/var/tmp")
+            os.close(fd)
+            os.truncate(self.image, size_mb << 20)
+            _sh("mkfs.ext4", "-q", "-F", "-N", "400000", self.image)
+            _sh("mount", "-o", "loop", self.image, self.mnt)
+        shutil.chown(self.mnt, 33, 33)
+
+    def close(self) -> None:
+        subprocess.run(["umount", self.mnt], check=False, capture_output=True)
+        if self.image:
+            os.unlink(self.image)
+        os.rmdir(self.mnt)
+
+
+def _sh(*argv: str) -> None:
+    r = subprocess.run(list(argv), check=False, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)}: {r.stderr.strip()}")
+
+
+class RssSampler(threading.Thread):
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.max_kb, self.stop = pid, 0, threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                self.max_kb = max(self.max_kb, c.proc_rss_kb(self.pid))
+            except OSError:
+                return
+            self.stop.wait(0.05)
+
+
+def workload(writer: list[str], root: str, nfiles: int, ndirs: int) -> dict[str, Any]:
+    os.mkdir(root)
+    shutil.chown(root, 33, 33)
+    os.sync()
+    t0 = time.perf_counter()
+    r = subprocess.run(
+        [*c.AS_WWW, *writer, root, str(nfiles), str(ndirs)], check=False, capture_output=True, text=True
+    )
+    outer = time.perf_counter() - t0
+    if r.returncode != 0:
+        raise RuntimeError("writer failed: " + r.stderr[-2000:])
+    doc: dict[str, Any] = json.loads(r.stdout.strip().splitlines()[-1])
+    doc["outer_s"] = outer
+    return doc
+
+
+def agent_run(
+    tmp: str, url: str, target: str, root: str, writer: list[str], a: argparse.Namespace, k: int
+) -> dict[str, Any]:
+    state = os.path.join(tmp, f"agent-{k}")
+    agent = c.start_agent(tmp, url, state, target, tag=f"agent-{k}")
+    try:
+        sampler = RssSampler(agent.pid)
+        sampler.start()
+        rss_idle = c.proc_rss_kb(agent.pid)
+        cpu0 = c.proc_cpu_s(agent.pid)
+        w = workload(writer, root, a.files, a.dirs)
+        expected = w["files"] + w["renames"] + w["dirs"]
+        st, latency = c.wait_matched(state, expected, a.settle_timeout)
+        cpu1 = c.proc_cpu_s(agent.pid)
+        if latency is None:  # not everything matched: let the counters settle before reading them
+            time.sleep(2)
+            st = c.status(state)
+        sampler.stop.set()
+        sampler.join()
+        rss_after = c.proc_rss_kb(agent.pid)
+        hwm = c.proc_rss_kb(agent.pid, "VmHWM")
+    finally:
+        procs.stop(agent)
+    final = c.status(state)
+    cnt = final.get("counters", st.get("counters", {}))
+    return {
+        **w,
+        "expected": expected,
+        "seen": cnt.get("seen"),
+        "matched": cnt.get("matched"),
+        "stored": cnt.get("stored"),
+        "overflows": cnt.get("overflows"),
+        "dropped": cnt.get("dropped"),
+        "unknown": cnt.get("unknown"),
+        "ship_records_sent": cnt.get("ship_records_sent"),
+        "outbox_depth_at_exit": final.get("outbox_depth"),
+        "lost": expected - (cnt.get("matched") or 0),
+        "matched_within_s": latency,
+        "cpu_s": cpu1 - cpu0,
+        "cpu_us_per_event": (cpu1 - cpu0) / expected * 1e6,
+        "rss_idle_mb": rss_idle / 1024,
+        "rss_max_sampled_mb": sampler.max_kb / 1024,
+        "rss_hwm_mb": hwm / 1024,
+        "rss_after_mb": rss_after / 1024,
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument(
+        "--fs", choices=("tmpfs", "ext4"), default="tmpfs", help="scratch filesystem (default tmpfs)"
+    )
+    ap.add_argument("--files", type=int, default=100_000, help="files per run (default 100,000)")
+    ap.add_argument("--dirs", type=int, default=100, help="new directories per run (default 100)")
+    ap.add_argument("--pairs", type=int, default=5, help="alternating pairs (default 5)")
+    ap.add_argument("--settle-timeout", type=float, default=120, help="max wait for matched (s)")
+    ap.add_argument(
+        "--quick", action="store_true", help="tiny sizes (smoke test): 2,000 files, 10 dirs, 1 pair"
+    )
+    a = ap.parse_args()
+    if a.quick:
+        a.files, a.dirs, a.pairs = 2000, 10, 1
+    m = c.machine()
+    c.print_machine(m)
+    if os.geteuid() != 0:
+        print("needs root (mount, fanotify, setpriv)")
+        return 2
+    tmp = tempfile.mkdtemp(prefix="rw-burst-")
+    os.chmod(tmp, 0o755)  # noqa: S103 - www-data reads the writer script here
+    phpfpm = os.path.join(tmp, "php-fpm8.2")
+    py = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
+    os.symlink(os.path.realpath(py), phpfpm)
+    script = os.path.join(tmp, "writer.py")
+    with open(script, "w", encoding="ascii") as f:
+        f.write(WRITER)
+    os.chmod(script, 0o644)
+    writer = [phpfpm, script]
+    size_mb = max(256, a.files // 100 * 4)
+    runs: list[dict[str, Any]] = []
+    target = None
+    try:
+        target = Target(a.fs, size_mb)
+        with procs.collector(tmp) as col:
+            for k in range(a.pairs):
+                order = ("none", "agent") if k % 2 == 0 else ("agent", "none")
+                for mode in order:
+                    root = os.path.join(target.mnt, f"run-{k}-{mode}")
+                    if mode == "none":
+                        r = {"pair": k, "mode": mode, **workload(writer, root, a.files, a.dirs)}
+                    else:
+                        r = {
+                            "pair": k,
+                            "mode": mode,
+                            **agent_run(tmp, col.url, target.mnt, root, writer, a, k),
+                        }
+                    runs.append(r)
+                    shutil.rmtree(root)
+                    print(
+                        f"  pair {k} {mode:5s} wall {r['wall_s']:.3f} s"
+                        + (f" matched {r['matched']}/{r['expected']}" if mode == "agent" else ""),
+                        file=sys.stderr,
+                    )
+    finally:
+        if target is not None:
+            target.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+    base = {r["pair"]: r for r in runs if r["mode"] == "none"}
+    ag = {r["pair"]: r for r in runs if r["mode"] == "agent"}
+    ratios = [ag[k]["wall_s"] / base[k]["wall_s"] for k in sorted(ag)]
+    events = ag[0]["expected"]
+    print(
+        f"burst on {a.fs}: {a.files} files in {a.dirs} new dirs, {a.files // 10} renames "
+        f"({events} matching events per run), writer php-fpm8.2 (python) as www-data, {a.pairs} pairs"
+    )
+    c.table(
+        ["pair", "none s", "agent s", "ratio", "seen", "matched", "lost", "ovfl", "drop", "match@s",
+         "cpu us/ev",          "rss max MB", "rss after MB"],
+        [
+            [k, base[k]["wall_s"], ag[k]["wall_s"], ratios[i], ag[k]["seen"], ag[k]["matched"], ag[k]["lost"],
+             ag[k]["overflows"], ag[k]["dropped"], ag[k]["matched_within_s"], ag[k]["cpu_us_per_event"],
+             ag[k]["rss_max_sampled_mb"], ag[k]["rss_after_mb"]]
+            for i, k in enumerate(sorted(ag))
+        ],
+    )  # fmt: skip
+    lat = [r["matched_within_s"] for r in ag.values()]
+    summary = {
+        "ratio_median": c.median(ratios),
+        "ratios": ratios,
+        "wall_none_median_s": c.median([r["wall_s"] for r in base.values()]),
+        "wall_agent_median_s": c.median([r["wall_s"] for r in ag.values()]),
+        "events_per_run": events,
+        "lost_total": sum(r["lost"] for r in ag.values()),
+        "overflows_total": sum(r["overflows"] or 0 for r in ag.values()),
+        "dropped_total": sum(r["dropped"] or 0 for r in ag.values()),
+        "matched_within_s_max": None if None in lat else max(lat),
+        "cpu_us_per_event_median": c.median([r["cpu_us_per_event"] for r in ag.values()]),
+        "rss_max_mb": max(r["rss_max_sampled_mb"] for r in ag.values()),
+        "rss_after_max_mb": max(r["rss_after_mb"] for r in ag.values()),
+    }
+    print(
+        f"median ratio {summary['ratio_median']:.3f}; lost {summary['lost_total']}; "
+        f"matched within {summary['matched_within_s_max']} s; "
+        f"cpu {summary['cpu_us_per_event_median']:.1f} us/event; "
+        f"rss max {summary['rss_max_mb']:.1f} MB"
+    )
+    c.emit(
+        {
+            "bench": "burst",
+            "machine": m,
+            "quick": a.quick,
+            "fs": a.fs,
+            "files": a.files,
+            "dirs": a.dirs,
+            "pairs": a.pairs,
+            "summary": summary,
+            "runs": runs,
+        }
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -35,7 +35,14 @@ def _wait_healthy(url: str, proc: subprocess.Popen[bytes], log: str) -> None:
     sys.exit(f"collector did not come up within 30 s; see {log}")
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(run_dir: str = "run") -> int:
+    # SIGTERM and SIGHUP stop both children as cleanly as Ctrl-C does.
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGHUP, _interrupt)
     run_dir = os.path.abspath(run_dir)
     os.makedirs(run_dir, mode=0o755, exist_ok=True)
     with socket.socket() as s:

@@ -18,6 +18,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any, Optional
 
 from agent.collector.store import CollectorStore, Pair, RankedRow, Store, StoredEvent
@@ -223,18 +224,24 @@ def _record(
     return [doc for doc in docs if doc["alert"]["id"] in new]
 
 
+UNLIMITED = 1 << 62
+
+
 def _pick(
     store: Store, rule: Rule, at_ms: int, settle_ms: Optional[int]
 ) -> tuple[list[RankedRow], list[dict[str, Any]]]:
     with store.read():
-        ranked = store.ranked_rows(rule, at_ms)
+        # The limit caps new alerts per run, so it applies after the pairs
+        # already alerted are set aside; applied before, 100 old rows would
+        # hide every new one for the rest of the window.
+        ranked = store.ranked_rows(replace(rule, limit=UNLIMITED), at_ms)
         alerted = store.alerted_pairs(rule.rule_id, at_ms - rule.window_ms)
         fresh = [
             r
             for r in ranked
             if (r.row.executable, r.row.path) not in alerted
             and (settle_ms is None or r.first_ts <= at_ms - settle_ms)
-        ]
+        ][: rule.limit]
         docs = alert_documents(rule, fresh, at_ms, store, "hourly" if settle_ms is None else "continuous")
     return fresh, docs
 

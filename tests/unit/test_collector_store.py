@@ -206,6 +206,19 @@ def test_continuous_settle(store: CollectorStore) -> None:
     assert ev.run_continuous(store, Rule(), T + 21_000, settle_ms=30_000) == []
 
 
+def test_continuous_keeps_alerting_new_pairs_past_the_limit_of_old_ones(store: CollectorStore) -> None:
+    a = agent(store, "a")
+    s = Seq()
+    store.ingest(a, s.batch(a, tuple(ev_(T - 60_000, f"/old/{i}".encode()) for i in range(5))), T)
+    rule = replace(Rule(), limit=3)
+    first = ev.run_continuous(store, rule, T, settle_ms=1000)
+    assert len(first) == 3  # the limit caps one run
+    assert len(ev.run_continuous(store, rule, T + 1000, settle_ms=1000)) == 2  # then the rest
+    store.ingest(a, s.batch(a, (ev_(T + 2000, b"/new/shell.php"),)), T + 2000)
+    new = ev.run_continuous(store, rule, T + 4000, settle_ms=1000)
+    assert [d["file"]["path"] for d in new] == ["/new/shell.php"]
+
+
 def test_hostile_bytes_rendered(store: CollectorStore) -> None:
     a = agent(store, "a")
     path = b"/var/www/\xff\xfe\n\x1b[2J" + b"a" * 4000

@@ -9,6 +9,7 @@ acknowledged everything.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -45,6 +46,7 @@ class StateDir:
         self.path = os.path.abspath(path)
         os.makedirs(self.path, mode=0o700, exist_ok=True)
         self._lock_fd: Optional[int] = None
+        self._status_failing = False
 
     def lock(self) -> None:
         """One agent per state dir; the lock dies with the process (SIGKILL too)."""
@@ -74,7 +76,18 @@ class StateDir:
         return Identity(agent_id, host_name or socket.gethostname())
 
     def write_status(self, doc: dict[str, Any]) -> None:
-        _write_atomic(os.path.join(self.path, STATUS_FILE), json.dumps(doc, indent=1).encode(), 0o644)
+        path = os.path.join(self.path, STATUS_FILE)
+        try:
+            _write_atomic(path, json.dumps(doc, indent=1).encode(), 0o644)
+        except OSError as e:
+            # A full disk (A5) must not stop the sensor: the status stays stale until space returns.
+            with contextlib.suppress(OSError):
+                os.unlink(f"{path}.{os.getpid()}.tmp")
+            if not self._status_failing:
+                log.error("event=status_not_written path=%r error=%r", path, str(e))
+            self._status_failing = True
+            return
+        self._status_failing = False
 
     @property
     def store_path(self) -> str:
@@ -305,6 +318,8 @@ class LiveAgent:
                 flushed = False
             state.write_status(self._status("stopped", None))
             log.info("event=stopped flushed=%s outbox_depth=%d", flushed, store.depth())
+        if fatal:  # the shipper may stop the loop between its fatal check and the loop test
+            raise fatal[0]
         return 0
 
     def _open_source(self, opener: Callable[..., Any]) -> Any:

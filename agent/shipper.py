@@ -182,9 +182,14 @@ class Shipper:
                 "host_name": self.identity.host_name,
             }
         ).encode()
-        r = self.transport.post(
-            self.url + "/api/v1/enroll", body, {"Content-Type": "application/json", "User-Agent": _UA}
-        )
+        try:
+            r = self.transport.post(
+                self.url + "/api/v1/enroll", body, {"Content-Type": "application/json", "User-Agent": _UA}
+            )
+        except ShipError:
+            self.reachable = False
+            raise
+        self.reachable = True
         if r.status in (401, 403):
             raise EnrollError(
                 f"the collector refused enrollment (HTTP {r.status}): check the enrollment secret"
@@ -231,7 +236,8 @@ class Shipper:
         except EnrollError:
             raise
         except ShipError as e:
-            self._failed(str(e), None)
+            # with no key yet the error came from enroll(), which set reachable itself
+            self._failed(str(e), None, reached=False if self._key is not None else None)
             return False
         if 200 <= r.status < 300:
             self.store.ack(lease)
@@ -266,10 +272,10 @@ class Shipper:
             self._failed(f"HTTP {r.status}", retry_after(r.headers, self.clock.now_ms() / 1000))
         return False
 
-    def _failed(self, why: str, wait: Optional[float]) -> None:
+    def _failed(self, why: str, wait: Optional[float], reached: Optional[bool] = None) -> None:
         self.counters["failures"] += 1
-        if self.reachable is None or "HTTP" not in why:
-            self.reachable = "HTTP" in why
+        if reached is not None:  # not from the text: "ConnectionError: HTTPConnectionPool..." has "HTTP"
+            self.reachable = reached
         delay = wait if wait is not None else self.backoff.next_delay()
         if wait is not None:
             self.backoff.failures += 1
@@ -282,10 +288,14 @@ class Shipper:
         """Ship until ``stop`` is set; a fatal EnrollError ends the loop."""
         while not stop.is_set():
             try:
+                if self._key is None and self.clock.monotonic() >= self.not_before:
+                    self.api_key()  # enroll now, not at the first event: a wrong secret fails at start (A13)
                 while self.ship_once() and not stop.is_set():
                     pass
             except EnrollError:
                 raise
+            except ShipError as e:
+                self._failed(str(e), None)
             except Exception as e:
                 log.exception("event=shipper_error error=%r", str(e))
                 self._failed(str(e), None)

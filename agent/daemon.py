@@ -237,6 +237,9 @@ class LiveAgent:
         self.reload = threading.Event()
         self.counters = {"seen": 0, "matched": 0, "overflows": 0, "unknown": 0, "errors": 0}
         self.started_ms = self.clock.now_ms()
+        self._seen_unresolved = 0
+        self._seen_refused: set[str] = set()
+        self._coverage_ms = self.started_ms
 
     def run(self) -> int:
         from agent.facts import read_facts
@@ -302,6 +305,7 @@ class LiveAgent:
                 now_s = self.clock.monotonic()
                 if now_s - last_status >= 1.0:
                     last_status = now_s
+                    self._report_coverage(source, store)
                     state.write_status(self._status("running", source))
                 if self.reload.is_set():
                     self.reload.clear()
@@ -321,6 +325,23 @@ class LiveAgent:
         if fatal:  # the shipper may stop the loop between its fatal check and the loop test
             raise fatal[0]
         return 0
+
+    def _report_coverage(self, source: Any, store: AgentStore) -> None:
+        """Events the source could not place (a directory handle that no
+        longer resolves) and filesystems it could not mark are gaps: the
+        collector must not take this host's silence for rarity."""
+        stats = source.stats()
+        now = self.clock.now_ms()
+        unresolved = int(stats.get("unresolved", 0))
+        if unresolved > self._seen_unresolved:
+            store.record_gap(self._coverage_ms, now, unresolved - self._seen_unresolved, "unresolved_handle")
+            self._seen_unresolved = unresolved
+        refused = {str(r.get("mount")) if isinstance(r, dict) else str(r) for r in stats.get("refused", [])}
+        for mount in sorted(refused - self._seen_refused):
+            log.warning("event=filesystem_not_watched mount=%r", mount)
+            store.record_gap(now, now, 0, "unmarked_filesystem")
+        self._seen_refused |= refused
+        self._coverage_ms = now
 
     def _open_source(self, opener: Callable[..., Any]) -> Any:
         a = self.cfg.agent
@@ -362,6 +383,7 @@ class LiveAgent:
                 return source
             source.close()
             source = fresh
+            self._seen_unresolved = 0  # a new source counts from zero
         log.info(
             "event=reloaded files=%s watch=%s backend=%s", list(new.files), list(new.agent.watch), source.name
         )

@@ -99,15 +99,23 @@ def start_agent(tmp: str, url: str, state: str, watch: str, tag: str = "agent") 
         raise RuntimeError("agent did not start: " + f.read()[-2000:])
 
 
-def wait_matched(state: str, want: int, timeout: float) -> tuple[dict[str, Any], float | None]:
-    """Poll the status until counters.matched >= want; (status, seconds or None)."""
-    t0 = time.monotonic()
+def wait_matched(
+    state: str, want: int, timeout: float, stalled_s: float = 5.0
+) -> tuple[dict[str, Any], float | None]:
+    """Poll the status until counters.matched >= want; (status, seconds or
+    None when it never got there: timeout, or matched still for stalled_s)."""
+    t0 = last_move = time.monotonic()
+    last = -1
     st: dict[str, Any] = {}
     while True:
         st = status(state)
-        if st.get("counters", {}).get("matched", 0) >= want:
-            return st, time.monotonic() - t0
-        if time.monotonic() - t0 > timeout:
+        matched = st.get("counters", {}).get("matched", 0)
+        now = time.monotonic()
+        if matched >= want:
+            return st, now - t0
+        if matched != last:
+            last, last_move = matched, now
+        if now - t0 > timeout or now - last_move > stalled_s:
             return st, None
         time.sleep(0.05)
 

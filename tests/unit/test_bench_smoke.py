@@ -1,0 +1,66 @@
+"""The bench scripts keep working: each runs with --quick (tiny sizes).
+
+No timing is asserted here, only that a script exits 0 and that its last
+stdout line is one JSON object with the expected keys."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "bench")
+needs_root = pytest.mark.skipif(
+    not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root (fanotify, mount, setpriv)"
+)
+
+
+def _run(script: str, *args: str) -> dict:
+    r = subprocess.run(
+        [sys.executable, os.path.join(BENCH, script), "--quick", *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    lines = [line for line in r.stdout.splitlines() if line.strip()]
+    doc = json.loads(lines[-1])
+    assert isinstance(doc, dict)
+    assert {"nproc", "mem_mb", "kernel", "python"} <= set(doc["machine"])
+    assert doc["quick"] is True
+    return doc
+
+
+def test_wire_bytes_quick() -> None:
+    doc = _run("wire_bytes.py")
+    assert doc["bench"] == "wire_bytes"
+    kinds = {f["fleet"]: f for f in doc["fleets"]}
+    assert set(kinds) == {"repeat", "unique"}
+    for f in kinds.values():
+        assert {"body_bytes_per_event", "upstream_bytes_per_event", "records_per_batch_median"} <= set(f)
+        assert {"detail_events", "count_times", "rows_equal_oracle"} <= set(f)
+        assert f["rows_equal_oracle"] is True
+
+
+@needs_root
+def test_short_lived_quick() -> None:
+    doc = _run("short_lived.py")
+    assert doc["bench"] == "short_lived"
+    assert set(doc["variants"]) == {"touch-uwsgi", "dash-nginx"}
+    for v in doc["variants"].values():
+        assert {"n", "attributed", "rate", "missing", "wrong_executable"} <= set(v)
+    assert {"seen", "matched", "overflows", "dropped"} <= set(doc["agent_counters"])
+
+
+@needs_root
+def test_burst_quick() -> None:
+    doc = _run("burst.py")
+    assert doc["bench"] == "burst"
+    assert {"ratio_median", "ratios", "lost_total", "cpu_us_per_event_median", "rss_max_mb"} <= set(
+        doc["summary"]
+    )
+    assert {"none", "agent"} == {r["mode"] for r in doc["runs"]}

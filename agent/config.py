@@ -191,11 +191,15 @@ class CollectorConfig:
 
 @dataclass(frozen=True)
 class OutputConfig:
-    """One ``[output.NAME]`` section: where alerts go besides the alerts file."""
+    """One ``[output.NAME]`` section: where alerts go besides the alerts file.
+
+    ``options`` holds the converted values of that type's keys (see
+    :data:`OUTPUT_KEYS`), defaults filled in.
+    """
 
     name: str
     type: str
-    options: Mapping[str, str] = field(default_factory=dict)
+    options: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -273,6 +277,98 @@ COLLECTOR_KEYS: _Spec = {
 
 OUTPUT_TYPES = ("ndjson", "stdout", "webhook", "syslog")
 
+SYSLOG_FACILITIES = {
+    "kern": 0, "user": 1, "mail": 2, "daemon": 3, "auth": 4, "syslog": 5, "lpr": 6, "news": 7,
+    "uucp": 8, "cron": 9, "authpriv": 10, "ftp": 11,
+    **{f"local{i}": 16 + i for i in range(8)},
+}  # fmt: skip
+_APP_NAME = re.compile(r"[!-~]{1,48}\Z")
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")  # an RFC 9110 token
+
+
+def required_path(text_: str) -> str:
+    t = path(text_)
+    if not t:
+        raise ValueError("must be an absolute path")
+    return t
+
+
+def required_url(text_: str) -> str:
+    t = url(text_)
+    if not t:
+        raise ValueError("must be an http:// or https:// URL")
+    return t
+
+
+def header_name(text_: str) -> str:
+    t = text_.strip()
+    if not _HEADER_NAME.match(t):
+        raise ValueError(f"{t!r} is not an HTTP header name (e.g. X-Rarewrite-Token)")
+    return t
+
+
+def app_name(text_: str) -> str:
+    t = text_.strip()
+    if not _APP_NAME.match(t):
+        raise ValueError(f"{t!r} must be 1 to 48 printable ASCII characters without spaces")
+    return t
+
+
+def split_syslog_address(text_: str) -> tuple[str, str, int]:
+    """``/dev/log`` -> ("unix", path, 0); ``udp://h:p`` / ``tcp://h:p`` -> (scheme, host, port)."""
+    t = text_.strip()
+    if t.startswith("/"):
+        return "unix", t, 0
+    scheme, sep, rest = t.partition("://")
+    host, colon, port = rest.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if (
+        scheme not in ("udp", "tcp")
+        or not sep
+        or not colon
+        or not host
+        or not port.isdigit()
+        or not 0 < int(port) < 65536
+    ):
+        raise ValueError(f"{t!r} is not a unix socket path, udp://HOST:PORT or tcp://HOST:PORT")
+    return scheme, host, int(port)
+
+
+def syslog_address(text_: str) -> str:
+    split_syslog_address(text_)
+    return text_.strip()
+
+
+REQUIRED = object()  # an output key without a default
+
+# output type -> key -> (converter, default); the default is what build_outputs gets
+OUTPUT_KEYS: Mapping[str, Mapping[str, tuple[Callable[[str], Any], Any]]] = {
+    "ndjson": {
+        "path": (required_path, REQUIRED),
+        "max_bytes": (size_bytes, 100 << 20),
+        "keep": (integer(1, 1000), 5),
+    },
+    "stdout": {"format": (choice("summary", "json"), "summary")},
+    "webhook": {
+        "url": (required_url, REQUIRED),
+        "secret_header": (header_name, ""),
+        "secret_file": (required_path, ""),
+        "timeout": (duration_ms, 10_000),
+        "queue_max": (integer(1, 10_000_000), 10_000),
+        "backoff_max": (duration_ms, 60_000),
+        "ca_bundle": (required_path, ""),
+    },
+    "syslog": {
+        "address": (syslog_address, "/dev/log"),
+        "facility": (choice(*SYSLOG_FACILITIES), "auth"),
+        "app_name": (app_name, "rarewrite"),
+        "timeout": (duration_ms, 5_000),
+        "queue_max": (integer(1, 10_000_000), 10_000),
+        "backoff_max": (duration_ms, 30_000),
+    },
+}
+_OUTPUT_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
+
 
 def _subset(text_: str, allowed: Sequence[str]) -> tuple[str, ...]:
     items = nonempty_words(text_)
@@ -332,14 +428,7 @@ def load(
     for section in sorted(raw):
         entries = raw[section]
         if section.startswith("output."):
-            kind = entries.get("type", ("", ""))[0].strip()
-            if kind not in OUTPUT_TYPES:
-                where = entries["type"][1] if "type" in entries else f"[{section}] type"
-                problems.append(
-                    f"{where}: {kind!r} is not an output type (choose one of: {', '.join(OUTPUT_TYPES)})"
-                )
-            opts = {k: v.strip() for k, (v, _) in entries.items() if k != "type"}
-            outputs.append(OutputConfig(section[len("output.") :], kind, opts))
+            outputs.append(_output(section, entries, problems))
         else:
             where = next(iter(entries.values()))[1].split(":")[0] if entries else ""
             problems.append(
@@ -349,6 +438,44 @@ def load(
     if problems:
         raise ConfigError(problems)
     return Config(rule, agent, collector, tuple(outputs), tuple(read))
+
+
+def _output(section: str, entries: Mapping[str, tuple[str, str]], problems: list[str]) -> OutputConfig:
+    """One ``[output.NAME]`` section: its type's keys converted, defaults filled in."""
+    name = section[len("output.") :]
+    first = next(iter(entries.values()))[1] if entries else f"[{section}]"
+    file_part = first.rsplit(": [", 1)[0] + ": " if ": [" in first else ""
+    if not _OUTPUT_NAME.match(name):
+        problems.append(f"{file_part}[{section}]: the output name must be 1 to 64 of A-Z a-z 0-9 _ . -")
+    kind = entries.get("type", ("", ""))[0].strip()
+    if kind not in OUTPUT_TYPES:
+        where = entries["type"][1] if "type" in entries else f"{file_part}[{section}] type"
+        problems.append(f"{where}: {kind!r} is not an output type (choose one of: {', '.join(OUTPUT_TYPES)})")
+        return OutputConfig(name, kind, {})
+    spec = OUTPUT_KEYS[kind]
+    opts: dict[str, Any] = {}
+    for key, (value, where) in entries.items():
+        if key == "type":
+            continue
+        if key not in spec:
+            known = ", ".join(["type", *sorted(spec)])
+            problems.append(f"{where}: unknown key for type = {kind} (known keys: {known})")
+            continue
+        try:
+            opts[key] = spec[key][0](value)
+        except ValueError as e:
+            problems.append(f"{where}: {e}")
+    for key, (_, default) in spec.items():
+        if key in opts:
+            continue
+        if default is REQUIRED:
+            if key not in entries:  # present but bad: already reported
+                problems.append(f"{file_part}[{section}] {key}: missing (required for type = {kind})")
+        else:
+            opts[key] = default
+    if kind == "webhook" and bool(opts.get("secret_header")) != bool(opts.get("secret_file")):
+        problems.append(f"{file_part}[{section}] secret_header and secret_file: give both or neither")
+    return OutputConfig(name, kind, opts)
 
 
 def _build(default: T, spec: _Spec, keys: Mapping[str, tuple[str, str]], problems: list[str]) -> T:

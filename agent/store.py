@@ -115,6 +115,7 @@ class AgentStore:
         self.counters = {"stored": 0, "detailed": 0, "dropped": 0, "quarantined": 0, "not_stored": 0}
         self._unstored: Optional[list[int]] = None  # [first ts, last ts, count] lost to a full disk
         self._writes_since_prune = 0
+        self._last_store_error = -1e9
         self._open()
 
     # -------------------------------------------------------------- opening
@@ -243,7 +244,10 @@ class AgentStore:
             else:
                 u = self._unstored
                 self._unstored = [min(u[0], lo), max(u[1], hi), u[2] + len(events)]
-        log.error("event=store_failed error=%r not_stored_total=%d", str(e), self.counters["not_stored"])
+        now = time.monotonic()
+        if now - self._last_store_error >= 10.0:  # one line per 10 s, however busy the host
+            self._last_store_error = now
+            log.error("event=store_failed error=%r not_stored_total=%d", str(e), self.counters["not_stored"])
 
     def _flush_unstored(self, db: sqlite3.Connection) -> None:
         if self._unstored is not None:

@@ -244,7 +244,7 @@ class AgentStore:
             else:
                 u = self._unstored
                 self._unstored = [min(u[0], lo), max(u[1], hi), u[2] + len(events)]
-        now = time.monotonic()
+        now = self.clock.monotonic()
         if now - self._last_store_error >= 10.0:  # one line per 10 s, however busy the host
             self._last_store_error = now
             log.error("event=store_failed error=%r not_stored_total=%d", str(e), self.counters["not_stored"])

@@ -100,7 +100,7 @@ def start_agent(tmp: str, url: str, state: str, watch: str, tag: str = "agent") 
 
 
 def wait_matched(
-    state: str, want: int, timeout: float, stalled_s: float = 5.0
+    state: str, want: int, timeout: float, stalled_s: float = 15.0
 ) -> tuple[dict[str, Any], float | None]:
     """Poll the status until counters.matched >= want; (status, seconds or
     None when it never got there: timeout, or matched still for stalled_s)."""

@@ -15,17 +15,19 @@ from agent.events import FileEvent, FileFacts
 
 SAMPLE_BYTES = 64
 BUDGET_BYTES_PER_S = 64 << 20
+BUDGET_FILES_PER_S = 500  # a burst of new files gets owner and size, not a hash each
 
-_budget = {"second": 0, "spent": 0}
+_budget = {"second": 0, "bytes": 0, "files": 0}
 
 
 def _take(n: int) -> bool:
     now = int(time.monotonic())
     if _budget["second"] != now:
-        _budget["second"], _budget["spent"] = now, 0
-    if _budget["spent"] + n > BUDGET_BYTES_PER_S:
+        _budget["second"], _budget["bytes"], _budget["files"] = now, 0, 0
+    if _budget["bytes"] + n > BUDGET_BYTES_PER_S or _budget["files"] >= BUDGET_FILES_PER_S:
         return False
-    _budget["spent"] += n
+    _budget["bytes"] += n
+    _budget["files"] += 1
     return True
 
 

@@ -39,6 +39,10 @@ log = logging.getLogger("rarewrite.procinfo")
 COMM_LEN = 15  # TASK_COMM_LEN - 1
 REUSE_SLACK_S = 1.5  # btime has 1 s granularity: a start later than this after the event means pid reuse
 PROCESS_LIST_TTL_S = 1.0
+# A process checked against /proc this recently is taken as is: reusing its
+# pid needs the whole pid space to wrap first, which takes far longer, and
+# an exec in between arrives as an exec event (which updates the cache).
+TRUST_S = 0.05
 _DELETED = b" (deleted)"
 
 
@@ -81,6 +85,7 @@ class Resolver:
         self._root = proc_root.rstrip("/") or "/"
         self._is_web = is_web_process
         self._cache: OrderedDict[int, _Proc] = OrderedDict()
+        self._checked: dict[int, float] = {}  # pid -> monotonic time of its last /proc check
         self._users: dict[int, Optional[str]] = {}
         self._ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
         self._btime = self._boot_time()
@@ -125,6 +130,7 @@ class Resolver:
     def _on_exec(self, pid: int, path: bytes) -> None:
         if _is_loader(path):
             return
+        self._checked.pop(pid, None)
         self.counters["exec"] += 1
         full = self._read(pid)
         if full is not None and full.info.executable == path:
@@ -150,6 +156,17 @@ class Resolver:
 
     def _lookup(self, pid: int, ts_ms: int) -> tuple[Optional[_Proc], str]:
         cached = self._cache.get(pid)
+        now = self._clock.monotonic()
+        if cached is not None and cached.complete and now - self._checked.get(pid, -1e18) < TRUST_S:
+            return cached, EXACT
+        found, attribution = self._check(pid, ts_ms, cached)
+        if attribution == EXACT:
+            self._checked[pid] = now
+            if len(self._checked) > 2 * self._size:
+                self._checked.clear()
+        return found, attribution
+
+    def _check(self, pid: int, ts_ms: int, cached: Optional[_Proc]) -> tuple[Optional[_Proc], str]:
         st = self._stat(pid)
         if st is not None:
             comm, state, _ppid, ticks = st

@@ -78,6 +78,19 @@ def pair_of(key: bytes) -> tuple[Optional[bytes], Optional[bytes]]:
     return exe, path
 
 
+def _pack_batch(head: dict[str, Any], events: list[bytes], gaps: list[bytes]) -> bytes:
+    """The batch map with the stored event and gap maps spliced in as bytes:
+    the same msgpack as packing the decoded records, without decoding them."""
+    packer = msgpack.Packer(use_bin_type=True)
+    out = [packer.pack_map_header(len(head) + 2)]
+    out.extend(packer.pack(k) + packer.pack(v) for k, v in head.items())
+    out.append(packer.pack("events") + packer.pack_array_header(len(events)))
+    out.extend(events)
+    out.append(packer.pack("gaps") + packer.pack_array_header(len(gaps)))
+    out.extend(gaps)
+    return b"".join(out)
+
+
 @dataclass(frozen=True)
 class Lease:
     """The batch in flight: its bytes never change once it has a seq."""
@@ -335,9 +348,9 @@ class AgentStore:
             ).fetchall()
             if not rows:
                 return None
-            events: list[dict[str, Any]] = []
+            events: list[bytes] = []  # stored msgpack maps, spliced in as they are
             times: dict[bytes, list[int]] = {}
-            gaps: list[dict[str, Any]] = []
+            gaps: list[bytes] = []
             size, hi = 0, 0
             for rid, kind, ts, body in rows:
                 if size + len(body) + 16 > BATCH_BYTES and hi:
@@ -345,14 +358,14 @@ class AgentStore:
                 size += len(body) + 16
                 hi = rid
                 if kind == EVENT:
-                    events.append(msgpack.unpackb(body, raw=False))
+                    events.append(body)
                 elif kind == COUNT:
                     times.setdefault(body, []).append(ts)
                 else:
-                    gaps.append(msgpack.unpackb(body, raw=False))
+                    gaps.append(body)
             seq = int(self._meta(db, "next_seq"))
             batch_id = uuid.uuid4().hex
-            doc = {
+            head = {
                 "v": wire.VERSION,
                 "batch_id": batch_id,
                 "epoch": self.epoch,
@@ -360,12 +373,10 @@ class AgentStore:
                 "agent_id": agent_id,
                 "host_name": host_name,
                 "sent_at": self.clock.now_ms(),
-                "events": events,
                 "counts": [[*pair_of(k), wire.encode_times(t)] for k, t in times.items()],
-                "gaps": gaps,
             }
             n = len(events) + sum(len(t) for t in times.values()) + len(gaps)
-            body = bytes(msgpack.packb(doc, use_bin_type=True))
+            body = _pack_batch(head, events, gaps)
             db.execute("INSERT INTO lease VALUES (?, ?, ?, ?, ?)", (seq, batch_id, hi, n, body))
             return Lease(seq, batch_id, hi, n, body)
 

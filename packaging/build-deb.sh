@@ -29,8 +29,8 @@ if [ -n "$missing" ]; then
     if [ "$(id -u)" -eq 0 ]; then sudo=""; elif command -v sudo >/dev/null; then sudo=sudo; else
         echo "build-deb: need root (or sudo) to install:$missing" >&2; exit 1
     fi
-    $sudo apt-get update -q
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends $missing
+    $sudo apt-get -o DPkg::Lock::Timeout=300 update -q
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get -o DPkg::Lock::Timeout=300 install -y -q --no-install-recommends $missing
 fi
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/rarewrite-deb.XXXXXX")

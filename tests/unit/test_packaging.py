@@ -261,7 +261,16 @@ def test_deb_installs_runs_and_purges(tmp_path: Path) -> None:
     pkgs = ["rarewrite-common", "rarewrite-agent", "rarewrite-collector"]
     try:
         inst = subprocess.run(
-            ["apt-get", "install", "-y", "-q", "--no-install-recommends", *debs],
+            [
+                "apt-get",
+                "-o",
+                "DPkg::Lock::Timeout=300",
+                "install",
+                "-y",
+                "-q",
+                "--no-install-recommends",
+                *debs,
+            ],
             check=False,
             capture_output=True,
             text=True,
@@ -292,7 +301,7 @@ def test_deb_installs_runs_and_purges(tmp_path: Path) -> None:
         assert (os.stat("/etc/rarewrite/enrollment.secret").st_mode & 0o077) == 0
     finally:
         purge = subprocess.run(
-            ["apt-get", "purge", "-y", "-q", *pkgs],
+            ["apt-get", "-o", "DPkg::Lock::Timeout=300", "purge", "-y", "-q", *pkgs],
             check=False,
             capture_output=True,
             text=True,

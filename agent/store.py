@@ -37,6 +37,7 @@ import sqlite3
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -54,6 +55,8 @@ log = logging.getLogger("rarewrite.store")
 SCHEMA_VERSION = 1
 EVENT, COUNT, GAP = 0, 1, 2
 BATCH_BYTES = 2 << 20  # stay well under the collector's body cap
+RECENT_PAIRS = 4096  # pairs whose recent times are kept in memory (a few hundred KB)
+CACHE_KIB = 2048  # SQLite page cache per connection: RSS stays bounded in a burst
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(k TEXT PRIMARY KEY, v);
@@ -67,6 +70,9 @@ CREATE TABLE IF NOT EXISTS lease(seq INTEGER PRIMARY KEY, batch_id TEXT NOT NULL
 CREATE TABLE IF NOT EXISTS quarantine(id INTEGER PRIMARY KEY, at INTEGER NOT NULL,
     reason TEXT NOT NULL, kind INTEGER NOT NULL, body BLOB NOT NULL);
 """
+
+
+_COUNT_SQL = "SELECT count(*) FROM (SELECT 1 FROM win WHERE pair=? AND ts>? AND ts<=? LIMIT ?)"
 
 
 def pair_key(exe: Optional[bytes], path: Optional[bytes]) -> bytes:
@@ -129,6 +135,10 @@ class AgentStore:
         self._unstored: Optional[list[int]] = None  # [first ts, last ts, count] lost to a full disk
         self._writes_since_prune = 0
         self._last_store_error = -1e9
+        # pair -> its newest count_below times in win (ascending): an exact
+        # cache of the table for the pairs it holds, so the detail decision
+        # needs no query per event. Bounded; a pair it dropped is read again.
+        self._recent: OrderedDict[bytes, list[int]] = OrderedDict()
         self._open()
 
     # -------------------------------------------------------------- opening
@@ -176,6 +186,8 @@ class AgentStore:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
             db.execute("PRAGMA busy_timeout=30000")
+            db.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
+            db.execute("PRAGMA mmap_size=0")
             self._local.db = db
         return db
 
@@ -208,38 +220,68 @@ class AgentStore:
         """Store matching events in one transaction; returns how many were
         detailed. ``progress`` (key, value) is saved in the same transaction
         (replay resumes from it). On a full disk nothing is raised: the events
-        are counted as not stored and a gap is written once space returns."""
+        are counted as not stored and a gap is written once space returns.
+
+        The detail decision is exact and made in memory: for every pair of
+        the batch the times already in ``win`` come from one query per chunk
+        of pairs (or from the small LRU of recent pairs), then ``win`` and
+        ``outbox`` get one executemany each, in event order."""
         if not events and self._unstored is None and progress is None:
             return 0
         db = self._db()
         detailed = 0
         with self._lock:
+            recent = self._recent
             try:
                 db.execute("BEGIN IMMEDIATE")
                 self._flush_unstored(db)
-                for ev in events:
-                    key = pair_key(ev.process.executable or None, ev.path or None)
-                    db.execute("INSERT INTO win VALUES (?, ?)", (key, ev.ts_ms))
-                    n = db.execute(
-                        "SELECT count(*) FROM (SELECT 1 FROM win WHERE pair=? AND ts>? AND ts<=? LIMIT ?)",
-                        (key, ev.ts_ms - self.rule.window_ms, ev.ts_ms, self.rule.count_below),
-                    ).fetchone()[0]
-                    if n < self.rule.count_below:
+                window, below = self.rule.window_ms, self.rule.count_below
+                keys = [pair_key(ev.process.executable or None, ev.path or None) for ev in events]
+                self._load_recent(db, keys, min((ev.ts_ms for ev in events), default=0) - window)
+                win_rows: list[tuple[bytes, int]] = []
+                out_rows: list[tuple[int, int, bytes]] = []
+                for ev, key in zip(events, keys):
+                    ts = ev.ts_ms
+                    times = recent[key]
+                    win_rows.append((key, ts))
+                    if times and ts < times[-1]:  # out of time order: ask the table (exact)
+                        if win_rows:
+                            db.executemany("INSERT INTO win VALUES (?, ?)", win_rows)
+                            win_rows = []
+                        n = db.execute(_COUNT_SQL, (key, ts - window, ts, below)).fetchone()[0]
+                        times.append(ts)
+                        times.sort()
+                    else:
+                        times.append(ts)
+                        n = 0
+                        for t in reversed(times):  # the newest `below` times decide
+                            if t <= ts - window or n >= below:
+                                break
+                            n += 1
+                    if len(times) > below:
+                        del times[: len(times) - below]
+                    if n < below:
                         facts = self.facts(ev) if self.facts else None
                         body = msgpack.packb(wire.event_map(ev, facts), use_bin_type=True)
-                        db.execute("INSERT INTO outbox(kind, ts, body) VALUES (0, ?, ?)", (ev.ts_ms, body))
+                        out_rows.append((EVENT, ts, body))
                         detailed += 1
                     else:
-                        db.execute("INSERT INTO outbox(kind, ts, body) VALUES (1, ?, ?)", (ev.ts_ms, key))
+                        out_rows.append((COUNT, ts, key))
+                if win_rows:
+                    db.executemany("INSERT INTO win VALUES (?, ?)", win_rows)
+                db.executemany("INSERT INTO outbox(kind, ts, body) VALUES (?, ?, ?)", out_rows)
                 if progress is not None:
                     db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", progress)
                 db.execute("COMMIT")
             except sqlite3.Error as e:
                 db.execute("ROLLBACK") if db.in_transaction else None
+                recent.clear()  # it may hold times of the rolled-back batch
                 if not _is_full(e) and not isinstance(e, sqlite3.OperationalError):
                     raise StoreError(f"{self.path}: {e}") from e
                 self._note_unstored(events, e)
                 return 0
+            while len(recent) > RECENT_PAIRS:
+                recent.popitem(last=False)
         self.counters["stored"] += len(events)
         self.counters["detailed"] += detailed
         self._writes_since_prune += len(events)
@@ -247,6 +289,30 @@ class AgentStore:
             self._writes_since_prune = 0
             self.maintain()
         return detailed
+
+    def _load_recent(self, db: sqlite3.Connection, keys: list[bytes], since: int) -> None:
+        """Make ``self._recent`` hold, for every pair in ``keys``, its newest
+        ``count_below`` times in ``win`` after ``since`` (the pairs it lacks
+        are read from the table, 500 to a query)."""
+        recent = self._recent
+        missing = []
+        for key in dict.fromkeys(keys):
+            if key in recent:
+                recent.move_to_end(key)
+            else:
+                missing.append(key)
+        for i in range(0, len(missing), 500):
+            chunk = missing[i : i + 500]
+            found: dict[bytes, list[int]] = {k: [] for k in chunk}
+            marks = ",".join("?" * len(chunk))
+            for key, ts in db.execute(
+                f"SELECT pair, ts FROM win WHERE pair IN ({marks}) AND ts > ? ORDER BY ts",  # noqa: S608 - only ? marks
+                (*chunk, since),
+            ):
+                found[key].append(ts)
+            below = self.rule.count_below
+            for key, times in found.items():
+                recent[key] = times[-below:] if len(times) > below else times
 
     def _note_unstored(self, events: Sequence[FileEvent], e: sqlite3.Error) -> None:
         self.counters["not_stored"] += len(events)
@@ -293,6 +359,7 @@ class AgentStore:
                 newest = db.execute("SELECT max(ts) FROM win").fetchone()[0]
                 if newest is not None:
                     db.execute("DELETE FROM win WHERE ts <= ?", (newest - self.rule.window_ms,))
+                    self._recent.clear()  # it must never know a time the table no longer has
                 self._bound_outbox(db)
             except sqlite3.Error as e:
                 log.error("event=maintain_failed error=%r", str(e))

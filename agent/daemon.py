@@ -36,6 +36,7 @@ from agent.store import AgentStore
 log = logging.getLogger("rarewrite.agent")
 
 STATUS_FILE = "status.json"
+BUSY_EVENTS = 2000  # a read() this large means a burst: the shipper waits until it is over
 LOCK_FILE = "agent.lock"
 
 
@@ -133,6 +134,16 @@ def read_status(state_dir: str) -> tuple[int, dict[str, Any]]:
     if doc.get("state") != "running":
         return 3, doc  # alive but not (yet) watching
     return 0, doc
+
+
+def _trim_memory() -> None:
+    """Return freed heap to the kernel after a burst (glibc keeps it otherwise)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _file_digest(path: str) -> str:
@@ -235,6 +246,7 @@ class LiveAgent:
         self.clock = clock or SystemClock()
         self.stop = threading.Event()
         self.reload = threading.Event()
+        self.busy = threading.Event()  # set while the reader is in a burst
         self.counters = {"seen": 0, "matched": 0, "overflows": 0, "unknown": 0, "errors": 0}
         self.started_ms = self.clock.now_ms()
         self._seen_unresolved = 0
@@ -262,6 +274,7 @@ class LiveAgent:
         rule = cfg.rule
         # late-bound on purpose: a SIGHUP reload swaps self.cfg
         resolver = Resolver(self.clock, is_web_process=lambda name: self.cfg.rule.process_matches(name))  # noqa: PLW0108
+        self.resolver = resolver
         source = self._open_source(open_source)
         log.info(
             "event=started version=%s backend=%s agent_id=%s host_name=%r watch=%s",
@@ -275,9 +288,16 @@ class LiveAgent:
         ship_thread = threading.Thread(target=self._ship, args=(shipper, fatal), name="shipper", daemon=True)
         ship_thread.start()
         last_status = 0.0
+        busy_until = 0.0
         try:
             while not self.stop.is_set():
                 raws = source.read(0.25)
+                if len(raws) >= BUSY_EVENTS:
+                    busy_until = self.clock.monotonic() + 0.5
+                    self.busy.set()  # the shipper waits: the GIL is the reader's in a burst
+                elif self.busy.is_set() and self.clock.monotonic() >= busy_until:
+                    self.busy.clear()
+                    _trim_memory()  # the burst is over: give its freed memory back
                 batch: list[FileEvent] = []
                 for raw in raws:
                     if raw.kind == OVERFLOW:
@@ -343,7 +363,39 @@ class LiveAgent:
         self._seen_refused |= refused
         self._coverage_ms = now
 
+    def _cannot_match(self, pid: int) -> bool:
+        """True when the rule cannot match any event of ``pid``: its name and
+        user (from the resolver's trusted cache, no syscall) fail the rule.
+        The source then drops the event before it is resolved; it still
+        counts as seen."""
+        known = self.resolver.trusted(pid)
+        if known is None:
+            return False
+        name, euid = known
+        if euid is None:
+            return False
+        rule = self.cfg.rule
+        proc = rule.process_matches(name)
+        if proc and rule.combinator != "and":
+            return False
+        user = self.resolver.user_of(euid)
+        ok = (
+            (proc and rule.user_matches(user.name, user.id))
+            if rule.combinator == "and"
+            else (proc or rule.user_matches(user.name, user.id))
+        )
+        if ok:
+            return False
+        self.counters["seen"] += 1
+        return True
+
     def _open_source(self, opener: Callable[..., Any]) -> Any:
+        source = self._open_source_raw(opener)
+        if hasattr(source, "prefilter"):
+            source.prefilter = self._cannot_match
+        return source
+
+    def _open_source_raw(self, opener: Callable[..., Any]) -> Any:
         a = self.cfg.agent
         return opener(
             a.backend,
@@ -391,7 +443,7 @@ class LiveAgent:
 
     def _ship(self, shipper: Shipper, fatal: list[BaseException]) -> None:
         try:
-            shipper.run(self.stop, self.cfg.agent.ship_interval_ms / 1000)
+            shipper.run(self.stop, self.cfg.agent.ship_interval_ms / 1000, busy=self.busy)
         except EnrollError as e:
             fatal.append(e)
             self.stop.set()

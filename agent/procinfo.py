@@ -86,6 +86,7 @@ class Resolver:
         self._is_web = is_web_process
         self._cache: OrderedDict[int, _Proc] = OrderedDict()
         self._checked: dict[int, float] = {}  # pid -> monotonic time of its last /proc check
+        self._gone: set[int] = set()  # pids whose last check found no process (cached record kept)
         self._users: dict[int, Optional[str]] = {}
         self._ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
         self._btime = self._boot_time()
@@ -125,12 +126,29 @@ class Resolver:
             attribution=attribution,
         )
 
+    def trusted(self, pid: int) -> Optional[tuple[Optional[str], Optional[int]]]:
+        """(name, euid) of a live pid checked against /proc within TRUST_S
+        (what :meth:`resolve` would use without a syscall), else None."""
+        cached = self._cache.get(pid)
+        if (
+            cached is None
+            or not cached.complete
+            or pid in self._gone
+            or self._clock.monotonic() - self._checked.get(pid, -1e18) >= TRUST_S
+        ):
+            return None
+        return cached.info.name, cached.euid
+
+    def user_of(self, uid: Optional[int]) -> UserInfo:
+        return self._user(uid)
+
     # --- exec records ------------------------------------------------------
 
     def _on_exec(self, pid: int, path: bytes) -> None:
         if _is_loader(path):
             return
         self._checked.pop(pid, None)
+        self._gone.discard(pid)
         self.counters["exec"] += 1
         full = self._read(pid)
         if full is not None and full.info.executable == path:
@@ -157,16 +175,21 @@ class Resolver:
     def _lookup(self, pid: int, ts_ms: int) -> tuple[Optional[_Proc], str]:
         cached = self._cache.get(pid)
         now = self._clock.monotonic()
-        if cached is not None and cached.complete and now - self._checked.get(pid, -1e18) < TRUST_S:
-            return cached, EXACT
+        if cached is not None and now - self._checked.get(pid, -1e18) < TRUST_S:
+            if pid in self._gone:  # checked gone this recently: the events it left are read late
+                return cached, CACHED
+            if cached.complete:
+                return cached, EXACT
         found, attribution = self._check(pid, ts_ms, cached)
-        if attribution == EXACT:
+        if attribution == EXACT or (attribution == CACHED and pid in self._gone):
             self._checked[pid] = now
             if len(self._checked) > 2 * self._size:
                 self._checked.clear()
+                self._gone.clear()
         return found, attribution
 
     def _check(self, pid: int, ts_ms: int, cached: Optional[_Proc]) -> tuple[Optional[_Proc], str]:
+        self._gone.discard(pid)
         st = self._stat(pid)
         if st is not None:
             comm, state, _ppid, ticks = st
@@ -188,6 +211,8 @@ class Resolver:
                     self._store(pid, full)
                     return full, EXACT
         if cached is not None:
+            if st is None:
+                self._gone.add(pid)
             return cached, CACHED
         return None, UNKNOWN
 

@@ -29,6 +29,7 @@ from agent.store import AgentStore
 log = logging.getLogger("rarewrite.shipper")
 
 MAX_RESPONSE = 64 << 10  # a collector reply larger than this is garbage
+BUSY_WAIT_S = 5.0  # the longest the shipper holds back for a busy reader before it sends one batch
 
 
 @dataclass(frozen=True)
@@ -284,14 +285,28 @@ class Shipper:
             log.warning("event=ship_failed error=%r retry_in=%.1fs", why, delay)
         self.last_error = why
 
-    def run(self, stop: threading.Event, interval: float = 1.0) -> None:
-        """Ship until ``stop`` is set; a fatal EnrollError ends the loop."""
+    def run(
+        self, stop: threading.Event, interval: float = 1.0, busy: Optional[threading.Event] = None
+    ) -> None:
+        """Ship until ``stop`` is set; a fatal EnrollError ends the loop.
+
+        While ``busy`` is set (the reader is in a burst) the loop waits, at
+        most BUSY_WAIT_S at a time, so that it does not take the GIL from
+        the reader: the events are safe in the outbox and leave right after.
+        """
+        held = 0.0
         while not stop.is_set():
+            if busy is not None and busy.is_set() and held < BUSY_WAIT_S:
+                stop.wait(0.1)
+                held += 0.1
+                continue
+            held = 0.0
             try:
                 if self._key is None and self.clock.monotonic() >= self.not_before:
                     self.api_key()  # enroll now, not at the first event: a wrong secret fails at start (A13)
                 while self.ship_once() and not stop.is_set():
-                    pass
+                    if busy is not None and busy.is_set():
+                        break
             except EnrollError:
                 raise
             except ShipError as e:

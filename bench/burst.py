@@ -9,8 +9,19 @@ filesystem, and for every 10th file writes ``<name>.tmp`` and renames it to
 Matching events per run: F creations + F/10 renames + D directory creations.
 
 Alternating pairs (order flipped every pair) of: no sensor, and
-``rarewrite agent run --watch TARGET`` against a real collector on loopback
-(started once, on this host too). Per run: the writer's own wall time for the
+``rarewrite agent run --watch TARGET``. The agent ships to ``--collector``:
+``stub`` (default) is a minimal HTTP server in its own process that enrolls
+and answers 200 to every batch without storing it, so the 2 cores are shared
+by the workload and the agent only (issue 7 measures the agent); ``real``
+runs ``rarewrite collector serve`` on this host too (its ingest then
+competes with the workload for the cores). Either way the agent stores
+every event in its SQLite outbox before anything is acknowledged.
+
+``--writer``: ``www-data`` (default; every event matches), ``root`` (the
+same php-fpm8.2 writer as root: the user predicate fails) or ``other`` (as
+www-data, but the task is named ``batchjob``: the process predicate fails).
+For the non-matching writers the run waits for ``seen`` (not ``matched``)
+to cover every event and reports agent CPU per event. Per run: the writer's own wall time for the
 workload; for agent runs the status counters (seen, matched, overflows,
 dropped, stored), the seconds from the workload's end until ``matched``
 covers every event, agent CPU seconds (utime+stime of all its threads, from
@@ -25,14 +36,17 @@ in a finally.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import _common as c
@@ -61,6 +75,85 @@ for i in range(nfiles):
         os.close(os.open(name + ".html", flags, 0o644))
 print(json.dumps({"wall_s": time.perf_counter() - t0, "files": nfiles, "renames": renames, "dirs": ndirs}))
 """
+
+
+STUB = r"""
+import json, sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+class H(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *a):
+        pass
+
+    def _reply(self, body):
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        self._reply(b"ok")
+
+    def do_POST(self):
+        n = int(self.headers.get("Content-Length") or 0)
+        while n > 0:
+            n -= len(self.rfile.read(min(n, 1 << 20)) or b"x" * n)
+        if self.path.endswith("/enroll"):
+            self._reply(json.dumps({"api_key": "stub-key"}).encode())
+        else:
+            self._reply(b'{"status": "ok"}')
+
+ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"""
+
+
+class _Stub:
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+
+@contextlib.contextmanager
+def stub_collector(tmp: str) -> Iterator[_Stub]:
+    """Enroll and 200 for every batch, nothing stored: only the agent is measured."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    p = subprocess.Popen([sys.executable, "-c", STUB, str(port)], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                if time.monotonic() > deadline or p.poll() is not None:
+                    raise RuntimeError("stub collector did not start") from None
+                time.sleep(0.05)
+        yield _Stub(f"http://127.0.0.1:{port}")
+    finally:
+        procs.stop(p)
+
+
+def wait_counter(
+    state: str, key: str, want: int, timeout: float, stalled_s: float = 15.0
+) -> tuple[dict[str, Any], float | None]:
+    """Poll the status until counters[key] >= want (c.wait_matched for any counter)."""
+    t0 = last_move = time.monotonic()
+    last = -1
+    while True:
+        st = c.status(state)
+        got = st.get("counters", {}).get(key, 0)
+        now = time.monotonic()
+        if got >= want:
+            return st, now - t0
+        if got != last:
+            last, last_move = got, now
+        if now - t0 > timeout or now - last_move > stalled_s:
+            return st, None
+        time.sleep(0.05)
 
 
 class Target:
@@ -109,13 +202,12 @@ class RssSampler(threading.Thread):
 
 
 def workload(writer: list[str], root: str, nfiles: int, ndirs: int) -> dict[str, Any]:
+    """``writer``: the argv, starting with the setpriv prefix (or none for root)."""
     os.mkdir(root)
     shutil.chown(root, 33, 33)
     os.sync()
     t0 = time.perf_counter()
-    r = subprocess.run(
-        [*c.AS_WWW, *writer, root, str(nfiles), str(ndirs)], check=False, capture_output=True, text=True
-    )
+    r = subprocess.run([*writer, root, str(nfiles), str(ndirs)], check=False, capture_output=True, text=True)
     outer = time.perf_counter() - t0
     if r.returncode != 0:
         raise RuntimeError("writer failed: " + r.stderr[-2000:])
@@ -136,7 +228,9 @@ def agent_run(
         cpu0 = c.proc_cpu_s(agent.pid)
         w = workload(writer, root, a.files, a.dirs)
         expected = w["files"] + w["renames"] + w["dirs"]
-        st, latency = c.wait_matched(state, expected, a.settle_timeout)
+        # seen also counts the run's root directory, made by this script (root, python) in scope
+        want = expected + (1 if a.wait_key == "seen" else 0)
+        st, latency = wait_counter(state, a.wait_key, want, a.settle_timeout)
         cpu1 = c.proc_cpu_s(agent.pid)
         if latency is None:  # not everything matched: let the counters settle before reading them
             time.sleep(2)
@@ -160,7 +254,8 @@ def agent_run(
         "unknown": cnt.get("unknown"),
         "ship_records_sent": cnt.get("ship_records_sent"),
         "outbox_depth_at_exit": final.get("outbox_depth"),
-        "lost": expected - (cnt.get("matched") or 0),
+        "lost": want - (cnt.get(a.wait_key) or 0),
+        "prefiltered": final.get("source", {}).get("prefiltered"),
         "matched_within_s": latency,
         "cpu_s": cpu1 - cpu0,
         "cpu_us_per_event": (cpu1 - cpu0) / expected * 1e6,
@@ -181,6 +276,19 @@ def main() -> int:
     ap.add_argument("--pairs", type=int, default=5, help="alternating pairs (default 5)")
     ap.add_argument("--settle-timeout", type=float, default=120, help="max wait for matched (s)")
     ap.add_argument(
+        "--writer",
+        choices=("www-data", "root", "other"),
+        default="www-data",
+        help="www-data: php-fpm8.2 as www-data, every event matches (default); root: php-fpm8.2 as "
+        "root; other: a task named batchjob as www-data (nothing matches)",
+    )
+    ap.add_argument(
+        "--collector",
+        choices=("stub", "real"),
+        default="stub",
+        help="stub: a 200-only HTTP stub (default, measures the agent); real: rarewrite collector serve",
+    )
+    ap.add_argument(
         "--quick", action="store_true", help="tiny sizes (smoke test): 2,000 files, 10 dirs, 1 pair"
     )
     a = ap.parse_args()
@@ -193,20 +301,22 @@ def main() -> int:
         return 2
     tmp = tempfile.mkdtemp(prefix="rw-burst-")
     os.chmod(tmp, 0o755)  # noqa: S103 - www-data reads the writer script here
-    phpfpm = os.path.join(tmp, "php-fpm8.2")
+    name = "batchjob" if a.writer == "other" else "php-fpm8.2"
+    phpfpm = os.path.join(tmp, name)
     py = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
     os.symlink(os.path.realpath(py), phpfpm)
+    a.wait_key = "matched" if a.writer == "www-data" else "seen"
     script = os.path.join(tmp, "writer.py")
     with open(script, "w", encoding="ascii") as f:
         f.write(WRITER)
     os.chmod(script, 0o644)
-    writer = [phpfpm, script]
+    writer = [*([] if a.writer == "root" else c.AS_WWW), phpfpm, script]
     size_mb = max(256, a.files // 100 * 4)
     runs: list[dict[str, Any]] = []
     target = None
     try:
         target = Target(a.fs, size_mb)
-        with procs.collector(tmp) as col:
+        with stub_collector(tmp) if a.collector == "stub" else procs.collector(tmp) as col:
             for k in range(a.pairs):
                 order = ("none", "agent") if k % 2 == 0 else ("agent", "none")
                 for mode in order:
@@ -234,9 +344,12 @@ def main() -> int:
     ag = {r["pair"]: r for r in runs if r["mode"] == "agent"}
     ratios = [ag[k]["wall_s"] / base[k]["wall_s"] for k in sorted(ag)]
     events = ag[0]["expected"]
+    user = "root" if a.writer == "root" else "www-data"
+    what = "matching" if a.writer == "www-data" else "NON-matching"
     print(
         f"burst on {a.fs}: {a.files} files in {a.dirs} new dirs, {a.files // 10} renames "
-        f"({events} matching events per run), writer php-fpm8.2 (python) as www-data, {a.pairs} pairs"
+        f"({events} {what} events per run), writer {name} (python) as {user}, {a.pairs} pairs, "
+        f"collector {a.collector}"
     )
     c.table(
         ["pair", "none s", "agent s", "ratio", "seen", "matched", "lost", "ovfl", "drop", "match@s",
@@ -265,7 +378,7 @@ def main() -> int:
     }
     print(
         f"median ratio {summary['ratio_median']:.3f}; lost {summary['lost_total']}; "
-        f"matched within {summary['matched_within_s_max']} s; "
+        f"{a.wait_key} within {summary['matched_within_s_max']} s; "
         f"cpu {summary['cpu_us_per_event_median']:.1f} us/event; "
         f"rss max {summary['rss_max_mb']:.1f} MB"
     )
@@ -275,6 +388,8 @@ def main() -> int:
             "machine": m,
             "quick": a.quick,
             "fs": a.fs,
+            "writer": a.writer,
+            "collector": a.collector,
             "files": a.files,
             "dirs": a.dirs,
             "pairs": a.pairs,

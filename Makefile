@@ -11,7 +11,7 @@ venv: $(STAMP)
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,collector]'
+	$(PY) -m pip install --quiet -e '.[test,collector,postgres]'
 	touch $(STAMP)
 
 lint: $(STAMP)

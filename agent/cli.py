@@ -22,6 +22,10 @@ from agent.errors import ConfigError, EnrollError, RarewriteError
 SECRET_ENV = "RAREWRITE_ENROLLMENT_SECRET"  # noqa: S105 - a variable name, not a secret
 EXIT_CONFIG = 2
 EXIT_ERROR = 1
+_DB_HELP = (
+    "the collector's SQLite file, or postgresql://USER@HOST:PORT/DB "
+    "(password from PGPASSWORD or PGPASSFILE, not the command line)"
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     _config_opt(serve, COLLECTOR_CONF)
     serve.add_argument("--listen", metavar="HOST:PORT", help="address to serve on ([collector] listen)")
-    serve.add_argument("--db", metavar="PATH", help="SQLite file ([collector] db)")
+    serve.add_argument("--db", metavar="PATH|URL", help=_DB_HELP + " ([collector] db)")
     _secret_opts(serve)
     serve.add_argument(
         "--schedule", choices=("hourly", "continuous"), help="when the rule runs ([collector] schedule)"
@@ -59,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
 
     ev = col.add_parser("evaluate", help="print the rule's rows at a time T as NDJSON")
     _config_opt(ev, COLLECTOR_CONF)
-    ev.add_argument("--db", metavar="PATH", required=True, help="the collector's SQLite file")
+    ev.add_argument("--db", metavar="PATH|URL", required=True, help=_DB_HELP)
     ev.add_argument(
         "--at", metavar="ISO8601", required=True, help="evaluation time T; the window is (T-1h, T]"
     )
@@ -68,13 +72,17 @@ def _parser() -> argparse.ArgumentParser:
     _config_opt(agents, COLLECTOR_CONF)
     agents.add_argument("action", choices=("list", "revoke"))
     agents.add_argument("agent_id", nargs="?", help="the agent to revoke")
-    agents.add_argument("--db", metavar="PATH", help="the collector's SQLite file ([collector] db)")
+    agents.add_argument("--db", metavar="PATH|URL", help=_DB_HELP + " ([collector] db)")
 
     alerts = col.add_parser("alerts", help="list stored alerts")
     _config_opt(alerts, COLLECTOR_CONF)
-    alerts.add_argument("--db", metavar="PATH", help="the collector's SQLite file ([collector] db)")
+    alerts.add_argument("--db", metavar="PATH|URL", help=_DB_HELP + " ([collector] db)")
     alerts.add_argument("--since", metavar="ISO8601", help="only alerts at or after this time")
     alerts.add_argument("--json", action="store_true", help="full ECS documents instead of one line each")
+
+    mig = col.add_parser("migrate", help="create or upgrade the collector's database schema, then exit")
+    _config_opt(mig, COLLECTOR_CONF)
+    mig.add_argument("--db", metavar="PATH|URL", help=_DB_HELP + " ([collector] db)")
 
     # ------------------------------------------------------------ agent
     ag = top.add_parser("agent", help="the on-host agent").add_subparsers(dest="cmd", required=True)
@@ -261,6 +269,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         from agent.collector import admin
 
         return admin.alerts(cfg, args.db or cfg.collector.db, args.since, args.json)
+    if cmd == "migrate":
+        from agent.collector.store import migrate
+
+        print(json.dumps(migrate(args.db or cfg.collector.db), sort_keys=True))
+        return 0
     raise RarewriteError(f"unknown command {group} {cmd}")
 
 

@@ -8,7 +8,7 @@ import sys
 from typing import Optional
 
 from agent.collector.outputs import StdoutOutput
-from agent.collector.store import CollectorStore, agents_cli
+from agent.collector.store import agents_cli, is_postgres, open_store
 from agent.config import Config
 from agent.errors import RarewriteError, StoreError
 
@@ -24,10 +24,10 @@ def agents(cfg: Config, db: str, action: str, agent_id: Optional[str]) -> int:
 def alerts(cfg: Config, db: str, since: Optional[str], full: bool) -> int:
     from agent.sources.replay import parse_timestamp
 
-    if not os.path.exists(db):
+    if not is_postgres(db) and not os.path.exists(db):
         raise StoreError(f"no collector database at {db!r}")
     since_ms = parse_timestamp(since) - 1 if since else 0
-    store = CollectorStore(db, readonly=True)
+    store = open_store(db, readonly=True)
     try:
         docs = store.list_alerts(since_ms)
     finally:

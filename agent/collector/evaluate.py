@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any, Optional
 
-from agent.collector.store import CollectorStore, Pair, RankedRow, Store, StoredEvent
+from agent.collector.store import Pair, RankedRow, Store, StoredEvent, open_store
 from agent.events import render
 from agent.rule import Row, Rule
 
@@ -36,11 +36,12 @@ def evaluate(store: Store, rule: Rule, at_ms: int) -> list[Row]:
 
 
 def evaluate_db(db_path: str, rule: Rule, at_ms: int) -> list[Row]:
-    """Open ``db_path`` read-only (a live server may hold it) and evaluate.
+    """Open ``db_path`` (a SQLite file or a PostgreSQL URL) read-only (live
+    servers may hold it) and evaluate.
 
     A missing file or one that is not a collector database raises StoreError.
     """
-    store = CollectorStore(db_path, readonly=True)
+    store = open_store(db_path, readonly=True)
     try:
         return evaluate(store, rule, at_ms)
     finally:
@@ -248,13 +249,23 @@ def _pick(
 
 def run_hourly(store: Store, rule: Rule, at_ms: int) -> list[dict[str, Any]]:
     """One run of the rule's own schedule at T: alert every row whose pair was
-    not alerted in an overlapping window (T - window, T]; return the new alerts."""
-    fresh, docs = _pick(store, rule, at_ms, None)
-    return _record(store, rule, fresh, docs, at_ms)
+    not alerted in an overlapping window (T - window, T]; return the new alerts.
+
+    With several collectors on one database only one of them does a given
+    run (the others get []), and its alerts commit all together or not at all."""
+    with store.schedule_run(rule.rule_id, "hourly", at_ms) as mine:
+        if not mine:
+            return []
+        fresh, docs = _pick(store, rule, at_ms, None)
+        return _record(store, rule, fresh, docs, at_ms)
 
 
 def run_continuous(store: Store, rule: Rule, at_ms: int, settle_ms: int) -> list[dict[str, Any]]:
     """One tick of the continuous schedule: alert a row at T once its pair's
-    first event in the window is at least ``settle_ms`` old, once per window."""
-    fresh, docs = _pick(store, rule, at_ms, settle_ms)
-    return _record(store, rule, fresh, docs, at_ms)
+    first event in the window is at least ``settle_ms`` old, once per window.
+    A tick another collector is running at the same moment is skipped."""
+    with store.schedule_run(rule.rule_id, "continuous", at_ms) as mine:
+        if not mine:
+            return []
+        fresh, docs = _pick(store, rule, at_ms, settle_ms)
+        return _record(store, rule, fresh, docs, at_ms)

@@ -47,7 +47,7 @@ from agent.clock import Clock, SystemClock
 from agent.collector import evaluate as ev
 from agent.collector.auth import LogLimiter, TokenBuckets, bearer, key_hash, new_api_key, secret_ok
 from agent.collector.outputs import Output, build_outputs, emit_all
-from agent.collector.store import PRUNE_CHUNK, CollectorStore, Store
+from agent.collector.store import PRUNE_CHUNK, Store, open_store, redact
 from agent.config import Config
 from agent.errors import StoreError, VersionError, WireError
 
@@ -446,7 +446,7 @@ def _host_port(listen: str) -> tuple[str, int]:
 
 
 async def _serve(cfg: Config, secret: str) -> int:
-    store = CollectorStore(cfg.collector.db)
+    store = open_store(cfg.collector.db)
     try:
         outputs = build_outputs(cfg)
         ctx = ssl_context(cfg)
@@ -477,7 +477,7 @@ async def _serve(cfg: Config, secret: str) -> int:
         cfg.collector.listen,
         "yes" if ctx else "no",
         "required" if cfg.collector.tls_client_ca else "no",
-        cfg.collector.db,
+        redact(cfg.collector.db),
         cfg.collector.schedule,
     )
     stop = asyncio.Event()

@@ -39,6 +39,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
@@ -206,7 +207,10 @@ class RankedRow:
 
 
 class Store(Protocol):
-    """What the server and the evaluator need; SQLite now, PostgreSQL later."""
+    """What the server and the evaluator need: SQLite (:class:`CollectorStore`)
+    or PostgreSQL (:class:`agent.collector.pgstore.PgStore`); see :func:`open_store`."""
+
+    path: str
 
     def enroll(self, agent_id: str, host_name: str, key_hash: str, now_ms: int) -> None: ...
     def agent_for_key(self, key_hash: str) -> Optional[AgentRecord]: ...
@@ -224,7 +228,78 @@ class Store(Protocol):
     def counts(self) -> dict[str, Any]: ...
     def check(self) -> None: ...
     def read(self) -> contextlib.AbstractContextManager[None]: ...
+    def schedule_run(
+        self, rule_id: str, kind: str, at_ms: int
+    ) -> contextlib.AbstractContextManager[bool]: ...
     def close(self) -> None: ...
+
+
+PG_SCHEMES = ("postgresql://", "postgres://")
+
+
+def is_postgres(db: str) -> bool:
+    """True when ``db`` names a PostgreSQL database (a libpq URL), not a SQLite file."""
+    return db.startswith(PG_SCHEMES)
+
+
+def redact(db: str) -> str:
+    """``db`` for logs: a URL's password (userinfo or ``password=``) replaced by ``***``."""
+    if not is_postgres(db):
+        return db
+    scheme, _, rest = db.partition("://")
+    netloc, sep, tail = rest.partition("/")
+    if "@" in netloc:
+        userinfo, _, hostpart = netloc.rpartition("@")
+        if ":" in userinfo:
+            userinfo = userinfo.split(":", 1)[0] + ":***"
+        netloc = f"{userinfo}@{hostpart}"
+    tail = re.sub(r"(?i)(^|[?&])(password=)[^&]*", r"\1\2***", tail)
+    return f"{scheme}://{netloc}{sep}{tail}"
+
+
+def open_store(db: str, readonly: bool = False) -> Store:
+    """PostgreSQL for a ``postgresql://`` or ``postgres://`` URL, else the SQLite file ``db``.
+
+    Opening for writing runs the schema migrations (PostgreSQL: under an
+    advisory lock, so several collectors may start at once)."""
+    if is_postgres(db):
+        from agent.collector.pgstore import PgStore
+
+        return PgStore(db, readonly=readonly)
+    return CollectorStore(db, readonly=readonly)
+
+
+def migrate(db: str) -> dict[str, Any]:
+    """``rarewrite collector migrate``: bring ``db`` to this rarewrite's schema version."""
+    if is_postgres(db):
+        from agent.collector.pgstore import migrate_url
+
+        before, after = migrate_url(db)
+    else:
+        before = sqlite_version(db)
+        CollectorStore(db).close()
+        after = SCHEMA_VERSION
+    return {
+        "db": redact(db),
+        "backend": "postgresql" if is_postgres(db) else "sqlite",
+        "from": before,
+        "to": after,
+    }
+
+
+def sqlite_version(path: str) -> int:
+    """The schema version of the SQLite file at ``path`` (0: none yet)."""
+    if not os.path.exists(path):
+        return 0
+    with _db_errors(f"reading {path!r}"):
+        conn = sqlite3.connect(f"file:{quote(os.path.abspath(path))}?mode=ro", uri=True)
+        try:
+            if not conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'").fetchone():
+                return 0
+            got = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+            return int(got[0]) if got else 0
+        finally:
+            conn.close()
 
 
 def pair_key(exe: Optional[bytes], path: Optional[bytes]) -> bytes:
@@ -338,6 +413,12 @@ class CollectorStore:
                 if conn.in_transaction:
                     with contextlib.suppress(sqlite3.Error):
                         conn.execute("COMMIT")
+
+    @contextlib.contextmanager
+    def schedule_run(self, rule_id: str, kind: str, at_ms: int) -> Iterator[bool]:
+        """One scheduled run: always this process's to do (one SQLite file has
+        one collector); the run's alerts commit in one transaction of their own."""
+        yield True
 
     def close(self) -> None:
         with self._lock:
@@ -656,9 +737,9 @@ def agents_cli(db: str, action: str, agent_id: str = "") -> list[dict[str, Any]]
     ``list`` returns every agent; ``revoke`` returns the revoked agent or raises
     StoreError when no agent has that id.
     """
-    store = CollectorStore(db) if os.path.exists(db) else None
-    if store is None:
+    if not is_postgres(db) and not os.path.exists(db):
         raise StoreError(f"no collector database at {db!r}")
+    store = open_store(db)
     try:
         if action == "revoke":
             if not store.revoke(agent_id):

@@ -1,4 +1,6 @@
-"""CollectorStore: idempotent ingest and the rule's rows, on hand-made batches."""
+"""The collector's store: idempotent ingest and the rule's rows, on hand-made
+batches. Every test runs against both implementations: SQLite and PostgreSQL
+(a throwaway server, see tests/support/pg.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import pytest
 
 from agent import wire
 from agent.collector import evaluate as ev
-from agent.collector.store import AgentRecord, CollectorStore, agents_cli
+from agent.collector.store import AgentRecord, CollectorStore, Store, agents_cli, open_store
 from agent.errors import StoreError
 from agent.rule import Row, Rule
 
@@ -22,14 +24,17 @@ H = 3_600_000
 EXE = b"/usr/sbin/apache2"
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[CollectorStore]:
-    s = CollectorStore(str(tmp_path / "c.db"))
+@pytest.fixture(params=["sqlite", "postgres"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    if request.param == "sqlite":
+        s: Store = CollectorStore(str(tmp_path / "c.db"))
+    else:
+        s = open_store(request.getfixturevalue("pg_url"))
     yield s
     s.close()
 
 
-def agent(store: CollectorStore, agent_id: str, host: str = "") -> AgentRecord:
+def agent(store: Store, agent_id: str, host: str = "") -> AgentRecord:
     store.enroll(agent_id, host or f"host-{agent_id}", f"hash-{agent_id}", T)
     rec = store.agent_for_key(f"hash-{agent_id}")
     assert rec is not None
@@ -67,7 +72,7 @@ def ev_(ts: int, path: bytes, exe: bytes | None = EXE, **detail: object) -> wire
     return wire.EventRecord(ts, "creation", exe, path, dict(detail))
 
 
-def test_ingest_and_rows(store: CollectorStore) -> None:
+def test_ingest_and_rows(store: Store) -> None:
     a, b = agent(store, "a"), agent(store, "b")
     s = Seq()
     assert store.ingest(a, s.batch(a, (ev_(T - 10, b"/x", pid=5), ev_(T - 5, b"/y"))), T) == "stored"
@@ -79,7 +84,7 @@ def test_ingest_and_rows(store: CollectorStore) -> None:
     assert two == [Row(2, 2, ("host-a", "host-b"), ("a", "b"), EXE, b"/y")]
 
 
-def test_duplicate_batch_changes_nothing(store: CollectorStore) -> None:
+def test_duplicate_batch_changes_nothing(store: Store) -> None:
     a = agent(store, "a")
     s = Seq()
     b1 = s.batch(a, (ev_(T - 10, b"/x"),))
@@ -91,7 +96,7 @@ def test_duplicate_batch_changes_nothing(store: CollectorStore) -> None:
     assert store.gaps_overlapping(0, T + H) == []
 
 
-def test_seq_gap_recorded(store: CollectorStore) -> None:
+def test_seq_gap_recorded(store: Store) -> None:
     a = agent(store, "a")
     s = Seq()
     store.ingest(a, s.batch(a, (ev_(T - 10, b"/x"),), seq=1), T)
@@ -101,14 +106,14 @@ def test_seq_gap_recorded(store: CollectorStore) -> None:
     assert store.counts()["gaps"] == {"possible_loss": 1}
 
 
-def test_gaps_from_batch(store: CollectorStore) -> None:
+def test_gaps_from_batch(store: Store) -> None:
     a = agent(store, "a")
     store.ingest(a, Seq().batch(a, gaps=(wire.GapRecord(T - 100, T - 50, 3, "overflow"),)), T)
     assert [(g.lost, g.reason) for g in store.gaps_overlapping(T - H, T)] == [(3, "overflow")]
     assert store.gaps_overlapping(T - 40, T) == []
 
 
-def test_window_edges(store: CollectorStore) -> None:
+def test_window_edges(store: Store) -> None:
     a = agent(store, "a")
     s = Seq()
     evs = (ev_(T - H, b"/out-low"), ev_(T - H + 1, b"/in-low"), ev_(T, b"/in-high"), ev_(T + 1, b"/out-high"))
@@ -117,13 +122,13 @@ def test_window_edges(store: CollectorStore) -> None:
 
 
 @pytest.mark.parametrize(("n", "rare"), [(4, True), (5, False), (6, False)])
-def test_count_edges(store: CollectorStore, n: int, rare: bool) -> None:
+def test_count_edges(store: Store, n: int, rare: bool) -> None:
     a = agent(store, "a")
     store.ingest(a, Seq().batch(a, tuple(ev_(T - i, b"/p") for i in range(n))), T)
     assert bool(store.rows(Rule(), T)) is rare
 
 
-def test_none_exe_and_path_and_counts(store: CollectorStore) -> None:
+def test_none_exe_and_path_and_counts(store: Store) -> None:
     a = agent(store, "a")
     s = Seq()
     store.ingest(
@@ -134,7 +139,7 @@ def test_none_exe_and_path_and_counts(store: CollectorStore) -> None:
     assert rows == [Row(1, 1, ("host-a",), ("a",), EXE, None), Row(3, 1, ("host-a",), ("a",), None, None)]
 
 
-def test_counts_count_like_events(store: CollectorStore) -> None:
+def test_counts_count_like_events(store: Store) -> None:
     a = agent(store, "a")
     s = Seq()
     store.ingest(a, s.batch(a, (ev_(T - 10, b"/p"),)), T)
@@ -144,13 +149,13 @@ def test_counts_count_like_events(store: CollectorStore) -> None:
     assert store.rows(Rule(), T) == []
 
 
-def test_identity_host_from_enrollment(store: CollectorStore) -> None:
+def test_identity_host_from_enrollment(store: Store) -> None:
     a = agent(store, "a", "real-host")
     store.ingest(a, replace(Seq().batch(a, (ev_(T - 1, b"/p"),)), host_name="liar"), T)
     assert store.rows(Rule(), T)[0].host_names == ("real-host",)
 
 
-def test_enroll_revoke_reenroll(store: CollectorStore) -> None:
+def test_enroll_revoke_reenroll(store: Store) -> None:
     agent(store, "a")
     assert store.revoke("a") and not store.revoke("nobody")
     rec = store.agent_for_key("hash-a")
@@ -162,7 +167,7 @@ def test_enroll_revoke_reenroll(store: CollectorStore) -> None:
     assert [x.agent_id for x in store.list_agents()] == ["a"]
 
 
-def test_prune(store: CollectorStore) -> None:
+def test_prune(store: Store) -> None:
     a = agent(store, "a")
     s = Seq()
     store.ingest(a, s.batch(a, tuple(ev_(T - 2 * H - i, b"/old%d" % i) for i in range(7))), T)
@@ -174,7 +179,7 @@ def test_prune(store: CollectorStore) -> None:
     assert store.gaps_overlapping(0, T) == []
 
 
-def test_alerts_hourly_once_per_overlapping_window(store: CollectorStore) -> None:
+def test_alerts_hourly_once_per_overlapping_window(store: Store) -> None:
     a, b = agent(store, "a"), agent(store, "b")
     s = Seq()
     store.ingest(
@@ -198,7 +203,7 @@ def test_alerts_hourly_once_per_overlapping_window(store: CollectorStore) -> Non
     assert json.loads(text)["alert"]["id"] == store.list_alerts(0)[0]["alert"]["id"]
 
 
-def test_continuous_settle(store: CollectorStore) -> None:
+def test_continuous_settle(store: Store) -> None:
     a = agent(store, "a")
     store.ingest(a, Seq().batch(a, (ev_(T - 10_000, b"/p"),)), T)
     assert ev.run_continuous(store, Rule(), T, settle_ms=30_000) == []
@@ -206,7 +211,7 @@ def test_continuous_settle(store: CollectorStore) -> None:
     assert ev.run_continuous(store, Rule(), T + 21_000, settle_ms=30_000) == []
 
 
-def test_continuous_keeps_alerting_new_pairs_past_the_limit_of_old_ones(store: CollectorStore) -> None:
+def test_continuous_keeps_alerting_new_pairs_past_the_limit_of_old_ones(store: Store) -> None:
     a = agent(store, "a")
     s = Seq()
     store.ingest(a, s.batch(a, tuple(ev_(T - 60_000, f"/old/{i}".encode()) for i in range(5))), T)
@@ -219,7 +224,7 @@ def test_continuous_keeps_alerting_new_pairs_past_the_limit_of_old_ones(store: C
     assert [d["file"]["path"] for d in new] == ["/new/shell.php"]
 
 
-def test_hostile_bytes_rendered(store: CollectorStore) -> None:
+def test_hostile_bytes_rendered(store: Store) -> None:
     a = agent(store, "a")
     path = b"/var/www/\xff\xfe\n\x1b[2J" + b"a" * 4000
     store.ingest(a, Seq().batch(a, (ev_(T - 1, path, orig=b"/tmp/\x00x"),)), T)
@@ -228,13 +233,28 @@ def test_hostile_bytes_rendered(store: CollectorStore) -> None:
     assert text.isascii() and "\n" not in text and "\x1b" not in text
 
 
-def test_evaluate_db_readonly_and_missing(tmp_path: Path, store: CollectorStore) -> None:
+def test_evaluate_db_readonly_and_missing(tmp_path: Path, store: Store) -> None:
     a = agent(store, "a")
     store.ingest(a, Seq().batch(a, (ev_(T - 1, b"/p"),)), T)
     assert ev.evaluate_db(store.path, Rule(), T) == store.rows(Rule(), T)
     with pytest.raises(StoreError, match="no collector database"):
         ev.evaluate_db(str(tmp_path / "missing.db"), Rule(), T)
     assert not (tmp_path / "missing.db").exists()
+
+
+def test_evaluate_on_an_empty_postgres_database_is_refused(pg_url: str) -> None:
+    with pytest.raises(StoreError, match="not a rarewrite collector database"):
+        ev.evaluate_db(pg_url, Rule(), T)
+
+
+def test_newer_postgres_schema_refused(pg_url: str) -> None:
+    open_store(pg_url).close()
+    import psycopg
+
+    with psycopg.connect(pg_url, autocommit=True) as c:
+        c.execute("UPDATE meta SET value='99' WHERE key='schema_version'")
+    with pytest.raises(StoreError, match="newer"):
+        open_store(pg_url)
 
 
 def test_newer_schema_refused(tmp_path: Path) -> None:
@@ -246,8 +266,8 @@ def test_newer_schema_refused(tmp_path: Path) -> None:
         CollectorStore(p)
 
 
-def test_store_error_on_readonly_write(store: CollectorStore) -> None:
-    ro = CollectorStore(store.path, readonly=True)
+def test_store_error_on_readonly_write(store: Store) -> None:
+    ro = open_store(store.path, readonly=True)
     try:
         with pytest.raises(StoreError):
             ro.enroll("x", "h", "k", T)
@@ -255,7 +275,7 @@ def test_store_error_on_readonly_write(store: CollectorStore) -> None:
         ro.close()
 
 
-def test_agents_cli(store: CollectorStore) -> None:
+def test_agents_cli(store: Store) -> None:
     agent(store, "a")
     assert [x["agent_id"] for x in agents_cli(store.path, "list")] == ["a"]
     assert agents_cli(store.path, "revoke", "a")[0]["revoked"] is True

@@ -1,4 +1,5 @@
-"""store.rows against an independent oracle, over many random fleets.
+"""store.rows against an independent oracle, over many random fleets, on
+both stores (SQLite and PostgreSQL).
 
 The oracle is the rule's query written here as plain SQL over one flat,
 in-memory table of events (no interning, no batches); a second reference is
@@ -17,7 +18,7 @@ from typing import Optional
 import pytest
 
 from agent import wire
-from agent.collector.store import CollectorStore
+from agent.collector.store import CollectorStore, Store, open_store
 from agent.events import FileEvent, ProcessInfo, UserInfo
 from agent.rule import Row, Rule, Sighting, reference_rows
 
@@ -74,7 +75,7 @@ def fleet(rng: random.Random) -> list[Flat]:
     return out
 
 
-def ship(store: CollectorStore, events: list[Flat], rng: random.Random) -> None:
+def ship(store: Store, events: list[Flat], rng: random.Random) -> None:
     by_agent: dict[str, list[Flat]] = {}
     for e in events:
         by_agent.setdefault(e[0], []).append(e)
@@ -134,11 +135,15 @@ def sightings(events: list[Flat]) -> list[Sighting]:
     ]
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
 @pytest.mark.parametrize("seed", range(40))
-def test_rows_match_oracle(tmp_path: Path, seed: int) -> None:
+def test_rows_match_oracle(tmp_path: Path, seed: int, backend: str, request: pytest.FixtureRequest) -> None:
     rng = random.Random(seed)
     events = fleet(rng)
-    store = CollectorStore(str(tmp_path / "c.db"))
+    if backend == "sqlite":
+        store: Store = CollectorStore(str(tmp_path / "c.db"))
+    else:
+        store = open_store(request.getfixturevalue("pg_url"))
     try:
         ship(store, events, rng)
         rules = [Rule(), replace(Rule(), agent_count=2), replace(Rule(), count_below=3, limit=4)]

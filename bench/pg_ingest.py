@@ -1,0 +1,364 @@
+#!/usr/bin/env python3
+"""Collector scale-out (issue 9): ingest rate, SQLite vs PostgreSQL, and
+evaluate time over many stored events.
+
+Ingest: 10 agent threads (each its own enrolled agent) post wire batches as
+fast as the collectors answer, for ``--seconds``:
+  sqlite-1:  one ``collector serve --db FILE`` (WAL, synchronous=FULL);
+  pg-2:      two ``collector serve --db postgresql://...`` on one database,
+             each agent's batches alternating between the two collectors.
+PostgreSQL here is a throwaway local cluster (tests/support/pg.py) with
+fsync on and synchronous_commit on: a 2xx means durable on both stores.
+A batch is ``--records`` records: 10% full events, 90% count times.
+
+Evaluate: ``--events`` events (default 10,000,000) spread over one hour,
+bulk-loaded (COPY / generate_series, not through HTTP), with a realistic
+skew: 90% of events on the common pairs (10% of pairs, many agents), the
+rest on pairs one agent writes a few times. Then the rule at T: the store's
+``rows`` (median of 3) and one ``rarewrite collector evaluate`` process.
+``--sqlite-eval`` also loads the same data into SQLite for comparison.
+
+Prints tables and, last, one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import sqlite3
+import statistics
+import tempfile
+import threading
+import time
+from typing import Any
+
+import _common as c
+import requests
+
+from agent import wire
+from agent.collector.store import CollectorStore, open_store, pair_key
+from agent.rule import Rule
+from tests.support import pg, procs
+
+H = 3_600_000
+EXE = b"/usr/sbin/nginx"
+
+
+# ---------------------------------------------------------------- ingest
+
+
+def _batch(agent_id: str, epoch: str, seq: int, now: int, records: int, rng: random.Random) -> bytes:
+    n_events = max(1, records // 10)
+    events = tuple(
+        wire.EventRecord(
+            now - rng.randrange(H),
+            "creation",
+            EXE,
+            b"/var/www/html/upload/%s-%d.php" % (agent_id.encode(), rng.randrange(1 << 30)),
+            {"pid": rng.randrange(2, 1 << 22), "uname": "www-data", "cmd": "php-fpm: pool www"},
+        )
+        for _ in range(n_events)
+    )
+    left = records - n_events
+    counts = []
+    while left > 0:
+        k = min(left, 30)
+        path = b"/var/cache/nginx/%d" % rng.randrange(500)  # common pairs: every agent writes them
+        counts.append(wire.CountRecord(EXE, path, tuple(sorted(now - rng.randrange(H) for _ in range(k)))))
+        left -= k
+    return wire.encode_batch(
+        wire.Batch(os.urandom(16).hex(), epoch, seq, agent_id, f"h-{agent_id}", now, events, tuple(counts))
+    )
+
+
+def ingest_run(urls: list[str], threads: int, seconds: float, records: int) -> dict[str, Any]:
+    keys = []
+    for i in range(threads):
+        r = requests.post(
+            urls[i % len(urls)] + "/api/v1/enroll",
+            json={"enrollment_secret": procs.SECRET, "agent_id": f"bench-{i}", "host_name": f"h-bench-{i}"},
+            timeout=10,
+        )
+        r.raise_for_status()
+        keys.append(r.json()["api_key"])
+    stop = time.monotonic() + seconds
+    done = [0] * threads
+    latencies: list[list[float]] = [[] for _ in range(threads)]
+    errors = [0] * threads
+
+    def agent(i: int) -> None:
+        rng = random.Random(i)  # noqa: S311 - test data, not secrets
+        session = requests.Session()
+        epoch = os.urandom(16).hex()
+        seq = 0
+        headers = {"Authorization": f"Bearer {keys[i]}", "Content-Type": "application/msgpack"}
+        while time.monotonic() < stop:
+            seq += 1
+            body = _batch(f"bench-{i}", epoch, seq, int(time.time() * 1000), records, rng)
+            url = urls[(i + seq) % len(urls)]  # one agent's batches alternate between collectors
+            while True:
+                t0 = time.monotonic()
+                resp = session.post(url + "/api/v1/batches", data=body, headers=headers, timeout=60)
+                if resp.status_code == 200:
+                    latencies[i].append(time.monotonic() - t0)
+                    done[i] += 1
+                    break
+                errors[i] += 1
+                time.sleep(float(resp.headers.get("Retry-After", "0.2")))
+
+    t0 = time.monotonic()
+    ts = [threading.Thread(target=agent, args=(i,)) for i in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    took = time.monotonic() - t0
+    lat = sorted(x for xs in latencies for x in xs)
+    batches = sum(done)
+    return {
+        "collectors": len(urls),
+        "threads": threads,
+        "seconds": round(took, 2),
+        "batches": batches,
+        "batches_per_s": round(batches / took, 1),
+        "records_per_s": round(batches * records / took),
+        "p50_ms": round(1000 * lat[len(lat) // 2], 1) if lat else None,
+        "p99_ms": round(1000 * lat[int(len(lat) * 0.99)], 1) if lat else None,
+        "non_2xx": sum(errors),
+    }
+
+
+# ---------------------------------------------------------------- evaluate
+
+
+def _shape(n: int) -> dict[str, int]:
+    pairs = max(100, n // 20)
+    return {
+        "events": n,
+        "pairs": pairs,
+        "common": max(10, pairs // 10),
+        "agents": max(10, min(10_000, n // 1000)),
+    }
+
+
+def load_pg(url: str, n: int, at: int) -> float:
+    """Bulk-load ``n`` events over (at - 1h, at]; seconds taken."""
+    import psycopg
+
+    s = _shape(n)
+    from agent.collector.pgstore import PgStore
+
+    store = PgStore(url)
+    store.ensure_partitions({at // H + i for i in range(-2, 2)})
+    store.close()
+    t0 = time.monotonic()
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO hosts(ref, name) SELECT g, 'host-' || g FROM generate_series(1, %s) g",
+            (s["agents"],),
+        )
+        conn.execute(
+            "INSERT INTO agents(ref, agent_id, host_ref, key_hash, enrolled_ms) "
+            "SELECT g, 'agent-' || g, g, 'k' || g, 0 FROM generate_series(1, %s) g",
+            (s["agents"],),
+        )
+        with conn.cursor() as cur, cur.copy("COPY pairs (ref, key, exe, path, last_ts) FROM STDIN") as cp:
+            for ref in range(1, s["pairs"] + 1):
+                path = b"/var/www/p/%d" % ref
+                cp.write_row((ref, pair_key(EXE, path), EXE, path, at))
+        conn.execute(
+            "INSERT INTO events (ts, pair, agent, host) "
+            "SELECT %(at)s - 1 - (random() * %(h)s)::bigint, "
+            "  CASE WHEN r < 0.9 THEN 1 + (random() * (%(common)s - 1))::bigint "
+            "       ELSE %(common)s + 1 + (random() * (%(pairs)s - %(common)s - 1))::bigint END, a, a "
+            "FROM (SELECT random() AS r, 1 + (random() * (%(agents)s - 1))::bigint AS a "
+            "      FROM generate_series(1, %(n)s)) s",
+            {"at": at, "h": H - 2, "n": n, **s},
+        )
+        conn.execute("ANALYZE")
+    return time.monotonic() - t0
+
+
+def pg_bytes_per_event(url: str, n: int) -> dict[str, float]:
+    """Heap and index bytes of the events partitions, per stored event."""
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT sum(pg_table_size(c.oid)), sum(pg_indexes_size(c.oid)) FROM pg_inherits i "
+            "JOIN pg_class c ON c.oid = i.inhrelid WHERE i.inhparent = 'events'::regclass"
+        ).fetchone()
+    assert row is not None
+    return {"heap_b": round(int(row[0]) / n, 1), "index_b": round(int(row[1]) / n, 1)}
+
+
+def load_sqlite(path: str, n: int, at: int) -> float:
+    s = _shape(n)
+    CollectorStore(path).close()
+    t0 = time.monotonic()
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("BEGIN")
+    db.executemany(
+        "INSERT INTO hosts(ref, name) VALUES (?, ?)", ((g, f"host-{g}") for g in range(1, s["agents"] + 1))
+    )
+    db.executemany(
+        "INSERT INTO agents(ref, agent_id, host_ref, key_hash, enrolled_ms) VALUES (?, ?, ?, ?, 0)",
+        ((g, f"agent-{g}", g, f"k{g}") for g in range(1, s["agents"] + 1)),
+    )
+    db.executemany(
+        "INSERT INTO pairs(ref, key, exe, path, last_ts) VALUES (?, ?, ?, ?, ?)",
+        (
+            (ref, pair_key(EXE, b"/var/www/p/%d" % ref), EXE, b"/var/www/p/%d" % ref, at)
+            for ref in range(1, s["pairs"] + 1)
+        ),
+    )
+    rng = random.Random(1)  # noqa: S311 - test data, not secrets
+
+    def rows() -> Any:
+        for _ in range(n):
+            a = rng.randint(1, s["agents"])
+            if rng.random() < 0.9:
+                p = rng.randint(1, s["common"])
+            else:
+                p = rng.randint(s["common"] + 1, s["pairs"])
+            yield (at - 1 - rng.randrange(H - 2), p, a, a)
+
+    db.executemany("INSERT INTO events(ts, pair, agent, host) VALUES (?, ?, ?, ?)", rows())
+    db.execute("COMMIT")
+    db.execute("ANALYZE")
+    db.close()
+    return time.monotonic() - t0
+
+
+def sqlite_bytes_per_event(path: str, n: int) -> dict[str, float]:
+    db = sqlite3.connect(path)
+    try:
+        got = dict(db.execute("SELECT name, sum(pgsize) FROM dbstat GROUP BY name").fetchall())
+    except sqlite3.OperationalError:  # no dbstat in this build
+        return {}
+    finally:
+        db.close()
+    return {
+        "heap_b": round(got.get("events", 0) / n, 1),
+        "index_b": round(got.get("events_window", 0) / n, 1),
+    }
+
+
+def time_eval(db: str, at: int, tmp: str) -> dict[str, Any]:
+    store = open_store(db, readonly=True)
+    times = []
+    try:
+        for _ in range(3):
+            t0 = time.monotonic()
+            rows = store.rows(Rule(), at)
+            times.append(time.monotonic() - t0)
+    finally:
+        store.close()
+    t0 = time.monotonic()
+    cli_rows = c.evaluate(db, at, tmp, limit=100)
+    cli_s = time.monotonic() - t0
+    assert [r.cc for r in rows] == [r["cc"] for r in cli_rows]
+    return {
+        "rows": len(rows),
+        "rows_s_median": round(statistics.median(times), 3),
+        "rows_s_first": round(times[0], 3),
+        "cli_s": round(cli_s, 3),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--events", type=int, default=10_000_000, help="stored events for the evaluate timing")
+    ap.add_argument("--seconds", type=float, default=20.0, help="ingest duration per setup")
+    ap.add_argument("--threads", type=int, default=10, help="concurrent agent threads")
+    ap.add_argument("--records", type=int, default=200, help="records per batch")
+    ap.add_argument(
+        "--sqlite-eval", action="store_true", help="also time evaluate on SQLite with the same data"
+    )
+    ap.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
+    args = ap.parse_args()
+    if args.quick:
+        args.events, args.seconds, args.threads, args.records = 20_000, 2.0, 4, 50
+        args.sqlite_eval = True
+    m = c.machine()
+    c.print_machine(m)
+    tmp = tempfile.mkdtemp(prefix="rw-pgbench-")
+    doc: dict[str, Any] = {"bench": "pg_ingest", "machine": m, "quick": args.quick, "args": vars(args)}
+    try:
+        with pg.running(durable=True, settings={"max_wal_size": "'4GB'"}) as server:
+            os.environ["PGPASSWORD"] = server.password  # children read it; never on a command line
+            doc["postgres"] = os.path.basename(os.path.dirname(server.bindir))
+            ingest = []
+            os.makedirs(os.path.join(tmp, "s"))
+            with procs.collector(os.path.join(tmp, "s"), db=os.path.join(tmp, "s", "c.db")) as col:
+                ingest.append(
+                    {"setup": "sqlite-1", **ingest_run([col.url], args.threads, args.seconds, args.records)}
+                )
+            url = server.url(server.create_db("ingest"), with_password=False)
+            os.makedirs(os.path.join(tmp, "a"))
+            os.makedirs(os.path.join(tmp, "b"))
+            with (
+                procs.collector(os.path.join(tmp, "a"), db=url) as a,
+                procs.collector(os.path.join(tmp, "b"), db=url) as b,
+            ):
+                ingest.append(
+                    {"setup": "pg-2", **ingest_run([a.url, b.url], args.threads, args.seconds, args.records)}
+                )
+            print(
+                f"\ningest: {args.threads} agent threads, {args.records} records a batch, "
+                f"{args.seconds:g} s each"
+            )
+            keys = ["setup", "collectors", "batches_per_s", "records_per_s", "p50_ms", "p99_ms", "non_2xx"]
+            c.table(keys, [[r[k] for k in keys] for r in ingest])
+            doc["ingest"] = ingest
+
+            at = (int(time.time() * 1000) // H) * H + H // 2
+            evals = []
+            eurl = server.url(server.create_db("evaluate"), with_password=False)
+            load = load_pg(eurl, args.events, at)
+            evals.append(
+                {
+                    "store": "postgresql",
+                    "events": args.events,
+                    "load_s": round(load, 1),
+                    **pg_bytes_per_event(eurl, args.events),
+                    **time_eval(eurl, at, tmp),
+                }
+            )
+            if args.sqlite_eval:
+                path = os.path.join(tmp, "eval.db")
+                load = load_sqlite(path, args.events, at)
+                evals.append(
+                    {
+                        "store": "sqlite",
+                        "events": args.events,
+                        "load_s": round(load, 1),
+                        **sqlite_bytes_per_event(path, args.events),
+                        **time_eval(path, at, tmp),
+                    }
+                )
+            print(f"\nevaluate: {args.events:,} events in the window, shape {_shape(args.events)}")
+            keys = [
+                "store",
+                "events",
+                "load_s",
+                "heap_b",
+                "index_b",
+                "rows",
+                "rows_s_first",
+                "rows_s_median",
+                "cli_s",
+            ]
+            c.table(keys, [[r.get(k) for k in keys] for r in evals])
+            doc["evaluate"] = evals
+            doc["shape"] = _shape(args.events)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    c.emit(doc)
+
+
+if __name__ == "__main__":
+    main()

@@ -36,6 +36,7 @@ from agent.store import AgentStore
 log = logging.getLogger("rarewrite.agent")
 
 STATUS_FILE = "status.json"
+FACTS_AT_EXIT = 1 << 30
 BUSY_EVENTS = 2000  # a read() this large means a burst: the shipper waits until it is over
 LOCK_FILE = "agent.lock"
 
@@ -265,7 +266,7 @@ class LiveAgent:
         self.state, self.ident = state, ident
         store = AgentStore(
             state.store_path, cfg.rule, self.clock, cfg.agent.outbox_max_records,
-            facts=(lambda ev: read_facts(ev, cfg.agent.hash_max_bytes)) if cfg.agent.file_facts else None,
+            facts=(lambda path: read_facts(path, cfg.agent.hash_max_bytes)) if cfg.agent.file_facts else None,
         )  # fmt: skip
         shipper = _shipper(cfg, state, store, ident, self.secret, self.clock)
         self.store, self.shipper = store, shipper
@@ -320,6 +321,7 @@ class LiveAgent:
                 if batch:
                     store.record(batch)
                     self.counters["matched"] += len(batch)
+                store.fill_facts()
                 if fatal:
                     raise fatal[0]
                 now_s = self.clock.monotonic()
@@ -337,6 +339,7 @@ class LiveAgent:
             source.close()
             ship_thread.join(timeout=2)
             try:
+                store.fill_facts(now_ms=1 << 62, limit=FACTS_AT_EXIT)  # nothing waits for facts at exit
                 flushed = shipper.drain(self.clock.monotonic() + 5.0)
             except RarewriteError:
                 flushed = False

@@ -11,7 +11,7 @@ import stat
 import time
 from typing import Optional
 
-from agent.events import FileEvent, FileFacts
+from agent.events import FileFacts
 
 SAMPLE_BYTES = 64
 BUDGET_BYTES_PER_S = 64 << 20
@@ -31,11 +31,12 @@ def _take(n: int) -> bool:
     return True
 
 
-def read_facts(ev: FileEvent, hash_max_bytes: int = 1 << 20) -> Optional[FileFacts]:
-    if not ev.path:
+def read_facts(path: bytes, hash_max_bytes: int = 1 << 20) -> Optional[FileFacts]:
+    """Facts of the file at ``path`` now (``gone`` when it no longer exists)."""
+    if not path:
         return None
     try:
-        st = os.lstat(ev.path)
+        st = os.lstat(path)
     except OSError:
         return FileFacts(gone=True)
     facts = FileFacts(
@@ -44,7 +45,7 @@ def read_facts(ev: FileEvent, hash_max_bytes: int = 1 << 20) -> Optional[FileFac
     if not stat.S_ISREG(st.st_mode) or st.st_size > hash_max_bytes or not _take(st.st_size):
         return facts
     try:
-        fd = os.open(ev.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except OSError:
         return facts
     try:

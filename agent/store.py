@@ -37,7 +37,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -56,6 +56,11 @@ SCHEMA_VERSION = 1
 EVENT, COUNT, GAP = 0, 1, 2
 BATCH_BYTES = 2 << 20  # stay well under the collector's body cap
 RECENT_PAIRS = 4096  # pairs whose recent times are kept in memory (a few hundred KB)
+# File facts are read this long after the event, not at it: FAN_CREATE comes
+# before the writer has written anything, and a hash of the empty file would
+# tell the analyst nothing. Rows waiting for their facts are not shipped yet.
+FACTS_DELAY_MS = 1000
+FACTS_PENDING_MAX = 20_000  # beyond this, new events simply carry no facts
 CACHE_KIB = 2048  # SQLite page cache per connection: RSS stays bounded in a burst
 
 _SCHEMA = """
@@ -122,7 +127,7 @@ class AgentStore:
         rule: Rule,
         clock: Clock,
         outbox_max: int = 2_000_000,
-        facts: Optional[Callable[[FileEvent], Optional[FileFacts]]] = None,
+        facts: Optional[Callable[[bytes], Optional[FileFacts]]] = None,
     ) -> None:
         self.path = path
         self.rule = rule
@@ -139,6 +144,7 @@ class AgentStore:
         # cache of the table for the pairs it holds, so the detail decision
         # needs no query per event. Bounded; a pair it dropped is read again.
         self._recent: OrderedDict[bytes, list[int]] = OrderedDict()
+        self._pending: deque[tuple[int, bytes, int]] = deque()  # (outbox id, path, due ms) awaiting facts
         self._open()
 
     # -------------------------------------------------------------- opening
@@ -240,6 +246,7 @@ class AgentStore:
                 self._load_recent(db, keys, min((ev.ts_ms for ev in events), default=0) - window)
                 win_rows: list[tuple[bytes, int]] = []
                 out_rows: list[tuple[int, int, bytes]] = []
+                wants_facts: list[tuple[int, bytes]] = []  # (index in out_rows, path)
                 for ev, key in zip(events, keys):
                     ts = ev.ts_ms
                     times = recent[key]
@@ -261,8 +268,9 @@ class AgentStore:
                     if len(times) > below:
                         del times[: len(times) - below]
                     if n < below:
-                        facts = self.facts(ev) if self.facts else None
-                        body = msgpack.packb(wire.event_map(ev, facts), use_bin_type=True)
+                        body = msgpack.packb(wire.event_map(ev), use_bin_type=True)
+                        if self.facts is not None and ev.path and len(self._pending) < FACTS_PENDING_MAX:
+                            wants_facts.append((len(out_rows), ev.path))
                         out_rows.append((EVENT, ts, body))
                         detailed += 1
                     else:
@@ -270,9 +278,15 @@ class AgentStore:
                 if win_rows:
                     db.executemany("INSERT INTO win VALUES (?, ?)", win_rows)
                 db.executemany("INSERT INTO outbox(kind, ts, body) VALUES (?, ?, ?)", out_rows)
+                if wants_facts:  # one transaction holds the write lock: the new ids are contiguous
+                    first = db.execute("SELECT max(id) FROM outbox").fetchone()[0] - len(out_rows) + 1
+                    due = self.clock.now_ms() + FACTS_DELAY_MS
+                    new_pending = [(first + i, path, due) for i, path in wants_facts]
                 if progress is not None:
                     db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", progress)
                 db.execute("COMMIT")
+                if wants_facts:
+                    self._pending.extend(new_pending)
             except sqlite3.Error as e:
                 db.execute("ROLLBACK") if db.in_transaction else None
                 recent.clear()  # it may hold times of the rolled-back batch
@@ -289,6 +303,41 @@ class AgentStore:
             self._writes_since_prune = 0
             self.maintain()
         return detailed
+
+    def fill_facts(self, now_ms: Optional[int] = None, limit: int = 2000) -> int:
+        """Read the facts of events whose delay has passed and put them into
+        their (not yet shipped) outbox rows; returns how many were filled."""
+        if not self._pending or self.facts is None:
+            return 0
+        now = self.clock.now_ms() if now_ms is None else now_ms
+        due: list[tuple[int, bytes, int]] = []
+        while self._pending and self._pending[0][2] <= now and len(due) < limit:
+            due.append(self._pending.popleft())
+        if not due:
+            return 0
+        facts = [(rid, self.facts(path)) for rid, path, _ in due]  # file reads outside the lock
+        db = self._db()
+        filled = 0
+        with self._lock:
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                for rid, fact in facts:
+                    if fact is None:
+                        continue
+                    row = db.execute("SELECT body FROM outbox WHERE id=? AND kind=0", (rid,)).fetchone()
+                    if row is None:
+                        continue  # dropped to the outbox bound meanwhile
+                    doc = msgpack.unpackb(row[0], raw=False)
+                    doc["file"] = wire.facts_map(fact)
+                    db.execute(
+                        "UPDATE outbox SET body=? WHERE id=?", (msgpack.packb(doc, use_bin_type=True), rid)
+                    )
+                    filled += 1
+                db.execute("COMMIT")
+            except sqlite3.Error as e:
+                db.execute("ROLLBACK") if db.in_transaction else None
+                log.warning("event=facts_not_stored error=%r", str(e))
+        return filled
 
     def _load_recent(self, db: sqlite3.Connection, keys: list[bytes], since: int) -> None:
         """Make ``self._recent`` hold, for every pair in ``keys``, its newest
@@ -410,8 +459,10 @@ class AgentStore:
         if row:
             return Lease(*row)
         with self._lock:
+            waiting = self._pending[0][0] if self._pending and self.facts is not None else None
             rows = db.execute(
-                "SELECT id, kind, ts, body FROM outbox ORDER BY id LIMIT ?", (max_records,)
+                "SELECT id, kind, ts, body FROM outbox WHERE id < ? ORDER BY id LIMIT ?",
+                (waiting if waiting is not None else 1 << 62, max_records),
             ).fetchall()
             if not rows:
                 return None

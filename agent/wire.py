@@ -372,17 +372,22 @@ def event_map(ev: Any, facts: Any = None) -> dict[str, Any]:
     }
     out.update({k: v for k, v in optional.items() if v is not None})
     if facts is not None:
-        f = {
-            "size": facts.size,
-            "mode": facts.mode,
-            "uid": facts.uid,
-            "gid": facts.gid,
-            "sha256": facts.sha256,
-            "sample": facts.sample or None,
-            "gone": facts.gone,
-        }
-        out["file"] = {k: v for k, v in f.items() if v is not None}
+        out["file"] = facts_map(facts)
     return out
+
+
+def facts_map(facts: Any) -> dict[str, Any]:
+    """FileFacts as the ``file`` map of an ``<event>``."""
+    f = {
+        "size": facts.size,
+        "mode": facts.mode,
+        "uid": facts.uid,
+        "gid": facts.gid,
+        "sha256": facts.sha256,
+        "sample": facts.sample or None,
+        "gone": facts.gone,
+    }
+    return {k: v for k, v in f.items() if v is not None}
 
 
 def _cut(text: Optional[str]) -> Optional[str]:

@@ -3,6 +3,7 @@ leases that never change, acks, splits and quarantine, corrupt files."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Mapping
@@ -199,3 +200,34 @@ def test_retry_after_forms() -> None:
     assert retry_after({"retry-after": "Wed, 21 Oct 2015 07:28:10 GMT"}, 1445412480) == 10
     assert retry_after({"Retry-After": "soon"}, 0) is None
     assert retry_after({}, 0) is None
+
+
+def test_file_facts_are_read_after_the_writer_wrote_not_at_creation(tmp_path: Path) -> None:
+    from agent.facts import read_facts
+
+    target = tmp_path / "shell.php"
+    target.write_bytes(b"")  # FAN_CREATE comes when the file is still empty
+    clock = FakeClock(T0)
+    s = AgentStore(str(tmp_path / "a.db"), Rule(), clock, facts=read_facts)
+    s.record([ev(path=os.fsencode(target), ts=T0)])
+    assert s.lease("a", "h", 100) is None  # waiting for its facts: not shipped yet
+    target.write_bytes(b"<?php system($_GET['c']); ?>")
+    clock.advance(1.0)
+    assert s.fill_facts() == 1
+    lease = s.lease("a", "h", 100)
+    assert lease is not None
+    facts = wire.decode_batch(lease.body).events[0].detail["file"]
+    assert facts["size"] == len(target.read_bytes()) and facts["sha256"] == hashlib.sha256(target.read_bytes()).hexdigest()
+    assert facts["sample"].startswith(b"<?php")
+
+
+def test_facts_of_a_file_gone_before_the_delay_say_so(tmp_path: Path) -> None:
+    from agent.facts import read_facts
+
+    clock = FakeClock(T0)
+    s = AgentStore(str(tmp_path / "a.db"), Rule(), clock, facts=read_facts)
+    s.record([ev(path=os.fsencode(tmp_path / "gone.php"), ts=T0)])
+    clock.advance(1.0)
+    s.fill_facts()
+    lease = s.lease("a", "h", 100)
+    assert lease is not None and wire.decode_batch(lease.body).events[0].detail["file"] == {"gone": True}

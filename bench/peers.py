@@ -33,8 +33,11 @@ ratios is the figure. Per tool:
              FAN_REPORT_DFID_NAME, unlimited queue, a filesystem mark on the
              scratch mount for FAN_CREATE|FAN_MOVED_TO|FAN_ONDIR; reads, parses,
              looks the pid's executable up once (pid cache) and discards.
-  rarewrite  ``rarewrite agent run --watch MOUNT`` shipping to a collector on
-             loopback; "seen" = the status counter ``matched``.
+  rarewrite  ``rarewrite agent run --watch MOUNT``; "seen" = the status
+             counter ``matched``. It ships to a stub collector on loopback
+             (enroll, then 200 for every batch, nothing decoded or stored:
+             only the agent is measured, like burst.py's default), or with
+             ``--collector real`` to ``rarewrite collector serve`` on this host.
 
 Missing tools are installed with apt-get (not in --quick, which uses only
 what is installed); a tool that cannot run here is skipped with the reason.
@@ -43,15 +46,18 @@ what is installed); a tool that cannot run here is skipped with the reason.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from typing import Any, Optional
 
 import _common as c
@@ -129,6 +135,68 @@ while True:
         break
 print("seen", n, "overflows", ovf, flush=True)
 """
+
+
+STUB = r"""
+import json, sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+class H(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *a):
+        pass
+
+    def do_GET(self):
+        self._reply(b"ok\n")
+
+    def do_POST(self):
+        n = int(self.headers.get("Content-Length") or 0)
+        while n > 0:
+            got = self.rfile.read(min(n, 1 << 20))
+            if not got:
+                break
+            n -= len(got)
+        if self.path.endswith("/enroll"):
+            self._reply(json.dumps({"api_key": "stub-key"}).encode())
+        else:
+            self._reply(b'{"status": "stored"}')
+
+    def _reply(self, body):
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"""
+
+
+@contextlib.contextmanager
+def stub_collector(tmp: str) -> Iterator[str]:
+    """A collector stand-in on loopback: enroll, and 200 for every batch."""
+    port = procs.free_port()
+    p = _popen([sys.executable, "-c", STUB, str(port)], os.path.join(tmp, "stub.log"))
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                if time.monotonic() > deadline or p.poll() is not None:
+                    raise RuntimeError("stub collector did not start") from None
+                time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        procs.stop(p)
+
+
+@contextlib.contextmanager
+def real_collector(tmp: str) -> Iterator[str]:
+    with procs.collector(tmp) as col:
+        yield col.url
 
 
 def sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -476,12 +544,19 @@ def ensure_installed(tools: list[str], quick: bool) -> dict[str, str]:
     return why
 
 
+def _terminate(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--fs", choices=("tmpfs", "ext4"), default="tmpfs", help="scratch filesystem (tmpfs)")
     ap.add_argument("--files", type=int, default=100_000, help="files per run (default 100,000)")
     ap.add_argument("--dirs", type=int, default=100, help="new directories per run (default 100)")
     ap.add_argument("--pairs", type=int, default=5, help="alternating pairs per tool (default 5)")
+    ap.add_argument(
+        "--collector", choices=("stub", "real"), default="stub", help="where rarewrite ships (default stub)"
+    )
     ap.add_argument("--tools", default=",".join(TOOLS), help=f"comma list of {', '.join(TOOLS)}")
     ap.add_argument("--quick", action="store_true", help="tiny burst (2,000 files, 10 dirs), 1 pair, no apt")
     a = ap.parse_args()
@@ -510,7 +585,8 @@ def main() -> int:
     sensors: dict[str, Sensor] = {}
     try:
         target = Target(a.fs, max(256, a.files // 100 * 4))
-        with procs.collector(tmp) as col:
+        signal.signal(signal.SIGTERM, _terminate)  # run the finally below (audit rules, mounts)
+        with (stub_collector if a.collector == "stub" else real_collector)(tmp) as url:
             for t in tools:
                 if t in skipped:
                     continue
@@ -524,7 +600,7 @@ def main() -> int:
                     elif t == "floor":
                         sensors[t] = Floor(tmp, target.mnt)
                     elif t == "rarewrite":
-                        sensors[t] = Rarewrite(tmp, col.url, target.mnt)
+                        sensors[t] = Rarewrite(tmp, url, target.mnt)
                     else:
                         skipped[t] = "unknown tool"
                         continue
@@ -592,7 +668,8 @@ def main() -> int:
                      st["wall_tool_median_s"], f"{st['seen_min']}-{st['seen_max']}", expected])  # fmt: skip
     print(
         f"burst on {a.fs}: {a.files} files in {a.dirs} new dirs, {a.files // 10} renames ({expected} events "
-        f"per run), writer {COMM} (python copy) as www-data; {a.pairs} alternating pairs per tool"
+        f"per run), writer {COMM} (python copy) as www-data; {a.pairs} alternating pairs per tool; "
+        f"rarewrite ships to the {a.collector} collector"
     )
     c.table(["tool", "ratio", "min", "max", "none s", "tool s", "seen", "expected"], rows)
     for t in sensors:
@@ -605,6 +682,7 @@ def main() -> int:
             "machine": m,
             "quick": a.quick,
             "fs": a.fs,
+            "collector": a.collector,
             "files": a.files,
             "dirs": a.dirs,
             "pairs": a.pairs,

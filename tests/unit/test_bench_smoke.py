@@ -64,3 +64,43 @@ def test_burst_quick() -> None:
         doc["summary"]
     )
     assert {"none", "agent"} == {r["mode"] for r in doc["runs"]}
+
+
+def test_collector_ingest_quick() -> None:
+    doc = _run("collector_ingest.py")
+    assert doc["bench"] == "collector_ingest"
+    http = doc["http"]
+    assert {"events_per_s", "events_committed", "events_in_db", "rss_max_sampled_mb", "rss_after_mb"} <= set(
+        http
+    )
+    assert http["events_committed"] == http["events_in_db"] == http["events_sent"]
+    assert {"events_per_s", "decode_events_per_s"} <= set(doc["in_process"])
+
+
+def test_evaluate_scale_quick() -> None:
+    doc = _run("evaluate_scale.py")
+    assert doc["bench"] == "evaluate_scale"
+    assert set(doc["shapes"]) == {"repeat", "unique"}
+    for s in doc["shapes"].values():
+        assert {"median_s", "first_s", "rows"} <= set(s["rows_limit100"])
+        assert {"median_s", "rows"} <= set(s["cli"])
+        assert s["cli"]["rows"] == s["rows_limit100"]["rows"]  # the CLI prints what the store returns
+    assert doc["shapes"]["repeat"]["rows_limit100"]["rows"] == 50
+
+
+@needs_root
+def test_peers_quick() -> None:
+    doc = _run("peers.py")
+    assert doc["bench"] == "peers"
+    # only what is installed runs in --quick; the rest is skipped with a reason
+    assert set(doc["summary"]) | set(doc["skipped"]) == {
+        "auditd",
+        "fatrace",
+        "bpftrace",
+        "floor",
+        "rarewrite",
+    }
+    assert {"floor", "rarewrite"} <= set(doc["summary"])
+    for t in doc["summary"].values():
+        assert {"ratio_median", "ratios", "seen_min", "expected", "lacks"} <= set(t)
+    assert doc["summary"]["rarewrite"]["seen_min"] == doc["expected_per_run"]

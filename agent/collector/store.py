@@ -1,5 +1,9 @@
 """The collector's store: agents, events, gaps and alerts in one SQLite file.
 
+:class:`Store` is the interface; :class:`CollectorStore` (here) is SQLite, one
+collector per file; :class:`agent.collector.pgstore.PgStore` is PostgreSQL,
+shared by any number of collectors. :func:`open_store` picks one by ``db``.
+
 Durability: the file runs in WAL mode with ``synchronous=FULL``, so a
 ``COMMIT`` has reached the disk (the WAL is fsynced) when it returns; the
 server sends a 2xx for a batch only after :meth:`CollectorStore.ingest`

@@ -281,3 +281,11 @@ def test_agents_cli(store: Store) -> None:
     assert agents_cli(store.path, "revoke", "a")[0]["revoked"] is True
     with pytest.raises(StoreError):
         agents_cli(store.path, "revoke", "zz")
+
+
+def test_migrate_sqlite(tmp_path: Path) -> None:
+    from agent.collector.store import migrate
+
+    p = str(tmp_path / "m.db")
+    assert migrate(p) == {"backend": "sqlite", "db": p, "from": 0, "to": 1}
+    assert migrate(p)["from"] == 1

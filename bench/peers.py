@@ -71,11 +71,11 @@ APT = {"auditd": "auditd", "fatrace": "fatrace", "bpftrace": "bpftrace"}
 BINARY = {"auditd": "auditd", "fatrace": "fatrace", "bpftrace": "bpftrace"}
 LACKS = {
     "none": "-",
-    "auditd": "nothing (names, exe, pid, uid, cwd); but every record is synchronous in the writer's syscall",
-    "fatrace": "no uid, no executable (comm only), no rename source; names only as the kernel gives them",
-    "bpftrace": "no executable (comm only), relative paths unresolved, no rule/store/shipping",
-    "floor": "everything past reading: no names resolved to paths, no rule, no store, no shipping",
-    "rarewrite": "- (names, exe, pid, uid, command line, file facts, rule, store, shipping)",
+    "auditd": "nothing (path, exe, pid, uid, cwd), but each record is made inside the writer's syscall",
+    "fatrace": "no uid, no exe (comm+pid), no renames, no new dirs; drops events silently under a burst",
+    "bpftrace": "no exe (comm only); syscall attempts at entry, not results; dirfd-relative names unresolved",
+    "floor": "all past read(): names not resolved to paths, no rule, no store, no shipping",
+    "rarewrite": "- (path, exe, pid, uid, command line, file facts; rule, store, shipping)",
 }
 
 WRITER = r"""
@@ -657,6 +657,8 @@ def main() -> int:
             "seen_min": min((x for x in seen if x is not None), default=None),
             "seen_max": max((x for x in seen if x is not None), default=None),
             "expected": expected,
+            # what the tool can report at all: fatrace -f C shows file creations only
+            "expected_visible": a.files if t == "fatrace" else expected,
             "lacks": LACKS[t],
         }
         for key in ("lost_reported", "overflows"):
@@ -664,14 +666,15 @@ def main() -> int:
             if vals:
                 summary[t][key + "_total"] = sum(vals)
         st = summary[t]
+        seen_range = f"{st['seen_min']}-{st['seen_max']}"
         rows.append([t, st["ratio_median"], min(ratios), max(ratios), st["wall_none_median_s"],
-                     st["wall_tool_median_s"], f"{st['seen_min']}-{st['seen_max']}", expected])  # fmt: skip
+                     st["wall_tool_median_s"], seen_range, st["expected_visible"]])  # fmt: skip
     print(
         f"burst on {a.fs}: {a.files} files in {a.dirs} new dirs, {a.files // 10} renames ({expected} events "
         f"per run), writer {COMM} (python copy) as www-data; {a.pairs} alternating pairs per tool; "
         f"rarewrite ships to the {a.collector} collector"
     )
-    c.table(["tool", "ratio", "min", "max", "none s", "tool s", "seen", "expected"], rows)
+    c.table(["tool", "ratio", "min", "max", "none s", "tool s", "seen", "visible"], rows)
     for t in sensors:
         print(f"  {t:9s} lacks: {LACKS[t]}")
     for t, why in skipped.items():

@@ -217,7 +217,10 @@ def test_file_facts_are_read_after_the_writer_wrote_not_at_creation(tmp_path: Pa
     lease = s.lease("a", "h", 100)
     assert lease is not None
     facts = wire.decode_batch(lease.body).events[0].detail["file"]
-    assert facts["size"] == len(target.read_bytes()) and facts["sha256"] == hashlib.sha256(target.read_bytes()).hexdigest()
+    assert (
+        facts["size"] == len(target.read_bytes())
+        and facts["sha256"] == hashlib.sha256(target.read_bytes()).hexdigest()
+    )
     assert facts["sample"].startswith(b"<?php")
 
 

@@ -525,4 +525,7 @@ def describe(cfg: Config) -> dict[str, Any]:
             return {k: plain(v) for k, v in obj.items()}
         return obj
 
-    return {"files": list(cfg.files), **plain(replace(cfg, files=()))}
+    from agent.collector.store import redact  # a database URL may carry a password
+
+    safe = replace(cfg, files=(), collector=replace(cfg.collector, db=redact(cfg.collector.db)))
+    return {"files": list(cfg.files), **plain(safe)}

@@ -105,3 +105,13 @@ def test_config_check_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[s
     err = capsys.readouterr().err.splitlines()
     assert sum(1 for line in err if line.startswith("config error:")) == 3
     assert cli.main(["config", "check", "--config", str(tmp_path / "missing.conf")]) == cli.EXIT_CONFIG
+
+
+def test_config_check_never_prints_a_database_password(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    conf = tmp_path / "collector.conf"
+    conf.write_text("[collector]\ndb = postgresql://rw:hunter2@db.example.org/rarewrite\n")
+    assert cli.main(["config", "check", "--config", str(conf)]) == 0
+    out = capsys.readouterr().out
+    assert "hunter2" not in out and "rw:***@db.example.org" in out

@@ -46,7 +46,7 @@ from agent import wire
 from agent.clock import Clock, SystemClock
 from agent.collector import evaluate as ev
 from agent.collector.auth import LogLimiter, TokenBuckets, bearer, key_hash, new_api_key, secret_ok
-from agent.collector.outputs import Output, build_outputs, emit_all
+from agent.collector.outputs import Output, build_outputs, dropped_counts, emit_all
 from agent.collector.store import PRUNE_CHUNK, Store, open_store, redact
 from agent.config import Config
 from agent.errors import StoreError, VersionError, WireError
@@ -348,7 +348,10 @@ async def metrics(request: web.Request) -> web.Response:
     lines += [
         "# TYPE rarewrite_collector_alerts_total gauge",
         f"rarewrite_collector_alerts_total {counts['alerts']}",
+        "# TYPE rarewrite_collector_output_dropped_total counter",
     ]
+    for name, n in sorted(dropped_counts(c.outputs).items()):  # names are [A-Za-z0-9_.-]: safe labels
+        lines.append(f'rarewrite_collector_output_dropped_total{{output="{name}"}} {n}')
     lines += ["# TYPE process_resident_memory_bytes gauge", f"process_resident_memory_bytes {_rss()}"]
     return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
 

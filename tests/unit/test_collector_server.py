@@ -37,10 +37,10 @@ MAX_BODY = 256 << 10
 class Server:
     """The real app on 127.0.0.1:<free port>, served by a loop in a thread."""
 
-    def __init__(self, cfg: Config, store: CollectorStore) -> None:
+    def __init__(self, cfg: Config, store: CollectorStore, outputs: Optional[list[Any]] = None) -> None:
         self.store = store
         self.loop = asyncio.new_event_loop()
-        self.app = make_app(cfg, store, SECRET, SystemClock())
+        self.app = make_app(cfg, store, SECRET, SystemClock(), outputs)
         self.runner = web.AppRunner(self.app, access_log=None, auto_decompress=False)
         ready = threading.Event()
 
@@ -408,6 +408,30 @@ def test_metrics(keyed: tuple[Server, str]) -> None:
         "process_resident_memory_bytes",
     ):
         assert name in text
+
+
+class DroppingOutput:
+    """An output whose queue has dropped alerts (what a dead webhook does)."""
+
+    name = "soc"
+    dropped = 7
+
+    def emit(self, alerts: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def test_metrics_count_alerts_dropped_by_an_output(tmp_path: Path) -> None:
+    store = CollectorStore(str(tmp_path / "c.db"))
+    srv = Server(cfg_for(tmp_path), store, [DroppingOutput()])
+    try:
+        st, _, body = srv.request("GET", "/metrics")
+        assert st == 200 and 'rarewrite_collector_output_dropped_total{output="soc"} 7' in body.decode()
+    finally:
+        srv.stop()
+        store.close()
 
 
 def test_unknown_route_and_method(srv: Server) -> None:

@@ -66,7 +66,9 @@ def make_batches(
 ) -> list[wire.Batch]:
     """``n_batches`` batches of ``records`` records each for one agent: detailed
     events of unique pairs (``unique_share``) and count times of a few
-    repeating pairs (the rest), times spread over the hour ending at now_ms."""
+    repeating pairs (the rest). Times in agent order, as a live agent ships
+    them: batch b holds times from the b-th of n_batches equal slices of the
+    hour ending at now_ms, sorted."""
     rng = random.Random(seed)  # noqa: S311 - test data
     epoch = uuid.UUID(int=rng.getrandbits(128)).hex
     exe = EXES[seed % len(EXES)]
@@ -75,7 +77,13 @@ def make_batches(
     n_count = records - n_detail
     out = []
     k = 0
+    width = max(1, (HOUR - 2) // n_batches)
     for b in range(n_batches):
+        lo = now_ms - HOUR + 1 + b * width
+
+        def when() -> int:
+            return lo + rng.randrange(width)  # noqa: B023 - used within this iteration only
+
         events = []
         for _ in range(n_detail):
             k += 1
@@ -83,7 +91,7 @@ def make_batches(
             pid = 1000 + k % 30000
             events.append(
                 wire.EventRecord(
-                    ts=now_ms - rng.randint(1, HOUR - 1),
+                    ts=when(),
                     action="creation" if k % 10 else "rename",
                     exe=exe,
                     path=path,
@@ -114,7 +122,7 @@ def make_batches(
         j = 0
         while left > 0:
             m = min(per, left)
-            times = tuple(sorted(now_ms - rng.randint(1, HOUR - 1) for _ in range(m)))
+            times = tuple(sorted(when() for _ in range(m)))
             counts.append(wire.CountRecord(exe, f"/var/www/{host}/cache/c{j:03d}.php".encode(), times))
             left -= m
             j += 1
@@ -126,7 +134,7 @@ def make_batches(
                 agent_id=agent_id,
                 host_name=host,
                 sent_at=now_ms,
-                events=tuple(events),
+                events=tuple(sorted(events, key=lambda e: e.ts)),
                 counts=tuple(counts),
             )
         )

@@ -662,7 +662,7 @@ def main() -> int:
             "lacks": LACKS[t],
         }
         for key in ("lost_reported", "overflows"):
-            vals = [r.get(key) for r in with_t.values() if r.get(key) is not None]
+            vals = [int(r[key]) for r in with_t.values() if r.get(key) is not None]
             if vals:
                 summary[t][key + "_total"] = sum(vals)
         st = summary[t]

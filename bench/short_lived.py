@@ -104,7 +104,11 @@ def main() -> int:
         ok = sum(1 for r in got if r is not None and r["process.executable"] == exe)
         wrong = sum(1 for r in got if r is not None and r["process.executable"] != exe)
         results[v].update(
-            attributed=ok, wrong_executable=wrong, missing=sum(1 for r in got if r is None), rate=ok / a.n
+            attributed=ok,
+            wrong_executable=wrong,
+            missing=sum(1 for r in got if r is None),
+            missing_paths=[f for f, r in zip(files[v], got) if r is None][:10],
+            rate=ok / a.n,
         )
     print(f"{a.n} writers per variant, each writes one file as www-data and exits at once")
     c.table(
@@ -118,6 +122,9 @@ def main() -> int:
     keys = ("seen", "matched", "unknown", "overflows", "dropped", "stored", "detailed")
     print("agent counters at exit: " + " ".join(f"{k}={counters.get(k)}" for k in keys))
     print("agent source stats: " + str(final.get("source", {}))[:300])
+    for v, r in results.items():
+        if r["missing_paths"]:
+            print(f"{v}: no row for " + ", ".join(os.path.basename(p) for p in r["missing_paths"]))
     c.emit(
         {
             "bench": "short_lived",

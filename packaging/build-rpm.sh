@@ -24,8 +24,8 @@ esac
 if ! command -v rpmbuild >/dev/null; then
     if command -v apt-get >/dev/null && [ "$(id -u)" -eq 0 ]; then
         echo "build-rpm: installing Debian's rpm package (for rpmbuild)"
-        apt-get update -q
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends rpm
+        apt-get -o DPkg::Lock::Timeout=300 update -q
+        DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -q --no-install-recommends rpm
     else
         echo "build-rpm: rpmbuild not found: install rpm-build (RHEL/Fedora) or rpm (Debian, as root)" >&2
         exit 1

@@ -310,3 +310,32 @@ def test_deb_installs_runs_and_purges(tmp_path: Path) -> None:
         )
     assert purge.returncode == 0, purge.stderr[-2000:]
     assert not os.path.exists("/usr/bin/rarewrite") and not os.path.exists("/usr/lib/rarewrite")
+
+
+@pytest.mark.slow
+def test_build_rpm(tmp_path: Path) -> None:
+    """The RHEL/Fedora spec builds with rpmbuild (Debian's `rpm` package here)."""
+    if not shutil.which("rpmbuild") and not _can_apt():
+        pytest.skip("rpmbuild missing and not root with apt-get to install it (build-rpm.sh would)")
+    r = subprocess.run(
+        [str(TOP / "packaging" / "build-rpm.sh")],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=400,
+        env={**os.environ, "RAREWRITE_DIST": str(tmp_path)},
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rpms = sorted(p.name for p in tmp_path.glob("*.rpm") if not p.name.endswith(".src.rpm"))
+    assert [n.split("-0")[0] for n in rpms] == [
+        "rarewrite-agent",
+        "rarewrite-collector",
+        "rarewrite-common",
+    ], rpms
+    listing = subprocess.run(
+        ["rpm", "-qlp", str(next(tmp_path.glob("rarewrite-agent-*.noarch.rpm")))],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "/etc/rarewrite/agent.conf" in listing and "rarewrite-agent.service" in listing

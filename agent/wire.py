@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import Any, Optional
 
 import msgpack
@@ -152,7 +153,17 @@ def _no_ext(code: int, data: bytes) -> Any:
 
 
 def _pairs(pairs: list[tuple[Any, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+    # Fast path in C: dict() and str.join reject nothing a valid map has; a
+    # map they do not pass (a duplicate or a non-string key) is examined
+    # again key by key, so the error names the first bad key as before.
+    try:
+        out = dict(pairs)
+        if len(out) == len(pairs):
+            "".join(out)
+            return out
+    except TypeError:
+        pass
+    out = {}
     for k, v in pairs:
         if not isinstance(k, str):
             raise WireError("map keys must be strings")
@@ -269,7 +280,200 @@ def _detail(e: dict[str, Any], path: str) -> dict[str, Any]:
     return out
 
 
-def decode_batch(body: bytes) -> Batch:
+@dataclass(frozen=True)
+class RowBatch:
+    """A validated batch in the collector's storage form (what
+    :func:`decode_rows` returns, small to pickle between processes).
+
+    ``events``: ``(ts, key, exe, path, detail)``, ``detail`` already msgpack of
+    ``{"action": ..., **detail}``; ``counts``: ``(key, exe, path, times)``;
+    ``key`` is :func:`pair_key` of (exe, path)."""
+
+    batch_id: str
+    epoch: str
+    seq: int
+    agent_id: str
+    host_name: str
+    sent_at: int
+    events: tuple[tuple[int, bytes, Optional[bytes], Optional[bytes], bytes], ...] = ()
+    counts: tuple[tuple[bytes, Optional[bytes], Optional[bytes], tuple[int, ...]], ...] = ()
+    gaps: tuple[GapRecord, ...] = ()
+    version: int = VERSION
+
+    def events_total(self) -> int:
+        """Events in the batch, each count time counting as one."""
+        return len(self.events) + sum(len(c[3]) for c in self.counts)
+
+    def size(self) -> int:
+        """Records in the batch, each count time counting as one (as :meth:`Batch.size`)."""
+        return self.events_total() + len(self.gaps)
+
+    def times(self) -> list[int]:
+        return [e[0] for e in self.events] + [t for c in self.counts for t in c[3]]
+
+
+def pair_key(exe: Optional[bytes], path: Optional[bytes]) -> bytes:
+    """The collector's key of a pair: msgpack of ``[exe, path]`` (nil works)."""
+    return bytes(msgpack.packb([exe, path], use_bin_type=True))
+
+
+def rows_of(batch: Batch | RowBatch) -> RowBatch:
+    """A decoded :class:`Batch` in storage form (what :func:`decode_rows` gives for its body)."""
+    if isinstance(batch, RowBatch):
+        return batch
+    packer = msgpack.Packer(use_bin_type=True)
+    pack = packer.pack
+    return RowBatch(
+        batch.batch_id,
+        batch.epoch,
+        batch.seq,
+        batch.agent_id,
+        batch.host_name,
+        batch.sent_at,
+        tuple(
+            (e.ts, pack([e.exe, e.path]), e.exe, e.path, pack({"action": e.action, **e.detail}))
+            for e in batch.events
+        ),
+        tuple((pack([c.exe, c.path]), c.exe, c.path, c.times) for c in batch.counts),
+        batch.gaps,
+        batch.version,
+    )
+
+
+_HDR = tuple[int, str, str, int, str, str, int]
+_Ev = tuple[int, str, Optional[bytes], Optional[bytes], dict[str, Any]]
+_Ct = tuple[Optional[bytes], Optional[bytes], tuple[int, ...]]
+
+# Detail fields by kind, for the fast path (one dict lookup per field present).
+_K_INT31, _K_STR, _K_BIN, _K_ETYPE, _K_FILE = range(5)
+_KIND = {k: _K_INT31 for k in _DETAIL_INT}
+_KIND.update({k: _K_STR for k in _DETAIL_STR})
+_KIND.update({k: _K_BIN for k in _DETAIL_BIN})
+_KIND.update({"etype": _K_ETYPE, "file": _K_FILE})
+_FILE_KIND = {k: 0 for k in _FILE_INT}
+_FILE_KIND.update({"sha256": 1, "sample": 2, "gone": 3})
+_INT31 = (1 << 31) - 1
+
+
+def _event_fast(e: Any) -> Optional[_Ev]:
+    """One ``<event>``, validated with as few calls as possible; None when
+    anything is not plainly valid (the slow path then names the error).
+    Accepts exactly a subset of what :func:`_event_slow` accepts, with the same
+    result (detail fields in wire order)."""
+    if type(e) is not dict:
+        return None
+    action = e.get("action")
+    ts = e.get("ts")
+    exe = e.get("exe")
+    path = e.get("path")
+    if (
+        action not in ACTIONS
+        or type(ts) is not int
+        or not 0 <= ts <= MAX_TS
+        or (exe is not None and (type(exe) is not bytes or not exe))
+        or (path is not None and (type(path) is not bytes or not path))
+    ):
+        return None
+    out: dict[str, Any] = {}
+    kind = _KIND.get
+    for k, v in e.items():
+        t = kind(k)
+        if t is None or v is None:
+            continue
+        if t == _K_STR:
+            if type(v) is not str or len(v) > MAX_STR:
+                return None
+        elif t == _K_INT31:
+            if type(v) is not int or not 0 <= v <= _INT31:
+                return None
+        elif t == _K_BIN:
+            if type(v) is not bytes or not v:
+                return None
+        elif t == _K_ETYPE:
+            if type(v) is not list:
+                return None
+            for x in v:
+                if type(x) is not str or len(x) > 32:
+                    return None
+            out[k] = list(v)
+            continue
+        else:
+            if type(v) is not dict:
+                return None
+            facts: dict[str, Any] = {}
+            fkind = _FILE_KIND.get
+            for fk, fv in v.items():
+                ft = fkind(fk)
+                if ft is None or fv is None:
+                    continue
+                if ft == 0:
+                    if type(fv) is not int or not 0 <= fv <= MAX_TS:
+                        return None
+                elif ft == 1:
+                    if type(fv) is not str or len(fv) > 64:
+                        return None
+                elif ft == 2:
+                    if type(fv) is not bytes or not fv:
+                        return None
+                elif type(fv) is not bool:
+                    return None
+                facts[fk] = fv
+            out[k] = facts
+            continue
+        out[k] = v
+    return ts, action, exe, path, out
+
+
+def _event_slow(raw: Any, i: int) -> _Ev:
+    p = f"events[{i}]"
+    e = _map(raw, p)
+    action = e.get("action")
+    if action not in ACTIONS:
+        raise WireError(f"must be one of {', '.join(ACTIONS)}", f"{p}.action")
+    return (
+        _int(e.get("ts"), f"{p}.ts"),
+        action,
+        _bin(e.get("exe"), f"{p}.exe"),
+        _bin(e.get("path"), f"{p}.path"),
+        _detail(e, p),
+    )
+
+
+def _count_fast(c: Any) -> Optional[_Ct]:
+    if type(c) is not list or len(c) != 3:
+        return None
+    exe, path, deltas = c
+    if (
+        (exe is not None and (type(exe) is not bytes or not exe))
+        or (path is not None and (type(path) is not bytes or not path))
+        or type(deltas) is not list
+        or not deltas
+        or set(map(type, deltas)) != {int}
+        or min(deltas) < 0
+    ):
+        return None
+    times = tuple(accumulate(deltas))
+    if times[-1] > MAX_TS:  # deltas are >= 0: the last time is the largest
+        return None
+    return exe, path, times
+
+
+def _count_slow(raw: Any, i: int) -> _Ct:
+    p = f"counts[{i}]"
+    c = _list(raw, p)
+    if len(c) != 3:
+        raise WireError("must be [exe, path, times]", p)
+    deltas = _list(c[2], f"{p}[2]")
+    if not deltas:
+        raise WireError("must hold at least one time", f"{p}[2]")
+    times = [_int(deltas[0], f"{p}[2][0]")]
+    for j, d in enumerate(deltas[1:], 1):
+        t = times[-1] + _int(d, f"{p}[2][{j}]")
+        times.append(_int(t, f"{p}[2][{j}]"))
+    return _bin(c[0], f"{p}[0]"), _bin(c[1], f"{p}[1]"), tuple(times)
+
+
+def _decode(body: bytes) -> tuple[_HDR, list[_Ev], list[_Ct], list[GapRecord]]:
     """Validate a batch body completely; raise WireError naming the field."""
     doc = _map(unpack(body), "batch")
     v = doc.get("v")
@@ -292,36 +496,16 @@ def decode_batch(body: bytes) -> Batch:
 
     events = []
     for i, raw in enumerate(_list(doc.get("events", []), "events")):
-        p = f"events[{i}]"
-        e = _map(raw, p)
-        action = e.get("action")
-        if action not in ACTIONS:
-            raise WireError(f"must be one of {', '.join(ACTIONS)}", f"{p}.action")
-        events.append(
-            EventRecord(
-                ts=_int(e.get("ts"), f"{p}.ts"),
-                action=action,
-                exe=_bin(e.get("exe"), f"{p}.exe"),
-                path=_bin(e.get("path"), f"{p}.path"),
-                detail=_detail(e, p),
-            )
-        )
+        ev = _event_fast(raw)
+        events.append(_event_slow(raw, i) if ev is None else ev)
     counts = []
     n_times = 0
     for i, raw in enumerate(_list(doc.get("counts", []), "counts")):
-        p = f"counts[{i}]"
-        c = _list(raw, p)
-        if len(c) != 3:
-            raise WireError("must be [exe, path, times]", p)
-        deltas = _list(c[2], f"{p}[2]")
-        if not deltas:
-            raise WireError("must hold at least one time", f"{p}[2]")
-        times = [_int(deltas[0], f"{p}[2][0]")]
-        for j, d in enumerate(deltas[1:], 1):
-            t = times[-1] + _int(d, f"{p}[2][{j}]")
-            times.append(_int(t, f"{p}[2][{j}]"))
-        n_times += len(times)
-        counts.append(CountRecord(_bin(c[0], f"{p}[0]"), _bin(c[1], f"{p}[1]"), tuple(times)))
+        ct = _count_fast(raw)
+        if ct is None:
+            ct = _count_slow(raw, i)
+        n_times += len(ct[2])
+        counts.append(ct)
     gaps = []
     for i, raw in enumerate(_list(doc.get("gaps", []), "gaps")):
         p = f"gaps[{i}]"
@@ -338,8 +522,46 @@ def decode_batch(body: bytes) -> Batch:
         raise WireError(f"more than {MAX_RECORDS} records", "batch")
     if not events and not counts and not gaps:
         raise WireError("holds no record", "batch")
+    return (v, batch_id, epoch, seq, agent_id, host_name, sent_at), events, counts, gaps
+
+
+def decode_batch(body: bytes) -> Batch:
+    """Validate a batch body completely; raise WireError naming the field."""
+    (v, batch_id, epoch, seq, agent_id, host_name, sent_at), events, counts, gaps = _decode(body)
     return Batch(
-        batch_id, epoch, seq, agent_id, host_name, sent_at, tuple(events), tuple(counts), tuple(gaps), v
+        batch_id,
+        epoch,
+        seq,
+        agent_id,
+        host_name,
+        sent_at,
+        tuple(EventRecord(ts, action, exe, path, detail) for ts, action, exe, path, detail in events),
+        tuple(CountRecord(exe, path, times) for exe, path, times in counts),
+        tuple(gaps),
+        v,
+    )
+
+
+def decode_rows(body: bytes) -> RowBatch:
+    """:func:`decode_batch` (the same checks, the same errors), in storage form:
+    each event's detail packed once here, the pair keys computed. The collector
+    runs this in a worker process, so decoding and the store use two cores."""
+    (v, batch_id, epoch, seq, agent_id, host_name, sent_at), events, counts, gaps = _decode(body)
+    pack = msgpack.Packer(use_bin_type=True).pack
+    return RowBatch(
+        batch_id,
+        epoch,
+        seq,
+        agent_id,
+        host_name,
+        sent_at,
+        tuple(
+            (ts, pack([exe, path]), exe, path, pack({"action": action, **detail}))
+            for ts, action, exe, path, detail in events
+        ),
+        tuple((pack([exe, path]), exe, path, times) for exe, path, times in counts),
+        tuple(gaps),
+        v,
     )
 
 

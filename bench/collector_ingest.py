@@ -141,15 +141,37 @@ def make_batches(
     return out
 
 
+def family(pid: int) -> list[int]:
+    """``pid`` and its child processes (the collector's decoding worker)."""
+    out = [pid]
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat", encoding="ascii", errors="replace") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(d))
+            except (OSError, ValueError, IndexError):
+                continue
+    return out
+
+
+def rss_kb(pids: list[int], key: str = "VmRSS") -> int:
+    return sum(c.proc_rss_kb(p, key) for p in pids)
+
+
+def cpu_s(pids: list[int]) -> float:
+    return sum(c.proc_cpu_s(p) for p in pids)
+
+
 class Sampler(threading.Thread):
-    def __init__(self, pid: int) -> None:
+    def __init__(self, pids: list[int]) -> None:
         super().__init__(daemon=True)
-        self.pid, self.max_kb, self.samples, self.stop = pid, 0, 0, threading.Event()
+        self.pids, self.max_kb, self.samples, self.stop = pids, 0, 0, threading.Event()
 
     def run(self) -> None:
         while not self.stop.is_set():
             try:
-                self.max_kb = max(self.max_kb, c.proc_rss_kb(self.pid))
+                self.max_kb = max(self.max_kb, rss_kb(self.pids))
                 self.samples += 1
             except OSError:
                 return
@@ -232,7 +254,9 @@ def top_functions(raw: str, n: int = 12) -> dict[str, list[tuple[str, float]]]:
 
 
 def in_process(tmp: str, agents: list[dict[str, Any]]) -> dict[str, Any]:
-    """The same batches straight into CollectorStore.ingest, one thread, fresh db."""
+    """The same batches straight into CollectorStore.ingest, one thread, fresh db:
+    as the server's writer gets them (``wire.decode_rows`` of each body, decoded
+    before the clock starts); then ``wire.decode_rows`` alone (the worker's part)."""
     from agent.collector.store import CollectorStore
 
     db = os.path.join(tmp, "inproc.db")
@@ -243,12 +267,12 @@ def in_process(tmp: str, agents: list[dict[str, Any]]) -> dict[str, Any]:
             store.enroll(a["agent_id"], a["host"], f"key-hash-{i}", 0)
         by_id = {r.agent_id: r for r in store.list_agents()}
         events = 0
+        rows = [(by_id[a["agent_id"]], wire.decode_rows(body)) for a in agents for body, _ in a["bodies"]]
         t0 = time.perf_counter()
-        for a in agents:
-            rec = by_id[a["agent_id"]]
-            for b in a["batches"]:
-                store.ingest(rec, b, 0)
-                events += b.size()
+        for rec, rb in rows:
+            store.ingest(rec, rb, 0)
+            events += rb.size()
+        del rows
         dt = time.perf_counter() - t0
         recs.append(dt)
     finally:
@@ -257,7 +281,7 @@ def in_process(tmp: str, agents: list[dict[str, Any]]) -> dict[str, Any]:
     decoded = 0
     for a in agents:
         for body, _ in a["bodies"]:
-            wire.decode_batch(body)
+            wire.decode_rows(body)
             decoded += 1
     dec = time.perf_counter() - t1
     return {
@@ -309,7 +333,8 @@ def main() -> int:
             pid = col.proc.pid
             for ag in agents:
                 ag["key"] = enroll(col.url, ag["agent_id"], ag["host"])
-            rss_idle = c.proc_rss_kb(pid)
+            pids = family(pid)  # the collector and its decoding worker: RSS and CPU of both
+            rss_idle = rss_kb(pids)
             if a.profile:
                 spy = subprocess.Popen(
                     [os.path.join(os.path.dirname(sys.executable), "py-spy"), "record", "--pid", str(pid),
@@ -317,9 +342,9 @@ def main() -> int:
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                 )  # fmt: skip
                 time.sleep(1.0)
-            sampler = Sampler(pid)
+            sampler = Sampler(pids)
             sampler.start()
-            cpu0 = c.proc_cpu_s(pid)
+            cpu0 = cpu_s(pids)
             outs: list[dict[str, Any]] = [{} for _ in agents]
             threads = [
                 threading.Thread(target=post_all, args=(col.url, ag["key"], ag["bodies"], out))
@@ -331,15 +356,15 @@ def main() -> int:
             for t in threads:
                 t.join()
             wall = max(o["t_end"] for o in outs) - t0
-            cpu1 = c.proc_cpu_s(pid)
+            cpu1 = cpu_s(pids)
             sampler.stop.set()
             sampler.join()
             if spy is not None:
                 spy.send_signal(2)
                 spy.wait(30)
-            hwm = c.proc_rss_kb(pid, "VmHWM")
+            hwm = rss_kb(pids, "VmHWM")
             time.sleep(2)
-            rss_after = c.proc_rss_kb(pid)
+            rss_after = rss_kb(pids)
             errors = [o["error"] for o in outs if "error" in o]
             with sqlite3.connect(f"file:{col.db}?mode=ro", uri=True) as db:
                 stored_rows = db.execute("SELECT count(*) FROM events").fetchone()[0]
@@ -360,6 +385,7 @@ def main() -> int:
             "latency_max_s": max(o["latency_max_s"] for o in outs),
             "collector_cpu_s": cpu1 - cpu0,
             "collector_cpu_us_per_event": (cpu1 - cpu0) / max(1, committed) * 1e6,
+            "collector_processes": len(pids),
             "rss_idle_mb": rss_idle / 1024,
             "rss_max_sampled_mb": sampler.max_kb / 1024,
             "rss_hwm_mb": hwm / 1024,
@@ -385,7 +411,7 @@ def main() -> int:
     if inproc:
         print(
             f"same batches into CollectorStore.ingest in-process, one thread: "
-            f"{inproc['events_per_s']:.0f} events/s; wire.decode_batch alone: "
+            f"{inproc['events_per_s']:.0f} events/s; wire.decode_rows alone: "
             f"{inproc['decode_events_per_s']:.0f} events/s"
         )
     prof = None

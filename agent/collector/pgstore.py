@@ -513,12 +513,13 @@ class PgStore:
 
     # ------------------------------------------------------------ ingest
 
-    def ingest(self, agent: AgentRecord, batch: wire.Batch, now_ms: int) -> str:
+    def ingest(self, agent: AgentRecord, batch: wire.Batch | wire.RowBatch, now_ms: int) -> str:
         """Store one batch in one transaction: "stored" or "duplicate" (see the
         SQLite store for the rules; they are the same)."""
         if self.readonly:
             raise StoreError("the collector database is open read-only")
-        times = [e.ts for e in batch.events] + [t for c in batch.counts for t in c.times]
+        batch = wire.rows_of(batch)
+        times = batch.times()
         self.ensure_partitions(self._hours_for(times, now_ms))
         conn = self._conn()
         for attempt in range(RETRIES):
@@ -543,7 +544,7 @@ class PgStore:
         self,
         conn: psycopg.Connection[Any],
         agent: AgentRecord,
-        batch: wire.Batch,
+        batch: wire.RowBatch,
         times: list[int],
         now_ms: int,
     ) -> bool:
@@ -580,22 +581,20 @@ class PgStore:
             (agent.ref, batch.epoch, batch.seq, batch.sent_at),
         )
         want: dict[bytes, tuple[Optional[bytes], Optional[bytes], int]] = {}
-        for exe, path, ts in [(e.exe, e.path, e.ts) for e in batch.events] + [
-            (c.exe, c.path, max(c.times)) for c in batch.counts
+        for key, exe, path, ts in [(e[1], e[2], e[3], e[0]) for e in batch.events] + [
+            (c[0], c[1], c[2], max(c[3])) for c in batch.counts
         ]:
-            key = pair_key(exe, path)
             old = want.get(key)
             want[key] = (exe, path, ts if old is None else max(old[2], ts))
         refs = self._intern(conn, want) if want else {}
         with conn.cursor() as cur:
             with cur.copy("COPY events (ts, pair, agent, host, detail) FROM STDIN (FORMAT BINARY)") as cp:
                 cp.set_types(["int8", "int8", "int8", "int8", "bytea"])
-                for e in batch.events:
-                    detail = bytes(msgpack.packb({"action": e.action, **e.detail}, use_bin_type=True))
-                    cp.write_row((e.ts, refs[pair_key(e.exe, e.path)], agent.ref, agent.host_ref, detail))
-                for c in batch.counts:
-                    ref = refs[pair_key(c.exe, c.path)]
-                    for t in c.times:
+                for ts, key, _, _, detail in batch.events:
+                    cp.write_row((ts, refs[key], agent.ref, agent.host_ref, detail))
+                for key, _, _, ctimes in batch.counts:
+                    ref = refs[key]
+                    for t in ctimes:
                         cp.write_row((t, ref, agent.ref, agent.host_ref, None))
         if batch.gaps:
             with conn.cursor() as cur:

@@ -17,8 +17,12 @@ Status codes of ``POST /api/v1/batches``, checked in this order:
 - 200 ``{"status": "stored" | "duplicate"}`` after the durable commit.
 
 Database work runs in threads: one writer thread (ingest, enroll, prune) so
-writes never contend inside the process, and a small pool for reads and for
-decoding, so the event loop never blocks.
+writes never contend inside the process, and a small pool for reads, so the
+event loop never blocks. Batch bodies are decoded and validated in one worker
+process (started by :func:`serve`; :meth:`Collector.start_decoder`), which
+hands the writer ready-to-insert rows (:func:`agent.wire.decode_rows`): on two
+cores, decoding and the SQLite writer run side by side instead of sharing one
+GIL. Without the worker (tests, or if it dies) the read pool decodes.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import inspect
 import json
 import logging
 import math
+import multiprocessing
 import os
 import re
 import signal
@@ -36,7 +41,8 @@ import ssl
 import zlib
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from functools import partial
 from typing import Any, Optional, TypeVar
 
@@ -94,6 +100,7 @@ class Collector:
         self.error_log = LogLimiter()
         self.reads = ThreadPoolExecutor(4, thread_name_prefix="rw-read")
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="rw-write")
+        self.decoder: Optional[ProcessPoolExecutor] = None
         self.batches: Counter[str] = Counter()
         self.rejects: Counter[int] = Counter()
         self.events = 0
@@ -105,6 +112,30 @@ class Collector:
     async def write(self, fn: Callable[..., R], *args: Any) -> R:
         return await asyncio.get_running_loop().run_in_executor(self.writer, partial(fn, *args))
 
+    def start_decoder(self) -> None:
+        """Start the decoding worker process (and wait until it runs)."""
+        pool = ProcessPoolExecutor(
+            1, mp_context=multiprocessing.get_context("spawn"), initializer=_decoder_init
+        )
+        pool.submit(wire.decode_rows, b"").exception()  # spawn it now, not on the first batch
+        self.decoder = pool
+
+    async def decode(self, body: bytes) -> wire.RowBatch:
+        """``wire.decode_rows(body)`` in the worker process (or the read pool)."""
+        pool = self.decoder
+        if pool is not None:
+            try:
+                return await asyncio.get_running_loop().run_in_executor(pool, wire.decode_rows, body)
+            except BrokenProcessPool:
+                # The worker died (killed, out of memory): start another one for
+                # the next batches, decode this one here.
+                log.error("event=decoder_died")
+                if self.decoder is pool:
+                    self.decoder = None
+                    pool.shutdown(wait=False)
+                    await asyncio.get_running_loop().run_in_executor(self.reads, self.start_decoder)
+        return await self.read(wire.decode_rows, body)
+
     def limited(self, logger: logging.Logger, level: int, key: str, msg: str, *args: Any) -> None:
         """Log at most a few lines per key a minute; say how many were dropped."""
         ok, suppressed = self.auth_log.allow(key, self.clock.monotonic())
@@ -114,9 +145,19 @@ class Collector:
     def close(self) -> None:
         self.reads.shutdown(wait=True)
         self.writer.shutdown(wait=True)
+        if self.decoder is not None:
+            self.decoder.shutdown(wait=True, cancel_futures=True)
         for out in self.outputs:
             with contextlib.suppress(OSError):
                 out.close()
+
+
+def _decoder_init() -> None:
+    """In the decoding worker: SIGINT/SIGTERM are the collector's to handle (a
+    terminal's Ctrl-C or systemd signal the whole group); the worker ends when
+    the collector shuts its pool down or its pipe closes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 # aiohttp >= 3.9 wants typed keys (and warns on str keys); 3.8 has only str keys.
@@ -275,7 +316,7 @@ async def batches(request: web.Request) -> web.Response:
     if encoding == "gzip":
         body = await c.read(_gunzip, body, c.max_body)
     try:
-        batch = await c.read(wire.decode_batch, body)
+        batch = await c.decode(body)
     except VersionError as e:
         raise Reject(
             400, str(e), headers={"X-Supported-Versions": ",".join(map(str, wire.SUPPORTED_VERSIONS))}
@@ -304,7 +345,7 @@ async def batches(request: web.Request) -> web.Response:
     status = await c.write(c.store.ingest, agent, batch, c.clock.now_ms())
     c.batches[status] += 1
     if status == "stored":
-        c.events += len(batch.events) + sum(len(x.times) for x in batch.counts)
+        c.events += batch.events_total()
     return web.json_response({"status": status})
 
 
@@ -459,6 +500,11 @@ async def _serve(cfg: Config, secret: str) -> int:
         return 1
     app = make_app(cfg, store, secret, SystemClock(), outputs)
     c: Collector = app[COLLECTOR]
+    if (os.cpu_count() or 1) > 1:
+        try:
+            c.start_decoder()
+        except OSError as e:
+            log.warning("event=decoder_unavailable error=%r", str(e))
     # auto_decompress off: gzip is decompressed by us, with an output cap.
     # shutdown_timeout moved from TCPSite (aiohttp 3.8) to the runner (3.9+).
     on_runner = "shutdown_timeout" in inspect.signature(web.BaseRunner.__init__).parameters

@@ -62,6 +62,7 @@ log = logging.getLogger("rarewrite.collector.store")
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT_MS = 5000
 PRUNE_CHUNK = 5000
+PAIR_CACHE_MAX = 65_536  # pair refs the writer keeps in memory (about 10 MB at most)
 
 Pair = tuple[Optional[bytes], Optional[bytes]]
 
@@ -142,6 +143,11 @@ CREATE INDEX IF NOT EXISTS alerts_at ON alerts(at_ms);
 # indexed query. Any other agent_count takes the general form.
 _META_SQL = f"INSERT OR REPLACE INTO meta(key, value) VALUES ('schema_version', '{SCHEMA_VERSION}');"  # noqa: S608
 
+_PAIR_UPSERT_SQL = (
+    "INSERT INTO pairs(key, exe, path, last_ts) VALUES (?, ?, ?, ?) "
+    "ON CONFLICT(key) DO UPDATE SET last_ts=max(last_ts, excluded.last_ts) RETURNING ref"
+)
+
 _ROWS_ONE_AGENT_SQL = """
 SELECT g.cc, 1, g.a1, g.h1, g.h2, p.exe, p.path, g.first_ts, g.pair
 FROM (
@@ -220,7 +226,7 @@ class Store(Protocol):
     def agent_for_key(self, key_hash: str) -> Optional[AgentRecord]: ...
     def revoke(self, agent_id: str) -> bool: ...
     def list_agents(self) -> list[AgentRecord]: ...
-    def ingest(self, agent: AgentRecord, batch: wire.Batch, now_ms: int) -> str: ...
+    def ingest(self, agent: AgentRecord, batch: wire.Batch | wire.RowBatch, now_ms: int) -> str: ...
     def rows(self, rule: Rule, at_ms: int) -> list[Row]: ...
     def ranked_rows(self, rule: Rule, at_ms: int) -> list[RankedRow]: ...
     def pair_events(self, pair: Pair, lo_ms: int, hi_ms: int, limit: int) -> list[StoredEvent]: ...
@@ -306,8 +312,7 @@ def sqlite_version(path: str) -> int:
             conn.close()
 
 
-def pair_key(exe: Optional[bytes], path: Optional[bytes]) -> bytes:
-    return bytes(msgpack.packb([exe, path], use_bin_type=True))
+pair_key = wire.pair_key
 
 
 @contextlib.contextmanager
@@ -482,84 +487,120 @@ class CollectorStore:
 
     # ------------------------------------------------------------ ingest
 
-    def ingest(self, agent: AgentRecord, batch: wire.Batch, now_ms: int) -> str:
+    def ingest(self, agent: AgentRecord, batch: wire.Batch | wire.RowBatch, now_ms: int) -> str:
         """Store one decoded batch for ``agent`` in one transaction.
 
+        ``batch`` is a :class:`wire.Batch` or, from the server's decoder, a
+        :class:`wire.RowBatch` (details already packed: stored as they are).
         Returns "duplicate" (nothing changed) when the batch was stored before
         by name (agent, epoch, seq), by batch id, or when its seq is not past
         the last one of its epoch; else "stored". A seq gap records a
         "possible_loss" gap for the agent.
         """
+        rb = wire.rows_of(batch)
+        cache = self._pair_cache()
+        fresh: dict[bytes, tuple[int, int]] = {}
         with self._write("ingest") as conn:
+            dv = conn.execute("PRAGMA data_version").fetchone()[0]
+            if dv != self._local.data_version:
+                cache.clear()  # another connection committed: a cached pair may be gone
+                self._local.data_version = dv
             seen = conn.execute(
-                "SELECT 1 FROM batches WHERE agent_ref=? AND batch_id=?", (agent.ref, batch.batch_id)
+                "SELECT 1 FROM batches WHERE agent_ref=? AND batch_id=?", (agent.ref, rb.batch_id)
             ).fetchone()
             if seen:
                 return "duplicate"
             ep = conn.execute(
                 "SELECT last_seq, last_sent_at FROM epochs WHERE agent_ref=? AND epoch=?",
-                (agent.ref, batch.epoch),
+                (agent.ref, rb.epoch),
             ).fetchone()
-            if ep is not None and batch.seq <= ep[0]:
+            if ep is not None and rb.seq <= ep[0]:
                 return "duplicate"
-            times = [e.ts for e in batch.events] + [t for c in batch.counts for t in c.times]
-            if (ep is None and batch.seq > 1) or (ep is not None and batch.seq > ep[0] + 1):
-                missing = batch.seq - 1 - (ep[0] if ep else 0)
-                start = ep[1] if ep else min([*times, batch.sent_at])
+            if (ep is None and rb.seq > 1) or (ep is not None and rb.seq > ep[0] + 1):
+                missing = rb.seq - 1 - (ep[0] if ep else 0)
+                start = ep[1] if ep else min([*rb.times(), rb.sent_at])
                 conn.execute(
                     "INSERT INTO gaps(agent_ref, start_ms, end_ms, lost, reason, received_ms) "
                     "VALUES (?, ?, ?, 0, 'possible_loss', ?)",
-                    (agent.ref, min(start, batch.sent_at), batch.sent_at, now_ms),
+                    (agent.ref, min(start, rb.sent_at), rb.sent_at, now_ms),
                 )
                 log.warning(
                     "event=seq_gap agent_id=%r epoch=%s missing_batches=%d",
                     agent.agent_id,
-                    batch.epoch,
+                    rb.epoch,
                     missing,
                 )
             conn.execute(
                 "INSERT INTO epochs(agent_ref, epoch, last_seq, last_sent_at) VALUES (?, ?, ?, ?) "
                 "ON CONFLICT(agent_ref, epoch) DO UPDATE SET last_seq=excluded.last_seq, "
                 "last_sent_at=excluded.last_sent_at",
-                (agent.ref, batch.epoch, batch.seq, batch.sent_at),
+                (agent.ref, rb.epoch, rb.seq, rb.sent_at),
             )
             conn.execute(
                 "INSERT INTO batches(agent_ref, epoch, seq, batch_id, received_ms, records) "
                 "VALUES (?, ?, ?, ?, ?, ?)",
-                (agent.ref, batch.epoch, batch.seq, batch.batch_id, now_ms, batch.size()),
+                (agent.ref, rb.epoch, rb.seq, rb.batch_id, now_ms, rb.size()),
             )
+            # Newest time per pair in this batch, then one statement per pair
+            # that is new to the cache or whose last_ts moves.
+            newest: dict[bytes, list[Any]] = {}
+            for ts, key, exe, path, _ in rb.events:
+                got = newest.get(key)
+                if got is None:
+                    newest[key] = [exe, path, ts]
+                elif ts > got[2]:
+                    got[2] = ts
+            for key, exe, path, times in rb.counts:
+                got = newest.get(key)
+                top = max(times)
+                if got is None:
+                    newest[key] = [exe, path, top]
+                elif top > got[2]:
+                    got[2] = top
             refs: dict[bytes, int] = {}
-
-            def intern(exe: Optional[bytes], path: Optional[bytes], last_ts: int) -> int:
-                key = pair_key(exe, path)
-                ref = refs.get(key)
-                if ref is None:
-                    conn.execute(
-                        "INSERT INTO pairs(key, exe, path, last_ts) VALUES (?, ?, ?, ?) "
-                        "ON CONFLICT(key) DO UPDATE SET last_ts=max(last_ts, excluded.last_ts)",
-                        (key, exe, path, last_ts),
-                    )
-                    ref = int(conn.execute("SELECT ref FROM pairs WHERE key=?", (key,)).fetchone()[0])
-                    refs[key] = ref
+            moved: list[tuple[int, int]] = []
+            upsert = conn.execute
+            for key, (exe, path, top) in newest.items():
+                known = cache.get(key)
+                if known is None:
+                    ref = int(upsert(_PAIR_UPSERT_SQL, (key, exe, path, top)).fetchone()[0])
+                    fresh[key] = (ref, top)
                 else:
-                    conn.execute("UPDATE pairs SET last_ts=max(last_ts, ?) WHERE ref=?", (last_ts, ref))
-                return ref
-
-            rows: list[tuple[int, int, int, int, Optional[bytes]]] = []
-            for e in batch.events:
-                detail = bytes(msgpack.packb({"action": e.action, **e.detail}, use_bin_type=True))
-                rows.append((e.ts, intern(e.exe, e.path, e.ts), agent.ref, agent.host_ref, detail))
-            for c in batch.counts:
-                ref = intern(c.exe, c.path, max(c.times))
-                rows.extend((t, ref, agent.ref, agent.host_ref, None) for t in c.times)
+                    ref = known[0]
+                    if top > known[1]:
+                        moved.append((top, ref))
+                        fresh[key] = (ref, top)
+                refs[key] = ref
+            if moved:
+                conn.executemany("UPDATE pairs SET last_ts=max(last_ts, ?) WHERE ref=?", moved)
+            aref, href = agent.ref, agent.host_ref
+            rows: list[tuple[int, int, int, int, Optional[bytes]]] = [
+                (ts, refs[key], aref, href, detail) for ts, key, _, _, detail in rb.events
+            ]
+            for key, _, _, times in rb.counts:
+                ref = refs[key]
+                rows.extend((t, ref, aref, href, None) for t in times)
             conn.executemany("INSERT INTO events(ts, pair, agent, host, detail) VALUES (?, ?, ?, ?, ?)", rows)
-            conn.executemany(
-                "INSERT INTO gaps(agent_ref, start_ms, end_ms, lost, reason, received_ms) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                [(agent.ref, g.start, g.end, g.lost, g.reason, now_ms) for g in batch.gaps],
-            )
+            if rb.gaps:
+                conn.executemany(
+                    "INSERT INTO gaps(agent_ref, start_ms, end_ms, lost, reason, received_ms) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    [(agent.ref, g.start, g.end, g.lost, g.reason, now_ms) for g in rb.gaps],
+                )
             conn.execute("UPDATE agents SET last_seen_ms=? WHERE ref=?", (now_ms, agent.ref))
-            return "stored"
+        # Committed: what this batch learnt about its pairs is now true.
+        if len(cache) + len(fresh) > PAIR_CACHE_MAX:
+            cache.clear()
+        cache.update(fresh)
+        return "stored"
+
+    def _pair_cache(self) -> dict[bytes, tuple[int, int]]:
+        """This connection's pair key -> (ref, last_ts) of committed pairs (bounded)."""
+        cache: Optional[dict[bytes, tuple[int, int]]] = getattr(self._local, "pairs", None)
+        if cache is None:
+            cache = self._local.pairs = {}
+            self._local.data_version = None
+        return cache
 
     # ------------------------------------------------------------ evaluation
 
@@ -716,6 +757,7 @@ class CollectorStore:
             # unless one arrived late; check inside this transaction.
             if conn.execute("SELECT 1 FROM events WHERE ts < ? LIMIT 1", (before_ms,)).fetchone() is None:
                 conn.execute("DELETE FROM pairs WHERE last_ts < ?", (before_ms,))
+                self._pair_cache().clear()
         return total
 
     def counts(self) -> dict[str, Any]:

@@ -143,3 +143,29 @@ def evaluate(db: str, at_ms: int, tmp: str, limit: int = 100_000) -> list[dict[s
     if r.returncode != 0:
         raise RuntimeError("evaluate failed: " + r.stderr[-2000:])
     return [json.loads(line) for line in r.stdout.splitlines() if line.strip()]
+
+
+# The worst-case burst, one process: F files in D new dirs, every tenth written
+# as .tmp and renamed to .php. burst.py and peers.py run the same workload.
+BURST_WRITER = r"""
+import json, os, sys, time
+root, nfiles, ndirs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+t0 = time.perf_counter()
+dirs = [os.path.join(root, f"d{i:03d}") for i in range(ndirs)]
+for d in dirs:
+    os.mkdir(d)
+per = -(-nfiles // ndirs)
+renames = 0
+for i in range(nfiles):
+    name = f"{dirs[i // per]}/f{i:06d}"
+    if i % 10 == 0:
+        fd = os.open(name + ".tmp", flags, 0o644)
+        os.write(fd, b"<?php ?>\n")
+        os.close(fd)
+        os.rename(name + ".tmp", name + ".php")
+        renames += 1
+    else:
+        os.close(os.open(name + ".html", flags, 0o644))
+print(json.dumps({"wall_s": time.perf_counter() - t0, "files": nfiles, "renames": renames, "dirs": ndirs}))
+"""

@@ -53,28 +53,7 @@ import _common as c
 
 from tests.support import procs
 
-WRITER = r"""
-import json, os, sys, time
-root, nfiles, ndirs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
-t0 = time.perf_counter()
-dirs = [os.path.join(root, f"d{i:03d}") for i in range(ndirs)]
-for d in dirs:
-    os.mkdir(d)
-per = -(-nfiles // ndirs)
-renames = 0
-for i in range(nfiles):
-    name = f"{dirs[i // per]}/f{i:06d}"
-    if i % 10 == 0:
-        fd = os.open(name + ".tmp", flags, 0o644)
-        os.write(fd, b"<?php ?>\n")
-        os.close(fd)
-        os.rename(name + ".tmp", name + ".php")
-        renames += 1
-    else:
-        os.close(os.open(name + ".html", flags, 0o644))
-print(json.dumps({"wall_s": time.perf_counter() - t0, "files": nfiles, "renames": renames, "dirs": ndirs}))
-"""
+WRITER = c.BURST_WRITER
 
 
 STUB = r"""

@@ -1,0 +1,147 @@
+"""Real web servers, not named copies: nginx (WebDAV PUT, through its body
+temp file and a rename) and PHP-FPM (a script writing a web shell), both as
+www-data, watched by `rarewrite agent run` on the real kernel. The packages
+come from Debian (installed here when missing, as root)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.test_live_agent import start_agent, wait_rows
+from tests.support import procs
+from tests.support.writers import www_tempdir
+
+pytestmark = [pytest.mark.root, pytest.mark.slow]
+PHP_FPM = "/usr/sbin/php-fpm8.2"
+NGINX = "/usr/sbin/nginx"
+
+
+def _install() -> str:
+    """Empty when nginx and php-fpm are here (installing them if we may)."""
+    if os.geteuid() != 0:
+        return "needs root"
+    if os.path.exists(NGINX) and os.path.exists(PHP_FPM):
+        return ""
+    if not shutil.which("apt-get"):
+        return "nginx and php8.2-fpm missing and no apt-get to install them"
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    apt = ["apt-get", "-o", "DPkg::Lock::Timeout=300"]
+    subprocess.run([*apt, "update", "-q"], check=False, capture_output=True, env=env, timeout=300)
+    r = subprocess.run(
+        [*apt, "install", "-y", "-q", "--no-install-recommends", "nginx-light", "php8.2-fpm"],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    if r.returncode != 0 or not (os.path.exists(NGINX) and os.path.exists(PHP_FPM)):
+        return "could not install nginx-light and php8.2-fpm: " + r.stderr[-300:]
+    return ""
+
+
+@pytest.fixture
+def servers() -> Iterator[tuple[str, int]]:
+    why = _install()
+    if why:
+        pytest.skip(why)
+    with www_tempdir("rw-real-") as base:
+        www, run = f"{base}/www", f"{base}/run"
+        os.makedirs(f"{www}/uploads")
+        os.makedirs(f"{www}/dav")
+        os.makedirs(run)
+        for d in (www, f"{www}/uploads", f"{www}/dav"):
+            shutil.chown(d, 33, 33)
+        port = procs.free_port()
+        Path(f"{base}/nginx.conf").write_text(f"""
+user www-data;
+worker_processes 1;
+pid {run}/nginx.pid;
+error_log {run}/nginx.log;
+events {{ worker_connections 64; }}
+http {{
+  access_log off;
+  client_body_temp_path {www}/.body;
+  server {{
+    listen 127.0.0.1:{port};
+    root {www};
+    location /dav/ {{ dav_methods PUT; }}
+    location ~ \\.php$ {{
+      fastcgi_pass unix:{run}/php.sock;
+      include /etc/nginx/fastcgi_params;
+      fastcgi_param SCRIPT_FILENAME $document_root$fastcgi_script_name;
+    }}
+  }}
+}}
+""")
+        Path(f"{base}/php-fpm.conf").write_text(f"""
+[global]
+pid = {run}/php-fpm.pid
+error_log = {run}/php-fpm.log
+daemonize = yes
+[www]
+user = www-data
+group = www-data
+listen = {run}/php.sock
+listen.owner = www-data
+pm = static
+pm.max_children = 1
+""")
+        Path(f"{www}/up.php").write_text(
+            f'<?php file_put_contents("{www}/uploads/" . basename($_GET["n"]), "<?php system($_GET[1]); ?>");\n'
+        )
+        subprocess.run([PHP_FPM, "-y", f"{base}/php-fpm.conf"], check=True, capture_output=True, timeout=30)
+        subprocess.run([NGINX, "-c", f"{base}/nginx.conf"], check=True, capture_output=True, timeout=30)
+        try:
+            yield www, port
+        finally:
+            for pidfile in (f"{run}/nginx.pid", f"{run}/php-fpm.pid"):
+                with contextlib.suppress(OSError, ValueError):
+                    os.kill(int(Path(pidfile).read_text().split()[0]), signal.SIGQUIT)
+            time.sleep(0.5)
+
+
+def http(method: str, url: str, body: bytes | None = None) -> int:
+    req = urllib.request.Request(url, data=body, method=method)  # noqa: S310 - loopback test server
+    with urllib.request.urlopen(req, timeout=10) as r:  # noqa: S310 - loopback test server
+        return int(r.status)
+
+
+def test_nginx_put_and_php_fpm_uploads_are_caught(servers: tuple[str, int], tmp_path: Path) -> None:
+    www, port = servers
+    base = f"http://127.0.0.1:{port}"
+    with procs.collector(str(tmp_path)) as c:
+        agent, _, _ = start_agent(tmp_path, c.url, www)
+        try:
+            for name in ("shell-1.php", "shell-2.php"):
+                assert http("GET", f"{base}/up.php?n={name}") == 200
+            for _ in range(6):  # overwriting an existing file creates nothing: cc stays 1
+                assert http("GET", f"{base}/up.php?n=again.php") == 200
+            assert (
+                http(
+                    "PUT", f"{base}/dav/cmd.jsp", b"<% Runtime.getRuntime().exec(request.getParameter(1)); %>"
+                )
+                == 201
+            )
+            want = {
+                (PHP_FPM, f"{www}/uploads/shell-1.php", 1),
+                (PHP_FPM, f"{www}/uploads/shell-2.php", 1),
+                (PHP_FPM, f"{www}/uploads/again.php", 1),
+                (NGINX, f"{www}/dav/cmd.jsp", 1),  # the rename from nginx's body temp file
+            }
+            got = wait_rows(c.db, want)
+            assert want <= got
+            extra = {r for r in got - want if not r[1].startswith(f"{www}/.body/")}
+            assert extra == set()  # only nginx's own temp file besides: it is a creation too
+        finally:
+            procs.stop(agent)

@@ -155,6 +155,7 @@ class Shipper:
         self.last_error: Optional[str] = None
         self.counters = {"batches_sent": 0, "records_sent": 0, "duplicates": 0, "refused": 0, "failures": 0}
         self._key: Optional[str] = None
+        self._sending = threading.Lock()
 
     # -------------------------------------------------------------- enrollment
 
@@ -219,7 +220,13 @@ class Shipper:
 
     def ship_once(self) -> bool:
         """Send one batch if there is one and the backoff allows; True when a
-        batch was acknowledged. EnrollError propagates (fatal)."""
+        batch was acknowledged. EnrollError propagates (fatal). One send at a
+        time: the shutdown flush may run while the shipper thread still waits
+        for an answer."""
+        with self._sending:
+            return self._ship_once()
+
+    def _ship_once(self) -> bool:
         if self.clock.monotonic() < self.not_before:
             return False
         lease = self.store.lease(

@@ -503,9 +503,17 @@ class AgentStore:
         db = self._db()
         with self._lock:
             db.execute("BEGIN IMMEDIATE")
-            db.execute("DELETE FROM outbox WHERE id <= ?", (lease.hi,))
-            db.execute("DELETE FROM lease WHERE seq=?", (lease.seq,))
-            db.execute("UPDATE meta SET v=? WHERE k='next_seq'", (lease.seq + 1,))
+            # Only the lease still in flight may be acked: a late answer for a
+            # batch acked already must not move the sequence back (the next
+            # batch would then be taken for a duplicate and lost).
+            gone = db.execute(
+                "DELETE FROM lease WHERE seq=? AND batch_id=?", (lease.seq, lease.batch_id)
+            ).rowcount
+            if gone:
+                db.execute("DELETE FROM outbox WHERE id <= ?", (lease.hi,))
+                db.execute(
+                    "UPDATE meta SET v=max(CAST(v AS INTEGER), ?) WHERE k='next_seq'", (lease.seq + 1,)
+                )
             db.execute("COMMIT")
 
     def split(self, lease: Lease, reason: str) -> None:

@@ -234,3 +234,18 @@ def test_facts_of_a_file_gone_before_the_delay_say_so(tmp_path: Path) -> None:
     s.fill_facts()
     lease = s.lease("a", "h", 100)
     assert lease is not None and wire.decode_batch(lease.body).events[0].detail["file"] == {"gone": True}
+
+
+def test_a_late_ack_of_an_acked_batch_does_not_move_the_sequence_back(store: AgentStore) -> None:
+    store.record([ev(path=b"/a", ts=T0)])
+    first = store.lease("a", "h", 100)
+    assert first is not None
+    store.ack(first)
+    store.record([ev(path=b"/b", ts=T0 + 1)])
+    second = store.lease("a", "h", 100)
+    assert second is not None and second.seq == 2
+    store.ack(second)
+    store.ack(first)  # a slow answer for the first batch arrives after both were acked
+    store.record([ev(path=b"/c", ts=T0 + 2)])
+    third = store.lease("a", "h", 100)
+    assert third is not None and third.seq == 3  # seq 2 again would be dropped as a duplicate

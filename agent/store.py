@@ -294,6 +294,12 @@ class AgentStore:
                     raise StoreError(f"{self.path}: {e}") from e
                 self._note_unstored(events, e)
                 return 0
+            except BaseException:
+                # Anything else (an unpackable value, a signal): leave no open
+                # transaction and no cached time of the batch behind.
+                db.execute("ROLLBACK") if db.in_transaction else None
+                recent.clear()
+                raise
             while len(recent) > RECENT_PAIRS:
                 recent.popitem(last=False)
         self.counters["stored"] += len(events)
@@ -526,20 +532,40 @@ class AgentStore:
             db.execute("DELETE FROM lease WHERE seq=?", (lease.seq,))
             ids = [r[0] for r in db.execute("SELECT id FROM outbox WHERE id<=? ORDER BY id", (lease.hi,))]
             if len(ids) <= 1:
-                db.execute(
-                    "INSERT INTO quarantine(at, reason, kind, body) SELECT ?, ?, kind, body FROM outbox "
-                    "WHERE id<=?",
-                    (self.clock.now_ms(), reason[:500], lease.hi),
-                )
-                db.execute("DELETE FROM outbox WHERE id<=?", (lease.hi,))
-                self.counters["quarantined"] += len(ids)
-                log.error(
-                    "event=record_quarantined reason=%r quarantined_total=%d",
-                    reason[:200],
-                    self.counters["quarantined"],
-                )
+                self._quarantine(db, lease.hi, reason)
             db.execute("COMMIT")
         self._split_hint = len(ids) // 2 if len(ids) > 1 else 0
+
+    def _quarantine(self, db: sqlite3.Connection, hi: int, reason: str) -> None:
+        """Keep the refused record on disk. An event loses only its detail:
+        it goes on as a bare count time, so cc stays exact; a refused time
+        becomes a gap, so the collector knows this host lost an event."""
+        row = db.execute(
+            "SELECT id, kind, ts, body FROM outbox WHERE id<=? ORDER BY id LIMIT 1", (hi,)
+        ).fetchone()
+        if row is None:
+            return
+        rid, kind, ts, body = row
+        db.execute(
+            "INSERT INTO quarantine(at, reason, kind, body) VALUES (?, ?, ?, ?)",
+            (self.clock.now_ms(), reason[:500], kind, body),
+        )
+        self.counters["quarantined"] += 1
+        if kind == EVENT:
+            e = msgpack.unpackb(body, raw=False)
+            db.execute(
+                "UPDATE outbox SET kind=1, body=? WHERE id=?", (pair_key(e.get("exe"), e.get("path")), rid)
+            )
+        else:
+            db.execute("DELETE FROM outbox WHERE id=?", (rid,))
+            if kind == COUNT:
+                self._insert_gap(db, ts, ts, 1, "quarantined")
+        log.error(
+            "event=record_quarantined kind=%d reason=%r quarantined_total=%d",
+            kind,
+            reason[:200],
+            self.counters["quarantined"],
+        )
 
     _split_hint = 0
 

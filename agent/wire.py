@@ -578,13 +578,13 @@ def event_map(ev: Any, facts: Any = None) -> dict[str, Any]:
         "action": ev.action,
         "exe": p.executable or None,
         "path": ev.path or None,
-        "etype": list(ev.event_type),
+        "etype": [t[:32] for t in ev.event_type],
         "attr": ev.attribution,
     }
     optional = {
         "orig": ev.original_path or None,
-        "pid": p.pid,
-        "ppid": p.ppid,
+        "pid": _pid(p.pid),
+        "ppid": _pid(p.ppid),
         "pname": _cut(p.name),
         "cmd": _cut(p.command_line),
         "uid": _cut(u.id),
@@ -610,6 +610,11 @@ def facts_map(facts: Any) -> dict[str, Any]:
         "gone": facts.gone,
     }
     return {k: v for k, v in f.items() if v is not None}
+
+
+def _pid(value: Optional[int]) -> Optional[int]:
+    """A pid the collector accepts, else none at all (recorded data may hold anything)."""
+    return value if value is not None and 0 <= value < (1 << 31) else None
 
 
 def _cut(text: Optional[str]) -> Optional[str]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -65,33 +66,48 @@ def keyword(value: Any) -> Optional[str]:
 
 
 def integer(value: Any) -> Optional[int]:
+    """A pid-like number, or None when absent or out of [0, 2^31)."""
     value = scalar(value)
     if isinstance(value, bool):
         return None
-    if isinstance(value, int):
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, int) and 0 <= value < (1 << 31):
         return value
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        return int(value)
     return None
 
 
 def parse_timestamp(value: Any) -> int:
     """ISO 8601 (any offset, any fraction) or epoch milliseconds, to whole ms
     (Elasticsearch's date precision; finer digits are cut, not rounded)."""
+    ms = _timestamp(value)
+    if not 0 <= ms <= MAX_TS_MS:
+        raise ValueError(f"@timestamp out of range: {value!r}")
+    return ms
+
+
+MAX_TS_MS = (1 << 53) - 1  # what the wire carries
+
+
+def _timestamp(value: Any) -> int:
     value = scalar(value)
     if isinstance(value, bool) or value is None:
         raise ValueError("no @timestamp")
     if isinstance(value, (int, float)):
+        if not math.isfinite(value):
+            raise ValueError("@timestamp is not a number")
         return int(value)
     if not isinstance(value, str):
         raise ValueError("@timestamp is not a string")
     text = value.strip()
-    if text.isdigit():
+    if text.isdigit() and len(text) > 4:  # epoch_millis; "2025" is a year, as in strict_date_optional_time
         return int(text)
+    if text.isdigit():
+        text += "-01-01T00:00:00"
     if text.endswith(("Z", "z")):
         text = text[:-1] + "+00:00"
     frac = ""
-    head, dot, tail = text.partition(".")
+    head, dot, tail = text.replace(",", ".", 1).partition(".")  # ISO 8601 allows a decimal comma
     if dot:
         digits = len(tail) - len(tail.lstrip("0123456789"))
         frac, zone = tail[:digits], tail[digits:]

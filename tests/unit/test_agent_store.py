@@ -84,7 +84,18 @@ def test_split_then_quarantine_the_poison_record(store: AgentStore) -> None:
     one = store.lease("a", "h", store.next_batch_limit(100))
     assert one is not None and one.n == 1
     store.split(one, "HTTP 400: bad path")
-    assert store.quarantined() == 1 and store.counters["quarantined"] == 1 and store.depth() == 3
+    # kept on disk, and the event goes on without its detail: cc stays exact
+    assert store.quarantined() == 1 and store.counters["quarantined"] == 1 and store.depth() == 4
+    again = store.lease("a", "h", 1)
+    assert again is not None
+    batch = wire.decode_batch(again.body)
+    assert batch.events == () and [c.path for c in batch.counts] == [b"/p0"]
+    store.split(again, "HTTP 400: still refused")  # a refused time becomes a gap
+    rest = store.lease("a", "h", 100)
+    assert rest is not None
+    rest_batch = wire.decode_batch(rest.body)
+    assert [(g.reason, g.lost) for g in rest_batch.gaps] == [("quarantined", 1)]
+    assert len(rest_batch.events) == 3 and store.quarantined() == 2
 
 
 def test_corrupt_state_file_is_moved_aside(tmp_path: Path) -> None:
@@ -249,3 +260,25 @@ def test_a_late_ack_of_an_acked_batch_does_not_move_the_sequence_back(store: Age
     store.record([ev(path=b"/c", ts=T0 + 2)])
     third = store.lease("a", "h", 100)
     assert third is not None and third.seq == 3  # seq 2 again would be dropped as a duplicate
+
+
+def test_an_unpackable_value_leaves_no_open_transaction(store: AgentStore) -> None:
+    bad = FileEvent(
+        T0, "creation", b"/x", ProcessInfo(1, "nginx", b"/usr/sbin/nginx"), UserInfo(object(), "w")
+    )  # type: ignore[arg-type]
+    with pytest.raises(AttributeError):  # a bug elsewhere must not wedge the store
+        store.record([bad])
+    assert not store._db().in_transaction
+    store.record([ev(path=b"/after")])
+    assert store.depth() == 1 and store.counters["not_stored"] == 0
+
+
+def test_out_of_range_pids_are_not_put_on_the_wire(store: AgentStore) -> None:
+    e = FileEvent(
+        T0, "creation", b"/x", ProcessInfo(-1, "nginx", b"/usr/sbin/nginx", 1 << 40), UserInfo("33", "w")
+    )
+    store.record([e])
+    lease = store.lease("a", "h", 10)
+    assert lease is not None
+    detail = wire.decode_batch(lease.body).events[0].detail  # the collector's own validation
+    assert "pid" not in detail and "ppid" not in detail

@@ -199,7 +199,11 @@ class Resolver:
             elif state in ("Z", "X") and cached is not None:
                 return cached, CACHED
             elif (
-                cached is not None and cached.complete and cached.start_ticks == ticks and cached.comm == comm
+                cached is not None
+                and cached.complete
+                and cached.start_ticks == ticks
+                and cached.comm == comm
+                and self._euid(pid) == cached.euid  # a server that dropped root after we cached it
             ):
                 self._cache.move_to_end(pid)
                 return cached, EXACT
@@ -312,6 +316,9 @@ class Resolver:
         except (IndexError, ValueError):
             return None
 
+    def _euid(self, pid: int) -> Optional[int]:
+        return _status_euid(_read_file(b"%s/%d/status" % (self._root.encode(), pid)))
+
     def _read(self, pid: int, st: Optional[tuple[str, str, int, int]] = None) -> Optional[_Proc]:
         """A full record for a live pid, or None when it is gone."""
         if st is None:
@@ -320,15 +327,7 @@ class Resolver:
                 return None
         comm, _state, ppid, ticks = st
         base = b"%s/%d/" % (self._root.encode(), pid)
-        euid: Optional[int] = None
-        status = _read_file(base + b"status")
-        if status is not None:
-            i = status.find(b"\nUid:")
-            if i >= 0:
-                try:
-                    euid = int(status[i + 5 :].split(None, 2)[1])
-                except (IndexError, ValueError):
-                    euid = None
+        euid = _status_euid(_read_file(base + b"status"))
         exe = _readlink(base + b"exe")
         args = _cmdline(_read_file(base + b"cmdline"))
         parent = self._stat(ppid) if ppid > 0 else None
@@ -399,3 +398,16 @@ def _readlink(path: bytes) -> Optional[bytes]:
     if target.endswith(_DELETED):
         target = target[: -len(_DELETED)]
     return target
+
+
+def _status_euid(status: Optional[bytes]) -> Optional[int]:
+    """The effective uid from /proc/PID/status (``Uid: real effective saved fs``)."""
+    if status is None:
+        return None
+    i = status.find(b"\nUid:")
+    if i < 0:
+        return None
+    try:
+        return int(status[i + 5 :].split(None, 2)[1])
+    except (IndexError, ValueError):
+        return None

@@ -195,13 +195,15 @@ def test_no_pid_is_inferred_from_owner_and_web_process(tmp_path: Path) -> None:
 
 
 def test_a_server_that_drops_root_after_it_was_cached_is_seen_as_its_new_user(proc_root: Path) -> None:
-    _fake_proc(proc_root, 71, "lighttpd", "/usr/sbin/lighttpd", euid=0)
+    _fake_proc(proc_root, 71, "lighttpd", "/usr/sbin/lighttpd", euid=0, cmdline=b"lighttpd\0-D\0")
     clock = FakeClock()
     r = Resolver(clock, proc_root=str(proc_root))
     raw = RawEvent(kind=CREATION, ts_ms=(BTIME + 200) * 1000, path=b"/x", pid=71)
     assert r.resolve(raw).user.id == "0"  # type: ignore[union-attr]
     (proc_root / "71" / "exe").unlink()
-    _fake_proc(proc_root, 71, "lighttpd", "/usr/sbin/lighttpd", euid=33)  # setuid(33): same pid, comm, start
+    _fake_proc(
+        proc_root, 71, "lighttpd", "/usr/sbin/lighttpd", euid=33, cmdline=b"lighttpd\0-D\0"
+    )  # setuid(33)
     clock.advance(1.0)  # past the trust window
     ev = r.resolve(raw)
     assert ev is not None and ev.user.id == "33" and ev.user.name == "www-data"

@@ -68,10 +68,10 @@ def _parser() -> argparse.ArgumentParser:
         "--at", metavar="ISO8601", required=True, help="evaluation time T; the window is (T-1h, T]"
     )
 
-    agents = col.add_parser("agents", help="list enrolled agents or revoke one")
+    agents = col.add_parser("agents", help="list enrolled agents, revoke one, or restore a revoked one")
     _config_opt(agents, COLLECTOR_CONF)
-    agents.add_argument("action", choices=("list", "revoke"))
-    agents.add_argument("agent_id", nargs="?", help="the agent to revoke")
+    agents.add_argument("action", choices=("list", "revoke", "restore"))
+    agents.add_argument("agent_id", nargs="?", help="the agent to revoke (or to let enroll again: restore)")
     agents.add_argument("--db", metavar="PATH|URL", help=_DB_HELP + " ([collector] db)")
 
     alerts = col.add_parser("alerts", help="list stored alerts")

@@ -14,8 +14,8 @@ from agent.errors import RarewriteError, StoreError
 
 
 def agents(cfg: Config, db: str, action: str, agent_id: Optional[str]) -> int:
-    if action == "revoke" and not agent_id:
-        raise RarewriteError("collector agents revoke: name the agent id to revoke")
+    if action in ("revoke", "restore") and not agent_id:
+        raise RarewriteError(f"collector agents {action}: name the agent id")
     for doc in agents_cli(db, action, agent_id or ""):
         sys.stdout.write(json.dumps(doc, sort_keys=True) + "\n")
     return 0

@@ -468,16 +468,18 @@ class PgStore:
 
     # ------------------------------------------------------------ agents
 
-    def enroll(self, agent_id: str, host_name: str, key_hash: str, now_ms: int) -> None:
+    def enroll(self, agent_id: str, host_name: str, key_hash: str, now_ms: int) -> bool:
         with self._write("enroll") as conn:
             host = self._host_ref(conn, host_name)
-            conn.execute(
+            cur = conn.execute(
                 "INSERT INTO agents(agent_id, host_ref, key_hash, revoked, enrolled_ms) "
                 "VALUES (%s, %s, %s, false, %s) "
                 "ON CONFLICT (agent_id) DO UPDATE SET host_ref = excluded.host_ref, "
-                "key_hash = excluded.key_hash, revoked = false, enrolled_ms = excluded.enrolled_ms",
+                "key_hash = excluded.key_hash, enrolled_ms = excluded.enrolled_ms "
+                "WHERE agents.revoked = false",
                 (agent_id, host, key_hash, now_ms),
             )
+            return cur.rowcount > 0
 
     @staticmethod
     def _host_ref(conn: psycopg.Connection[Any], name: str) -> int:
@@ -505,6 +507,14 @@ class PgStore:
             return (
                 conn.execute("UPDATE agents SET revoked = true WHERE agent_id = %s", (agent_id,)).rowcount > 0
             )
+
+    def restore(self, agent_id: str) -> bool:
+        with self._write("restore") as conn:
+            cur = conn.execute(
+                "UPDATE agents SET revoked = false, key_hash = 'restored:' || agent_id WHERE agent_id = %s",
+                (agent_id,),
+            )
+            return cur.rowcount > 0
 
     def list_agents(self) -> list[AgentRecord]:
         with self._errors("listing agents"):

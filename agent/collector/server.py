@@ -273,7 +273,9 @@ async def enroll(request: web.Request) -> web.Response:
     if not isinstance(host_name, str) or not _PRINTABLE.match(host_name) or not _utf8(host_name):
         raise Reject(400, "host_name: must be 1-255 printable characters")
     key = new_api_key()
-    await c.write(c.store.enroll, agent_id, host_name, key_hash(key), c.clock.now_ms())
+    if not await c.write(c.store.enroll, agent_id, host_name, key_hash(key), c.clock.now_ms()):
+        security.warning("event=enroll_revoked agent_id=%r peer=%r", agent_id, peer)
+        raise Reject(403, "this agent id was revoked; an admin must restore it")
     log.info("event=enrolled agent_id=%r host_name=%r peer=%r", agent_id, host_name, peer)
     return web.json_response({"api_key": key})
 

@@ -222,9 +222,10 @@ class Store(Protocol):
 
     path: str
 
-    def enroll(self, agent_id: str, host_name: str, key_hash: str, now_ms: int) -> None: ...
+    def enroll(self, agent_id: str, host_name: str, key_hash: str, now_ms: int) -> bool: ...
     def agent_for_key(self, key_hash: str) -> Optional[AgentRecord]: ...
     def revoke(self, agent_id: str) -> bool: ...
+    def restore(self, agent_id: str) -> bool: ...
     def list_agents(self) -> list[AgentRecord]: ...
     def ingest(self, agent: AgentRecord, batch: wire.Batch | wire.RowBatch, now_ms: int) -> str: ...
     def rows(self, rule: Rule, at_ms: int) -> list[Row]: ...
@@ -449,17 +450,19 @@ class CollectorStore:
         conn.execute("INSERT OR IGNORE INTO hosts(name) VALUES (?)", (name,))
         return int(conn.execute("SELECT ref FROM hosts WHERE name=?", (name,)).fetchone()[0])
 
-    def enroll(self, agent_id: str, host_name: str, key_hash: str, now_ms: int) -> None:
-        """Bind ``key_hash`` to ``agent_id``; re-enrolling replaces the key and un-revokes."""
+    def enroll(self, agent_id: str, host_name: str, key_hash: str, now_ms: int) -> bool:
+        """Bind ``key_hash`` to ``agent_id`` (re-enrolling replaces the key);
+        False for a revoked id, which stays out until :meth:`restore`."""
         with self._write("enroll") as conn:
             host = self._host_ref(conn, host_name)
-            conn.execute(
+            cur = conn.execute(
                 "INSERT INTO agents(agent_id, host_ref, key_hash, revoked, enrolled_ms) "
                 "VALUES (?, ?, ?, 0, ?) "
                 "ON CONFLICT(agent_id) DO UPDATE SET host_ref=excluded.host_ref, key_hash=excluded.key_hash, "
-                "revoked=0, enrolled_ms=excluded.enrolled_ms",
+                "enrolled_ms=excluded.enrolled_ms WHERE agents.revoked = 0",
                 (agent_id, host, key_hash, now_ms),
             )
+            return cur.rowcount > 0
 
     _AGENT_SQL = (
         "SELECT a.agent_id, h.name, a.revoked, a.ref, a.host_ref, a.enrolled_ms, a.last_seen_ms "
@@ -478,6 +481,14 @@ class CollectorStore:
     def revoke(self, agent_id: str) -> bool:
         with self._write("revoke") as conn:
             cur = conn.execute("UPDATE agents SET revoked=1 WHERE agent_id=?", (agent_id,))
+            return cur.rowcount > 0
+
+    def restore(self, agent_id: str) -> bool:
+        """Let a revoked id enroll again (its old key stays dead: it must enroll)."""
+        with self._write("restore") as conn:
+            cur = conn.execute(  # a key hash no key has: the old key stays dead
+                "UPDATE agents SET revoked=0, key_hash='restored:' || agent_id WHERE agent_id=?", (agent_id,)
+            )
             return cur.rowcount > 0
 
     def list_agents(self) -> list[AgentRecord]:
@@ -787,11 +798,11 @@ def agents_cli(db: str, action: str, agent_id: str = "") -> list[dict[str, Any]]
         raise StoreError(f"no collector database at {db!r}")
     store = open_store(db)
     try:
-        if action == "revoke":
-            if not store.revoke(agent_id):
+        if action in ("revoke", "restore"):
+            if not (store.revoke(agent_id) if action == "revoke" else store.restore(agent_id)):
                 raise StoreError(f"no agent with id {agent_id!r}")
         elif action != "list":
-            raise StoreError(f"unknown agents action {action!r} (list or revoke)")
+            raise StoreError(f"unknown agents action {action!r} (list, revoke or restore)")
         return [
             {
                 "agent_id": a.agent_id,

@@ -264,6 +264,8 @@ def test_c3_credentials(keyed: tuple[Server, str], caplog: pytest.LogCaptureFixt
     assert srv.request("POST", "/api/v1/batches", body, {"Authorization": "Basic Zm9vOmJhcg=="})[0] == 401
     srv.store.revoke("good-1")
     assert srv.post_batch(key, body)[0] == 401
+    again = json.dumps({"enrollment_secret": SECRET, "agent_id": "good-1", "host_name": "h"}).encode()
+    assert srv.request("POST", "/api/v1/enroll", again, {"Content-Type": "application/json"})[0] == 403
     lines = [r for r in caplog.records if "auth_failed" in r.getMessage()]
     assert 1 <= len(lines) <= 6  # rate-limited
     assert srv.healthy()

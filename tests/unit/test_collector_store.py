@@ -155,13 +155,18 @@ def test_identity_host_from_enrollment(store: Store) -> None:
     assert store.rows(Rule(), T)[0].host_names == ("real-host",)
 
 
-def test_enroll_revoke_reenroll(store: Store) -> None:
+def test_enroll_revoke_restore_reenroll(store: Store) -> None:
     agent(store, "a")
-    assert store.revoke("a") and not store.revoke("nobody")
-    rec = store.agent_for_key("hash-a")
-    assert rec is not None and rec.revoked
-    store.enroll("a", "h2", "new-hash", T)
+    assert store.enroll("a", "h1", "hash-a2", T)  # re-enrolling replaces the key
     assert store.agent_for_key("hash-a") is None
+    assert store.revoke("a") and not store.revoke("nobody")
+    rec = store.agent_for_key("hash-a2")
+    assert rec is not None and rec.revoked
+    assert not store.enroll("a", "h2", "new-hash", T)  # a revoked id cannot enroll itself back
+    assert store.agent_for_key("new-hash") is None
+    assert store.restore("a") and not store.restore("nobody")
+    assert store.agent_for_key("hash-a2") is None  # the old key stays dead
+    assert store.enroll("a", "h2", "new-hash", T)
     rec = store.agent_for_key("new-hash")
     assert rec is not None and not rec.revoked and rec.host_name == "h2"
     assert [x.agent_id for x in store.list_agents()] == ["a"]

@@ -192,10 +192,10 @@ class Shipper:
             self.reachable = False
             raise
         self.reachable = True
-        if r.status in (401, 403):
-            raise EnrollError(
-                f"the collector refused enrollment (HTTP {r.status}): check the enrollment secret"
-            )
+        if r.status == 403:
+            raise EnrollError("the collector refused enrollment (HTTP 403): this agent id was revoked")
+        if r.status == 401:
+            raise EnrollError("the collector refused enrollment (HTTP 401): check the enrollment secret")
         if r.status != 200:
             raise ShipError(f"enrollment failed: HTTP {r.status}")
         try:

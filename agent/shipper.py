@@ -9,15 +9,17 @@ any other: there is no fallback to plain HTTP.
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import json
 import logging
 import os
 import random
+import socket
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Optional, Protocol
+from typing import Any, Optional, Protocol
 
 import requests
 
@@ -64,6 +66,7 @@ class RequestsTransport:
         self.timeout = timeout
 
     def post(self, url: str, body: bytes, headers: Mapping[str, str]) -> Response:
+        limit = 2 * self.timeout  # a reply that trickles is a failure too: whole reply, not per read
         try:
             with self.session.post(
                 url,
@@ -73,7 +76,29 @@ class RequestsTransport:
                 stream=True,
                 allow_redirects=False,
             ) as r:
-                data = r.raw.read(MAX_RESPONSE + 1, decode_content=True)
+                late = threading.Event()
+
+                sock = _socket_of(r)
+
+                def give_up() -> None:
+                    late.set()
+                    if sock is not None:  # wakes the blocked read (a close alone would not)
+                        with contextlib.suppress(OSError):
+                            sock.shutdown(socket.SHUT_RDWR)
+                    r.close()
+
+                timer = threading.Timer(limit, give_up)
+                timer.start()
+                try:
+                    data = r.raw.read(MAX_RESPONSE + 1, decode_content=True)
+                except Exception as e:  # noqa: BLE001 - whatever the closed socket raises
+                    if late.is_set():
+                        raise ShipError(f"reply from {url} took longer than {limit:.0f} s") from None
+                    raise ShipError(f"reading the reply from {url}: {_short(e)}") from None
+                finally:
+                    timer.cancel()
+                if late.is_set():
+                    raise ShipError(f"reply from {url} took longer than {limit:.0f} s")
                 if len(data) > MAX_RESPONSE:
                     raise ShipError(f"reply from {url} larger than {MAX_RESPONSE} bytes")
                 return Response(r.status_code, dict(r.headers), data)
@@ -82,6 +107,17 @@ class RequestsTransport:
 
     def close(self) -> None:
         self.session.close()
+
+
+def _socket_of(r: requests.Response) -> Optional[socket.socket]:
+    """The reply's socket, found through urllib3 1.26's and 2.x's attributes."""
+    for path in (("raw", "_connection", "sock"), ("raw", "_fp", "fp", "raw", "_sock")):
+        obj: Any = r
+        for attr in path:
+            obj = getattr(obj, attr, None)
+        if isinstance(obj, socket.socket):
+            return obj
+    return None
 
 
 def _short(e: BaseException) -> str:

@@ -21,6 +21,7 @@ from typing import Any, Optional, TypeVar
 from urllib.parse import urlsplit
 
 from agent.errors import ConfigError
+from agent.wire import valid_agent_id
 from agent.rule import Rule
 
 T = TypeVar("T")
@@ -136,6 +137,22 @@ def url(text_: str) -> str:
     return t.rstrip("/")
 
 
+def agent_id(text_: str) -> str:
+    """Empty (made on first start) or what the collector accepts as an id."""
+    t = text_.strip()
+    if t and not valid_agent_id(t):
+        raise ValueError(f"{t!r} is not an agent id (1-128 of A-Z a-z 0-9 . _ : @ -)")
+    return t
+
+
+def host_name(text_: str) -> str:
+    """Empty (this host's name) or 1-255 printable characters."""
+    t = text_.strip()
+    if t and (len(t) > 255 or any(ord(ch) < 32 or ord(ch) == 127 for ch in t)):
+        raise ValueError(f"{t!r} is not a host name (1-255 printable characters)")
+    return t
+
+
 def listen(text_: str) -> str:
     t = text_.strip()
     host, sep, port = t.rpartition(":")
@@ -239,8 +256,8 @@ AGENT_KEYS: _Spec = {
     "collector": ("collector", url),
     "state_dir": ("state_dir", path),
     "enrollment_secret_file": ("enrollment_secret_file", path),
-    "agent_id": ("agent_id", text),
-    "host_name": ("host_name", text),
+    "agent_id": ("agent_id", agent_id),
+    "host_name": ("host_name", host_name),
     "backend": ("backend", choice("auto", "fanotify", "inotify")),
     "watch": ("watch", nonempty_paths),
     "exclude": ("exclude", abs_paths),

@@ -115,3 +115,9 @@ def test_config_check_never_prints_a_database_password(
     assert cli.main(["config", "check", "--config", str(conf)]) == 0
     out = capsys.readouterr().out
     assert "hunter2" not in out and "rw:***@db.example.org" in out
+
+
+def test_an_agent_id_or_host_name_the_collector_would_refuse_stops_the_agent_at_once() -> None:
+    with pytest.raises(ConfigError) as e:
+        config.load([], overrides={"agent": {"agent_id": "web 01", "host_name": "h" * 300}})
+    assert len(e.value.problems) == 2

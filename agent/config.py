@@ -21,7 +21,6 @@ from typing import Any, Optional, TypeVar
 from urllib.parse import urlsplit
 
 from agent.errors import ConfigError
-from agent.wire import valid_agent_id
 from agent.rule import Rule
 
 T = TypeVar("T")
@@ -139,6 +138,8 @@ def url(text_: str) -> str:
 
 def agent_id(text_: str) -> str:
     """Empty (made on first start) or what the collector accepts as an id."""
+    from agent.wire import valid_agent_id  # lazily: config stays free of msgpack
+
     t = text_.strip()
     if t and not valid_agent_id(t):
         raise ValueError(f"{t!r} is not an agent id (1-128 of A-Z a-z 0-9 . _ : @ -)")

@@ -31,21 +31,29 @@ class BadLine:
 
 
 def get(doc: dict[str, Any], dotted: str) -> Any:
-    """A field by its dotted name, from dotted keys or nested objects."""
-    if dotted in doc:
-        return doc[dotted]
-    cur: Any = doc
-    parts = dotted.split(".")
-    for i, part in enumerate(parts):
-        if not isinstance(cur, dict):
-            return None
-        rest = ".".join(parts[i:])
-        if rest in cur and i:
-            return cur[rest]  # partly dotted: {"process": {"parent.pid": 1}}
-        if part not in cur:
-            return None
-        cur = cur[part]
-    return cur
+    """A field by its dotted name, however the document splits it: dotted
+    keys, nested objects or a mix (``{"host.os": {"type": x}}``). Found in
+    more than one place it has several values, as Elasticsearch would index
+    it: a list, which :func:`scalar` makes null."""
+    hits = _hits(doc, dotted.split("."))
+    if not hits:
+        return None
+    if len(hits) == 1:
+        return hits[0]
+    return [v for hit in hits for v in (hit if isinstance(hit, list) else [hit])]
+
+
+def _hits(cur: Any, parts: list[str]) -> list[Any]:
+    if not parts:
+        return [cur]
+    if not isinstance(cur, dict):
+        return []
+    out: list[Any] = []
+    for i in range(1, len(parts) + 1):
+        key = ".".join(parts[:i])
+        if key in cur:
+            out.extend(_hits(cur[key], parts[i:]))
+    return out
 
 
 def scalar(value: Any) -> Any:

@@ -252,3 +252,21 @@ def test_generated_fleets_match_the_sql_oracle(seed: int, tmp_path: Path) -> Non
     }
     assert got == fleet.oracle_rows(f)
     assert got, "a fleet without rows proves little"
+
+
+@pytest.mark.parametrize(
+    ("doc", "value"),
+    [
+        ({"host": {"os": {"type": "linux"}}}, "linux"),
+        ({"host.os.type": "linux"}, "linux"),
+        ({"host.os": {"type": "linux"}}, "linux"),
+        ({"host": {"os.type": "linux"}}, "linux"),
+        ({"host.os.type": "linux", "host": {"os": {"type": "linux"}}}, None),  # two values: null
+        ({"host": {"os": {"type": ["linux"]}}}, "linux"),
+        ({"host": {"os": "linux"}}, None),
+    ],
+)
+def test_replay_reads_a_field_however_the_document_splits_it(doc: dict[str, object], value: object) -> None:
+    from agent.sources.replay import get, scalar
+
+    assert scalar(get(doc, "host.os.type")) == value

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
+import shutil
+import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -99,22 +103,22 @@ def start_agent(tmp: str, url: str, state: str, watch: str, tag: str = "agent") 
         raise RuntimeError("agent did not start: " + f.read()[-2000:])
 
 
-def wait_matched(
-    state: str, want: int, timeout: float, stalled_s: float = 15.0
+def wait_counter(
+    state: str, want: int, timeout: float, stalled_s: float = 15.0, key: str = "matched"
 ) -> tuple[dict[str, Any], float | None]:
-    """Poll the status until counters.matched >= want; (status, seconds or
-    None when it never got there: timeout, or matched still for stalled_s)."""
+    """Poll the status until counters[key] >= want; (status, seconds or
+    None when it never got there: timeout, or the counter still for stalled_s)."""
     t0 = last_move = time.monotonic()
     last = -1
     st: dict[str, Any] = {}
     while True:
         st = status(state)
-        matched = st.get("counters", {}).get("matched", 0)
+        got = st.get("counters", {}).get(key, 0)
         now = time.monotonic()
-        if matched >= want:
+        if got >= want:
             return st, now - t0
-        if matched != last:
-            last, last_move = matched, now
+        if got != last:
+            last, last_move = got, now
         if now - t0 > timeout or now - last_move > stalled_s:
             return st, None
         time.sleep(0.05)
@@ -169,3 +173,117 @@ for i in range(nfiles):
         os.close(os.open(name + ".html", flags, 0o644))
 print(json.dumps({"wall_s": time.perf_counter() - t0, "files": nfiles, "renames": renames, "dirs": ndirs}))
 """
+
+
+def sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    r = subprocess.run(list(argv), check=False, capture_output=True, text=True)
+    if check and r.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)}: {(r.stderr or r.stdout).strip()[-500:]}")
+    return r
+
+
+class Target:
+    """A scratch filesystem (tmpfs, or ext4 on a loop device) under /srv."""
+
+    def __init__(self, fs: str, size_mb: int, tag: str) -> None:
+        self.fs = fs
+        os.makedirs("/srv", exist_ok=True)
+        self.mnt = tempfile.mkdtemp(prefix=f"rw-{tag}-{fs}-", dir="/srv")
+        self.image: str | None = None
+        if fs == "tmpfs":
+            sh("mount", "-t", "tmpfs", "-o", f"size={size_mb}m,mode=0755", "tmpfs", self.mnt)
+        else:
+            fd, self.image = tempfile.mkstemp(prefix=f"rw-{tag}-", suffix=".ext4", dir="/var/tmp")
+            os.close(fd)
+            os.truncate(self.image, size_mb << 20)
+            sh("mkfs.ext4", "-q", "-F", "-N", "400000", self.image)
+            sh("mount", "-o", "loop", self.image, self.mnt)
+        shutil.chown(self.mnt, 33, 33)
+
+    def close(self) -> None:
+        subprocess.run(["umount", self.mnt], check=False, capture_output=True)
+        if self.image:
+            os.unlink(self.image)
+        os.rmdir(self.mnt)
+
+
+def workload(writer: list[str], root: str, nfiles: int, ndirs: int) -> dict[str, Any]:
+    """Run BURST_WRITER (``writer``: its argv, with the setpriv prefix for www-data)
+    in a fresh ``root``; its JSON line plus the wall time seen from outside."""
+    os.mkdir(root)
+    shutil.chown(root, 33, 33)
+    os.sync()
+    t0 = time.perf_counter()
+    r = subprocess.run([*writer, root, str(nfiles), str(ndirs)], check=False, capture_output=True, text=True)
+    outer = time.perf_counter() - t0
+    if r.returncode != 0:
+        raise RuntimeError("writer failed: " + r.stderr[-2000:])
+    doc: dict[str, Any] = json.loads(r.stdout.strip().splitlines()[-1])
+    doc["outer_s"] = outer
+    return doc
+
+
+STUB = r"""
+import json, sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+class H(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *a):
+        pass
+
+    def do_GET(self):
+        self._reply(b"ok\n")
+
+    def do_POST(self):
+        n = int(self.headers.get("Content-Length") or 0)
+        while n > 0:
+            got = self.rfile.read(min(n, 1 << 20))
+            if not got:
+                break
+            n -= len(got)
+        if self.path.endswith("/enroll"):
+            self._reply(json.dumps({"api_key": "stub-key"}).encode())
+        else:
+            self._reply(b'{"status": "stored"}')
+
+    def _reply(self, body):
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"""
+
+
+@contextlib.contextmanager
+def stub_collector(tmp: str) -> Iterator[str]:
+    """A collector stand-in on loopback that enrolls and answers 200 to every
+    batch, storing nothing: only the agent is measured. Yields its URL."""
+    port = procs.free_port()
+    with open(os.path.join(tmp, "stub.log"), "ab") as log:
+        p = subprocess.Popen(
+            [sys.executable, "-c", STUB, str(port)], stdout=log, stderr=log, start_new_session=True
+        )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                if time.monotonic() > deadline or p.poll() is not None:
+                    raise RuntimeError("stub collector did not start") from None
+                time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        procs.stop(p)
+
+
+@contextlib.contextmanager
+def real_collector(tmp: str) -> Iterator[str]:
+    with procs.collector(tmp) as col:
+        yield col.url

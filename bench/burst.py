@@ -36,17 +36,12 @@ in a finally.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import os
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import _common as c
@@ -54,116 +49,6 @@ import _common as c
 from tests.support import procs
 
 WRITER = c.BURST_WRITER
-
-
-STUB = r"""
-import json, sys
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-class H(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, *a):
-        pass
-
-    def _reply(self, body):
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def do_GET(self):
-        self._reply(b"ok")
-
-    def do_POST(self):
-        n = int(self.headers.get("Content-Length") or 0)
-        while n > 0:
-            n -= len(self.rfile.read(min(n, 1 << 20)) or b"x" * n)
-        if self.path.endswith("/enroll"):
-            self._reply(json.dumps({"api_key": "stub-key"}).encode())
-        else:
-            self._reply(b'{"status": "ok"}')
-
-ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
-"""
-
-
-class _Stub:
-    def __init__(self, url: str) -> None:
-        self.url = url
-
-
-@contextlib.contextmanager
-def stub_collector(tmp: str) -> Iterator[_Stub]:
-    """Enroll and 200 for every batch, nothing stored: only the agent is measured."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    p = subprocess.Popen([sys.executable, "-c", STUB, str(port)], start_new_session=True)
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    break
-            except OSError:
-                if time.monotonic() > deadline or p.poll() is not None:
-                    raise RuntimeError("stub collector did not start") from None
-                time.sleep(0.05)
-        yield _Stub(f"http://127.0.0.1:{port}")
-    finally:
-        procs.stop(p)
-
-
-def wait_counter(
-    state: str, key: str, want: int, timeout: float, stalled_s: float = 15.0
-) -> tuple[dict[str, Any], float | None]:
-    """Poll the status until counters[key] >= want (c.wait_matched for any counter)."""
-    t0 = last_move = time.monotonic()
-    last = -1
-    while True:
-        st = c.status(state)
-        got = st.get("counters", {}).get(key, 0)
-        now = time.monotonic()
-        if got >= want:
-            return st, now - t0
-        if got != last:
-            last, last_move = got, now
-        if now - t0 > timeout or now - last_move > stalled_s:
-            return st, None
-        time.sleep(0.05)
-
-
-class Target:
-    """A scratch filesystem mounted under /srv."""
-
-    def __init__(self, fs: str, size_mb: int) -> None:
-        self.fs = fs
-        os.makedirs("/srv", exist_ok=True)
-        self.mnt = tempfile.mkdtemp(prefix=f"rw-burst-{fs}-", dir="/srv")
-        self.image = None
-        if fs == "tmpfs":
-            _sh("mount", "-t", "tmpfs", "-o", f"size={size_mb}m,mode=0755", "tmpfs", self.mnt)
-        else:
-            fd, self.image = tempfile.mkstemp(prefix="rw-burst-", suffix=".ext4", dir="/var/tmp")
-            os.close(fd)
-            os.truncate(self.image, size_mb << 20)
-            _sh("mkfs.ext4", "-q", "-F", "-N", "400000", self.image)
-            _sh("mount", "-o", "loop", self.image, self.mnt)
-        shutil.chown(self.mnt, 33, 33)
-
-    def close(self) -> None:
-        subprocess.run(["umount", self.mnt], check=False, capture_output=True)
-        if self.image:
-            os.unlink(self.image)
-        os.rmdir(self.mnt)
-
-
-def _sh(*argv: str) -> None:
-    r = subprocess.run(list(argv), check=False, capture_output=True, text=True)
-    if r.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)}: {r.stderr.strip()}")
 
 
 class RssSampler(threading.Thread):
@@ -180,21 +65,6 @@ class RssSampler(threading.Thread):
             self.stop.wait(0.05)
 
 
-def workload(writer: list[str], root: str, nfiles: int, ndirs: int) -> dict[str, Any]:
-    """``writer``: the argv, starting with the setpriv prefix (or none for root)."""
-    os.mkdir(root)
-    shutil.chown(root, 33, 33)
-    os.sync()
-    t0 = time.perf_counter()
-    r = subprocess.run([*writer, root, str(nfiles), str(ndirs)], check=False, capture_output=True, text=True)
-    outer = time.perf_counter() - t0
-    if r.returncode != 0:
-        raise RuntimeError("writer failed: " + r.stderr[-2000:])
-    doc: dict[str, Any] = json.loads(r.stdout.strip().splitlines()[-1])
-    doc["outer_s"] = outer
-    return doc
-
-
 def agent_run(
     tmp: str, url: str, target: str, root: str, writer: list[str], a: argparse.Namespace, k: int
 ) -> dict[str, Any]:
@@ -205,11 +75,11 @@ def agent_run(
         sampler.start()
         rss_idle = c.proc_rss_kb(agent.pid)
         cpu0 = c.proc_cpu_s(agent.pid)
-        w = workload(writer, root, a.files, a.dirs)
+        w = c.workload(writer, root, a.files, a.dirs)
         expected = w["files"] + w["renames"] + w["dirs"]
         # seen also counts the run's root directory, made by this script (root, python) in scope
         want = expected + (1 if a.wait_key == "seen" else 0)
-        st, latency = wait_counter(state, a.wait_key, want, a.settle_timeout)
+        st, latency = c.wait_counter(state, want, a.settle_timeout, key=a.wait_key)
         cpu1 = c.proc_cpu_s(agent.pid)
         if latency is None:  # not everything matched: let the counters settle before reading them
             time.sleep(2)
@@ -294,19 +164,19 @@ def main() -> int:
     runs: list[dict[str, Any]] = []
     target = None
     try:
-        target = Target(a.fs, size_mb)
-        with stub_collector(tmp) if a.collector == "stub" else procs.collector(tmp) as col:
+        target = c.Target(a.fs, size_mb, "burst")
+        with c.stub_collector(tmp) if a.collector == "stub" else c.real_collector(tmp) as url:
             for k in range(a.pairs):
                 order = ("none", "agent") if k % 2 == 0 else ("agent", "none")
                 for mode in order:
                     root = os.path.join(target.mnt, f"run-{k}-{mode}")
                     if mode == "none":
-                        r = {"pair": k, "mode": mode, **workload(writer, root, a.files, a.dirs)}
+                        r = {"pair": k, "mode": mode, **c.workload(writer, root, a.files, a.dirs)}
                     else:
                         r = {
                             "pair": k,
                             "mode": mode,
-                            **agent_run(tmp, col.url, target.mnt, root, writer, a, k),
+                            **agent_run(tmp, url, target.mnt, root, writer, a, k),
                         }
                     runs.append(r)
                     shutil.rmtree(root)

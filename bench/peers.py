@@ -46,18 +46,14 @@ what is installed); a tool that cannot run here is skipped with the reason.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from typing import Any, Optional
 
 import _common as c
@@ -116,113 +112,6 @@ print("seen", n, "overflows", ovf, flush=True)
 """
 
 
-STUB = r"""
-import json, sys
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-class H(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, *a):
-        pass
-
-    def do_GET(self):
-        self._reply(b"ok\n")
-
-    def do_POST(self):
-        n = int(self.headers.get("Content-Length") or 0)
-        while n > 0:
-            got = self.rfile.read(min(n, 1 << 20))
-            if not got:
-                break
-            n -= len(got)
-        if self.path.endswith("/enroll"):
-            self._reply(json.dumps({"api_key": "stub-key"}).encode())
-        else:
-            self._reply(b'{"status": "stored"}')
-
-    def _reply(self, body):
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
-"""
-
-
-@contextlib.contextmanager
-def stub_collector(tmp: str) -> Iterator[str]:
-    """A collector stand-in on loopback: enroll, and 200 for every batch."""
-    port = procs.free_port()
-    p = _popen([sys.executable, "-c", STUB, str(port)], os.path.join(tmp, "stub.log"))
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    break
-            except OSError:
-                if time.monotonic() > deadline or p.poll() is not None:
-                    raise RuntimeError("stub collector did not start") from None
-                time.sleep(0.05)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        procs.stop(p)
-
-
-@contextlib.contextmanager
-def real_collector(tmp: str) -> Iterator[str]:
-    with procs.collector(tmp) as col:
-        yield col.url
-
-
-def sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    r = subprocess.run(list(argv), check=False, capture_output=True, text=True)
-    if check and r.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)}: {(r.stderr or r.stdout).strip()[-500:]}")
-    return r
-
-
-class Target:
-    """A scratch filesystem (tmpfs, or ext4 on a loop device) under /srv."""
-
-    def __init__(self, fs: str, size_mb: int) -> None:
-        self.fs = fs
-        os.makedirs("/srv", exist_ok=True)
-        self.mnt = tempfile.mkdtemp(prefix=f"rw-peers-{fs}-", dir="/srv")
-        self.image: Optional[str] = None
-        if fs == "tmpfs":
-            sh("mount", "-t", "tmpfs", "-o", f"size={size_mb}m,mode=0755", "tmpfs", self.mnt)
-        else:
-            fd, self.image = tempfile.mkstemp(prefix="rw-peers-", suffix=".ext4", dir="/var/tmp")
-            os.close(fd)
-            os.truncate(self.image, size_mb << 20)
-            sh("mkfs.ext4", "-q", "-F", "-N", "400000", self.image)
-            sh("mount", "-o", "loop", self.image, self.mnt)
-        shutil.chown(self.mnt, 33, 33)
-
-    def close(self) -> None:
-        subprocess.run(["umount", self.mnt], check=False, capture_output=True)
-        if self.image:
-            os.unlink(self.image)
-        os.rmdir(self.mnt)
-
-
-def workload(writer: list[str], root: str, nfiles: int, ndirs: int) -> dict[str, Any]:
-    os.mkdir(root)
-    shutil.chown(root, 33, 33)
-    os.sync()
-    r = subprocess.run(
-        [*c.AS_WWW, *writer, root, str(nfiles), str(ndirs)], check=False, capture_output=True, text=True
-    )
-    if r.returncode != 0:
-        raise RuntimeError("writer failed: " + r.stderr[-2000:])
-    doc: dict[str, Any] = json.loads(r.stdout.strip().splitlines()[-1])
-    return doc
-
-
 def _wait_for(path: str, pattern: str, proc: subprocess.Popen[Any], timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -277,14 +166,14 @@ class Auditd(Sensor):
             f.write("\n".join(lines) + "\n")
         os.chmod(os.path.join(self.conf, "auditd.conf"), 0o640)
         self.proc: Optional[subprocess.Popen[bytes]] = None
-        st = sh("auditctl", "-s", check=False)
+        st = c.sh("auditctl", "-s", check=False)
         m = re.search(r"^pid (\d+)", st.stdout, re.M)
         if m and int(m.group(1)) != 0 and os.path.exists(f"/proc/{m.group(1)}"):
             raise RuntimeError(f"an audit daemon (pid {m.group(1)}) is already running; not touching it")
         self.proc = _popen(["auditd", "-n", "-c", self.conf], os.path.join(tmp, "auditd.out"))
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
-            st = sh("auditctl", "-s", check=False)
+            st = c.sh("auditctl", "-s", check=False)
             if re.search(rf"^pid {self.proc.pid}$", st.stdout, re.M):
                 break
             if self.proc.poll() is not None:
@@ -292,8 +181,8 @@ class Auditd(Sensor):
             time.sleep(0.1)
         else:
             raise RuntimeError("auditd did not register with the kernel")
-        sh("auditctl", "-b", "8192")
-        sh("auditctl", "-e", "1")
+        c.sh("auditctl", "-b", "8192")
+        c.sh("auditctl", "-e", "1")
         common = ["-F", "arch=b64"]
         filt = ["-F", "uid=33", "-F", f"exe={exe}", "-k", AUDIT_KEY]
         self.rules = [
@@ -324,16 +213,16 @@ class Auditd(Sensor):
         self.offset = self._size()
         self.lost0 = self._lost()
         for r in self.rules:
-            sh("auditctl", "-a", "always,exit", *r)
+            c.sh("auditctl", "-a", "always,exit", *r)
             self.added.append(r)
 
     def _lost(self) -> int:
-        m = re.search(r"^lost (\d+)", sh("auditctl", "-s", check=False).stdout, re.M)
+        m = re.search(r"^lost (\d+)", c.sh("auditctl", "-s", check=False).stdout, re.M)
         return int(m.group(1)) if m else 0
 
     def remove_rules(self) -> None:
         while self.added:
-            sh("auditctl", "-d", "always,exit", *self.added.pop(), check=False)
+            c.sh("auditctl", "-d", "always,exit", *self.added.pop(), check=False)
 
     def stop(self, expected: int) -> dict[str, Any]:
         self.remove_rules()
@@ -349,7 +238,7 @@ class Auditd(Sensor):
 
     def close(self) -> None:
         self.remove_rules()
-        sh("auditctl", "-e", "0", check=False)
+        c.sh("auditctl", "-e", "0", check=False)
         if self.proc is not None:
             procs.stop(self.proc)
 
@@ -408,9 +297,9 @@ class Bpftrace(Sensor):
         if not os.path.exists("/sys/kernel/tracing/events") and not os.path.exists(
             "/sys/kernel/debug/tracing/events"
         ):
-            sh("mount", "-t", "tracefs", "nodev", "/sys/kernel/tracing", check=False)
+            c.sh("mount", "-t", "tracefs", "nodev", "/sys/kernel/tracing", check=False)
             if not os.path.exists("/sys/kernel/tracing/events"):
-                sh("mount", "-t", "debugfs", "nodev", "/sys/kernel/debug", check=False)
+                c.sh("mount", "-t", "debugfs", "nodev", "/sys/kernel/debug", check=False)
         self.prog = os.path.join(tmp, "peers.bt")
         with open(self.prog, "w", encoding="ascii") as f:
             f.write(BPF)
@@ -484,7 +373,7 @@ class Rarewrite(Sensor):
 
     def stop(self, expected: int) -> dict[str, Any]:
         try:
-            _st, latency = c.wait_matched(self.state, expected, 120)
+            _st, latency = c.wait_counter(self.state, expected, 120)
             if latency is None:
                 time.sleep(2)
         finally:
@@ -563,9 +452,9 @@ def main() -> int:
     target = None
     sensors: dict[str, Sensor] = {}
     try:
-        target = Target(a.fs, max(256, a.files // 100 * 4))
+        target = c.Target(a.fs, max(256, a.files // 100 * 4), "peers")
         signal.signal(signal.SIGTERM, _terminate)  # run the finally below (audit rules, mounts)
-        with (stub_collector if a.collector == "stub" else real_collector)(tmp) as url:
+        with (c.stub_collector if a.collector == "stub" else c.real_collector)(tmp) as url:
             for t in tools:
                 if t in skipped:
                     continue
@@ -586,7 +475,7 @@ def main() -> int:
                     # one untimed probe run: the tool must start and see events here
                     sensors[t].start(-1)
                     root = os.path.join(target.mnt, f"probe-{t}")
-                    workload(writer, root, 20, 2)
+                    c.workload([*c.AS_WWW, *writer], root, 20, 2)
                     got = sensors[t].stop(20 + 2 + 2)
                     shutil.rmtree(root)
                     if not got.get("seen"):
@@ -603,7 +492,7 @@ def main() -> int:
                         root = os.path.join(target.mnt, f"run-{k}-{t}-{mode}")
                         if mode != "none":
                             s.start(k)
-                        w = workload(writer, root, a.files, a.dirs)
+                        w = c.workload([*c.AS_WWW, *writer], root, a.files, a.dirs)
                         extra = s.stop(expected) if mode != "none" else {}
                         r = {"pair": k, "tool": t, "mode": mode, **w, **extra}
                         runs.append(r)

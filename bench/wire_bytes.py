@@ -79,11 +79,7 @@ class CountingProxy:
         except OSError:
             pass
         finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+            _hang_up(src, dst)
 
     def _up(self, src: socket.socket, dst: socket.socket) -> None:
         buf = b""
@@ -97,11 +93,7 @@ class CountingProxy:
         except OSError:
             pass
         finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+            _hang_up(src, dst)
 
     def _parse(self, buf: bytes) -> bytes:
         while True:
@@ -255,6 +247,14 @@ def main() -> int:
     print("wire B/ev = every byte the agent sent (enroll, HTTP headers, batch bodies) / matching events")
     c.emit({"bench": "wire_bytes", "machine": m, "quick": a.quick, "fleets": results})
     return 0 if all(r["rows_equal_oracle"] for r in results) else 1
+
+
+def _hang_up(*socks: socket.socket) -> None:
+    for s in socks:
+        try:
+            s.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
 
 if __name__ == "__main__":

@@ -327,8 +327,9 @@ class LiveAgent:
                 now_s = self.clock.monotonic()
                 if now_s - last_status >= 1.0:
                     last_status = now_s
-                    self._report_coverage(source, store)
-                    state.write_status(self._status("running", source))
+                    stats = source.stats()  # read once a second, used twice
+                    self._report_coverage(stats, store)
+                    state.write_status(self._status("running", source, stats))
                 if self.reload.is_set():
                     self.reload.clear()
                     source = self._reload(source, open_source)
@@ -349,11 +350,10 @@ class LiveAgent:
             raise fatal[0]
         return 0
 
-    def _report_coverage(self, source: Any, store: AgentStore) -> None:
+    def _report_coverage(self, stats: dict[str, Any], store: AgentStore) -> None:
         """Events the source could not place (a directory handle that no
         longer resolves) and filesystems it could not mark are gaps: the
         collector must not take this host's silence for rarity."""
-        stats = source.stats()
         now = self.clock.now_ms()
         unresolved = int(stats.get("unresolved", 0))
         if unresolved > self._seen_unresolved:
@@ -462,8 +462,8 @@ class LiveAgent:
         signal.signal(signal.SIGINT, on_term)
         signal.signal(signal.SIGHUP, on_hup)
 
-    def _status(self, state: str, source: Any) -> dict[str, Any]:
-        src = source.stats() if source is not None else {}
+    def _status(self, state: str, source: Any, stats: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+        src = stats if stats is not None else source.stats() if source is not None else {}
         store_counters = dict(self.store.counters)
         try:
             depth = self.store.depth()

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Optional
 
-from agent.events import FileEvent
+from agent.events import FileEvent, render
 
 RULE_NAME = "Unusual File Creation by Web Server"
 
@@ -196,8 +196,6 @@ def reference_rows(rule: Rule, sightings: Iterable[Sighting], at_ms: int) -> lis
 
 def row_document(row: Row) -> dict[str, object]:
     """A row as the query prints it (JSON-ready; bytes rendered, see events.render)."""
-    from agent.events import render
-
     return {
         "cc": row.cc,
         "agent_count": row.agent_count,

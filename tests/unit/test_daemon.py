@@ -50,12 +50,12 @@ def test_unresolved_handles_and_refused_filesystems_become_gaps(tmp_path: Path) 
     store = AgentStore(str(tmp_path / "a.db"), Rule(), clock)
     agent = LiveAgent(Config(), "secret", clock=clock)
     src = FakeSource()
-    agent._report_coverage(src, store)
+    agent._report_coverage(src.stats(), store)
     assert store.depth() == 0
     src.unresolved, src.refused = 3, [{"mount": "/mnt/nfs", "reason": "EXDEV"}]
     clock.advance(1)
-    agent._report_coverage(src, store)
-    agent._report_coverage(src, store)  # nothing new: nothing more
+    agent._report_coverage(src.stats(), store)
+    agent._report_coverage(src.stats(), store)  # nothing new: nothing more
     lease = store.lease("a", "h", 100)
     assert lease is not None
     gaps = wire.decode_batch(lease.body).gaps

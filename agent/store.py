@@ -417,6 +417,7 @@ class AgentStore:
                     self._recent.clear()  # it must never know a time the table no longer has
                 self._bound_outbox(db)
             except sqlite3.Error as e:
+                db.execute("ROLLBACK") if db.in_transaction else None  # never leave the bound half-done
                 log.error("event=maintain_failed error=%r", str(e))
 
     def _bound_outbox(self, db: sqlite3.Connection) -> None:

@@ -104,3 +104,14 @@ def test_peers_quick() -> None:
     for t in doc["summary"].values():
         assert {"ratio_median", "ratios", "seen_min", "expected", "lacks"} <= set(t)
     assert doc["summary"]["rarewrite"]["seen_min"] == doc["expected_per_run"]
+
+
+def test_store_record_quick() -> None:
+    doc = _run("store_record.py")
+    assert doc["bench"] == "store_record"
+    assert set(doc["fleets"]) == {"unique", "repeat"}
+    for f in doc["fleets"].values():
+        want = {"record_us_per_event", "fill_us_per_event", "total_us_per_event", "cpu_us_per_event"}
+        assert want <= set(f)
+        assert f["events"] == f["detailed"] + f["count_times"] == f["outbox_depth"] == doc["events"]
+    assert doc["fleets"]["unique"]["detailed"] == doc["events"]

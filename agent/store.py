@@ -145,6 +145,9 @@ class AgentStore:
         # needs no query per event. Bounded; a pair it dropped is read again.
         self._recent: OrderedDict[bytes, list[int]] = OrderedDict()
         self._pending: deque[tuple[int, bytes, int]] = deque()  # (outbox id, path, due ms) awaiting facts
+        # One packer for the writer's keys and bodies (msgpack.packb builds a
+        # new one per call); only used under self._lock.
+        self._packer = msgpack.Packer(use_bin_type=True)
         self._open()
 
     # -------------------------------------------------------------- opening
@@ -242,7 +245,8 @@ class AgentStore:
                 db.execute("BEGIN IMMEDIATE")
                 self._flush_unstored(db)
                 window, below = self.rule.window_ms, self.rule.count_below
-                keys = [pair_key(ev.process.executable or None, ev.path or None) for ev in events]
+                pack = self._packer.pack
+                keys = [pack([ev.process.executable or None, ev.path or None]) for ev in events]
                 self._load_recent(db, keys, min((ev.ts_ms for ev in events), default=0) - window)
                 win_rows: list[tuple[bytes, int]] = []
                 out_rows: list[tuple[int, int, bytes]] = []
@@ -268,7 +272,7 @@ class AgentStore:
                     if len(times) > below:
                         del times[: len(times) - below]
                     if n < below:
-                        body = msgpack.packb(wire.event_map(ev), use_bin_type=True)
+                        body = pack(wire.event_map(ev))
                         if self.facts is not None and ev.path and len(self._pending) < FACTS_PENDING_MAX:
                             wants_facts.append((len(out_rows), ev.path))
                         out_rows.append((EVENT, ts, body))

@@ -571,7 +571,10 @@ MAX_CMD = 4096  # a command line is cut here (with a marker) before it is stored
 
 
 def event_map(ev: Any, facts: Any = None) -> dict[str, Any]:
-    """A FileEvent as an ``<event>`` map with full detail (see the docstring)."""
+    """A FileEvent as an ``<event>`` map with full detail (see the docstring).
+
+    One pass, keys in a fixed order, absent values left out (this runs once
+    per detailed event in a burst, so it builds no second dict to filter)."""
     p, u = ev.process, ev.user
     out: dict[str, Any] = {
         "ts": ev.ts_ms,
@@ -581,18 +584,26 @@ def event_map(ev: Any, facts: Any = None) -> dict[str, Any]:
         "etype": [t[:32] for t in ev.event_type],
         "attr": ev.attribution,
     }
-    optional = {
-        "orig": ev.original_path or None,
-        "pid": _pid(p.pid),
-        "ppid": _pid(p.ppid),
-        "pname": _cut(p.name),
-        "cmd": _cut(p.command_line),
-        "uid": _cut(u.id),
-        "uname": _cut(u.name),
-        "ppname": _cut(p.parent_name),
-        "ppexe": p.parent_executable or None,
-    }
-    out.update({k: v for k, v in optional.items() if v is not None})
+    if ev.original_path:
+        out["orig"] = ev.original_path
+    v: Any = p.pid
+    if v is not None and 0 <= v < _PID_END:
+        out["pid"] = v
+    v = p.ppid
+    if v is not None and 0 <= v < _PID_END:
+        out["ppid"] = v
+    if p.name is not None:
+        out["pname"] = _cut(p.name)
+    if p.command_line is not None:
+        out["cmd"] = _cut(p.command_line)
+    if u.id is not None:
+        out["uid"] = _cut(u.id)
+    if u.name is not None:
+        out["uname"] = _cut(u.name)
+    if p.parent_name is not None:
+        out["ppname"] = _cut(p.parent_name)
+    if p.parent_executable:
+        out["ppexe"] = p.parent_executable
     if facts is not None:
         out["file"] = facts_map(facts)
     return out
@@ -612,13 +623,11 @@ def facts_map(facts: Any) -> dict[str, Any]:
     return {k: v for k, v in f.items() if v is not None}
 
 
-def _pid(value: Optional[int]) -> Optional[int]:
-    """A pid the collector accepts, else none at all (recorded data may hold anything)."""
-    return value if value is not None and 0 <= value < (1 << 31) else None
+_PID_END = 1 << 31  # a pid the collector accepts is below this; else none is sent at all
 
 
-def _cut(text: Optional[str]) -> Optional[str]:
-    if text is None:
-        return None
+def _cut(text: str) -> str:
+    if text.isascii() and len(text) <= MAX_CMD:  # the common case: nothing to replace or cut
+        return text
     text = text.encode("utf-8", "backslashreplace").decode("utf-8")  # no lone surrogates on the wire
     return text if len(text) <= MAX_CMD else text[: MAX_CMD - 3] + "..."

@@ -144,7 +144,9 @@ class AgentStore:
         # cache of the table for the pairs it holds, so the detail decision
         # needs no query per event. Bounded; a pair it dropped is read again.
         self._recent: OrderedDict[bytes, list[int]] = OrderedDict()
-        self._pending: deque[tuple[int, bytes, int]] = deque()  # (outbox id, path, due ms) awaiting facts
+        # (outbox id, path, due ms, keys in its event map) of rows awaiting facts
+        self._pending: deque[tuple[int, bytes, int, int]] = deque()
+        self._depth = 0  # rows in the outbox: counted once at open, then kept here
         # One packer for the writer's keys and bodies (msgpack.packb builds a
         # new one per call); only used under self._lock.
         self._packer = msgpack.Packer(use_bin_type=True)
@@ -174,6 +176,7 @@ class AgentStore:
             db.execute("INSERT OR IGNORE INTO meta VALUES ('epoch', ?)", (uuid.uuid4().hex,))
             db.execute("INSERT OR IGNORE INTO meta VALUES ('next_seq', 1)")
             db.execute("COMMIT")
+        self._depth = int(db.execute("SELECT count(*) FROM outbox").fetchone()[0])
         os.chmod(self.path, 0o600)
 
     def _healthy(self) -> bool:
@@ -243,14 +246,14 @@ class AgentStore:
             recent = self._recent
             try:
                 db.execute("BEGIN IMMEDIATE")
-                self._flush_unstored(db)
+                gaps = self._flush_unstored(db)
                 window, below = self.rule.window_ms, self.rule.count_below
                 pack = self._packer.pack
                 keys = [pack([ev.process.executable or None, ev.path or None]) for ev in events]
                 self._load_recent(db, keys, min((ev.ts_ms for ev in events), default=0) - window)
                 win_rows: list[tuple[bytes, int]] = []
                 out_rows: list[tuple[int, int, bytes]] = []
-                wants_facts: list[tuple[int, bytes]] = []  # (index in out_rows, path)
+                wants_facts: list[tuple[int, bytes, int]] = []  # (index in out_rows, path, map keys)
                 for ev, key in zip(events, keys):
                     ts = ev.ts_ms
                     times = recent[key]
@@ -272,9 +275,10 @@ class AgentStore:
                     if len(times) > below:
                         del times[: len(times) - below]
                     if n < below:
-                        body = pack(wire.event_map(ev))
+                        doc = wire.event_map(ev)
+                        body = pack(doc)
                         if self.facts is not None and ev.path and len(self._pending) < FACTS_PENDING_MAX:
-                            wants_facts.append((len(out_rows), ev.path))
+                            wants_facts.append((len(out_rows), ev.path, len(doc)))
                         out_rows.append((EVENT, ts, body))
                         detailed += 1
                     else:
@@ -285,10 +289,11 @@ class AgentStore:
                 if wants_facts:  # one transaction holds the write lock: the new ids are contiguous
                     first = db.execute("SELECT max(id) FROM outbox").fetchone()[0] - len(out_rows) + 1
                     due = self.clock.now_ms() + FACTS_DELAY_MS
-                    new_pending = [(first + i, path, due) for i, path in wants_facts]
+                    new_pending = [(first + i, path, due, keys) for i, path, keys in wants_facts]
                 if progress is not None:
                     db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", progress)
                 db.execute("COMMIT")
+                self._depth += len(out_rows) + gaps
                 if wants_facts:
                     self._pending.extend(new_pending)
             except sqlite3.Error as e:
@@ -316,38 +321,52 @@ class AgentStore:
 
     def fill_facts(self, now_ms: Optional[int] = None, limit: int = 2000) -> int:
         """Read the facts of events whose delay has passed and put them into
-        their (not yet shipped) outbox rows; returns how many were filled."""
+        their (not yet shipped) outbox rows; returns how many were filled.
+
+        The ``file`` map goes last into the stored event map without decoding
+        it: the map header gets one more key (the row's key count was noted
+        when it was recorded) and the packed ``"file"`` pair is appended, in
+        one UPDATE statement for all the rows, the same bytes as unpacking,
+        adding the key and packing again."""
         if not self._pending or self.facts is None:
             return 0
         now = self.clock.now_ms() if now_ms is None else now_ms
-        due: list[tuple[int, bytes, int]] = []
+        due: list[tuple[int, bytes, int, int]] = []
         while self._pending and self._pending[0][2] <= now and len(due) < limit:
             due.append(self._pending.popleft())
         if not due:
             return 0
-        facts = [(rid, self.facts(path)) for rid, path, _ in due]  # file reads outside the lock
+        facts = [self.facts(path) for _, path, _, _ in due]  # file reads outside the lock
         db = self._db()
-        filled = 0
         with self._lock:
+            packer = self._packer
+            file_key = packer.pack("file")
+            rows = [
+                (
+                    packer.pack_map_header(keys + 1),
+                    2 if keys < 16 else 4,
+                    file_key + packer.pack(wire.facts_map(f)),
+                    rid,
+                )
+                for (rid, _, _, keys), f in zip(due, facts)
+                if f is not None
+            ]
+            if not rows:
+                return 0
             try:
                 db.execute("BEGIN IMMEDIATE")
-                for rid, fact in facts:
-                    if fact is None:
-                        continue
-                    row = db.execute("SELECT body FROM outbox WHERE id=? AND kind=0", (rid,)).fetchone()
-                    if row is None:
-                        continue  # dropped to the outbox bound meanwhile
-                    doc = msgpack.unpackb(row[0], raw=False)
-                    doc["file"] = wire.facts_map(fact)
-                    db.execute(
-                        "UPDATE outbox SET body=? WHERE id=?", (msgpack.packb(doc, use_bin_type=True), rid)
-                    )
-                    filled += 1
+                # kind=0: a row the outbox bound (or a quarantine) made a bare
+                # count time meanwhile has no map to fill any more.
+                filled = db.executemany(
+                    "UPDATE outbox SET body=CAST(? || substr(body, ?) || ? AS BLOB) WHERE id=? AND kind=0",
+                    rows,
+                ).rowcount
                 db.execute("COMMIT")
             except sqlite3.Error as e:
                 db.execute("ROLLBACK") if db.in_transaction else None
                 log.warning("event=facts_not_stored error=%r", str(e))
-        return filled
+                return 0
+        return int(filled)
 
     def _load_recent(self, db: sqlite3.Connection, keys: list[bytes], since: int) -> None:
         """Make ``self._recent`` hold, for every pair in ``keys``, its newest
@@ -387,11 +406,14 @@ class AgentStore:
             self._last_store_error = now
             log.error("event=store_failed error=%r not_stored_total=%d", str(e), self.counters["not_stored"])
 
-    def _flush_unstored(self, db: sqlite3.Connection) -> None:
-        if self._unstored is not None:
-            lo, hi, n = self._unstored
-            self._insert_gap(db, lo, hi, n, "disk_full")
-            self._unstored = None
+    def _flush_unstored(self, db: sqlite3.Connection) -> int:
+        """The gap of what a full disk cost, if any; returns the rows written."""
+        if self._unstored is None:
+            return 0
+        lo, hi, n = self._unstored
+        self._insert_gap(db, lo, hi, n, "disk_full")
+        self._unstored = None
+        return 1
 
     def record_gap(self, start_ms: int, end_ms: int, lost: int, reason: str) -> None:
         """A span in which events were lost (kernel overflow, full disk...)."""
@@ -401,6 +423,7 @@ class AgentStore:
                 db.execute("BEGIN IMMEDIATE")
                 self._insert_gap(db, start_ms, end_ms, lost, reason)
                 db.execute("COMMIT")
+                self._depth += 1
             except sqlite3.Error as e:
                 db.execute("ROLLBACK") if db.in_transaction else None
                 log.error("event=gap_not_stored reason=%s error=%r", reason, str(e))
@@ -425,8 +448,7 @@ class AgentStore:
                 log.error("event=maintain_failed error=%r", str(e))
 
     def _bound_outbox(self, db: sqlite3.Connection) -> None:
-        depth = db.execute("SELECT count(*) FROM outbox").fetchone()[0]
-        over = depth - self.outbox_max
+        over = self._depth - self.outbox_max
         if over <= 0:
             return
         hi = db.execute("SELECT coalesce(max(hi), 0) FROM lease").fetchone()[0]
@@ -457,11 +479,14 @@ class AgentStore:
             self.counters["dropped"] += old[2]
             log.warning("event=outbox_full dropped=%d dropped_total=%d", old[2], self.counters["dropped"])
         db.execute("COMMIT")
+        if old[2]:
+            self._depth += 1 - old[2]
 
     # -------------------------------------------------------------- shipping
 
     def depth(self) -> int:
-        return int(self._db().execute("SELECT count(*) FROM outbox").fetchone()[0])
+        """Rows in the outbox (kept in memory: a count(*) reads the whole table)."""
+        return self._depth
 
     def lease(self, agent_id: str, host_name: str, max_records: int) -> Optional[Lease]:
         """The batch in flight, or a new one from the oldest outbox rows."""
@@ -520,12 +545,14 @@ class AgentStore:
             gone = db.execute(
                 "DELETE FROM lease WHERE seq=? AND batch_id=?", (lease.seq, lease.batch_id)
             ).rowcount
+            removed = 0
             if gone:
-                db.execute("DELETE FROM outbox WHERE id <= ?", (lease.hi,))
+                removed = db.execute("DELETE FROM outbox WHERE id <= ?", (lease.hi,)).rowcount
                 db.execute(
                     "UPDATE meta SET v=max(CAST(v AS INTEGER), ?) WHERE k='next_seq'", (lease.seq + 1,)
                 )
             db.execute("COMMIT")
+            self._depth -= removed
 
     def split(self, lease: Lease, reason: str) -> None:
         """The collector refused the batch as a whole (400/413): nothing of it
@@ -536,20 +563,21 @@ class AgentStore:
             db.execute("BEGIN IMMEDIATE")
             db.execute("DELETE FROM lease WHERE seq=?", (lease.seq,))
             ids = [r[0] for r in db.execute("SELECT id FROM outbox WHERE id<=? ORDER BY id", (lease.hi,))]
-            if len(ids) <= 1:
-                self._quarantine(db, lease.hi, reason)
+            change = self._quarantine(db, lease.hi, reason) if len(ids) <= 1 else 0
             db.execute("COMMIT")
+            self._depth += change
         self._split_hint = len(ids) // 2 if len(ids) > 1 else 0
 
-    def _quarantine(self, db: sqlite3.Connection, hi: int, reason: str) -> None:
+    def _quarantine(self, db: sqlite3.Connection, hi: int, reason: str) -> int:
         """Keep the refused record on disk. An event loses only its detail:
         it goes on as a bare count time, so cc stays exact; a refused time
-        becomes a gap, so the collector knows this host lost an event."""
+        becomes a gap, so the collector knows this host lost an event.
+        Returns the change in outbox rows."""
         row = db.execute(
             "SELECT id, kind, ts, body FROM outbox WHERE id<=? ORDER BY id LIMIT 1", (hi,)
         ).fetchone()
         if row is None:
-            return
+            return 0
         rid, kind, ts, body = row
         db.execute(
             "INSERT INTO quarantine(at, reason, kind, body) VALUES (?, ?, ?, ?)",
@@ -561,16 +589,20 @@ class AgentStore:
             db.execute(
                 "UPDATE outbox SET kind=1, body=? WHERE id=?", (pair_key(e.get("exe"), e.get("path")), rid)
             )
+            change = 0
         else:
             db.execute("DELETE FROM outbox WHERE id=?", (rid,))
+            change = -1
             if kind == COUNT:
                 self._insert_gap(db, ts, ts, 1, "quarantined")
+                change = 0
         log.error(
             "event=record_quarantined kind=%d reason=%r quarantined_total=%d",
             kind,
             reason[:200],
             self.counters["quarantined"],
         )
+        return change
 
     _split_hint = 0
 

@@ -282,3 +282,62 @@ def test_out_of_range_pids_are_not_put_on_the_wire(store: AgentStore) -> None:
     assert lease is not None
     detail = wire.decode_batch(lease.body).events[0].detail  # the collector's own validation
     assert "pid" not in detail and "ppid" not in detail
+
+
+def test_depth_kept_in_memory_equals_the_table(tmp_path: Path) -> None:
+    import random
+
+    from agent.events import FileFacts
+
+    rng = random.Random(3)
+    clock = FakeClock(T0)
+    path = str(tmp_path / "a.db")
+    s = AgentStore(path, Rule(), clock, outbox_max=40, facts=lambda p: FileFacts(size=1))
+
+    def count() -> int:
+        return int(s._db().execute("SELECT count(*) FROM outbox").fetchone()[0])
+
+    for step in range(300):
+        op = rng.random()
+        if op < 0.5:
+            s.record(
+                [
+                    ev(path=b"/p%d" % rng.randint(0, 30), ts=T0 + step * 10 + i)
+                    for i in range(rng.randint(0, 9))
+                ]
+            )
+        elif op < 0.6:
+            s.record_gap(T0, T0 + step, 3, "overflow")
+        elif op < 0.75:
+            lease = s.lease("a", "h", s.next_batch_limit(rng.randint(1, 20)))
+            if lease is not None:
+                s.ack(lease) if rng.random() < 0.7 else s.split(lease, "HTTP 400")
+        elif op < 0.9:
+            clock.advance(0.6)
+            s.fill_facts()
+        else:
+            s.maintain()
+        assert s.depth() == count(), step
+    assert s.counters["dropped"] > 0 and s.quarantined() > 0  # the bound and quarantine ran
+    s.close()
+    assert AgentStore(path, Rule(), clock).depth() == count()
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_facts_go_into_the_stored_map_as_if_it_were_packed_again(tmp_path: Path, full: bool) -> None:
+    from agent.events import FileFacts
+
+    facts = FileFacts(29, 0o100644, 33, 33, "ab" * 32, b"<?php \x00\xff")
+    clock = FakeClock(T0)
+    s = AgentStore(str(tmp_path / "a.db"), Rule(), clock, facts=lambda p: facts)
+    proc = ProcessInfo(42, "nginx", b"/usr/sbin/nginx", 1, "nginx -g x", None, "systemd", b"/sbin/init")
+    e = FileEvent(T0, "rename", b"/w/x.php", proc, UserInfo("33", "www-data"), ("change",), b"/w/.x")
+    if not full:
+        e = ev()
+    s.record([e])
+    doc = wire.event_map(e)
+    assert len(doc) == (15 if full else 12)  # 15 keys: the header grows from a fixmap to a map16
+    clock.advance(1.0)
+    assert s.fill_facts() == 1
+    (body,) = s._db().execute("SELECT body FROM outbox").fetchone()
+    assert body == msgpack.packb({**doc, "file": wire.facts_map(facts)}, use_bin_type=True)

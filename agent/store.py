@@ -294,6 +294,8 @@ class AgentStore:
                     db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", progress)
                 db.execute("COMMIT")
                 self._depth += len(out_rows) + gaps
+                if gaps:
+                    self._unstored = None
                 if wants_facts:
                     self._pending.extend(new_pending)
             except sqlite3.Error as e:
@@ -407,12 +409,12 @@ class AgentStore:
             log.error("event=store_failed error=%r not_stored_total=%d", str(e), self.counters["not_stored"])
 
     def _flush_unstored(self, db: sqlite3.Connection) -> int:
-        """The gap of what a full disk cost, if any; returns the rows written."""
+        """The gap of what a full disk cost, if any; returns the rows written.
+        The caller forgets the loss only once its transaction is committed."""
         if self._unstored is None:
             return 0
         lo, hi, n = self._unstored
         self._insert_gap(db, lo, hi, n, "disk_full")
-        self._unstored = None
         return 1
 
     def record_gap(self, start_ms: int, end_ms: int, lost: int, reason: str) -> None:

@@ -341,3 +341,19 @@ def test_facts_go_into_the_stored_map_as_if_it_were_packed_again(tmp_path: Path,
     assert s.fill_facts() == 1
     (body,) = s._db().execute("SELECT body FROM outbox").fetchone()
     assert body == msgpack.packb({**doc, "file": wire.facts_map(facts)}, use_bin_type=True)
+
+
+def test_a_disk_still_full_does_not_forget_what_it_lost_before(tmp_path: Path) -> None:
+    s = AgentStore(str(tmp_path / "a.db"), Rule(), FakeClock(T0))
+    s.record([ev(path=b"/first")])
+    db = s._db()
+    pages = db.execute("PRAGMA page_count").fetchone()[0]
+    db.execute(f"PRAGMA max_page_count={pages}")  # the file cannot grow: "database or disk is full"
+    s.record([ev(path=b"/a%d" % i, ts=T0 + 10) for i in range(300)])
+    s.record([ev(path=b"/b%d" % i, ts=T0 + 20) for i in range(200)])  # its gap write fails too
+    assert s.counters["not_stored"] == 500
+    db.execute("PRAGMA max_page_count=1000000")
+    s.record([ev(path=b"/after", ts=T0 + 30)])
+    gaps = [msgpack.unpackb(b, raw=False) for (b,) in db.execute("SELECT body FROM outbox WHERE kind=2")]
+    assert gaps == [{"start": T0 + 10, "end": T0 + 20, "lost": 500, "reason": "disk_full"}]
+    assert s.depth() == 3

@@ -293,6 +293,8 @@ class LiveAgent:
         try:
             while not self.stop.is_set():
                 raws = source.read(0.25)
+                if hasattr(source, "take_prefiltered"):
+                    self.counters["seen"] += source.take_prefiltered()
                 if len(raws) >= BUSY_EVENTS:
                     busy_until = self.clock.monotonic() + 0.5
                     self.busy.set()  # the shipper waits: the GIL is the reader's in a burst
@@ -366,36 +368,33 @@ class LiveAgent:
         self._seen_refused |= refused
         self._coverage_ms = now
 
-    def _cannot_match(self, pid: int) -> bool:
-        """True when the rule cannot match any event of ``pid``: its name and
-        user (from the resolver's trusted cache, no syscall) fail the rule.
-        The source then drops the event before it is resolved; it still
-        counts as seen."""
+    def _cannot_match(self, pid: int) -> float:
+        """The monotonic time until which the rule cannot match any event of
+        ``pid`` (0.0 when it may): its name and user, from the resolver's
+        trusted cache (no syscall), fail the rule. The source then drops such
+        events before they are resolved; they still count as seen."""
         known = self.resolver.trusted(pid)
         if known is None:
-            return False
-        name, euid = known
+            return 0.0
+        name, euid, until = known
         if euid is None:
-            return False
+            return 0.0
         rule = self.cfg.rule
         proc = rule.process_matches(name)
         if proc and rule.combinator != "and":
-            return False
+            return 0.0
         user = self.resolver.user_of(euid)
         ok = (
             (proc and rule.user_matches(user.name, user.id))
             if rule.combinator == "and"
             else (proc or rule.user_matches(user.name, user.id))
         )
-        if ok:
-            return False
-        self.counters["seen"] += 1
-        return True
+        return 0.0 if ok else until
 
     def _open_source(self, opener: Callable[..., Any]) -> Any:
         source = self._open_source_raw(opener)
-        if hasattr(source, "prefilter"):
-            source.prefilter = self._cannot_match
+        if hasattr(source, "set_prefilter"):
+            source.set_prefilter(self._cannot_match)
         return source
 
     def _open_source_raw(self, opener: Callable[..., Any]) -> Any:
@@ -428,6 +427,8 @@ class LiveAgent:
             return source
         old, self.cfg = self.cfg, new
         self.store.rule = new.rule
+        if hasattr(source, "set_prefilter"):
+            source.set_prefilter(self._cannot_match)  # its cached answers are of the old rule
         scope = ("backend", "watch", "exclude")
         if any(getattr(old.agent, k) != getattr(new.agent, k) for k in scope):
             try:

@@ -87,7 +87,7 @@ class Resolver:
         self._cache: OrderedDict[int, _Proc] = OrderedDict()
         self._checked: dict[int, float] = {}  # pid -> monotonic time of its last /proc check
         self._gone: set[int] = set()  # pids whose last check found no process (cached record kept)
-        self._users: dict[int, Optional[str]] = {}
+        self._users: dict[int, UserInfo] = {}  # one shared object per uid
         self._ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
         self._btime = self._boot_time()
         self._plist: list[tuple[float, int, str, int]] = []
@@ -126,18 +126,17 @@ class Resolver:
             attribution=attribution,
         )
 
-    def trusted(self, pid: int) -> Optional[tuple[Optional[str], Optional[int]]]:
-        """(name, euid) of a live pid checked against /proc within TRUST_S
-        (what :meth:`resolve` would use without a syscall), else None."""
+    def trusted(self, pid: int) -> Optional[tuple[Optional[str], Optional[int], float]]:
+        """(name, euid, until) of a live pid checked against /proc within
+        TRUST_S (what :meth:`resolve` would use without a syscall), else None.
+        ``until`` is the monotonic time at which that check stops counting."""
         cached = self._cache.get(pid)
-        if (
-            cached is None
-            or not cached.complete
-            or pid in self._gone
-            or self._clock.monotonic() - self._checked.get(pid, -1e18) >= TRUST_S
-        ):
+        if cached is None or not cached.complete or pid in self._gone:
             return None
-        return cached.info.name, cached.euid
+        until = self._checked.get(pid, -1e18) + TRUST_S
+        if self._clock.monotonic() >= until:
+            return None
+        return cached.info.name, cached.euid, until
 
     def user_of(self, uid: Optional[int]) -> UserInfo:
         return self._user(uid)
@@ -262,14 +261,16 @@ class Resolver:
     def _user(self, uid: Optional[int]) -> UserInfo:
         if uid is None:
             return UserInfo()
-        if uid not in self._users:
+        user = self._users.get(uid)
+        if user is None:
             try:
-                self._users[uid] = pwd.getpwuid(uid).pw_name
+                name: Optional[str] = pwd.getpwuid(uid).pw_name
             except KeyError:
-                self._users[uid] = None
-            if len(self._users) > 4096:
+                name = None
+            if len(self._users) >= 4096:
                 self._users.clear()
-        return UserInfo(id=str(uid), name=self._users.get(uid))
+            user = self._users[uid] = UserInfo(id=str(uid), name=name)
+        return user
 
     @staticmethod
     def _owner(path: Optional[bytes]) -> Optional[int]:

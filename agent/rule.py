@@ -88,11 +88,21 @@ class NameSet:
         names = list(names)
         self.exact = frozenset(n for n in names if not is_pattern(n))
         self.patterns = tuple(like_regex(n) for n in names if is_pattern(n))
+        self._seen: dict[str, bool] = {}
 
     def __contains__(self, value: object) -> bool:
         if not isinstance(value, str):
             return False
-        return value in self.exact or any(p.match(value) for p in self.patterns)
+        if value in self.exact:
+            return True
+        if not self.patterns:
+            return False
+        hit = self._seen.get(value)
+        if hit is None:  # a host has few task names: each is matched against the patterns once
+            if len(self._seen) >= 4096:
+                self._seen.clear()
+            hit = self._seen[value] = any(p.match(value) for p in self.patterns)
+        return hit
 
 
 @dataclass(frozen=True)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import os
 import platform
+import re
 import shutil
 import socket
 import statistics
@@ -287,3 +289,32 @@ def stub_collector(tmp: str) -> Iterator[str]:
 def real_collector(tmp: str) -> Iterator[str]:
     with procs.collector(tmp) as col:
         yield col.url
+
+
+def top_functions(raw: str, n: int = 12) -> dict[str, list[tuple[str, float]]]:
+    """From py-spy's raw collapsed stacks: functions by inclusive % (line
+    numbers dropped) and source lines by self % (where the time is spent)."""
+    self_lines: collections.Counter[str] = collections.Counter()
+    incl: collections.Counter[str] = collections.Counter()
+    total = 0
+    with open(raw, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            stack, _, cnt = line.rstrip("\n").rpartition(" ")
+            if not stack or not cnt.isdigit():
+                continue
+            k = int(cnt)
+            total += k
+            frames = stack.split(";")
+            self_lines[frames[-1]] += k
+            for fn in {re.sub(r":\d+\)$", ")", fr) for fr in frames}:
+                incl[fn] += k
+    if not total:
+        return {"inclusive": [], "self_lines": []}
+    return {
+        "inclusive": [
+            (fn, v * 100 / total)
+            for fn, v in incl.most_common(n + 8)
+            if "threading.py" not in fn and "concurrent/futures" not in fn
+        ][:n],
+        "self_lines": [(fn, v * 100 / total) for fn, v in self_lines.most_common(n)],
+    }

@@ -38,6 +38,8 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -71,6 +73,14 @@ def agent_run(
     state = os.path.join(tmp, f"agent-{k}")
     agent = c.start_agent(tmp, url, state, target, tag=f"agent-{k}")
     try:
+        spy = None
+        if a.profile and k == 0:  # the first agent run only: py-spy slows the agent it samples
+            spy = subprocess.Popen(
+                [os.path.join(os.path.dirname(sys.executable), "py-spy"), "record", "--pid", str(agent.pid),
+                 "--rate", "250", "--format", "raw", "--output", a.profile, "--nonblocking", "--threads"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            time.sleep(1.0)
         sampler = RssSampler(agent.pid)
         sampler.start()
         rss_idle = c.proc_rss_kb(agent.pid)
@@ -88,6 +98,9 @@ def agent_run(
         sampler.join()
         rss_after = c.proc_rss_kb(agent.pid)
         hwm = c.proc_rss_kb(agent.pid, "VmHWM")
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(30)
     finally:
         procs.stop(agent)
     final = c.status(state)
@@ -137,6 +150,7 @@ def main() -> int:
         default="stub",
         help="stub: a 200-only HTTP stub (default, measures the agent); real: rarewrite collector serve",
     )
+    ap.add_argument("--profile", metavar="FILE", help="py-spy the first agent run, raw stacks to FILE")
     ap.add_argument(
         "--quick", action="store_true", help="tiny sizes (smoke test): 2,000 files, 10 dirs, 1 pair"
     )
@@ -231,9 +245,16 @@ def main() -> int:
         f"cpu {summary['cpu_us_per_event_median']:.1f} us/event; "
         f"rss max {summary['rss_max_mb']:.1f} MB"
     )
+    prof = c.top_functions(a.profile) if a.profile and os.path.exists(a.profile) else None
+    if prof:
+        print("py-spy on the agent's first run (all threads, 250 Hz): functions by inclusive % of samples")
+        c.table(["function", "%"], prof["inclusive"])
+        print("source lines by self %")
+        c.table(["line", "%"], prof["self_lines"])
     c.emit(
         {
             "bench": "burst",
+            "profile_top": prof,
             "machine": m,
             "quick": a.quick,
             "fs": a.fs,

@@ -32,7 +32,6 @@ import collections
 import hashlib
 import os
 import random
-import re
 import shutil
 import sqlite3
 import subprocess
@@ -224,35 +223,6 @@ def post_all(url: str, key: str, bodies: list[tuple[bytes, int]], out: dict[str,
     s.close()
 
 
-def top_functions(raw: str, n: int = 12) -> dict[str, list[tuple[str, float]]]:
-    """From py-spy's raw collapsed stacks: functions by inclusive % (line
-    numbers dropped) and source lines by self % (where the time is spent)."""
-    self_lines: collections.Counter[str] = collections.Counter()
-    incl: collections.Counter[str] = collections.Counter()
-    total = 0
-    with open(raw, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            stack, _, cnt = line.rstrip("\n").rpartition(" ")
-            if not stack or not cnt.isdigit():
-                continue
-            k = int(cnt)
-            total += k
-            frames = stack.split(";")
-            self_lines[frames[-1]] += k
-            for fn in {re.sub(r":\d+\)$", ")", fr) for fr in frames}:
-                incl[fn] += k
-    if not total:
-        return {"inclusive": [], "self_lines": []}
-    return {
-        "inclusive": [
-            (fn, v * 100 / total)
-            for fn, v in incl.most_common(n + 8)
-            if "threading.py" not in fn and "concurrent/futures" not in fn
-        ][:n],
-        "self_lines": [(fn, v * 100 / total) for fn, v in self_lines.most_common(n)],
-    }
-
-
 def in_process(tmp: str, agents: list[dict[str, Any]]) -> dict[str, Any]:
     """The same batches straight into CollectorStore.ingest, one thread, fresh db:
     as the server's writer gets them (``wire.decode_rows`` of each body, decoded
@@ -416,7 +386,7 @@ def main() -> int:
         )
     prof = None
     if a.profile and os.path.exists(a.profile):
-        prof = top_functions(a.profile)
+        prof = c.top_functions(a.profile)
         print("py-spy on the collector (all threads, 200 Hz): functions by inclusive % of samples")
         for fn, p in prof["inclusive"]:
             print(f"  {p:5.1f}  {fn}")

@@ -1,10 +1,11 @@
 """The interface every event source implements.
 
-Backpressure: a source buffers nothing of its own beyond one read. If the
-consumer does not call :meth:`EventSource.read` often enough the kernel
-queue fills; the kernel then drops events and the source reports the loss as
-an ``overflow`` :class:`~agent.events.RawEvent` (and in :meth:`stats`). Lost
-events are counted, never silently ignored.
+Backpressure: a source buffers little of its own (fanotify reads ahead into
+a bounded buffer, see ``READ_AHEAD_BYTES``). If the consumer does not call
+:meth:`EventSource.read` often enough the kernel queue fills; a bounded queue
+then drops events and the source reports the loss as an ``overflow``
+:class:`~agent.events.RawEvent` (and in :meth:`stats`). Lost events are
+counted, never silently ignored.
 """
 
 from __future__ import annotations

@@ -14,7 +14,9 @@ import hashlib
 import logging
 import os
 import select
-from collections import OrderedDict
+import threading
+import time
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -57,13 +59,24 @@ NETWORK_FS = frozenset(
 )
 
 READ_BUFFER = 256 * 1024
-# 1 MiB of events (~12,000) at most per read() call: a burst is handed on in
+# Raw events read ahead of the consumer at most (~90,000): beyond it the reader
+# pauses and the kernel queue (unlimited, memcg-charged) holds the rest.
+READ_AHEAD_BYTES = 8 << 20
+# 1 MiB of events (~11,000) at most per read() call: a burst is handed on in
 # slices that one SQLite transaction takes, so RSS does not grow with it.
-MAX_READS_PER_CALL = 4
+TAKE_BYTES = 1 << 20
+# After a short read the reader lets events gather this long: a reader that
+# takes them one by one contends with every writer for the queue's lock and
+# costs the host more than one that reads nothing (bench/burst.py).
+READ_BATCH_WAIT_S = 0.005
 MOUNT_RESCAN_S = 5.0
 DIR_CACHE_SIZE = 4096
 DIR_CACHE_TTL_S = 30.0
 LOG_INTERVAL_S = 10.0
+# Where names in a cached directory stand against watch/exclude.
+_IN, _OUT, _MIXED = 1, 0, 2
+# Events that only name a directory entry: the only ones a prefilter may drop.
+_NOT_DIRENT = ~(abi.FAN_CREATE | abi.FAN_RENAME | abi.FAN_MOVED_TO | abi.FAN_ONDIR)
 
 
 @dataclass(frozen=True)
@@ -144,6 +157,99 @@ class _RateLimited:
         self._log.log(level, msg + " suppressed=%d", *args, suppressed)
 
 
+class _ReadAhead:
+    """A thread that empties the fanotify queue as fast as the kernel fills it.
+
+    The kernel compares each new event with the unread ones of its hash
+    bucket (to merge duplicates), so a long queue makes every write on the
+    host slower. Reading ahead into user space keeps that cost at its floor
+    while the consumer parses, resolves and stores at its own pace. The
+    thread holds the GIL only to hand a buffer on; the events it reads carry
+    no file descriptors (FID reporting), so a buffer can wait safely.
+    """
+
+    def __init__(self, fd: int, clock: Clock, max_bytes: int = READ_AHEAD_BYTES) -> None:
+        self._fd = fd
+        self._clock = clock
+        self._max = max_bytes
+        self._bufs: deque[tuple[int, bytes]] = deque()
+        self._bytes = 0
+        self._cond = threading.Condition()
+        self._stop = False
+        self.read_errors = 0
+        self.last_error: Optional[OSError] = None
+        self._thread = threading.Thread(target=self._run, name="fanotify-reader", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop and join the thread; the caller closes the fd afterwards."""
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+
+    def take(self, timeout: float, max_bytes: int) -> list[tuple[int, bytes]]:
+        """Buffers (read time in ms, bytes) in kernel order, up to ``max_bytes``."""
+        with self._cond:
+            if not self._bufs and timeout > 0:
+                self._cond.wait(timeout)
+            out: list[tuple[int, bytes]] = []
+            n = 0
+            while self._bufs and n < max_bytes:
+                item = self._bufs.popleft()
+                out.append(item)
+                n += len(item[1])
+            if n:
+                self._bytes -= n
+                self._cond.notify_all()  # the reader may be waiting for room
+            return out
+
+    def pending_bytes(self) -> int:
+        return self._bytes
+
+    def _run(self) -> None:
+        poller = select.poll()
+        poller.register(self._fd, select.POLLIN)
+        cond = self._cond
+        while True:
+            with cond:
+                while self._bytes >= self._max and not self._stop:
+                    cond.wait(0.5)
+                if self._stop:
+                    return
+            try:
+                buf = os.read(self._fd, READ_BUFFER)
+            except BlockingIOError:
+                try:
+                    if poller.poll(200):
+                        time.sleep(READ_BATCH_WAIT_S)
+                except InterruptedError:
+                    pass
+                continue
+            except InterruptedError:
+                continue
+            except OSError as exc:
+                with cond:
+                    self.read_errors += 1
+                    self.last_error = exc
+                    if self._stop:
+                        return
+                    cond.wait(0.5)  # never spin on a persistent error
+                continue
+            if not buf:
+                continue
+            ts = self._clock.now_ms()
+            with cond:
+                self._bufs.append((ts, buf))
+                self._bytes += len(buf)
+                cond.notify_all()
+            if len(buf) < READ_BUFFER // 2:
+                time.sleep(READ_BATCH_WAIT_S)
+
+
 @dataclass
 class _Marked:
     mount_point: bytes
@@ -188,7 +294,8 @@ class FanotifySource:
         self._by_fsid: dict[tuple[int, int], bytes] = {}
         self._mounts_hash = b""
         self._last_scan = 0.0
-        self._dir_cache: OrderedDict[tuple[tuple[int, int], int, bytes], tuple[bytes, float]] = OrderedDict()
+        # raw handle key -> (directory path, when resolved, _IN/_OUT/_MIXED)
+        self._dir_cache: OrderedDict[bytes, tuple[bytes, float, int]] = OrderedDict()
         self._counters = {
             "seen": 0,
             "overflows": 0,
@@ -206,11 +313,16 @@ class FanotifySource:
         self._watch_eq = frozenset(self._watch)
         self._excl_pre = tuple(x.rstrip(b"/") + b"/" for x in self._exclude)
         self._excl_eq = frozenset(self._exclude)
-        # pid -> True when none of its events can match the rule (set by the
-        # daemon): such events are counted in `prefiltered` and never handed
-        # on, so a busy host's non-web-server writes cost almost nothing.
-        self.prefilter: Optional[Callable[[int], bool]] = None
+        # pid -> monotonic time until which none of its events can match the
+        # rule (0.0: they may), from the daemon. Such events are counted in
+        # `prefiltered` and never resolved or handed on, so a busy host's
+        # non-web-server writes cost almost nothing. `_skip` caches answers.
+        self._prefilter: Optional[Callable[[int], float]] = None
+        self._skip: dict[int, float] = {}
+        self._prefiltered_new = 0
         self._execd: set[int] = set()  # pids with an exec in the current read() call
+        self._ahead: Optional[_ReadAhead] = None
+        self._seen_read_errors = 0
 
     # --- lifecycle ---------------------------------------------------------
 
@@ -231,6 +343,8 @@ class FanotifySource:
             os.close(self._fd)
             self._fd = -1
             raise
+        self._ahead = _ReadAhead(self._fd, self._clock)
+        self._ahead.start()
         log.info(
             "fanotify started target_fid=%s pidfd=%s rename=%s marked=%d refused=%d",
             self._target_fid,
@@ -284,6 +398,9 @@ class FanotifySource:
     def close(self) -> None:
         """Close the group (the kernel drops every mark with it). Idempotent."""
         self._closed = True
+        if self._ahead is not None:
+            self._ahead.stop()  # before the fd goes: its number could be reused
+            self._ahead = None
         if self._fd >= 0:
             try:
                 os.close(self._fd)
@@ -307,7 +424,18 @@ class FanotifySource:
         out["pidfd"] = self._pidfd
         out["rename_event"] = "FAN_RENAME" if self._rename_bit == abi.FAN_RENAME else "FAN_MOVED_TO"
         out["dir_cache"] = len(self._dir_cache)
+        out["read_ahead_bytes"] = self._ahead.pending_bytes() if self._ahead is not None else 0
         return out
+
+    def set_prefilter(self, prefilter: Optional[Callable[[int], float]]) -> None:
+        """Install the daemon's prefilter; forgets every cached answer (a new rule)."""
+        self._prefilter = prefilter
+        self._skip.clear()
+
+    def take_prefiltered(self) -> int:
+        """Events dropped by the prefilter since the last call."""
+        n, self._prefiltered_new = self._prefiltered_new, 0
+        return n
 
     # --- marks -------------------------------------------------------------
 
@@ -448,61 +576,100 @@ class FanotifySource:
     # --- reading -----------------------------------------------------------
 
     def read(self, timeout: float) -> Sequence[RawEvent]:
-        """Wait up to ``timeout`` s, drain the queue, return events in kernel order."""
-        if self._fd < 0:
+        """Wait up to ``timeout`` s for read-ahead events; return them in kernel order."""
+        ahead = self._ahead
+        if self._fd < 0 or ahead is None:
             return []
         if self._clock.monotonic() - self._last_scan >= MOUNT_RESCAN_S:
             self._rescan_mounts()
-        try:
-            poller = select.poll()
-            poller.register(self._fd, select.POLLIN)
-            if not poller.poll(max(0, int(timeout * 1000))):
-                return []
-        except (OSError, ValueError) as exc:
-            self._rl(logging.ERROR, "poll", "fanotify poll failed error=%s", exc)
+        if ahead.read_errors != self._seen_read_errors:
+            self._counters["read_errors"] += ahead.read_errors - self._seen_read_errors
+            self._seen_read_errors = ahead.read_errors
+            self._rl(logging.ERROR, "read", "fanotify read failed error=%s", ahead.last_error)
+        chunks = ahead.take(timeout, TAKE_BYTES)
+        if not chunks:
             return []
         out: list[RawEvent] = []
         mount_fds: dict[tuple[int, int], int] = {}
         self._execd.clear()
         try:
-            for _ in range(MAX_READS_PER_CALL):
-                try:
-                    buf = os.read(self._fd, READ_BUFFER)
-                except BlockingIOError:
-                    break
-                except InterruptedError:
-                    continue
-                except OSError as exc:
-                    self._counters["read_errors"] += 1
-                    self._rl(logging.ERROR, "read", "fanotify read failed error=%s", exc)
-                    break
-                if not buf:
-                    break
-                ts = self._clock.now_ms()
+            for ts, buf in chunks:
                 res = abi.parse_buffer(buf)
                 for fd in res.orphan_pidfds:
                     _close_quietly(fd)
                 if res.error is not None:
                     self._counters["parse_errors"] += 1
                     self._rl(logging.ERROR, "parse", "fanotify parse stopped reason=%s", res.error)
-                for ev in res.events:
-                    try:
-                        self._convert(ev, ts, out, mount_fds)
-                    except Exception as exc:  # noqa: BLE001 - one bad event must not stop the reader (A10)
-                        self._counters["unresolved"] += 1
-                        self._rl(
-                            logging.ERROR, "convert", "fanotify event dropped mask=%#x error=%r", ev.mask, exc
-                        )
-                    finally:
-                        if ev.pidfd is not None and ev.pidfd >= 0:
-                            _close_quietly(ev.pidfd)
-                        if ev.fd >= 0:
-                            _close_quietly(ev.fd)
+                self._convert_all(res.events, ts, out, mount_fds)
         finally:
             for fd in mount_fds.values():
                 if fd >= 0:
                     _close_quietly(fd)
         return out
+
+    def _convert_all(
+        self,
+        events: list[abi.ParsedEvent],
+        ts: int,
+        out: list[RawEvent],
+        mount_fds: dict[tuple[int, int], int],
+    ) -> None:
+        # The prefilter's fast path first: a dirent event of a pid known not to
+        # match, in a cached directory wholly in (or out of) scope, costs a few
+        # dict lookups and no path, resolution or object.
+        now = self._clock.monotonic()
+        skip, cache, execd = self._skip, self._dir_cache, self._execd
+        for ev in events:
+            mask, fd, pid = ev[0], ev[1], ev[2]
+            if (
+                not mask & _NOT_DIRENT
+                and fd < 0
+                and (ev[4] is None or ev[4] < 0)
+                and pid > 0
+                and pid != self._own_pid
+                and pid not in execd
+                and self._prefilter is not None
+            ):
+                until = skip.get(pid)
+                if until is None or until <= now:
+                    until = self._prefilter(pid)
+                    if until > now:
+                        skip[pid] = until
+                        if len(skip) > 4096:
+                            skip.clear()
+                    else:
+                        skip.pop(pid, None)
+                if until > now:
+                    want = (
+                        abi.FAN_EVENT_INFO_TYPE_NEW_DFID_NAME
+                        if mask & abi.FAN_RENAME
+                        else abi.FAN_EVENT_INFO_TYPE_DFID_NAME
+                    )
+                    hit = None
+                    for rec in ev[3]:
+                        if rec[0] == want:
+                            hit = cache.get(rec[1])
+                            break
+                    if hit is not None and hit[2] != _MIXED and now - hit[1] < DIR_CACHE_TTL_S:
+                        if mask & abi.FAN_ONDIR and mask & (abi.FAN_RENAME | abi.FAN_MOVED_TO):
+                            cache.clear()  # a moved directory: every path below it is stale
+                        if hit[2] == _IN:
+                            self._counters["seen"] += 1
+                            self._counters["prefiltered"] += 1
+                            self._prefiltered_new += 1
+                        else:
+                            self._counters["out_of_scope"] += 1
+                        continue
+            try:
+                self._convert(ev, ts, out, mount_fds)
+            except Exception as exc:  # noqa: BLE001 - one bad event must not stop the reader (A10)
+                self._counters["unresolved"] += 1
+                self._rl(logging.ERROR, "convert", "fanotify event dropped mask=%#x error=%r", mask, exc)
+            finally:
+                if ev[4] is not None and ev[4] >= 0:
+                    _close_quietly(ev[4])
+                if fd >= 0:
+                    _close_quietly(fd)
 
     def _convert(
         self,
@@ -525,6 +692,7 @@ class FanotifySource:
                 self._counters["exec"] += 1
                 if pid is not None:
                     self._execd.add(pid)  # the resolver learns it only after this call
+                    self._skip.pop(pid, None)
                 out.append(RawEvent(kind=EXEC, ts_ms=ts, path=path, pid=pid))
         is_dir = bool(mask & abi.FAN_ONDIR)
         if mask & abi.FAN_RENAME:
@@ -579,17 +747,26 @@ class FanotifySource:
         if pid is not None and pid == self._own_pid:
             self._counters["own_pid_dropped"] += 1
             return
-        if not (path.startswith(self._watch_pre) or path in self._watch_eq) or (
-            path.startswith(self._excl_pre) or path in self._excl_eq
-        ):
+        if not self._in_scope(path):
             self._counters["out_of_scope"] += 1
             return
         self._counters["seen"] += 1
-        pre = self.prefilter
-        if pre is not None and pid is not None and pid not in self._execd and pre(pid):
-            self._counters["prefiltered"] += 1
-            return
         out.append(RawEvent(kind=kind, ts_ms=ts, path=path, pid=pid, original_path=original, is_dir=is_dir))
+
+    def _in_scope(self, path: bytes) -> bool:
+        return (path.startswith(self._watch_pre) or path in self._watch_eq) and not (
+            path.startswith(self._excl_pre) or path in self._excl_eq
+        )
+
+    def _dir_scope(self, directory: bytes) -> int:
+        """_IN when every name in ``directory`` is in scope, _OUT when none
+        is, _MIXED when it depends on the name (a watch or exclude below it)."""
+        below = directory.rstrip(b"/") + b"/"
+        if below.startswith(self._excl_pre) or directory in self._excl_eq:
+            return _OUT
+        if any(p != below and p.startswith(below) for p in self._excl_pre + self._watch_pre):
+            return _MIXED
+        return _IN if below.startswith(self._watch_pre) else _OUT
 
     # --- handle resolution -------------------------------------------------
 
@@ -629,7 +806,7 @@ class FanotifySource:
             _close_quietly(fd)
         if path.endswith(b" (deleted)"):
             return path  # a directory removed since: keep the event, never cache it
-        self._dir_cache[key] = (path, now)
+        self._dir_cache[key] = (path, now, self._dir_scope(path))
         if len(self._dir_cache) > DIR_CACHE_SIZE:
             self._dir_cache.popitem(last=False)
         return path

@@ -12,8 +12,7 @@ import ctypes
 import ctypes.util
 import os
 import struct
-from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 # fanotify_init() flags
 FAN_CLOEXEC = 0x00000001
@@ -119,24 +118,32 @@ _FID_FIXED = INFO_HEADER.size + FSID.size + FILE_HANDLE.size  # 16
 MAX_HANDLE_SZ = 128
 
 
-@dataclass(frozen=True)
-class FidRecord:
-    """One fid info record: the object's filesystem, its handle, maybe a name."""
+class FidRecord(NamedTuple):
+    """One fid info record: the object's filesystem and handle, maybe a name.
+
+    ``key`` is the record's raw fsid + ``struct file_handle`` bytes: hashable,
+    taken with one slice, and what a cache of resolved handles is keyed by.
+    """
 
     info_type: int
-    fsid: tuple[int, int]
-    handle_type: int
-    handle: bytes
+    key: bytes
     name: Optional[bytes] = None
 
     @property
-    def key(self) -> tuple[tuple[int, int], int, bytes]:
-        """A hashable identity of the object (cache key)."""
-        return (self.fsid, self.handle_type, self.handle)
+    def fsid(self) -> tuple[int, int]:
+        a, b = FSID.unpack_from(self.key, 0)
+        return (a, b)
+
+    @property
+    def handle_type(self) -> int:
+        return int(FILE_HANDLE.unpack_from(self.key, FSID.size)[1])
+
+    @property
+    def handle(self) -> bytes:
+        return self.key[FSID.size + FILE_HANDLE.size :]
 
 
-@dataclass(frozen=True)
-class ParsedEvent:
+class ParsedEvent(NamedTuple):
     """One event from a read() buffer: metadata plus its info records."""
 
     mask: int
@@ -147,13 +154,12 @@ class ParsedEvent:
 
     def record(self, info_type: int) -> Optional[FidRecord]:
         for rec in self.records:
-            if rec.info_type == info_type:
+            if rec[0] == info_type:
                 return rec
         return None
 
 
-@dataclass(frozen=True)
-class ParseResult:
+class ParseResult(NamedTuple):
     """What :func:`parse_buffer` read; ``error`` says why it stopped early."""
 
     events: list[ParsedEvent]
@@ -168,79 +174,70 @@ def parse_buffer(buf: bytes) -> ParseResult:
     A truncated or inconsistent event stops parsing; events before it are
     returned and ``error`` describes the problem. A malformed info record
     only drops that record's event.
+
+    This runs once per kernel event on a busy host, so it is one flat loop
+    with the structs bound to locals and tuples for results.
     """
     events: list[ParsedEvent] = []
-    orphans: list[int] = []
+    append = events.append
+    unpack_meta = METADATA.unpack_from
+    unpack_info = INFO_HEADER.unpack_from
+    unpack_handle = FILE_HANDLE.unpack_from
+    fid_types, named_types = FID_TYPES, NAMED_TYPES
+    msize, hsize = METADATA.size, INFO_HEADER.size
     off = 0
     total = len(buf)
-    msize = METADATA.size
     while off < total:
         if total - off < msize:
-            return ParseResult(events, f"short_metadata off={off} left={total - off}", tuple(orphans))
-        event_len, vers, _res, meta_len, mask, fd, pid = METADATA.unpack_from(buf, off)
+            return ParseResult(events, f"short_metadata off={off} left={total - off}")
+        event_len, vers, _res, meta_len, mask, fd, pid = unpack_meta(buf, off)
         if vers != FANOTIFY_METADATA_VERSION:
-            return ParseResult(events, f"bad_version off={off} vers={vers}", tuple(orphans))
+            return ParseResult(events, f"bad_version off={off} vers={vers}")
         if meta_len < msize or event_len < meta_len:
-            return ParseResult(
-                events, f"bad_length off={off} event_len={event_len} metadata_len={meta_len}", tuple(orphans)
-            )
-        if off + event_len > total:
-            return ParseResult(
-                events, f"short_event off={off} event_len={event_len} left={total - off}", tuple(orphans)
-            )
-        records, pidfd, err = _parse_info(buf, off + meta_len, off + event_len)
+            return ParseResult(events, f"bad_length off={off} event_len={event_len} metadata_len={meta_len}")
+        end = off + event_len
+        if end > total:
+            return ParseResult(events, f"short_event off={off} event_len={event_len} left={total - off}")
+        records: list[FidRecord] = []
+        pidfd: Optional[int] = None
+        err: Optional[str] = None
+        p = off + meta_len
+        while p < end:
+            if end - p < hsize:
+                err = f"short_info_header off={p}"
+                break
+            info_type, _pad, rec_len = unpack_info(buf, p)
+            rend = p + rec_len
+            if rec_len < hsize or rend > end:
+                err = f"bad_info_len off={p} len={rec_len}"
+                break
+            if info_type in fid_types:
+                if rec_len < _FID_FIXED:
+                    err = f"short_fid off={p} len={rec_len}"
+                    break
+                handle_bytes = unpack_handle(buf, p + 12)[0]
+                hend = p + _FID_FIXED + handle_bytes
+                if hend > rend:
+                    err = f"bad_handle_len off={p} handle_bytes={handle_bytes}"
+                    break
+                name: Optional[bytes] = None
+                if info_type in named_types:
+                    nul = buf.find(b"\0", hend, rend)
+                    name = buf[hend : rend if nul < 0 else nul]
+                records.append(FidRecord(info_type, buf[p + hsize : hend], name))
+            elif info_type == FAN_EVENT_INFO_TYPE_PIDFD:
+                if rec_len < hsize + PIDFD.size:
+                    err = f"short_pidfd off={p}"
+                    break
+                (pidfd,) = PIDFD.unpack_from(buf, p + hsize)
+            # other record types (error, range, mount...) are skipped by length
+            p = rend
         if err is not None:
-            if pidfd is not None and pidfd >= 0:
-                orphans.append(pidfd)
-            return ParseResult(events, f"{err} event_off={off}", tuple(orphans))
-        events.append(ParsedEvent(mask=mask, fd=fd, pid=pid, records=records, pidfd=pidfd))
-        off += event_len
-    return ParseResult(events, None, tuple(orphans))
-
-
-def _parse_info(
-    buf: bytes, start: int, end: int
-) -> tuple[tuple[FidRecord, ...], Optional[int], Optional[str]]:
-    records: list[FidRecord] = []
-    pidfd: Optional[int] = None
-    off = start
-    while off < end:
-        if end - off < INFO_HEADER.size:
-            return tuple(records), pidfd, f"short_info_header off={off}"
-        info_type, _pad, rec_len = INFO_HEADER.unpack_from(buf, off)
-        if rec_len < INFO_HEADER.size or off + rec_len > end:
-            return tuple(records), pidfd, f"bad_info_len off={off} len={rec_len}"
-        if info_type in FID_TYPES:
-            rec, err = _parse_fid(buf, off, rec_len, info_type)
-            if err is not None or rec is None:
-                return tuple(records), pidfd, err
-            records.append(rec)
-        elif info_type == FAN_EVENT_INFO_TYPE_PIDFD:
-            if rec_len < INFO_HEADER.size + PIDFD.size:
-                return tuple(records), pidfd, f"short_pidfd off={off}"
-            (pidfd,) = PIDFD.unpack_from(buf, off + INFO_HEADER.size)
-        # other record types (error, range, mount...) are skipped by length
-        off += rec_len
-    return tuple(records), pidfd, None
-
-
-def _parse_fid(
-    buf: bytes, off: int, rec_len: int, info_type: int
-) -> tuple[Optional[FidRecord], Optional[str]]:
-    if rec_len < _FID_FIXED:
-        return None, f"short_fid off={off} len={rec_len}"
-    fsid = FSID.unpack_from(buf, off + INFO_HEADER.size)
-    handle_bytes, handle_type = FILE_HANDLE.unpack_from(buf, off + INFO_HEADER.size + FSID.size)
-    hstart = off + _FID_FIXED
-    hend = hstart + handle_bytes
-    rend = off + rec_len
-    if hend > rend:
-        return None, f"bad_handle_len off={off} handle_bytes={handle_bytes}"
-    name: Optional[bytes] = None
-    if info_type in NAMED_TYPES:
-        nul = buf.find(b"\0", hend, rend)
-        name = bytes(buf[hend:rend]) if nul < 0 else bytes(buf[hend:nul])
-    return FidRecord(info_type, (fsid[0], fsid[1]), handle_type, bytes(buf[hstart:hend]), name), None
+            orphans = (pidfd,) if pidfd is not None and pidfd >= 0 else ()
+            return ParseResult(events, f"{err} event_off={off}", orphans)
+        append(ParsedEvent(mask, fd, pid, tuple(records), pidfd))
+        off = end
+    return ParseResult(events)
 
 
 def pack_metadata(mask: int, fd: int, pid: int, info: bytes = b"") -> bytes:

@@ -395,3 +395,57 @@ def test_auto_backend_returns_a_started_source(env: Env) -> None:
         assert src.read(0.0) is not None
     finally:
         src.close()
+
+
+def test_prefilter_drops_a_known_non_web_writer_and_counts_it(env: Env) -> None:
+    """fanotify only: events of a pid the prefilter rules out never become
+    RawEvents once their directory is cached, yet count as seen; an excluded
+    directory's stay out of scope; other pids in the same directory come out."""
+    from agent.sources.fanotify import FanotifySource
+
+    d = _fresh(env, "prefilter")
+    (d / "skip").mkdir()
+    (d / "bulk").mkdir()
+    (d / "bulk").chmod(0o1777)
+    src = FanotifySource(
+        [os.fsencode(d)], [os.fsencode(d / "skip")], own_pid=os.getpid(), clock=SystemClock()
+    )
+    src.start()
+    try:
+        go = d / "go"
+        code = (
+            "import os, sys, time\n"
+            f"d = {str(d)!r}\n"
+            "open(os.path.join(d, 'bulk', 'first'), 'w').close()\n"  # resolves (and caches) bulk/
+            f"while not os.path.exists({str(go)!r}): time.sleep(0.01)\n"
+            "for i in range(50):\n"
+            "    open(os.path.join(d, 'bulk', 'bulk-%d' % i), 'w').close()\n"
+            "    open(os.path.join(d, 'skip', 'x-%d' % i), 'w').close()\n"
+        )
+        writer = env.run([env.python, "-c", code], uid=None, wait=False)
+        ruled_out = writer.pid
+        src.set_prefilter(lambda pid: time.monotonic() + 60 if pid == ruled_out else 0.0)
+        raws: list[Any] = []
+        deadline = time.monotonic() + WAIT_S
+        first = os.fsencode(d / "bulk" / "first")
+        while not any(r.path == first for r in raws) and time.monotonic() < deadline:
+            raws.extend(src.read(0.1))
+        assert any(r.path == first for r in raws), raws
+        before = src.stats()
+        env.sh("nginx", f': > "{go}"; : > "{d / "bulk" / "web"}"')  # another pid: never dropped
+        assert writer.wait(timeout=30) == 0
+        deadline = time.monotonic() + WAIT_S
+        while src.stats()["prefiltered"] - before["prefiltered"] < 50 and time.monotonic() < deadline:
+            raws.extend(src.read(0.1))
+        raws.extend(src.read(0.3))
+        after = src.stats()
+        paths = {r.path for r in raws}
+        assert {os.fsencode(go), os.fsencode(d / "bulk" / "web")} <= paths
+        assert not any(p is not None and b"/bulk-" in p for p in paths)
+        assert after["prefiltered"] - before["prefiltered"] == 50
+        assert after["seen"] - before["seen"] == 52  # the 50 dropped ones, `go` and `web`
+        assert after["out_of_scope"] - before["out_of_scope"] >= 50  # skip/ is excluded
+        assert src.take_prefiltered() == after["prefiltered"]
+        assert src.take_prefiltered() == 0
+    finally:
+        src.close()

@@ -41,7 +41,7 @@ def test_create_event_gives_dir_handle_name_and_child_fid() -> None:
     fid = ev.record(abi.FAN_EVENT_INFO_TYPE_FID)
     assert fid is not None
     assert (fid.handle, fid.name) == (CHILD_H, None)
-    assert dfid.key == (FSID, 1, DIR_H)
+    assert dfid.key == abi.FSID.pack(*FSID) + abi.FILE_HANDLE.pack(len(DIR_H), 1) + DIR_H
 
 
 def test_rename_event_gives_old_and_new_names() -> None:

@@ -1,0 +1,122 @@
+"""The fanotify reader thread and the directory scope cache, without the kernel.
+
+The reader drains any non-blocking fd, so a pipe stands in for the fanotify
+group here; the real group is exercised by tests/contract/test_sources.py.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from agent.clock import SystemClock
+from agent.sources import fanotify as fan
+
+
+def _pipe() -> tuple[int, int]:
+    r, w = os.pipe()
+    os.set_blocking(r, False)
+    return r, w
+
+
+def _take_all(ahead: fan._ReadAhead, want: int, timeout: float = 5.0) -> bytes:
+    got = b""
+    deadline = time.monotonic() + timeout
+    while len(got) < want and time.monotonic() < deadline:
+        got += b"".join(buf for _, buf in ahead.take(0.1, 1 << 20))
+    return got
+
+
+def test_everything_written_comes_out_in_order() -> None:
+    r, w = _pipe()
+    ahead = fan._ReadAhead(r, SystemClock())
+    ahead.start()
+    try:
+        data = bytes(range(256)) * 1000
+        for i in range(0, len(data), 4096):
+            os.write(w, data[i : i + 4096])
+        assert _take_all(ahead, len(data)) == data
+        assert ahead.pending_bytes() == 0
+    finally:
+        ahead.stop()
+        os.close(r)
+        os.close(w)
+
+
+def test_a_full_read_ahead_pauses_reading_and_loses_nothing() -> None:
+    r, w = _pipe()
+    os.set_blocking(w, False)
+    ahead = fan._ReadAhead(r, SystemClock(), max_bytes=8192)
+    ahead.start()
+    try:
+        written = b""
+        for i in range(64):  # 64 KiB: the pipe and the read-ahead cannot hold it all at once
+            chunk = bytes([i]) * 1024
+            try:
+                os.write(w, chunk)
+            except BlockingIOError:
+                break
+            written += chunk
+        time.sleep(0.3)
+        # paused at the bound: at most one buffer past it
+        assert ahead.pending_bytes() <= 8192 + fan.READ_BUFFER
+        assert _take_all(ahead, len(written)) == written
+    finally:
+        ahead.stop()
+        os.close(r)
+        os.close(w)
+
+
+def test_take_waits_at_most_its_timeout_and_stop_joins() -> None:
+    r, w = _pipe()
+    ahead = fan._ReadAhead(r, SystemClock())
+    ahead.start()
+    t0 = time.monotonic()
+    assert ahead.take(0.2, 1 << 20) == []
+    assert 0.15 <= time.monotonic() - t0 < 2.0
+    ahead.stop()
+    assert not ahead._thread.is_alive()
+    os.close(r)
+    os.close(w)
+
+
+def test_read_errors_are_counted_not_raised() -> None:
+    r, w = _pipe()
+    os.close(w)
+    os.close(r)  # reading a closed fd: EBADF, again and again
+    ahead = fan._ReadAhead(r, SystemClock())
+    ahead.start()
+    try:
+        deadline = time.monotonic() + 3
+        while ahead.read_errors == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert ahead.read_errors >= 1 and isinstance(ahead.last_error, OSError)
+    finally:
+        ahead.stop()
+
+
+@pytest.mark.parametrize(
+    ("directory", "want"),
+    [
+        (b"/srv/www", fan._MIXED),  # an excluded dir below it
+        (b"/srv/www/a", fan._IN),
+        (b"/srv/www/a/b", fan._IN),
+        (b"/srv", fan._MIXED),  # /srv/www itself may be created in it
+        (b"/", fan._MIXED),
+        (b"/srv/wwwx", fan._OUT),
+        (b"/etc", fan._OUT),
+        (b"/srv/www/cache", fan._OUT),  # excluded
+        (b"/srv/www/cache/x", fan._OUT),
+        (b"/srv/www/up", fan._MIXED),  # an excluded dir below it
+        (b"/srv/www/up/tmp", fan._OUT),
+    ],
+)
+def test_directory_scope(directory: bytes, want: int) -> None:
+    src = fan.FanotifySource([b"/srv/www"], [b"/srv/www/cache", b"/srv/www/up/tmp"], clock=SystemClock())
+    assert src._dir_scope(directory) == want
+    # the per-name check agrees wherever the directory says all or nothing
+    if want != fan._MIXED:
+        for name in (b"x.php", b"cache", b"tmp"):
+            assert src._in_scope(directory.rstrip(b"/") + b"/" + name) == (want == fan._IN)

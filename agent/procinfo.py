@@ -127,14 +127,25 @@ class Resolver:
         )
 
     def trusted(self, pid: int) -> Optional[tuple[Optional[str], Optional[int], float]]:
-        """(name, euid, until) of a live pid checked against /proc within
-        TRUST_S (what :meth:`resolve` would use without a syscall), else None.
-        ``until`` is the monotonic time at which that check stops counting."""
+        """(name, euid, until) of a live pid as :meth:`resolve` would see it
+        now, checked against /proc within TRUST_S (re-checked here when
+        older), else None. ``until`` is the monotonic time at which that
+        check stops counting: the prefilter's answer holds until then."""
         cached = self._cache.get(pid)
-        if cached is None or not cached.complete or pid in self._gone:
-            return None
+        now = self._clock.monotonic()
+        if (
+            cached is None
+            or not cached.complete
+            or pid in self._gone
+            or now - self._checked.get(pid, -1e18) >= TRUST_S
+        ):
+            # the check resolve() would make for this pid's next event, made now
+            found, attribution = self._lookup(pid, self._clock.now_ms())
+            if attribution != EXACT or found is None or not found.complete:
+                return None
+            cached = found
         until = self._checked.get(pid, -1e18) + TRUST_S
-        if self._clock.monotonic() >= until:
+        if now >= until:
             return None
         return cached.info.name, cached.euid, until
 

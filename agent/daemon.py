@@ -368,28 +368,29 @@ class LiveAgent:
         self._seen_refused |= refused
         self._coverage_ms = now
 
-    def _cannot_match(self, pid: int) -> float:
-        """The monotonic time until which the rule cannot match any event of
-        ``pid`` (0.0 when it may): its name and user, from the resolver's
-        trusted cache (no syscall), fail the rule. The source then drops such
-        events before they are resolved; they still count as seen."""
+    def _cannot_match(self, pid: int) -> tuple[float, bool]:
+        """(until, cannot): until that monotonic time, the rule cannot match
+        any event of ``pid`` (or it may). Its name and user come from the
+        resolver's trusted cache, checked against /proc at most every TRUST_S.
+        The source then drops ruled-out events before they are resolved; they
+        still count as seen."""
         known = self.resolver.trusted(pid)
         if known is None:
-            return 0.0
+            return (0.0, False)
         name, euid, until = known
         if euid is None:
-            return 0.0
+            return (until, False)
         rule = self.cfg.rule
         proc = rule.process_matches(name)
         if proc and rule.combinator != "and":
-            return 0.0
+            return (until, False)
         user = self.resolver.user_of(euid)
         ok = (
             (proc and rule.user_matches(user.name, user.id))
             if rule.combinator == "and"
             else (proc or rule.user_matches(user.name, user.id))
         )
-        return 0.0 if ok else until
+        return (until, not ok)
 
     def _open_source(self, opener: Callable[..., Any]) -> Any:
         source = self._open_source_raw(opener)

@@ -313,12 +313,13 @@ class FanotifySource:
         self._watch_eq = frozenset(self._watch)
         self._excl_pre = tuple(x.rstrip(b"/") + b"/" for x in self._exclude)
         self._excl_eq = frozenset(self._exclude)
-        # pid -> monotonic time until which none of its events can match the
-        # rule (0.0: they may), from the daemon. Such events are counted in
-        # `prefiltered` and never resolved or handed on, so a busy host's
-        # non-web-server writes cost almost nothing. `_skip` caches answers.
-        self._prefilter: Optional[Callable[[int], float]] = None
-        self._skip: dict[int, float] = {}
+        # pid -> (until, cannot_match) from the daemon: until that monotonic
+        # time, none of the pid's events can match the rule (or some may).
+        # Ruled-out events are counted in `prefiltered` and never resolved or
+        # handed on, so a busy host's non-web-server writes cost almost
+        # nothing. `_skip` caches the answers.
+        self._prefilter: Optional[Callable[[int], tuple[float, bool]]] = None
+        self._skip: dict[int, tuple[float, bool]] = {}
         self._prefiltered_new = 0
         self._execd: set[int] = set()  # pids with an exec in the current read() call
         self._ahead: Optional[_ReadAhead] = None
@@ -427,7 +428,7 @@ class FanotifySource:
         out["read_ahead_bytes"] = self._ahead.pending_bytes() if self._ahead is not None else 0
         return out
 
-    def set_prefilter(self, prefilter: Optional[Callable[[int], float]]) -> None:
+    def set_prefilter(self, prefilter: Optional[Callable[[int], tuple[float, bool]]]) -> None:
         """Install the daemon's prefilter; forgets every cached answer (a new rule)."""
         self._prefilter = prefilter
         self._skip.clear()
@@ -630,16 +631,13 @@ class FanotifySource:
                 and pid not in execd
                 and self._prefilter is not None
             ):
-                until = skip.get(pid)
-                if until is None or until <= now:
-                    until = self._prefilter(pid)
-                    if until > now:
-                        skip[pid] = until
-                        if len(skip) > 4096:
-                            skip.clear()
-                    else:
-                        skip.pop(pid, None)
-                if until > now:
+                known = skip.get(pid)
+                if known is None or known[0] <= now:
+                    known = self._prefilter(pid)
+                    if len(skip) >= 4096:
+                        skip.clear()
+                    skip[pid] = known
+                if known[1] and known[0] > now:
                     want = (
                         abi.FAN_EVENT_INFO_TYPE_NEW_DFID_NAME
                         if mask & abi.FAN_RENAME

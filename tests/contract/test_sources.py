@@ -424,7 +424,7 @@ def test_prefilter_drops_a_known_non_web_writer_and_counts_it(env: Env) -> None:
         )
         writer = env.run([env.python, "-c", code], uid=None, wait=False)
         ruled_out = writer.pid
-        src.set_prefilter(lambda pid: time.monotonic() + 60 if pid == ruled_out else 0.0)
+        src.set_prefilter(lambda pid: (time.monotonic() + 60, pid == ruled_out))
         raws: list[Any] = []
         deadline = time.monotonic() + WAIT_S
         first = os.fsencode(d / "bulk" / "first")

@@ -1,9 +1,10 @@
 """The agent's state: the rolling hour and the outbox, in one SQLite file.
 
-Schema version 1 (``meta.schema_version``)::
+Schema version 2 (``meta.schema_version``)::
 
     meta(k TEXT PRIMARY KEY, v)            epoch, next_seq, schema_version
-    win(pair BLOB, ts INTEGER)             this agent's matching events, one hour
+    win(pair BLOB, ts INTEGER)             this agent's matching events, one hour;
+                                           one index, on (pair, ts)
     outbox(id INTEGER PRIMARY KEY AUTOINCREMENT, kind INTEGER, ts INTEGER, body BLOB)
                                            kind 0: an <event> map (msgpack)
                                            kind 1: a count time; body = the pair
@@ -17,10 +18,19 @@ in the same transaction; the detail decision (DESIGN §2) is made there: full
 detail while the pair has fewer than ``count_below`` events in the agent's
 hour ending at the event, a bare time after that.
 
+The hour is pruned every 5000 events, without an index on ``ts``: rows go in
+spans of consecutive rowids (rows come in time order, near enough), a span
+once its newest time is a window older than the newest time stored. Each
+prune also moves a horizon there, and no time at or before the horizon counts
+any more, whether its row is gone yet or not; so the decision never depends
+on how the rows were grouped, and only an event arriving later than a window
+can miss a time (it then gets detail it could have gone without).
+
 Readability rule: a file with a newer schema_version is refused with a clear
 error (never half-read); an older one is migrated in place, in one
-transaction. A file that fails ``PRAGMA quick_check`` at start is moved aside
-and a fresh one is created (power loss must not become a crash loop).
+transaction (version 1 had a second index, on ``win(ts)``: it is dropped).
+A file that fails ``PRAGMA quick_check`` at start is moved aside and a fresh
+one is created (power loss must not become a crash loop).
 
 Durability: WAL with ``synchronous=NORMAL``. A committed transaction survives
 a crash or SIGKILL of the agent (the promise); after a power loss the last
@@ -52,7 +62,7 @@ from agent.rule import Rule
 
 log = logging.getLogger("rarewrite.store")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 EVENT, COUNT, GAP = 0, 1, 2
 BATCH_BYTES = 2 << 20  # stay well under the collector's body cap
 RECENT_PAIRS = 4096  # pairs whose recent times are kept in memory (a few hundred KB)
@@ -67,7 +77,6 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(k TEXT PRIMARY KEY, v);
 CREATE TABLE IF NOT EXISTS win(pair BLOB NOT NULL, ts INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS win_pair_ts ON win(pair, ts);
-CREATE INDEX IF NOT EXISTS win_ts ON win(ts);
 CREATE TABLE IF NOT EXISTS outbox(id INTEGER PRIMARY KEY AUTOINCREMENT,
     kind INTEGER NOT NULL, ts INTEGER NOT NULL, body BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS lease(seq INTEGER PRIMARY KEY, batch_id TEXT NOT NULL,
@@ -76,6 +85,15 @@ CREATE TABLE IF NOT EXISTS quarantine(id INTEGER PRIMARY KEY, at INTEGER NOT NUL
     reason TEXT NOT NULL, kind INTEGER NOT NULL, body BLOB NOT NULL);
 """
 
+# Each step takes a file from the version before it to this one; they run in
+# one transaction with the new version number.
+_MIGRATIONS = {
+    2: "DROP INDEX IF EXISTS win_ts",  # the hour is pruned by rowid spans now
+}
+# Rows of win are pruned in spans of consecutive rowids (a few record() calls
+# each), a span once its newest time has left the hour: win needs no index on
+# ts. A span is cut when its times reach into the next 1/SPANS of the window.
+SPANS = 64
 
 _COUNT_SQL = "SELECT count(*) FROM (SELECT 1 FROM win WHERE pair=? AND ts>? AND ts<=? LIMIT ?)"
 
@@ -144,6 +162,14 @@ class AgentStore:
         # cache of the table for the pairs it holds, so the detail decision
         # needs no query per event. Bounded; a pair it dropped is read again.
         self._recent: OrderedDict[bytes, list[int]] = OrderedDict()
+        self._recent_rule = (rule.window_ms, rule.count_below)  # what the cached times were chosen for
+        # [last rowid, newest ts] of the rows of win, oldest first, and the
+        # newest time in win (the prune keeps the hour before it).
+        self._spans: deque[list[int]] = deque()
+        self._newest: Optional[int] = None
+        # Times at or before the horizon no longer count: every prune moves it
+        # to the newest time minus the window (see record()).
+        self._horizon = -(1 << 62)
         # (outbox id, path, due ms, keys in its event map) of rows awaiting facts
         self._pending: deque[tuple[int, bytes, int, int]] = deque()
         self._depth = 0  # rows in the outbox: counted once at open, then kept here
@@ -170,6 +196,13 @@ class AgentStore:
                 "upgrade rarewrite or move the file away"
             )
         db.executescript("BEGIN;" + _SCHEMA + "COMMIT;")
+        if version is not None and int(version) < SCHEMA_VERSION:
+            db.execute("BEGIN IMMEDIATE")
+            for step in range(int(version) + 1, SCHEMA_VERSION + 1):
+                db.execute(_MIGRATIONS[step])
+            db.execute("UPDATE meta SET v=? WHERE k='schema_version'", (SCHEMA_VERSION,))
+            db.execute("COMMIT")
+            log.info("event=state_migrated path=%r from=%s to=%d", self.path, version, SCHEMA_VERSION)
         if version is None:
             db.execute("BEGIN IMMEDIATE")
             db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
@@ -177,6 +210,11 @@ class AgentStore:
             db.execute("INSERT OR IGNORE INTO meta VALUES ('next_seq', 1)")
             db.execute("COMMIT")
         self._depth = int(db.execute("SELECT count(*) FROM outbox").fetchone()[0])
+        last, newest = db.execute("SELECT max(rowid), max(ts) FROM win").fetchone()
+        if last is not None:  # one span for what an earlier run left: it goes a window after its newest
+            self._spans.append([last, newest])
+            self._newest = newest
+            self._horizon = newest - self.rule.window_ms  # as if pruned now (the horizon is not saved)
         os.chmod(self.path, 0o600)
 
     def _healthy(self) -> bool:
@@ -237,39 +275,48 @@ class AgentStore:
         The detail decision is exact and made in memory: for every pair of
         the batch the times already in ``win`` come from one query per chunk
         of pairs (or from the small LRU of recent pairs), then ``win`` and
-        ``outbox`` get one executemany each, in event order."""
+        ``outbox`` get one executemany each, in event order. An event counts
+        the times of its pair in (ts - window, ts], its own included, except
+        those at or before the horizon of the last prune (the newest time
+        then, minus the window): for events in time order that is all of
+        them; only an event later than the window can miss a pruned time."""
         if not events and self._unstored is None and progress is None:
             return 0
         db = self._db()
         detailed = 0
         with self._lock:
             recent = self._recent
+            window, below = self.rule.window_ms, self.rule.count_below
+            if self._recent_rule != (window, below):
+                recent.clear()  # a reload changed the rule: the cached times were chosen for the old one
+                self._recent_rule = (window, below)
+            horizon = self._horizon
             try:
                 db.execute("BEGIN IMMEDIATE")
                 gaps = self._flush_unstored(db)
-                window, below = self.rule.window_ms, self.rule.count_below
                 pack = self._packer.pack
                 keys = [pack([ev.process.executable or None, ev.path or None]) for ev in events]
-                self._load_recent(db, keys, min((ev.ts_ms for ev in events), default=0) - window)
+                oldest = min((ev.ts_ms for ev in events), default=0)
+                self._load_recent(db, keys, max(oldest - window, horizon))
                 win_rows: list[tuple[bytes, int]] = []
                 out_rows: list[tuple[int, int, bytes]] = []
                 wants_facts: list[tuple[int, bytes, int]] = []  # (index in out_rows, path, map keys)
                 for ev, key in zip(events, keys):
                     ts = ev.ts_ms
+                    lo = max(ts - window, horizon)
                     times = recent[key]
                     win_rows.append((key, ts))
                     if times and ts < times[-1]:  # out of time order: ask the table (exact)
-                        if win_rows:
-                            db.executemany("INSERT INTO win VALUES (?, ?)", win_rows)
-                            win_rows = []
-                        n = db.execute(_COUNT_SQL, (key, ts - window, ts, below)).fetchone()[0]
+                        db.executemany("INSERT INTO win VALUES (?, ?)", win_rows)
+                        win_rows = []
+                        n = db.execute(_COUNT_SQL, (key, lo, ts, below)).fetchone()[0]
                         times.append(ts)
                         times.sort()
                     else:
                         times.append(ts)
                         n = 0
                         for t in reversed(times):  # the newest `below` times decide
-                            if t <= ts - window or n >= below:
+                            if t <= lo or n >= below:
                                 break
                             n += 1
                     if len(times) > below:
@@ -286,10 +333,13 @@ class AgentStore:
                 if win_rows:
                     db.executemany("INSERT INTO win VALUES (?, ?)", win_rows)
                 db.executemany("INSERT INTO outbox(kind, ts, body) VALUES (?, ?, ?)", out_rows)
-                if wants_facts:  # one transaction holds the write lock: the new ids are contiguous
+                # One transaction holds the write lock: the new rowids of win
+                # and ids of outbox are contiguous.
+                last_win = db.execute("SELECT max(rowid) FROM win").fetchone()[0] if events else None
+                if wants_facts:
                     first = db.execute("SELECT max(id) FROM outbox").fetchone()[0] - len(out_rows) + 1
                     due = self.clock.now_ms() + FACTS_DELAY_MS
-                    new_pending = [(first + i, path, due, keys) for i, path, keys in wants_facts]
+                    new_pending = [(first + i, path, due, n_keys) for i, path, n_keys in wants_facts]
                 if progress is not None:
                     db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", progress)
                 db.execute("COMMIT")
@@ -298,6 +348,8 @@ class AgentStore:
                     self._unstored = None
                 if wants_facts:
                     self._pending.extend(new_pending)
+                if last_win is not None:
+                    self._add_span(last_win, max(ev.ts_ms for ev in events), window)
             except sqlite3.Error as e:
                 db.execute("ROLLBACK") if db.in_transaction else None
                 recent.clear()  # it may hold times of the rolled-back batch
@@ -435,15 +487,34 @@ class AgentStore:
         body = msgpack.packb({"start": start, "end": end, "lost": lost, "reason": reason})
         db.execute("INSERT INTO outbox(kind, ts, body) VALUES (2, ?, ?)", (start, body))
 
+    def _add_span(self, last: int, newest: int, window: int) -> None:
+        """The rows of win up to rowid ``last`` (newest time ``newest``) were committed."""
+        spans = self._spans
+        step = max(1, window // SPANS)
+        if spans and (newest <= spans[-1][1] or newest // step == spans[-1][1] // step):
+            spans[-1] = [last, max(newest, spans[-1][1])]
+        else:
+            spans.append([last, newest])
+        if self._newest is None or newest > self._newest:
+            self._newest = newest
+
     def maintain(self) -> None:
         """Prune the rolling hour and enforce the outbox bound."""
         db = self._db()
         with self._lock:
             try:
-                newest = db.execute("SELECT max(ts) FROM win").fetchone()[0]
-                if newest is not None:
-                    db.execute("DELETE FROM win WHERE ts <= ?", (newest - self.rule.window_ms,))
-                    self._recent.clear()  # it must never know a time the table no longer has
+                if self._newest is not None:
+                    # From now on no time at or before the horizon counts, so
+                    # the rows that hold only such times can go: whole spans,
+                    # a range of rowids (rows come in roughly in time order).
+                    self._horizon = max(self._horizon, self._newest - self.rule.window_ms)
+                    spans, gone = self._spans, 0
+                    while gone < len(spans) and spans[gone][1] <= self._horizon:
+                        gone += 1
+                    if gone:
+                        db.execute("DELETE FROM win WHERE rowid <= ?", (spans[gone - 1][0],))
+                        for _ in range(gone):
+                            spans.popleft()
                 self._bound_outbox(db)
             except sqlite3.Error as e:
                 db.execute("ROLLBACK") if db.in_transaction else None  # never leave the bound half-done

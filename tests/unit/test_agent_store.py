@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sqlite3
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -114,6 +115,46 @@ def test_newer_schema_is_refused(tmp_path: Path) -> None:
     s.close()
     with pytest.raises(Exception, match="newer"):
         AgentStore(path, Rule(), FakeClock(T0))
+
+
+# The schema of version 1, as the first agents wrote it.
+V1_SCHEMA = """
+CREATE TABLE meta(k TEXT PRIMARY KEY, v);
+CREATE TABLE win(pair BLOB NOT NULL, ts INTEGER NOT NULL);
+CREATE INDEX win_pair_ts ON win(pair, ts);
+CREATE INDEX win_ts ON win(ts);
+CREATE TABLE outbox(id INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind INTEGER NOT NULL, ts INTEGER NOT NULL, body BLOB NOT NULL);
+CREATE TABLE lease(seq INTEGER PRIMARY KEY, batch_id TEXT NOT NULL,
+    hi INTEGER NOT NULL, n INTEGER NOT NULL, body BLOB NOT NULL);
+CREATE TABLE quarantine(id INTEGER PRIMARY KEY, at INTEGER NOT NULL,
+    reason TEXT NOT NULL, kind INTEGER NOT NULL, body BLOB NOT NULL);
+"""
+
+
+def test_a_version_1_state_file_is_migrated_in_place(tmp_path: Path) -> None:
+    path = str(tmp_path / "agent.db")
+    key = msgpack.packb([b"/usr/sbin/nginx", b"/var/www/a.php"], use_bin_type=True)
+    db = sqlite3.connect(path)
+    db.executescript(V1_SCHEMA)
+    db.executemany(
+        "INSERT INTO meta VALUES (?, ?)", [("schema_version", 1), ("epoch", "e" * 32), ("next_seq", 3)]
+    )
+    db.executemany("INSERT INTO win VALUES (?, ?)", [(key, T0 + i) for i in range(4)])
+    db.executemany("INSERT INTO outbox(kind, ts, body) VALUES (1, ?, ?)", [(T0 + i, key) for i in range(4)])
+    db.commit()
+    db.close()
+    s = AgentStore(path, Rule(), FakeClock(T0))
+    db = s._db()
+    assert db.execute("SELECT v FROM meta WHERE k='schema_version'").fetchone()[0] == 2
+    indexes = {
+        r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='index' AND tbl_name='win'")
+    }
+    assert indexes == {"win_pair_ts"}
+    assert s.epoch == "e" * 32 and s.depth() == 4
+    assert s.record([ev(ts=T0 + 10)]) == 0  # the hour the old file holds still counts: a 5th event is a time
+    lease = s.lease("a", "h", 100)
+    assert lease is not None and lease.seq == 3 and lease.n == 5
 
 
 def test_outbox_bound_drops_detail_first_then_oldest_times(tmp_path: Path) -> None:
@@ -357,3 +398,10 @@ def test_a_disk_still_full_does_not_forget_what_it_lost_before(tmp_path: Path) -
     gaps = [msgpack.unpackb(b, raw=False) for (b,) in db.execute("SELECT body FROM outbox WHERE kind=2")]
     assert gaps == [{"start": T0 + 10, "end": T0 + 20, "lost": 500, "reason": "disk_full"}]
     assert s.depth() == 3
+
+
+def test_a_reload_that_raises_count_below_reads_the_times_again(store: AgentStore) -> None:
+    store.rule = Rule(count_below=2)
+    assert store.record([ev(ts=T0 + i) for i in range(7)]) == 1
+    store.rule = Rule(count_below=5)  # what a SIGHUP reload does
+    assert store.record([ev(ts=T0 + 7)]) == 0  # 8 events in the hour: still not rare

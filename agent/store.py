@@ -176,6 +176,7 @@ class AgentStore:
         # One packer for the writer's keys and bodies (msgpack.packb builds a
         # new one per call); only used under self._lock.
         self._packer = msgpack.Packer(use_bin_type=True)
+        self._events = wire.EventPacker()  # the event maps, same bytes as packing wire.event_map
         self._open()
 
     # -------------------------------------------------------------- opening
@@ -294,7 +295,7 @@ class AgentStore:
             try:
                 db.execute("BEGIN IMMEDIATE")
                 gaps = self._flush_unstored(db)
-                pack = self._packer.pack
+                pack, pack_event = self._packer.pack, self._events.pack
                 keys = [pack([ev.process.executable or None, ev.path or None]) for ev in events]
                 oldest = min((ev.ts_ms for ev in events), default=0)
                 self._load_recent(db, keys, max(oldest - window, horizon))
@@ -322,10 +323,9 @@ class AgentStore:
                     if len(times) > below:
                         del times[: len(times) - below]
                     if n < below:
-                        doc = wire.event_map(ev)
-                        body = pack(doc)
+                        body, n_keys = pack_event(ev)
                         if self.facts is not None and ev.path and len(self._pending) < FACTS_PENDING_MAX:
-                            wants_facts.append((len(out_rows), ev.path, len(doc)))
+                            wants_facts.append((len(out_rows), ev.path, n_keys))
                         out_rows.append((EVENT, ts, body))
                         detailed += 1
                     else:

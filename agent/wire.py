@@ -609,6 +609,126 @@ def event_map(ev: Any, facts: Any = None) -> dict[str, Any]:
     return out
 
 
+class EventPacker:
+    """``msgpack.packb(event_map(ev), use_bin_type=True)``, the same bytes, in
+    half the time: the parts of the map that come from the process, the user
+    and the (action, event type, attribution) are packed once per object or
+    value and spliced in (the resolver hands the same ProcessInfo and
+    UserInfo to every event of a process). An object is cached the second
+    time it is seen (a recorded file makes new ones for every event: those
+    take the plain way, at the cost of one lookup); by identity (a cached
+    object is kept alive, so its id cannot be reused). Each cache is emptied
+    at ``cache_max`` entries. Not thread-safe: one per writer."""
+
+    def __init__(self, cache_max: int = 1024) -> None:
+        self._pack = msgpack.Packer(use_bin_type=True).pack
+        self._cache_max = cache_max
+        self._seen: dict[int, Any] = {}  # id -> a process or user seen once
+        self._procs: dict[int, tuple[Any, bytes, bytes, bytes, int]] = {}  # id -> (p, exe, mid, end, keys)
+        self._users: dict[int, tuple[Any, bytes, int]] = {}  # id -> (u, part, keys)
+        self._kinds: dict[tuple[Any, Any, Any], tuple[bytes, bytes]] = {}  # -> (action part, etype+attr part)
+
+    def pack(self, ev: Any) -> tuple[bytes, int]:
+        """The packed ``<event>`` map of ``ev`` and how many keys it has."""
+        pack, p, u = self._pack, ev.process, ev.user
+        proc = self._procs.get(id(p))
+        user = self._users.get(id(u))
+        if proc is None or user is None or proc[0] is not p or user[0] is not u:
+            proc = proc if proc is not None and proc[0] is p else self._proc(p) if self._again(p) else None
+            user = user if user is not None and user[0] is u else self._user(u) if self._again(u) else None
+            if proc is None or user is None:
+                doc = event_map(ev)
+                return pack(doc), len(doc)
+        kind = self._kind(ev.action, ev.event_type, ev.attribution)
+        keys = 6 + proc[4] + user[2]
+        orig = b""
+        if ev.original_path:
+            keys += 1
+            orig = b"\xa4orig" + pack(ev.original_path)
+        body = b"".join(
+            (
+                bytes((0x80 | keys,)),  # keys <= 15: a fixmap
+                b"\xa2ts",
+                pack(ev.ts_ms),
+                kind[0],
+                proc[1],
+                b"\xa4path",
+                pack(ev.path or None),
+                kind[1],
+                orig,
+                proc[2],
+                user[1],
+                proc[3],
+            )
+        )
+        return body, keys
+
+    def _again(self, obj: Any) -> bool:
+        """Was ``obj`` seen before? (It is remembered if not.)"""
+        if self._seen.get(id(obj)) is obj:
+            return True
+        if len(self._seen) >= self._cache_max:
+            self._seen.clear()
+        self._seen[id(obj)] = obj
+        return False
+
+    def _kind(self, action: Any, etype: Any, attr: Any) -> tuple[bytes, bytes]:
+        try:
+            got = self._kinds.get((action, etype, attr))
+        except TypeError:  # an unhashable value from a recorded document: pack it as it is
+            got = None
+        if got is not None:
+            return got
+        pack = self._pack
+        got = (
+            b"\xa6action" + pack(action),
+            b"\xa5etype" + pack([t[:32] for t in etype]) + b"\xa4attr" + pack(attr),
+        )
+        if len(self._kinds) >= self._cache_max:
+            self._kinds.clear()
+        try:
+            self._kinds[(action, etype, attr)] = got
+        except TypeError:
+            pass
+        return got
+
+    def _proc(self, p: Any) -> tuple[Any, bytes, bytes, bytes, int]:
+        pack = self._pack
+        mid, end = [], []
+        v = p.pid
+        if v is not None and 0 <= v < _PID_END:
+            mid.append(b"\xa3pid" + pack(v))
+        v = p.ppid
+        if v is not None and 0 <= v < _PID_END:
+            mid.append(b"\xa4ppid" + pack(v))
+        if p.name is not None:
+            mid.append(b"\xa5pname" + pack(_cut(p.name)))
+        if p.command_line is not None:
+            mid.append(b"\xa3cmd" + pack(_cut(p.command_line)))
+        if p.parent_name is not None:
+            end.append(b"\xa6ppname" + pack(_cut(p.parent_name)))
+        if p.parent_executable:
+            end.append(b"\xa5ppexe" + pack(p.parent_executable))
+        got = (p, b"\xa3exe" + pack(p.executable or None), b"".join(mid), b"".join(end), len(mid) + len(end))
+        if len(self._procs) >= self._cache_max:
+            self._procs.clear()
+        self._procs[id(p)] = got
+        return got
+
+    def _user(self, u: Any) -> tuple[Any, bytes, int]:
+        pack = self._pack
+        parts = []
+        if u.id is not None:
+            parts.append(b"\xa3uid" + pack(_cut(u.id)))
+        if u.name is not None:
+            parts.append(b"\xa5uname" + pack(_cut(u.name)))
+        got = (u, b"".join(parts), len(parts))
+        if len(self._users) >= self._cache_max:
+            self._users.clear()
+        self._users[id(u)] = got
+        return got
+
+
 def facts_map(facts: Any) -> dict[str, Any]:
     """FileFacts as the ``file`` map of an ``<event>``."""
     f = {

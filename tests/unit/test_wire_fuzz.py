@@ -14,6 +14,7 @@ import math
 from typing import Any
 
 import msgpack
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -237,3 +238,42 @@ def test_deep_nesting_and_huge_length_claims_are_wire_errors() -> None:
         except WireError:
             continue
         raise AssertionError(f"{body[:8]!r} decoded")
+
+
+# ------------------------------------------------------------------ the agent's event maps
+
+
+@pytest.mark.parametrize("cache_max", [1, 2, 1024])
+def test_the_event_packer_packs_what_event_map_gives(cache_max: int) -> None:
+    """Byte for byte, with process and user objects shared between events
+    (as the resolver shares them), cache evictions, and odd values."""
+    import random
+
+    from agent.events import FileEvent, ProcessInfo, UserInfo
+
+    rng = random.Random(cache_max)
+
+    def pick(*xs: Any) -> Any:
+        return rng.choice(xs)
+
+    procs = [
+        ProcessInfo(
+            pick(None, 0, 5, -1, 1 << 31, (1 << 31) - 1), pick(None, "", "nginx", "ngi\udcffnx", "é" * 5000),
+            pick(None, b"", b"/usr/sbin/nginx"), pick(None, 1, -3, 1 << 40),
+            pick(None, "", "nginx: worker", "x" * 5000, "\udc80"), None, pick(None, "", "systemd"),
+            pick(None, b"", b"/sbin/init"),
+        )
+        for _ in range(40)
+    ]  # fmt: skip
+    users = [UserInfo(pick(None, "", "33"), pick(None, "", "www-data", "w\udc00")) for _ in range(10)]
+    packer = wire.EventPacker(cache_max)
+    for _ in range(3000):
+        ev = FileEvent(
+            rng.randint(0, 1 << 53), pick("creation", "rename", "", "x" * 40), pick(None, b"", b"/p", b"\xff" * 300),
+            pick(*procs), pick(*users), pick(("creation",), ("change",), ("x" * 40, "y"), ()),
+            pick(None, b"", b"/o"), attribution=pick("exact", "cached", "recorded"),
+        )  # fmt: skip
+        doc = wire.event_map(ev)
+        assert packer.pack(ev) == (msgpack.packb(doc, use_bin_type=True), len(doc))
+    odd = FileEvent(1, "creation", b"/p", procs[0], users[0], ["creation"])  # a list: unhashable
+    assert packer.pack(odd)[0] == msgpack.packb(wire.event_map(odd), use_bin_type=True)

@@ -15,7 +15,10 @@ the whole run.
 
 Fleets (one agent, every event matching, all with full process detail):
   unique: N events, every one a new (exe, path) pair, so every one is
-          detailed (default 110,000: the profiled live burst);
+          detailed (default 110,000: the profiled live burst), named like
+          bench/burst.py's files: numbered, in 97 directories;
+  random: the same with random names (sess_<32 hex>, as PHP names its
+          session files): no locality in the pair index at all;
   repeat: N events over P pairs (default 200) chosen at random, so after
           the first few times a pair goes on as bare count times.
 
@@ -45,6 +48,7 @@ from typing import Any
 import _common as c
 
 T0 = 1_795_780_800_000
+FLEETS = ("unique", "random", "repeat")
 EXES = [b"/usr/sbin/nginx", b"/usr/sbin/php-fpm8.2", b"/usr/sbin/apache2", b"/usr/bin/uwsgi"]
 
 
@@ -67,11 +71,12 @@ def make_events(fleet: str, n: int, pairs: int, rate: float, seed: int) -> list[
     user = UserInfo("33", "www-data")
     out = []
     for i in range(n):
-        if fleet == "unique":
+        if fleet == "random":
             k = i
+            path = b"/var/lib/php/sessions/sess_%032x" % rng.getrandbits(128)
         else:
-            k = rng.randrange(pairs)
-        path = b"/var/www/html/cache/%d/f%08d.php" % (k % 97, k)
+            k = i if fleet == "unique" else rng.randrange(pairs)
+            path = b"/var/www/html/cache/%d/f%08d.php" % (k % 97, k)
         out.append(FileEvent(T0 + int(i * 1000 / rate), "creation", path, procs[k % len(procs)], user))
     return out
 
@@ -134,7 +139,7 @@ def measure(a: argparse.Namespace) -> dict[str, Any]:
     tmp = tempfile.mkdtemp(prefix="rw-store-")
     out: dict[str, Any] = {}
     try:
-        for fleet in ("unique", "repeat"):
+        for fleet in FLEETS:
             events = make_events(fleet, a.events, a.pairs, a.rate, seed=7)
             runs = [run_once(events, a.slice, a.rate, tmp) for _ in range(a.rounds)]
             best = sorted(runs, key=lambda r: r["total_us_per_event"])[len(runs) // 2]
@@ -182,7 +187,7 @@ def main() -> int:
     if a.against:
         versions["against"] = child(a, a.against)
     rows = []
-    for fleet in ("unique", "repeat"):
+    for fleet in FLEETS:
         for name, got in versions.items():
             f = got[fleet]
             rows.append([fleet, name, f["events"], f["detailed"], f["count_times"], f["facts_filled"],
@@ -194,9 +199,14 @@ def main() -> int:
         rows,
     )  # fmt: skip
     if a.against:
-        for fleet in ("unique", "repeat"):
-            new, old = fleets[fleet]["total_us_per_event"], versions["against"][fleet]["total_us_per_event"]
-            print(f"{fleet}: {old:.2f} -> {new:.2f} us/event ({old / new:.2f}x)")
+        for fleet in FLEETS:
+            new, old = fleets[fleet], versions["against"][fleet]
+            cpu_new, cpu_old = new["cpu_us_per_event"], old["cpu_us_per_event"]
+            print(
+                f"{fleet}: against -> this: wall {old['total_us_per_event']:.2f} -> "
+                f"{new['total_us_per_event']:.2f} us/event, CPU {cpu_old:.2f} -> {cpu_new:.2f} us/event "
+                f"({cpu_old / cpu_new:.2f}x)"
+            )
     c.emit(
         {
             "bench": "store_record",

@@ -109,7 +109,7 @@ def test_peers_quick() -> None:
 def test_store_record_quick() -> None:
     doc = _run("store_record.py")
     assert doc["bench"] == "store_record"
-    assert set(doc["fleets"]) == {"unique", "repeat"}
+    assert set(doc["fleets"]) == {"unique", "random", "repeat"}
     for f in doc["fleets"].values():
         want = {"record_us_per_event", "fill_us_per_event", "total_us_per_event", "cpu_us_per_event"}
         assert want <= set(f)

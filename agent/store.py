@@ -41,6 +41,7 @@ trade that speed for power-loss safety when it is ever needed.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import sqlite3
@@ -95,6 +96,9 @@ _MIGRATIONS = {
 # ts. A span is cut when its times reach into the next 1/SPANS of the window.
 SPANS = 64
 
+# The map header with one more key, where the old header ends (1-based), the packed
+# "file" pair; only an event map (kind 0) is filled.
+_FILL_SQL = "UPDATE outbox SET body=CAST(? || substr(body, ?) || ? AS BLOB) WHERE id=? AND kind=0"
 _COUNT_SQL = "SELECT count(*) FROM (SELECT 1 FROM win WHERE pair=? AND ts>? AND ts<=? LIMIT ?)"
 
 
@@ -376,22 +380,24 @@ class AgentStore:
     def fill_facts(self, now_ms: Optional[int] = None, limit: int = 2000) -> int:
         """Read the facts of events whose delay has passed and put them into
         their (not yet shipped) outbox rows; returns how many were filled.
+        One caller at a time (the sensor loop).
 
         The ``file`` map goes last into the stored event map without decoding
         it: the map header gets one more key (the row's key count was noted
         when it was recorded) and the packed ``"file"`` pair is appended, in
         one UPDATE statement for all the rows, the same bytes as unpacking,
-        adding the key and packing again."""
+        adding the key and packing again. The rows stay pending (so no lease
+        takes them) until their facts are committed."""
         if not self._pending or self.facts is None:
             return 0
         now = self.clock.now_ms() if now_ms is None else now_ms
-        due: list[tuple[int, bytes, int, int]] = []
-        while self._pending and self._pending[0][2] <= now and len(due) < limit:
-            due.append(self._pending.popleft())
+        with self._lock:
+            due = list(itertools.takewhile(lambda p: p[2] <= now, itertools.islice(self._pending, limit)))
         if not due:
             return 0
         facts = [self.facts(path) for _, path, _, _ in due]  # file reads outside the lock
         db = self._db()
+        filled = 0
         with self._lock:
             packer = self._packer
             file_key = packer.pack("file")
@@ -405,21 +411,19 @@ class AgentStore:
                 for (rid, _, _, keys), f in zip(due, facts)
                 if f is not None
             ]
-            if not rows:
-                return 0
             try:
-                db.execute("BEGIN IMMEDIATE")
-                # kind=0: a row the outbox bound (or a quarantine) made a bare
-                # count time meanwhile has no map to fill any more.
-                filled = db.executemany(
-                    "UPDATE outbox SET body=CAST(? || substr(body, ?) || ? AS BLOB) WHERE id=? AND kind=0",
-                    rows,
-                ).rowcount
-                db.execute("COMMIT")
+                if rows:
+                    db.execute("BEGIN IMMEDIATE")
+                    # kind=0: a row the outbox bound (or a quarantine) made a
+                    # bare count time meanwhile has no map to fill any more.
+                    filled = db.executemany(_FILL_SQL, rows).rowcount
+                    db.execute("COMMIT")
             except sqlite3.Error as e:
                 db.execute("ROLLBACK") if db.in_transaction else None
                 log.warning("event=facts_not_stored error=%r", str(e))
-                return 0
+                filled = 0  # the rows go on without their facts
+            for _ in due:  # only this method takes from the left; record() appends on the right
+                self._pending.popleft()
         return int(filled)
 
     def _load_recent(self, db: sqlite3.Connection, keys: list[bytes], since: int) -> None:
@@ -497,6 +501,18 @@ class AgentStore:
             spans.append([last, newest])
         if self._newest is None or newest > self._newest:
             self._newest = newest
+
+    def release_memory(self) -> None:
+        """Drop what memory holds only to go faster (the recent pairs' times,
+        read again from ``win`` when needed) and shrink SQLite's page caches:
+        called when the agent falls idle after a burst."""
+        with self._lock:
+            self._recent.clear()
+        for db in (self._db(),):
+            try:
+                db.execute("PRAGMA shrink_memory")
+            except sqlite3.Error:
+                pass
 
     def maintain(self) -> None:
         """Prune the rolling hour and enforce the outbox bound."""

@@ -405,3 +405,21 @@ def test_a_reload_that_raises_count_below_reads_the_times_again(store: AgentStor
     assert store.record([ev(ts=T0 + i) for i in range(7)]) == 1
     store.rule = Rule(count_below=5)  # what a SIGHUP reload does
     assert store.record([ev(ts=T0 + 7)]) == 0  # 8 events in the hour: still not rare
+
+
+def test_no_lease_takes_an_event_while_its_facts_are_being_read(tmp_path: Path) -> None:
+    from agent.events import FileFacts
+
+    clock = FakeClock(T0)
+    leased: list[object] = []
+
+    def facts(path: bytes) -> FileFacts:
+        leased.append(s.lease("a", "h", 100))  # the shipper's thread, while the sensor reads the file
+        return FileFacts(size=7)
+
+    s = AgentStore(str(tmp_path / "a.db"), Rule(), clock, facts=facts)
+    s.record([ev(path=b"/w/x.php")])
+    clock.advance(1.0)
+    assert s.fill_facts() == 1 and leased == [None]
+    lease = s.lease("a", "h", 100)
+    assert lease is not None and wire.decode_batch(lease.body).events[0].detail["file"]["size"] == 7

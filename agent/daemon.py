@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import gc
 import hashlib
 import json
 import logging
@@ -38,6 +39,7 @@ log = logging.getLogger("rarewrite.agent")
 STATUS_FILE = "status.json"
 FACTS_AT_EXIT = 1 << 30
 BUSY_EVENTS = 2000  # a read() this large means a burst: the shipper waits until it is over
+IDLE_RELEASE_S = 2.0  # this long without events after a burst, and all shipped: memory is handed back
 LOCK_FILE = "agent.lock"
 
 
@@ -143,6 +145,25 @@ def _trim_memory() -> None:
         import ctypes
 
         ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _rss_mb() -> float:
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / (1 << 20)
+    except (OSError, ValueError, IndexError):
+        return -1.0
+
+
+def _limit_malloc_arenas() -> None:
+    """One glibc arena per two cores at most: each thread would otherwise get
+    its own, and an arena that a burst grew keeps its memory."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-8, 2)  # M_ARENA_MAX
     except (OSError, AttributeError):
         pass
 
@@ -255,6 +276,7 @@ class LiveAgent:
         self._coverage_ms = self.started_ms
 
     def run(self) -> int:
+        _limit_malloc_arenas()  # before any thread starts
         from agent.facts import read_facts
         from agent.procinfo import Resolver
         from agent.sources.auto import open_source
@@ -290,6 +312,8 @@ class LiveAgent:
         ship_thread.start()
         last_status = 0.0
         busy_until = 0.0
+        last_event_s = 0.0
+        released = True
         try:
             while not self.stop.is_set():
                 raws = source.read(0.25)
@@ -300,7 +324,9 @@ class LiveAgent:
                     self.busy.set()  # the shipper waits: the GIL is the reader's in a burst
                 elif self.busy.is_set() and self.clock.monotonic() >= busy_until:
                     self.busy.clear()
-                    _trim_memory()  # the burst is over: give its freed memory back
+                if raws:
+                    last_event_s = self.clock.monotonic()
+                    released = False
                 batch: list[FileEvent] = []
                 for raw in raws:
                     if raw.kind == OVERFLOW:
@@ -329,6 +355,9 @@ class LiveAgent:
                 now_s = self.clock.monotonic()
                 if now_s - last_status >= 1.0:
                     last_status = now_s
+                    if not released and now_s - last_event_s >= IDLE_RELEASE_S and store.depth() == 0:
+                        released = True
+                        self._release_memory(store)
                     stats = source.stats()  # read once a second, used twice
                     self._report_coverage(stats, store)
                     state.write_status(self._status("running", source, stats))
@@ -351,6 +380,15 @@ class LiveAgent:
         if fatal:  # the shipper may stop the loop between its fatal check and the loop test
             raise fatal[0]
         return 0
+
+    def _release_memory(self, store: AgentStore) -> None:
+        """The burst is over and shipped: drop caches that only speed a burst
+        up, collect cycles and give freed heap back, so that RSS returns
+        close to where it was before."""
+        store.release_memory()
+        gc.collect()
+        _trim_memory()
+        log.info("event=memory_released rss_mb=%.1f", _rss_mb())
 
     def _report_coverage(self, stats: dict[str, Any], store: AgentStore) -> None:
         """Events the source could not place (a directory handle that no

@@ -62,9 +62,10 @@ READ_BUFFER = 256 * 1024
 # Raw events read ahead of the consumer at most (~90,000): beyond it the reader
 # pauses and the kernel queue (unlimited, memcg-charged) holds the rest.
 READ_AHEAD_BYTES = 8 << 20
-# 1 MiB of events (~11,000) at most per read() call: a burst is handed on in
-# slices that one SQLite transaction takes, so RSS does not grow with it.
-TAKE_BYTES = 1 << 20
+# 256 KiB of events (~2,700) at most per read() call: a burst is handed on in
+# slices that one SQLite transaction takes. Larger slices cost no less CPU
+# and leave a larger heap behind (bench/burst.py: RSS 65 MB after, not 49).
+TAKE_BYTES = 1 << 18
 # After a short read the reader lets events gather this long: a reader that
 # takes them one by one contends with every writer for the queue's lock and
 # costs the host more than one that reads nothing (bench/burst.py).

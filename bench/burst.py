@@ -26,7 +26,8 @@ workload; for agent runs the status counters (seen, matched, overflows,
 dropped, stored), the seconds from the workload's end until ``matched``
 covers every event, agent CPU seconds (utime+stime of all its threads, from
 just before the workload until then) per event, and agent RSS (VmRSS sampled
-every 50 ms, max; VmHWM; VmRSS once everything is matched).
+every 50 ms, max; VmHWM; VmRSS once everything is matched; and VmRSS "steady":
+once the outbox is empty and the agent's idle release has run).
 
 Target: a fresh tmpfs mounted under /srv (default), or with ``--fs ext4`` a
 loop-device ext4 image made by mkfs.ext4 in /var/tmp. Unmounted and removed
@@ -48,6 +49,7 @@ from typing import Any
 
 import _common as c
 
+from agent.daemon import IDLE_RELEASE_S
 from tests.support import procs
 
 WRITER = c.BURST_WRITER
@@ -98,6 +100,12 @@ def agent_run(
         sampler.join()
         rss_after = c.proc_rss_kb(agent.pid)
         hwm = c.proc_rss_kb(agent.pid, "VmHWM")
+        # steady: everything shipped, then the agent's idle release (IDLE_RELEASE_S) has run
+        deadline = time.monotonic() + a.settle_timeout
+        while c.status(state).get("outbox_depth", 0) != 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(IDLE_RELEASE_S + 1.5)
+        rss_steady = c.proc_rss_kb(agent.pid)
         if spy is not None:
             spy.send_signal(signal.SIGINT)
             spy.wait(30)
@@ -125,6 +133,7 @@ def agent_run(
         "rss_max_sampled_mb": sampler.max_kb / 1024,
         "rss_hwm_mb": hwm / 1024,
         "rss_after_mb": rss_after / 1024,
+        "rss_steady_mb": rss_steady / 1024,
     }
 
 
@@ -216,11 +225,11 @@ def main() -> int:
     )
     c.table(
         ["pair", "none s", "agent s", "ratio", "seen", "matched", "lost", "ovfl", "drop", "match@s",
-         "cpu us/ev",          "rss max MB", "rss after MB"],
+         "cpu us/ev",          "rss max MB", "rss after MB", "rss steady MB"],
         [
             [k, base[k]["wall_s"], ag[k]["wall_s"], ratios[i], ag[k]["seen"], ag[k]["matched"], ag[k]["lost"],
              ag[k]["overflows"], ag[k]["dropped"], ag[k]["matched_within_s"], ag[k]["cpu_us_per_event"],
-             ag[k]["rss_max_sampled_mb"], ag[k]["rss_after_mb"]]
+             ag[k]["rss_max_sampled_mb"], ag[k]["rss_after_mb"], ag[k]["rss_steady_mb"]]
             for i, k in enumerate(sorted(ag))
         ],
     )  # fmt: skip
@@ -238,12 +247,15 @@ def main() -> int:
         "cpu_us_per_event_median": c.median([r["cpu_us_per_event"] for r in ag.values()]),
         "rss_max_mb": max(r["rss_max_sampled_mb"] for r in ag.values()),
         "rss_after_max_mb": max(r["rss_after_mb"] for r in ag.values()),
+        "rss_steady_max_mb": max(r["rss_steady_mb"] for r in ag.values()),
+        "rss_idle_max_mb": max(r["rss_idle_mb"] for r in ag.values()),
     }
     print(
         f"median ratio {summary['ratio_median']:.3f}; lost {summary['lost_total']}; "
         f"{a.wait_key} within {summary['matched_within_s_max']} s; "
         f"cpu {summary['cpu_us_per_event_median']:.1f} us/event; "
-        f"rss max {summary['rss_max_mb']:.1f} MB"
+        f"rss max {summary['rss_max_mb']:.1f} MB, steady after {summary['rss_steady_max_mb']:.1f} MB "
+        f"(idle before {summary['rss_idle_max_mb']:.1f} MB)"
     )
     prof = c.top_functions(a.profile) if a.profile and os.path.exists(a.profile) else None
     if prof:

@@ -41,6 +41,7 @@ trade that speed for power-loss safety when it is ever needed.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -49,7 +50,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -133,6 +134,20 @@ class Lease:
     hi: int  # the highest outbox id it holds
     n: int  # records in it
     body: bytes
+
+
+@contextlib.contextmanager
+def _transaction(db: sqlite3.Connection) -> Iterator[None]:
+    """BEGIN IMMEDIATE ... COMMIT; whatever fails in between is rolled back
+    and raised: an open transaction would keep the write lock, and every
+    later write of the agent would wait for it and fail."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK") if db.in_transaction else None
+        raise
 
 
 def _is_full(e: sqlite3.Error) -> bool:
@@ -626,8 +641,7 @@ class AgentStore:
     def ack(self, lease: Lease) -> None:
         """The collector committed the batch: it leaves the outbox."""
         db = self._db()
-        with self._lock:
-            db.execute("BEGIN IMMEDIATE")
+        with self._lock, _transaction(db):
             # Only the lease still in flight may be acked: a late answer for a
             # batch acked already must not move the sequence back (the next
             # batch would then be taken for a duplicate and lost).
@@ -640,21 +654,18 @@ class AgentStore:
                 db.execute(
                     "UPDATE meta SET v=max(CAST(v AS INTEGER), ?) WHERE k='next_seq'", (lease.seq + 1,)
                 )
-            db.execute("COMMIT")
-            self._depth -= removed
+        self._depth -= removed
 
     def split(self, lease: Lease, reason: str) -> None:
         """The collector refused the batch as a whole (400/413): nothing of it
         was stored, so it may be re-formed. Halve it; a single refused record
         goes to quarantine (kept on disk, counted), never retried as is."""
         db = self._db()
-        with self._lock:
-            db.execute("BEGIN IMMEDIATE")
+        with self._lock, _transaction(db):
             db.execute("DELETE FROM lease WHERE seq=?", (lease.seq,))
             ids = [r[0] for r in db.execute("SELECT id FROM outbox WHERE id<=? ORDER BY id", (lease.hi,))]
             change = self._quarantine(db, lease.hi, reason) if len(ids) <= 1 else 0
-            db.execute("COMMIT")
-            self._depth += change
+        self._depth += change
         self._split_hint = len(ids) // 2 if len(ids) > 1 else 0
 
     def _quarantine(self, db: sqlite3.Connection, hi: int, reason: str) -> int:

@@ -423,3 +423,22 @@ def test_no_lease_takes_an_event_while_its_facts_are_being_read(tmp_path: Path) 
     assert s.fill_facts() == 1 and leased == [None]
     lease = s.lease("a", "h", 100)
     assert lease is not None and wire.decode_batch(lease.body).events[0].detail["file"]["size"] == 7
+
+
+@pytest.mark.parametrize("answer", ["ack", "split"])
+def test_a_failed_ack_or_split_leaves_no_open_transaction(store: AgentStore, answer: str) -> None:
+    store.record([ev(path=b"/a"), ev(path=b"/b")])
+    lease = store.lease("a", "h", 100)
+    assert lease is not None
+    db = store._db()
+    db.execute(
+        "CREATE TEMP TRIGGER boom BEFORE DELETE ON lease BEGIN SELECT RAISE(FAIL, 'disk I/O error'); END"
+    )
+    with pytest.raises(sqlite3.Error):
+        store.ack(lease) if answer == "ack" else store.split(lease, "HTTP 400")
+    assert not db.in_transaction  # else the write lock stays taken and every record() waits and fails
+    db.execute("DROP TRIGGER boom")
+    assert store.record([ev(path=b"/c")]) == 1 and store.depth() == 3
+    assert store.lease("a", "h", 100) == lease  # still in flight, unchanged
+    store.ack(lease)
+    assert store.depth() == 1

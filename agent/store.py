@@ -350,6 +350,8 @@ class AgentStore:
                     else:
                         out_rows.append((COUNT, ts, key))
                 if win_rows:
+                    # in key order: the index takes them page by page, not all over
+                    win_rows.sort()
                     db.executemany("INSERT INTO win VALUES (?, ?)", win_rows)
                 db.executemany("INSERT INTO outbox(kind, ts, body) VALUES (?, ?, ?)", out_rows)
                 # One transaction holds the write lock: the new rowids of win

@@ -38,7 +38,7 @@ import _common as c
 import requests
 
 from agent import wire
-from agent.collector.store import CollectorStore, open_store, pair_key
+from agent.collector.store import CollectorStore, open_store, order_key, pair_key
 from agent.rule import Rule
 from tests.support import pg, procs
 
@@ -211,7 +211,7 @@ def load_sqlite(path: str, n: int, at: int) -> float:
     db.executemany(
         "INSERT INTO pairs(ref, key, exe, path, last_ts) VALUES (?, ?, ?, ?, ?)",
         (
-            (ref, pair_key(EXE, b"/var/www/p/%d" % ref), EXE, b"/var/www/p/%d" % ref, at)
+            (ref, order_key(EXE, b"/var/www/p/%d" % ref), EXE, b"/var/www/p/%d" % ref, at)
             for ref in range(1, s["pairs"] + 1)
         ),
     )
@@ -243,7 +243,7 @@ def sqlite_bytes_per_event(path: str, n: int) -> dict[str, float]:
         db.close()
     return {
         "heap_b": round(got.get("events", 0) / n, 1),
-        "index_b": round(got.get("events_window", 0) / n, 1),
+        "index_b": round((got.get("events_pair", 0) + got.get("events_ts", 0)) / n, 1),
     }
 
 

@@ -9,7 +9,7 @@ Durability: the file runs in WAL mode with ``synchronous=FULL``, so a
 server sends a 2xx for a batch only after :meth:`CollectorStore.ingest`
 returned, i.e. after that durable commit.
 
-Schema (version 1)::
+Schema (version 2)::
 
     meta(key PK, value)                         schema_version
     agents(ref PK, agent_id UNIQUE, host_ref, key_hash UNIQUE, revoked,
@@ -17,7 +17,9 @@ Schema (version 1)::
     hosts(ref PK, name UNIQUE)                  interned host names
     pairs(ref PK, key UNIQUE, exe BLOB, path BLOB, last_ts)
                                                 interned (exe, path); key is
-                                                msgpack([exe, path]) so nil works
+                                                order_key(exe, path), so nil
+                                                works and the key index walks
+                                                pairs in ORDER BY exe, path order
     epochs(agent_ref, epoch, last_seq, last_sent_at)   PK (agent_ref, epoch)
     batches(agent_ref, epoch, seq, batch_id, received_ms, records)
                                                 PK (agent_ref, epoch, seq),
@@ -26,9 +28,17 @@ Schema (version 1)::
                                                 one row per event; detail is
                                                 msgpack of the EventRecord
                                                 detail (NULL for count times);
-                                                covering index (ts, pair, agent, host)
+                                                indexes (pair, ts, agent, host)
+                                                for the rule, (ts) for pruning
     gaps(id PK, agent_ref, start_ms, end_ms, lost, reason, received_ms)
     alerts(alert_id PK, rule_id, exe, path, at_ms, first_ts, doc)
+
+Versions: a file with a newer version is refused; an older one is migrated
+in place, in one transaction, by any writer that opens it (``collector
+serve``, ``collector migrate``; see :data:`MIGRATIONS`). A read-only opener
+(``collector evaluate``) cannot migrate, so it refuses an older file and
+says to run ``rarewrite collector migrate``. Version 1 keyed pairs by
+msgpack([exe, path]) and indexed events by (ts, pair, agent, host) only.
 
 Concurrency: every thread gets its own connection (``threading.local``);
 writers take ``BEGIN IMMEDIATE`` and wait on ``busy_timeout``. WAL readers see
@@ -46,7 +56,7 @@ import os
 import re
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional, Protocol
 from urllib.parse import quote
@@ -59,7 +69,7 @@ from agent.rule import Row, Rule
 
 log = logging.getLogger("rarewrite.collector.store")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BUSY_TIMEOUT_MS = 5000
 PRUNE_CHUNK = 5000
 PAIR_CACHE_MAX = 65_536  # pair refs the writer keeps in memory (about 10 MB at most)
@@ -112,7 +122,8 @@ CREATE TABLE IF NOT EXISTS events (
     host INTEGER NOT NULL,
     detail BLOB
 );
-CREATE INDEX IF NOT EXISTS events_window ON events(ts, pair, agent, host);
+CREATE INDEX IF NOT EXISTS events_ts ON events(ts);
+CREATE INDEX IF NOT EXISTS events_pair ON events(pair, ts, agent, host);
 CREATE TABLE IF NOT EXISTS gaps (
     id INTEGER PRIMARY KEY,
     agent_ref INTEGER NOT NULL,
@@ -135,12 +146,6 @@ CREATE TABLE IF NOT EXISTS alerts (
 CREATE INDEX IF NOT EXISTS alerts_at ON alerts(at_ms);
 """
 
-# The rule's aggregate. The covering index events_window serves the range on
-# ts without touching the table; one GROUP BY pass over the window (a temp
-# B-tree keyed by pair). For the published rule (agent_count == 1) the fast
-# form needs no DISTINCT: one agent means min(agent) = max(agent), and the
-# rare row whose agent changed host names gets its host list in a second,
-# indexed query. Any other agent_count takes the general form.
 _META_SQL = f"INSERT OR REPLACE INTO meta(key, value) VALUES ('schema_version', '{SCHEMA_VERSION}');"  # noqa: S608
 
 _PAIR_UPSERT_SQL = (
@@ -148,34 +153,96 @@ _PAIR_UPSERT_SQL = (
     "ON CONFLICT(key) DO UPDATE SET last_ts=max(last_ts, excluded.last_ts) RETURNING ref"
 )
 
-_ROWS_ONE_AGENT_SQL = """
-SELECT g.cc, 1, g.a1, g.h1, g.h2, p.exe, p.path, g.first_ts, g.pair
-FROM (
-    SELECT pair, count(*) AS cc, min(agent) AS a1, min(host) AS h1, max(host) AS h2, min(ts) AS first_ts
-    FROM events
-    WHERE ts > ? AND ts <= ?
-    GROUP BY pair
-    HAVING count(*) < ? AND min(agent) = max(agent)
-) AS g
-JOIN pairs AS p ON p.ref = g.pair
-ORDER BY g.cc, p.exe, p.path
-LIMIT ?
+
+def order_key(exe: Optional[bytes], path: Optional[bytes]) -> bytes:
+    """``pairs.key`` of (exe, path): one byte string per pair whose bytewise
+    order (SQLite compares BLOBs with memcmp, the shorter first on a tie) is
+    the order of ``ORDER BY exe, path``: NULL first, then the bytes.
+
+    Each part is ``00`` for NULL, else ``01``, the bytes with every ``00``
+    written ``00 FF``, and a ``00`` terminator; a part is never a prefix of
+    another one, so the two concatenate without changing the order."""
+    return _order_part(exe) + _order_part(path)
+
+
+def _order_part(b: Optional[bytes]) -> bytes:
+    if b is None:
+        return b"\x00"
+    return b"\x01" + b.replace(b"\x00", b"\x00\xff") + b"\x00"
+
+
+def _migrate_v2(conn: sqlite3.Connection) -> None:
+    conn.create_function("rarewrite_order_key", 2, order_key, deterministic=True)
+    # Old keys are msgpack arrays (first byte 0x92), new ones start with 00 or
+    # 01: no new key can meet an old one while the rows are rewritten.
+    conn.execute("UPDATE pairs SET key = rarewrite_order_key(exe, path)")
+    conn.execute("CREATE INDEX IF NOT EXISTS events_pair ON events(pair, ts, agent, host)")
+    conn.execute("CREATE INDEX IF NOT EXISTS events_ts ON events(ts)")
+    conn.execute("DROP INDEX IF EXISTS events_window")
+
+
+# (version, description, step): a step brings a file from version - 1 to version.
+MIGRATIONS: tuple[tuple[int, str, Callable[[sqlite3.Connection], None]], ...] = (
+    (2, "pairs keyed in (exe, path) order; events indexed by (pair, ts) and (ts)", _migrate_v2),
+)
+
+# The rule's rows at T in two statements, both ranking pairs by
+#   v = 2 * cc + ok
+# where cc counts the pair's events in the window, but only up to count_below
+# (LIMIT: a pair with thousands of events costs count_below index steps, and
+# cc < count_below is all the rule asks), and ok is 1 when the pair has
+# exactly agent_count distinct agents in the window. A pair is a row when v
+# is odd, v >= 3 (cc >= 1) and v < 2 * count_below; rows sort by v (= by cc),
+# then by key (= by exe, path).
+#
+# _WALK: the rows have at least max(1, agent_count) events, and when there are
+# enough rows with exactly that cc, they are the answer. So walk pairs in key
+# order through the key index, counting each one's events through
+# events_pair, and stop at the limit: with many rare pairs (every pair new in
+# the hour) this reads limit pairs, not the window. The walk looks at no more
+# than :budget pairs; when it finds fewer than limit rows,
+# _FULL ranks every pair with an event in the window (pairs in rowid order, so
+# the events_pair lookups go forward) and keeps the first limit by (v, key).
+#
+# Both feed _DETAIL, which adds cc, the agents, hosts and first event time of
+# the chosen pairs only (each has fewer than count_below events).
+_V_ONE = "(min(a) = max(a))"  # agent_count == 1; NULL without events
+_V_ANY = "(count(DISTINCT a) = :agents)"
+_V_SQL = """(
+        SELECT count(*) * 2 + {ok} FROM (
+            SELECT agent AS a FROM events INDEXED BY events_pair
+            WHERE pair = p.ref AND ts > :lo AND ts <= :hi LIMIT :below
+        )
+    )"""
+_WALK_SQL = """
+SELECT v, ref, key FROM (
+    SELECT p.ref, p.key, {v} AS v
+    FROM pairs AS p INDEXED BY sqlite_autoindex_pairs_1 ORDER BY p.key LIMIT :budget
+) WHERE v = :vmin AND v < 2 * :below LIMIT :limit
 """
-_ROWS_SQL = """
-SELECT g.cc, g.ac, g.agents, g.hosts, NULL, p.exe, p.path, g.first_ts, g.pair
-FROM (
-    SELECT pair, count(*) AS cc, count(DISTINCT agent) AS ac,
-           group_concat(DISTINCT agent) AS agents, group_concat(DISTINCT host) AS hosts,
-           min(ts) AS first_ts
-    FROM events
-    WHERE ts > ? AND ts <= ?
-    GROUP BY pair
-    HAVING count(*) < ? AND count(DISTINCT agent) = ?
-) AS g
-JOIN pairs AS p ON p.ref = g.pair
-ORDER BY g.cc, p.exe, p.path
-LIMIT ?
+_FULL_SQL = """
+SELECT v, ref, key FROM (
+    SELECT p.ref, p.key, {v} AS v
+    FROM pairs AS p NOT INDEXED WHERE p.last_ts > :lo LIMIT -1
+) WHERE v % 2 = 1 AND v >= 3 AND v < 2 * :below
+ORDER BY v, key LIMIT :limit
 """
+_DETAIL_SQL = """
+WITH ranked(v, ref, key) AS MATERIALIZED ({ranked})
+SELECT count(*), min(e.agent), max(e.agent), min(e.host), max(e.host), min(e.ts), p.exe, p.path, r.ref
+FROM ranked AS r CROSS JOIN pairs AS p CROSS JOIN events AS e INDEXED BY events_pair
+WHERE p.ref = r.ref AND e.pair = r.ref AND e.ts > :lo AND e.ts <= :hi
+GROUP BY r.ref
+ORDER BY r.v, r.key
+"""
+_ROWS_SQL = {
+    (walk, one): _DETAIL_SQL.format(
+        ranked=(_WALK_SQL if walk else _FULL_SQL).format(v=_V_SQL.format(ok=_V_ONE if one else _V_ANY))
+    )
+    for walk in (True, False)
+    for one in (True, False)
+}
+WALK_PAIRS = 100_000  # walk for limits up to this, through at most max(WALK_PAIRS, 10 * limit) pairs
 
 
 @dataclass(frozen=True)
@@ -335,6 +402,7 @@ class CollectorStore:
         self._lock = threading.Lock()
         self._agent_names: dict[int, str] = {}
         self._host_names: dict[int, str] = {}
+        self.walk_pairs = WALK_PAIRS  # see _WALK_SQL; tests lower it to cut the walk short
         if readonly and not os.path.exists(path):
             raise StoreError(f"no collector database at {path!r}")
         conn = self._conn()
@@ -367,12 +435,15 @@ class CollectorStore:
             self._local.conn = conn
         return conn
 
+    @staticmethod
+    def _version(conn: sqlite3.Connection) -> Optional[int]:
+        if not conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'").fetchone():
+            return None
+        got = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        return int(got[0]) if got else None
+
     def _init_schema(self, conn: sqlite3.Connection) -> None:
-        has_meta = conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'").fetchone()
-        version = None
-        if has_meta:
-            got = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-            version = int(got[0]) if got else None
+        version = self._version(conn)
         if version is not None and version > SCHEMA_VERSION:
             raise StoreError(
                 f"{self.path!r} has schema version {version}, newer than this rarewrite supports "
@@ -381,6 +452,12 @@ class CollectorStore:
         if self.readonly:
             if version is None:
                 raise StoreError(f"{self.path!r} is not a rarewrite collector database")
+            if version < SCHEMA_VERSION:
+                raise StoreError(
+                    f"{self.path!r} has schema version {version}, older than this rarewrite's "
+                    f"({SCHEMA_VERSION}); run 'rarewrite collector migrate --db {self.path}' "
+                    "(collector serve migrates it too when it starts)"
+                )
             return
         if version is None:
             # One script, one transaction: a half-created schema never persists.
@@ -390,6 +467,28 @@ class CollectorStore:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
+        elif version < SCHEMA_VERSION:
+            self._migrate(conn)
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        """Apply the missing :data:`MIGRATIONS` in one write transaction."""
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            before = self._version(conn) or 0  # another process may have migrated meanwhile
+            if before > SCHEMA_VERSION:
+                raise StoreError(f"{self.path!r} was migrated to schema version {before} meanwhile")
+            for version, description, step in MIGRATIONS:
+                if version > before:
+                    step(conn)
+                    log.info(
+                        "event=migrated db=%r version=%d description=%r", self.path, version, description
+                    )
+            conn.execute(_META_SQL)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
 
     @contextlib.contextmanager
     def _write(self, what: str) -> Iterator[sqlite3.Connection]:
@@ -574,7 +673,7 @@ class CollectorStore:
             for key, (exe, path, top) in newest.items():
                 known = cache.get(key)
                 if known is None:
-                    ref = int(upsert(_PAIR_UPSERT_SQL, (key, exe, path, top)).fetchone()[0])
+                    ref = int(upsert(_PAIR_UPSERT_SQL, (order_key(exe, path), exe, path, top)).fetchone()[0])
                     fresh[key] = (ref, top)
                 else:
                     ref = known[0]
@@ -624,45 +723,53 @@ class CollectorStore:
 
     def ranked_rows(self, rule: Rule, at_ms: int) -> list[RankedRow]:
         """The rule's rows at T, each with its pair's first event time in the window."""
+        low = max(1, rule.agent_count)  # the fewest events a row can have
+        if rule.agent_count < 1 or low >= rule.count_below or rule.limit <= 0:
+            return []
         conn = self._conn()
-        lo = at_ms - rule.window_ms
-        got: list[tuple[int, int, list[int], list[int], Optional[bytes], Optional[bytes], int]] = []
+        one = rule.agent_count == 1
+        args = {
+            "lo": at_ms - rule.window_ms,
+            "hi": at_ms,
+            "below": rule.count_below,
+            "agents": rule.agent_count,
+            "limit": rule.limit,
+            "vmin": 2 * low + 1,
+            "budget": max(self.walk_pairs, 10 * rule.limit),
+        }
         with _db_errors("evaluating"), self.read():
-            if rule.agent_count == 1:
-                for cc, _, a1, h1, h2, exe, path, first, pair in conn.execute(
-                    _ROWS_ONE_AGENT_SQL, (lo, at_ms, rule.count_below, rule.limit)
-                ):
-                    host_refs = [int(h1)]
-                    if h1 != h2:
-                        host_refs = [
-                            int(h)
-                            for (h,) in conn.execute(
-                                "SELECT DISTINCT host FROM events WHERE ts > ? AND ts <= ? AND pair = ?",
-                                (lo, at_ms, pair),
-                            )
-                        ]
-                    got.append((int(cc), 1, [int(a1)], host_refs, exe, path, int(first)))
-            else:
-                for cc, ac, a, h, _, exe, path, first, _ in conn.execute(
-                    _ROWS_SQL, (lo, at_ms, rule.count_below, rule.agent_count, rule.limit)
-                ):
-                    agents_ = [int(x) for x in str(a).split(",")]
-                    hosts_ = [int(x) for x in str(h).split(",")]
-                    got.append((int(cc), int(ac), agents_, hosts_, exe, path, int(first)))
-            agent_names = self._names(conn, {x for r in got for x in r[2]}, "agents")
-            host_names = self._names(conn, {x for r in got for x in r[3]}, "hosts")
-        out = []
-        for cc, ac, a, h, exe, path, first in got:
-            row = Row(
-                cc=cc,
-                agent_count=ac,
-                host_names=tuple(sorted({host_names[x] for x in h})),
-                agent_ids=tuple(sorted({agent_names[x] for x in a})),
-                executable=None if exe is None else bytes(exe),
-                path=None if path is None else bytes(path),
+            got = conn.execute(_ROWS_SQL[True, one], args).fetchall() if rule.limit <= WALK_PAIRS else []
+            if len(got) < rule.limit:  # too few rows with the fewest events: rank them all
+                got = conn.execute(_ROWS_SQL[False, one], args).fetchall()
+            rows = []
+            for cc, a1, a2, h1, h2, first, exe, path, pair in got:
+                agents = [a1]
+                hosts = [h1]
+                if a1 != a2 or h1 != h2:
+                    both = conn.execute(
+                        "SELECT DISTINCT agent, host FROM events INDEXED BY events_pair "
+                        "WHERE pair = ? AND ts > ? AND ts <= ?",
+                        (pair, args["lo"], at_ms),
+                    ).fetchall()
+                    agents = [a for a, _ in both]
+                    hosts = [h for _, h in both]
+                rows.append((cc, agents, hosts, exe, path, first))
+            agent_names = self._names(conn, {x for r in rows for x in r[1]}, "agents")
+            host_names = self._names(conn, {x for r in rows for x in r[2]}, "hosts")
+        return [
+            RankedRow(
+                Row(
+                    cc=cc,
+                    agent_count=len(set(agents)),
+                    host_names=tuple(sorted({host_names[x] for x in hosts})),
+                    agent_ids=tuple(sorted({agent_names[x] for x in agents})),
+                    executable=None if exe is None else bytes(exe),
+                    path=None if path is None else bytes(path),
+                ),
+                first,
             )
-            out.append(RankedRow(row, first))
-        return out
+            for cc, agents, hosts, exe, path, first in rows
+        ]
 
     def rows(self, rule: Rule, at_ms: int) -> list[Row]:
         """The rule's rows at T: exact to the millisecond, sorted by cc, at most rule.limit."""
@@ -672,7 +779,7 @@ class CollectorStore:
         """Up to ``limit`` events of ``pair`` with lo < ts <= hi, oldest first."""
         conn = self._conn()
         with _db_errors("reading events"):
-            ref = conn.execute("SELECT ref FROM pairs WHERE key=?", (pair_key(*pair),)).fetchone()
+            ref = conn.execute("SELECT ref FROM pairs WHERE key=?", (order_key(*pair),)).fetchone()
             if ref is None:
                 return []
             got = conn.execute(

@@ -12,10 +12,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agent import wire
 from agent.collector import evaluate as ev
-from agent.collector.store import AgentRecord, CollectorStore, Store, agents_cli, open_store
+from agent.collector.store import AgentRecord, CollectorStore, Store, agents_cli, open_store, order_key
 from agent.errors import StoreError
 from agent.rule import Row, Rule
 
@@ -229,6 +231,21 @@ def test_continuous_keeps_alerting_new_pairs_past_the_limit_of_old_ones(store: S
     assert [d["file"]["path"] for d in new] == ["/new/shell.php"]
 
 
+def test_continuous_skips_unsettled_rows_that_fill_the_first_limit(store: Store) -> None:
+    # The first rows by (cc, exe, path) are too fresh to alert: the run must
+    # look past them (it asks the store for more rows until it has enough).
+    a = agent(store, "a")
+    s = Seq()
+    store.ingest(a, s.batch(a, tuple(ev_(T - 500, f"/a/{i:02d}".encode()) for i in range(10))), T)
+    store.ingest(a, s.batch(a, tuple(ev_(T - 60_000, f"/b/{i:02d}".encode()) for i in range(10))), T)
+    rule = replace(Rule(), limit=3)
+    paths = [
+        [d["file"]["path"] for d in ev.run_continuous(store, rule, T + k, settle_ms=1000)] for k in (0, 1)
+    ]
+    assert paths == [["/b/00", "/b/01", "/b/02"], ["/b/03", "/b/04", "/b/05"]]
+    assert len(ev.run_continuous(store, replace(rule, limit=100), T + 600, settle_ms=1000)) == 14
+
+
 def test_hostile_bytes_rendered(store: Store) -> None:
     a = agent(store, "a")
     path = b"/var/www/\xff\xfe\n\x1b[2J" + b"a" * 4000
@@ -292,5 +309,80 @@ def test_migrate_sqlite(tmp_path: Path) -> None:
     from agent.collector.store import migrate
 
     p = str(tmp_path / "m.db")
-    assert migrate(p) == {"backend": "sqlite", "db": p, "from": 0, "to": 1}
-    assert migrate(p)["from"] == 1
+    assert migrate(p) == {"backend": "sqlite", "db": p, "from": 0, "to": 2}
+    assert migrate(p)["from"] == 2
+
+
+NAMES = st.one_of(st.none(), st.binary(min_size=1, max_size=6).map(lambda b: b.replace(b"\x02", b"\xff")))
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(st.lists(st.tuples(NAMES, NAMES), max_size=30))
+def test_order_key_sorts_like_order_by_exe_path(pairs: list[tuple[bytes | None, bytes | None]]) -> None:
+    db = sqlite3.connect(":memory:")
+    db.execute("CREATE TABLE p (exe BLOB, path BLOB)")
+    db.executemany("INSERT INTO p VALUES (?, ?)", pairs)
+    want = db.execute("SELECT exe, path FROM p ORDER BY exe, path").fetchall()
+    assert sorted(pairs, key=lambda p: order_key(*p)) == want
+    assert len({order_key(*p) for p in pairs}) == len(set(pairs))
+
+
+def _as_version_1(path: str) -> None:
+    """Turn a new collector file into what schema version 1 looked like:
+    pairs keyed by msgpack([exe, path]), events indexed by (ts, pair, agent, host)."""
+    with sqlite3.connect(path) as c:
+        c.create_function("v1_key", 2, wire.pair_key)
+        c.execute("DROP INDEX events_pair")
+        c.execute("DROP INDEX events_ts")
+        c.execute("CREATE INDEX events_window ON events(ts, pair, agent, host)")
+        c.execute("UPDATE pairs SET key = v1_key(exe, path)")
+        c.execute("UPDATE meta SET value='1' WHERE key='schema_version'")
+    c.close()
+
+
+def test_version_1_file_is_migrated_in_place(tmp_path: Path) -> None:
+    from agent.collector.store import migrate
+
+    p = str(tmp_path / "v1.db")
+    store = CollectorStore(p)
+    a = agent(store, "a")
+    s = Seq()
+    store.ingest(a, s.batch(a, (ev_(T - 9, b"/x", pid=9), ev_(T - 8, None, None), ev_(T - 7, b"/y"))), T)
+    store.ingest(a, s.batch(a, counts=(wire.CountRecord(EXE, b"/y", (T - 6,)),)), T)
+    before = store.rows(Rule(), T)
+    store.close()
+    _as_version_1(p)
+    with pytest.raises(StoreError, match=r"older than this rarewrite.s.*collector migrate"):
+        ev.evaluate_db(p, Rule(), T)
+    assert migrate(p) == {"backend": "sqlite", "db": p, "from": 1, "to": 2}
+    assert ev.evaluate_db(p, Rule(), T) == before
+    store = CollectorStore(p)
+    try:
+        assert [(e.detail or {}).get("pid") for e in store.pair_events((EXE, b"/x"), T - H, T, 5)] == [9]
+        # A pair seen again keeps its row: the new key finds the old pair.
+        store.ingest(a, s.batch(a, (ev_(T - 1, b"/x"),)), T)
+        assert [(r.path, r.cc) for r in store.rows(Rule(), T)] == [(None, 1), (b"/x", 2), (b"/y", 2)]
+        with sqlite3.connect(p) as c:
+            assert c.execute("SELECT count(*) FROM pairs").fetchone() == (3,)
+        c.close()
+    finally:
+        store.close()
+
+
+def test_version_1_file_is_migrated_by_a_writer_that_opens_it(tmp_path: Path) -> None:
+    p = str(tmp_path / "v1.db")
+    store = CollectorStore(p)
+    a = agent(store, "a")
+    store.ingest(a, Seq().batch(a, (ev_(T - 9, b"/x"),)), T)
+    store.close()
+    _as_version_1(p)
+    store = CollectorStore(p)
+    try:
+        assert [r.path for r in store.rows(Rule(), T)] == [b"/x"]
+    finally:
+        store.close()
+    with sqlite3.connect(p) as c:
+        assert c.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("2",)
+        indexes = {n for (n,) in c.execute("SELECT name FROM sqlite_master WHERE tbl_name='events'")}
+        assert indexes == {"events", "events_pair", "events_ts"}
+    c.close()

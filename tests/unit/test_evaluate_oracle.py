@@ -159,3 +159,77 @@ def test_rows_match_oracle(tmp_path: Path, seed: int, backend: str, request: pyt
         assert seen > 0, "the fleet produced no row at all: the comparison proved nothing"
     finally:
         store.close()
+
+
+# Many rare pairs: the SQLite store finds the rows by walking pairs in
+# (exe, path) order and stopping at the limit when enough pairs have the
+# fewest events, else ranks every pair. Bytes that test the order key: NUL
+# and 0xFF inside names, names that are prefixes of others, NULL (the wire
+# refuses empty names).
+EDGE_NAMES: list[Optional[bytes]] = [
+    None,
+    b"\x00",
+    b"\x00\xff",
+    b"/a",
+    b"/a\x00",
+    b"/a\x00\x00",
+    b"/a\x00b",
+    b"/a\x01",
+    b"/a\xff",
+    b"/a\xff\x00",
+    b"/ab",
+]
+
+
+def rare_fleet(rng: random.Random) -> list[Flat]:
+    agents = [(f"agent-{i}", f"web-{i:02d}") for i in range(3)]
+    exes: list[Optional[bytes]] = [*EDGE_NAMES, b"/usr/sbin/apache2", b"/usr/bin/php-fpm8.2"]
+    seen: set[tuple[Optional[bytes], Optional[bytes]]] = set()
+    out: list[Flat] = []
+    for _ in range(rng.randint(150, 300)):
+        exe = rng.choice(exes)
+        path = rng.choice(EDGE_NAMES) if rng.random() < 0.3 else b"/var/www/%d.php" % rng.randrange(1000)
+        if (exe, path) in seen:
+            continue
+        seen.add((exe, path))
+        owners = rng.sample(agents, 1 if rng.random() < 0.85 else 2)
+        n = rng.choice([1, 1, 1, 2, 3, 4, 5, 8])
+        for _ in range(n):
+            agent_id, host = rng.choice(owners)
+            ts = (
+                T - rng.randrange(-2000, H + 2000)
+                if rng.random() < 0.8
+                else rng.choice([T - H, T - H + 1, T])
+            )
+            out.append((agent_id, host, exe, path, ts))
+    return out
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "sqlite-short-walk", "postgres"])
+@pytest.mark.parametrize("seed", range(8))
+def test_many_rare_pairs_match_oracle(
+    tmp_path: Path, seed: int, backend: str, request: pytest.FixtureRequest
+) -> None:
+    rng = random.Random(1000 + seed)
+    events = rare_fleet(rng)
+    if backend.startswith("sqlite"):
+        sq = CollectorStore(str(tmp_path / "c.db"))
+        if backend == "sqlite-short-walk":
+            sq.walk_pairs = 0  # the walk looks at 10 * limit pairs, then gives up
+        store: Store = sq
+    else:
+        store = open_store(request.getfixturevalue("pg_url"))
+    try:
+        ship(store, events, rng)
+        rules = [
+            replace(Rule(), limit=limit, count_below=below, agent_count=agents)
+            for limit in (1, 7, 60, 100, 1000)
+            for below, agents in ((5, 1), (2, 1), (3, 2), (5, 2))
+        ]
+        for rule in rules:
+            for at in (T - H // 2, T, T + H // 3):
+                got = store.rows(rule, at)
+                want = oracle(events, at, rule.window_ms, rule.count_below, rule.agent_count, rule.limit)
+                assert got == want, (seed, rule.limit, rule.count_below, rule.agent_count, at)
+    finally:
+        store.close()

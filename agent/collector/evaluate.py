@@ -225,24 +225,30 @@ def _record(
     return [doc for doc in docs if doc["alert"]["id"] in new]
 
 
-UNLIMITED = 1 << 62
-
-
 def _pick(
     store: Store, rule: Rule, at_ms: int, settle_ms: Optional[int]
 ) -> tuple[list[RankedRow], list[dict[str, Any]]]:
     with store.read():
         # The limit caps new alerts per run, so it applies after the pairs
         # already alerted are set aside; applied before, 100 old rows would
-        # hide every new one for the rest of the window.
-        ranked = store.ranked_rows(replace(rule, limit=UNLIMITED), at_ms)
+        # hide every new one for the rest of the window. The first
+        # limit + len(alerted) rows hold at least limit rows of pairs not
+        # alerted yet (or all there are); while the settle time sets more
+        # aside, ask for twice as many. Same result as ranking every row,
+        # without building every row.
         alerted = store.alerted_pairs(rule.rule_id, at_ms - rule.window_ms)
-        fresh = [
-            r
-            for r in ranked
-            if (r.row.executable, r.row.path) not in alerted
-            and (settle_ms is None or r.first_ts <= at_ms - settle_ms)
-        ][: rule.limit]
+        want = rule.limit + len(alerted)
+        while True:
+            ranked = store.ranked_rows(replace(rule, limit=want), at_ms)
+            fresh = [
+                r
+                for r in ranked
+                if (r.row.executable, r.row.path) not in alerted
+                and (settle_ms is None or r.first_ts <= at_ms - settle_ms)
+            ][: rule.limit]
+            if len(fresh) >= rule.limit or len(ranked) < want:
+                break
+            want *= 2
         docs = alert_documents(rule, fresh, at_ms, store, "hourly" if settle_ms is None else "continuous")
     return fresh, docs
 

@@ -741,35 +741,29 @@ class CollectorStore:
             got = conn.execute(_ROWS_SQL[True, one], args).fetchall() if rule.limit <= WALK_PAIRS else []
             if len(got) < rule.limit:  # too few rows with the fewest events: rank them all
                 got = conn.execute(_ROWS_SQL[False, one], args).fetchall()
-            rows = []
+            agent_names = self._names(conn, {r[1] for r in got} | {r[2] for r in got}, "agents")
+            host_names = self._names(conn, {r[3] for r in got} | {r[4] for r in got}, "hosts")
+            single_agent: dict[int, tuple[str, ...]] = {}
+            single_host: dict[int, tuple[str, ...]] = {}
+            out = []
             for cc, a1, a2, h1, h2, first, exe, path, pair in got:
-                agents = [a1]
-                hosts = [h1]
-                if a1 != a2 or h1 != h2:
+                if a1 == a2 and h1 == h2:  # the usual row: one agent under one host name
+                    agents = 1
+                    agent_ids = single_agent.get(a1) or single_agent.setdefault(a1, (agent_names[a1],))
+                    hosts = single_host.get(h1) or single_host.setdefault(h1, (host_names[h1],))
+                else:
                     both = conn.execute(
                         "SELECT DISTINCT agent, host FROM events INDEXED BY events_pair "
                         "WHERE pair = ? AND ts > ? AND ts <= ?",
                         (pair, args["lo"], at_ms),
                     ).fetchall()
-                    agents = [a for a, _ in both]
-                    hosts = [h for _, h in both]
-                rows.append((cc, agents, hosts, exe, path, first))
-            agent_names = self._names(conn, {x for r in rows for x in r[1]}, "agents")
-            host_names = self._names(conn, {x for r in rows for x in r[2]}, "hosts")
-        return [
-            RankedRow(
-                Row(
-                    cc=cc,
-                    agent_count=len(set(agents)),
-                    host_names=tuple(sorted({host_names[x] for x in hosts})),
-                    agent_ids=tuple(sorted({agent_names[x] for x in agents})),
-                    executable=None if exe is None else bytes(exe),
-                    path=None if path is None else bytes(path),
-                ),
-                first,
-            )
-            for cc, agents, hosts, exe, path, first in rows
-        ]
+                    agent_names = self._names(conn, {a for a, _ in both}, "agents")
+                    host_names = self._names(conn, {h for _, h in both}, "hosts")
+                    agents = len({a for a, _ in both})
+                    agent_ids = tuple(sorted({agent_names[a] for a, _ in both}))
+                    hosts = tuple(sorted({host_names[h] for _, h in both}))
+                out.append(RankedRow(Row(cc, agents, hosts, agent_ids, exe, path), first))
+        return out
 
     def rows(self, rule: Rule, at_ms: int) -> list[Row]:
         """The rule's rows at T: exact to the millisecond, sorted by cc, at most rule.limit."""

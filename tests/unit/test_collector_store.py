@@ -157,6 +157,19 @@ def test_identity_host_from_enrollment(store: Store) -> None:
     assert store.rows(Rule(), T)[0].host_names == ("real-host",)
 
 
+def test_one_agent_under_two_host_names_is_one_row_with_both(store: Store) -> None:
+    a = agent(store, "a", "web-old")
+    s = Seq()
+    store.ingest(a, s.batch(a, (ev_(T - 20, b"/p"), ev_(T - 19, b"/q"))), T)
+    a = agent(store, "a", "web-new")  # re-enrolled under a new host name
+    store.ingest(a, s.batch(a, (ev_(T - 10, b"/p"),)), T)
+    assert store.rows(Rule(), T) == [
+        Row(1, 1, ("web-old",), ("a",), EXE, b"/q"),
+        Row(2, 1, ("web-new", "web-old"), ("a",), EXE, b"/p"),
+    ]
+    assert store.ranked_rows(Rule(), T)[1].first_ts == T - 20
+
+
 def test_enroll_revoke_restore_reenroll(store: Store) -> None:
     agent(store, "a")
     assert store.enroll("a", "h1", "hash-a2", T)  # re-enrolling replaces the key

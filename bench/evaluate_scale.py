@@ -9,7 +9,10 @@ A collector SQLite database is filled through the store's own API
           by one agent), plus 50 rare pairs (1-4 detailed events, one agent):
           few rows (the 50 rare pairs);
   unique: 1,000,000 unique pairs, one detailed event each: every pair is a
-          row (the rule keeps the first 100 by cc, exe, path).
+          row (the rule keeps the first 100 by cc, exe, path);
+  twice:  500,000 unique pairs, two detailed events each (one agent): every
+          pair is a row with cc 2, none has cc 1, so the store cannot stop
+          early and ranks every pair (its slowest case per event).
 
 Timed per shape (median of --runs runs; the first run is reported apart as
 "first"): the in-process ``CollectorStore.rows(rule, T)`` on a read-only store
@@ -115,6 +118,27 @@ def fill(
                 send(aid, [], chunk)
                 stored += size
         rows_expected = n_rare
+    elif shape == "twice":
+        n_pairs = total // 2
+        k = 0
+        while k < n_pairs:
+            aid = ids[(k // (per_batch // 2)) % agents]
+            n = min(per_batch // 2, n_pairs - k)
+            evs = [
+                wire.EventRecord(
+                    when(),
+                    "creation",
+                    EXE,
+                    f"/var/www/{aid}/up/{(k + j) // 1000:04d}/f{k + j:07d}.php".encode(),
+                    DETAIL,
+                )
+                for j in range(n)
+                for _ in range(2)
+            ]
+            send(aid, evs, [])
+            k += n
+        stored = 2 * n_pairs
+        rows_expected = n_pairs
     else:
         k = 0
         while k < total:
@@ -168,7 +192,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--events", type=int, default=1_000_000, help="events in the window (default 1,000,000)")
     ap.add_argument("--runs", type=int, default=5, help="timed runs per figure (default 5)")
-    ap.add_argument("--shapes", default="repeat,unique", help="comma list of repeat, unique")
+    ap.add_argument("--shapes", default="repeat,unique,twice", help="comma list of repeat, unique, twice")
     ap.add_argument("--quick", action="store_true", help="tiny sizes (smoke test): 20,000 events, 2 runs")
     a = ap.parse_args()
     if a.quick:

@@ -59,9 +59,17 @@ NETWORK_FS = frozenset(
 )
 
 READ_BUFFER = 256 * 1024
-# Raw events read ahead of the consumer at most (~90,000): beyond it the reader
+# Raw events read ahead of the consumer at most (~180,000): beyond it the reader
 # pauses and the kernel queue (unlimited, memcg-charged) holds the rest.
-READ_AHEAD_BYTES = 8 << 20
+READ_AHEAD_BYTES = 16 << 20
+# A burst: this much waiting at once (~700 events). Its events are left to
+# gather until fewer than BURST_EASED_BYTES arrive in BURST_QUIET_S, for at
+# most DEFER_MAX_S or until DEFER_MAX_BYTES wait (see _ReadAhead.take).
+BURST_BYTES = 64 << 10
+BURST_QUIET_S = 0.02
+BURST_EASED_BYTES = 8 << 10
+DEFER_MAX_S = 3.0
+DEFER_MAX_BYTES = 12 << 20
 # 256 KiB of events (~2,700) at most per read() call: a burst is handed on in
 # slices that one SQLite transaction takes. Larger slices cost no less CPU
 # and leave a larger heap behind (bench/burst.py: RSS 65 MB after, not 49).
@@ -177,6 +185,7 @@ class _ReadAhead:
         self._bytes = 0
         self._cond = threading.Condition()
         self._stop = False
+        self._draining = False
         self.read_errors = 0
         self.last_error: Optional[OSError] = None
         self._thread = threading.Thread(target=self._run, name="fanotify-reader", daemon=True)
@@ -193,10 +202,30 @@ class _ReadAhead:
             self._thread.join(timeout=5)
 
     def take(self, timeout: float, max_bytes: int) -> list[tuple[int, bytes]]:
-        """Buffers (read time in ms, bytes) in kernel order, up to ``max_bytes``."""
-        with self._cond:
+        """Buffers (read time in ms, bytes) in kernel order, up to ``max_bytes``.
+
+        In a burst the events are left to gather until it eases: any work the
+        agent does while the host writes at full speed slows the host (the
+        two cores of a small VM share caches, often a physical core), so the
+        agent reads at once but resolves and stores after. Bounded: at most
+        ``DEFER_MAX_S`` after the oldest waiting event, or once the read-ahead
+        holds ``DEFER_MAX_BYTES``.
+        """
+        cond = self._cond
+        with cond:
             if not self._bufs and timeout > 0:
-                self._cond.wait(timeout)
+                cond.wait(timeout)
+            if not self._draining and self._bytes >= BURST_BYTES:
+                self._draining = True  # one wait per burst; then drain it in slices
+                deadline = time.monotonic() + DEFER_MAX_S
+                while not self._stop and self._bytes < DEFER_MAX_BYTES:
+                    before = self._bytes
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    cond.wait(min(BURST_QUIET_S, left))
+                    if self._bytes - before < BURST_EASED_BYTES:
+                        break
             out: list[tuple[int, bytes]] = []
             n = 0
             while self._bufs and n < max_bytes:
@@ -205,7 +234,9 @@ class _ReadAhead:
                 n += len(item[1])
             if n:
                 self._bytes -= n
-                self._cond.notify_all()  # the reader may be waiting for room
+                cond.notify_all()  # the reader may be waiting for room
+            if self._bytes < BURST_BYTES:
+                self._draining = False
             return out
 
     def pending_bytes(self) -> int:

@@ -7,6 +7,7 @@ group here; the real group is exercised by tests/contract/test_sources.py.
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 import pytest
@@ -120,3 +121,71 @@ def test_directory_scope(directory: bytes, want: int) -> None:
     if want != fan._MIXED:
         for name in (b"x.php", b"cache", b"tmp"):
             assert src._in_scope(directory.rstrip(b"/") + b"/" + name) == (want == fan._IN)
+
+
+def _feeder(w: int, chunk: int, every_s: float, for_s: float, written: list[int]) -> threading.Thread:
+    def run() -> None:
+        end = time.monotonic() + for_s
+        while time.monotonic() < end:
+            written.append(os.write(w, b"x" * chunk))
+            time.sleep(every_s)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def test_a_burst_is_left_to_gather_until_it_eases() -> None:
+    r, w = _pipe()
+    ahead = fan._ReadAhead(r, SystemClock())
+    ahead.start()
+    try:
+        written: list[int] = []
+        feeder = _feeder(w, 16 << 10, 0.005, 0.4, written)  # ~3 MiB/s: a burst
+        time.sleep(0.05)
+        got = b"".join(buf for _, buf in ahead.take(1.0, 64 << 20))
+        feeder_was_done = not feeder.is_alive()
+        feeder.join()
+        # handed on once the feeder stopped, nearly all of it in one go
+        assert feeder_was_done or len(got) >= sum(written) - (64 << 10)
+        assert len(got) >= sum(written) - (64 << 10)
+    finally:
+        ahead.stop()
+        os.close(r)
+        os.close(w)
+
+
+def test_a_burst_waits_no_longer_than_the_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fan, "DEFER_MAX_S", 0.3)
+    r, w = _pipe()
+    ahead = fan._ReadAhead(r, SystemClock())
+    ahead.start()
+    try:
+        feeder = _feeder(w, 16 << 10, 0.005, 1.5, [])
+        time.sleep(0.05)
+        t0 = time.monotonic()
+        got = ahead.take(1.0, 64 << 20)
+        waited = time.monotonic() - t0
+        assert got and 0.2 <= waited < 1.0  # did not wait for the 1.5 s burst to end
+        feeder.join()
+    finally:
+        ahead.stop()
+        os.close(r)
+        os.close(w)
+
+
+def test_a_trickle_is_handed_on_at_once() -> None:
+    r, w = _pipe()
+    ahead = fan._ReadAhead(r, SystemClock())
+    ahead.start()
+    try:
+        os.write(w, b"one event")
+        t0 = time.monotonic()
+        got = b""
+        while not got and time.monotonic() - t0 < 2:
+            got = b"".join(buf for _, buf in ahead.take(0.5, 1 << 20))
+        assert got == b"one event" and time.monotonic() - t0 < 0.1
+    finally:
+        ahead.stop()
+        os.close(r)
+        os.close(w)

@@ -115,3 +115,11 @@ def test_store_record_quick() -> None:
         assert want <= set(f)
         assert f["events"] == f["detailed"] + f["count_times"] == f["outbox_depth"] == doc["events"]
     assert doc["fleets"]["unique"]["detailed"] == doc["events"]
+
+
+@needs_root
+def test_kernel_floor_quick() -> None:
+    doc = _run("kernel_floor.py")
+    assert doc["bench"] == "kernel_floor"
+    assert set(doc["summary"]) == {"noread", "read-eager", "read-batched", "read+parse"}
+    assert all(s["ratio_median"] > 0 for s in doc["summary"].values())

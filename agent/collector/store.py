@@ -405,9 +405,12 @@ class CollectorStore:
         self.walk_pairs = WALK_PAIRS  # see _WALK_SQL; tests lower it to cut the walk short
         if readonly and not os.path.exists(path):
             raise StoreError(f"no collector database at {path!r}")
-        conn = self._conn()
-        with _db_errors("opening the schema"):
-            self._init_schema(conn)
+        try:
+            with _db_errors("opening the schema"):
+                self._init_schema(self._conn())
+        except BaseException:
+            self.close()  # a refused file leaves no connection open
+            raise
 
     # ------------------------------------------------------------ plumbing
 

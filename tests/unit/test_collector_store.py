@@ -4,6 +4,7 @@ batches. Every test runs against both implementations: SQLite and PostgreSQL
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
@@ -295,7 +296,7 @@ def test_newer_postgres_schema_refused(pg_url: str) -> None:
 def test_newer_schema_refused(tmp_path: Path) -> None:
     p = str(tmp_path / "n.db")
     CollectorStore(p).close()
-    with sqlite3.connect(p) as c:
+    with contextlib.closing(sqlite3.connect(p)) as c, c:
         c.execute("UPDATE meta SET value='99' WHERE key='schema_version'")
     with pytest.raises(StoreError, match="newer"):
         CollectorStore(p)
@@ -332,10 +333,10 @@ NAMES = st.one_of(st.none(), st.binary(min_size=1, max_size=6).map(lambda b: b.r
 @settings(max_examples=300, deadline=None, database=None)
 @given(st.lists(st.tuples(NAMES, NAMES), max_size=30))
 def test_order_key_sorts_like_order_by_exe_path(pairs: list[tuple[bytes | None, bytes | None]]) -> None:
-    db = sqlite3.connect(":memory:")
-    db.execute("CREATE TABLE p (exe BLOB, path BLOB)")
-    db.executemany("INSERT INTO p VALUES (?, ?)", pairs)
-    want = db.execute("SELECT exe, path FROM p ORDER BY exe, path").fetchall()
+    with contextlib.closing(sqlite3.connect(":memory:")) as db:
+        db.execute("CREATE TABLE p (exe BLOB, path BLOB)")
+        db.executemany("INSERT INTO p VALUES (?, ?)", pairs)
+        want = db.execute("SELECT exe, path FROM p ORDER BY exe, path").fetchall()
     assert sorted(pairs, key=lambda p: order_key(*p)) == want
     assert len({order_key(*p) for p in pairs}) == len(set(pairs))
 
@@ -343,14 +344,13 @@ def test_order_key_sorts_like_order_by_exe_path(pairs: list[tuple[bytes | None, 
 def _as_version_1(path: str) -> None:
     """Turn a new collector file into what schema version 1 looked like:
     pairs keyed by msgpack([exe, path]), events indexed by (ts, pair, agent, host)."""
-    with sqlite3.connect(path) as c:
+    with contextlib.closing(sqlite3.connect(path)) as c, c:
         c.create_function("v1_key", 2, wire.pair_key)
         c.execute("DROP INDEX events_pair")
         c.execute("DROP INDEX events_ts")
         c.execute("CREATE INDEX events_window ON events(ts, pair, agent, host)")
         c.execute("UPDATE pairs SET key = v1_key(exe, path)")
         c.execute("UPDATE meta SET value='1' WHERE key='schema_version'")
-    c.close()
 
 
 def test_version_1_file_is_migrated_in_place(tmp_path: Path) -> None:
@@ -375,9 +375,8 @@ def test_version_1_file_is_migrated_in_place(tmp_path: Path) -> None:
         # A pair seen again keeps its row: the new key finds the old pair.
         store.ingest(a, s.batch(a, (ev_(T - 1, b"/x"),)), T)
         assert [(r.path, r.cc) for r in store.rows(Rule(), T)] == [(None, 1), (b"/x", 2), (b"/y", 2)]
-        with sqlite3.connect(p) as c:
+        with contextlib.closing(sqlite3.connect(p)) as c:
             assert c.execute("SELECT count(*) FROM pairs").fetchone() == (3,)
-        c.close()
     finally:
         store.close()
 
@@ -394,8 +393,7 @@ def test_version_1_file_is_migrated_by_a_writer_that_opens_it(tmp_path: Path) ->
         assert [r.path for r in store.rows(Rule(), T)] == [b"/x"]
     finally:
         store.close()
-    with sqlite3.connect(p) as c:
+    with contextlib.closing(sqlite3.connect(p)) as c:
         assert c.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("2",)
         indexes = {n for (n,) in c.execute("SELECT name FROM sqlite_master WHERE tbl_name='events'")}
         assert indexes == {"events", "events_pair", "events_ts"}
-    c.close()

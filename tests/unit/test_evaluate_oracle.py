@@ -8,6 +8,7 @@ agent.rule.reference_rows over the same events as Sightings.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import sqlite3
@@ -29,7 +30,13 @@ Flat = tuple[str, str, Optional[bytes], Optional[bytes], int]  # agent, host, ex
 
 
 def oracle(events: list[Flat], at_ms: int, window: int, below: int, agents: int, limit: int) -> list[Row]:
-    db = sqlite3.connect(":memory:")
+    with contextlib.closing(sqlite3.connect(":memory:")) as db:
+        return _oracle(db, events, at_ms, window, below, agents, limit)
+
+
+def _oracle(
+    db: sqlite3.Connection, events: list[Flat], at_ms: int, window: int, below: int, agents: int, limit: int
+) -> list[Row]:
     db.execute("CREATE TABLE e (agent TEXT, host TEXT, exe BLOB, path BLOB, ts INTEGER)")
     db.executemany("INSERT INTO e VALUES (?, ?, ?, ?, ?)", events)
     groups = db.execute(

@@ -18,9 +18,10 @@ import logging
 import os
 import signal
 import socket
+import sqlite3
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any, Optional
 
@@ -28,7 +29,7 @@ from agent import __version__
 from agent.clock import Clock, SystemClock
 from agent.config import Config
 from agent.errors import ConfigError, EnrollError, RarewriteError, StoreError
-from agent.events import OVERFLOW, FileEvent
+from agent.events import OVERFLOW, FileEvent, RawEvent
 from agent.rule import matches
 from agent.shipper import Identity, RequestsTransport, Shipper
 from agent.sources.replay import BadLine, read_ndjson
@@ -39,6 +40,7 @@ log = logging.getLogger("rarewrite.agent")
 STATUS_FILE = "status.json"
 FACTS_AT_EXIT = 1 << 30
 BUSY_EVENTS = 2000  # a read() this large means a burst: the shipper waits until it is over
+DRAIN_AT_STOP_S = 10.0  # at most this long storing read-ahead events at a stop
 IDLE_RELEASE_S = 2.0  # this long without events after a burst, and all shipped: memory is handed back
 LOCK_FILE = "agent.lock"
 
@@ -294,7 +296,6 @@ class LiveAgent:
         self.store, self.shipper = store, shipper
         self._install_signals()
         state.write_status(self._status("starting", None))
-        rule = cfg.rule
         # late-bound on purpose: a SIGHUP reload swaps self.cfg
         resolver = Resolver(self.clock, is_web_process=lambda name: self.cfg.rule.process_matches(name))  # noqa: PLW0108
         self.resolver = resolver
@@ -327,28 +328,7 @@ class LiveAgent:
                 if raws:
                     last_event_s = self.clock.monotonic()
                     released = False
-                batch: list[FileEvent] = []
-                for raw in raws:
-                    if raw.kind == OVERFLOW:
-                        self.counters["overflows"] += 1
-                        now = self.clock.now_ms()
-                        store.record_gap(now, now, raw.lost, "overflow")
-                        log.warning("event=queue_overflow overflows_total=%d", self.counters["overflows"])
-                        continue
-                    try:
-                        ev = resolver.resolve(raw)
-                    except Exception as e:  # noqa: BLE001 - one bad event must not stop the sensor
-                        self.counters["errors"] += 1
-                        log.error("event=resolve_failed error=%r", str(e))
-                        continue
-                    if ev is None:
-                        continue
-                    self.counters["seen"] += 1
-                    if matches(rule, ev):
-                        batch.append(ev)
-                if batch:
-                    store.record(batch)
-                    self.counters["matched"] += len(batch)
+                self._handle(raws, store, resolver)
                 store.fill_facts()
                 if fatal:
                     raise fatal[0]
@@ -364,10 +344,10 @@ class LiveAgent:
                 if self.reload.is_set():
                     self.reload.clear()
                     source = self._reload(source, open_source)
-                    rule = self.cfg.rule
         finally:
             self.stop.set()
             state.write_status(self._status("stopping", source))
+            self._drain(source, store, resolver)
             source.close()
             ship_thread.join(timeout=2)
             try:
@@ -380,6 +360,51 @@ class LiveAgent:
         if fatal:  # the shipper may stop the loop between its fatal check and the loop test
             raise fatal[0]
         return 0
+
+    def _handle(self, raws: Sequence[RawEvent], store: AgentStore, resolver: Any) -> None:
+        """Resolve one slice of raw events and store the matching ones."""
+        rule = self.cfg.rule
+        batch: list[FileEvent] = []
+        for raw in raws:
+            if raw.kind == OVERFLOW:
+                self.counters["overflows"] += 1
+                now = self.clock.now_ms()
+                store.record_gap(now, now, raw.lost, "overflow")
+                log.warning("event=queue_overflow overflows_total=%d", self.counters["overflows"])
+                continue
+            try:
+                ev = resolver.resolve(raw)
+            except Exception as e:  # noqa: BLE001 - one bad event must not stop the sensor
+                self.counters["errors"] += 1
+                log.error("event=resolve_failed error=%r", str(e))
+                continue
+            if ev is None:
+                continue
+            self.counters["seen"] += 1
+            if matches(rule, ev):
+                batch.append(ev)
+        if batch:
+            store.record(batch)
+            self.counters["matched"] += len(batch)
+
+    def _drain(self, source: Any, store: AgentStore, resolver: Any) -> None:
+        """At a stop, store what the source has read ahead but not handed on
+        (a burst waits there for up to DEFER_MAX_S): a clean stop loses none
+        of it. What the kernel still queues goes with the group, as ever."""
+        if not hasattr(source, "stop_reading"):
+            return
+        try:
+            source.stop_reading()
+            deadline = self.clock.monotonic() + DRAIN_AT_STOP_S
+            while self.clock.monotonic() < deadline:
+                raws = source.read(0)
+                if hasattr(source, "take_prefiltered"):
+                    self.counters["seen"] += source.take_prefiltered()
+                if not raws:
+                    break
+                self._handle(raws, store, resolver)
+        except (RarewriteError, OSError, sqlite3.Error) as e:
+            log.error("event=drain_at_stop_failed error=%r", str(e))
 
     def _release_memory(self, store: AgentStore) -> None:
         """The burst is over and shipped: drop caches that only speed a burst

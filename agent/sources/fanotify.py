@@ -194,7 +194,8 @@ class _ReadAhead:
         self._thread.start()
 
     def stop(self) -> None:
-        """Stop and join the thread; the caller closes the fd afterwards."""
+        """Stop and join the thread; the caller closes the fd afterwards.
+        What was read stays for :meth:`take`, handed on without deferral."""
         with self._cond:
             self._stop = True
             self._cond.notify_all()
@@ -464,6 +465,12 @@ class FanotifySource:
         """Install the daemon's prefilter; forgets every cached answer (a new rule)."""
         self._prefilter = prefilter
         self._skip.clear()
+
+    def stop_reading(self) -> None:
+        """Stop reading the kernel queue but keep what was read ahead: the
+        daemon drains it with read(0) before close() at a clean stop."""
+        if self._ahead is not None:
+            self._ahead.stop()
 
     def take_prefiltered(self) -> int:
         """Events dropped by the prefilter since the last call."""

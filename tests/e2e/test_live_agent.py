@@ -206,3 +206,28 @@ def test_a_burst_in_a_deep_tree_loses_nothing(site: dict[str, str], tmp_path: Pa
                 assert counters["matched"] < files + dirs
         finally:
             procs.stop(agent)
+
+
+def test_sigterm_in_a_burst_stores_what_was_read(site: dict[str, str], tmp_path: Path) -> None:
+    """A burst waits in the read-ahead until it eases (up to 3 s): a SIGTERM
+    just after it must still store every event the agent had read."""
+    www, files = site["www"], 50_000
+    writer = (
+        "import os\n"
+        f"root = '{www}/term'\n"
+        "os.makedirs(root)\n"
+        f"for i in range({files}):\n"
+        "    open(os.path.join(root, f'f{i}.php'), 'w').close()\n"
+    )
+    with procs.collector(str(tmp_path)) as c:
+        agent, state, _ = start_agent(tmp_path, c.url, www)
+        try:
+            sh(*AS_WWW, f"{site['bin']}/php-fpm8.2", "-c", writer)
+            time.sleep(0.1)  # the reader has taken the kernel's queue; most of the burst still waits
+            agent.send_signal(signal.SIGTERM)
+            assert agent.wait(timeout=60) == 0
+        finally:
+            procs.stop(agent)
+        counters = json.loads((Path(state) / "status.json").read_text())["counters"]
+        assert counters["overflows"] == 0
+        assert counters["stored"] == files + 1, counters  # the files and their directory

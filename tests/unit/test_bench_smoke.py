@@ -80,12 +80,13 @@ def test_collector_ingest_quick() -> None:
 def test_evaluate_scale_quick() -> None:
     doc = _run("evaluate_scale.py")
     assert doc["bench"] == "evaluate_scale"
-    assert set(doc["shapes"]) == {"repeat", "unique"}
+    assert set(doc["shapes"]) == {"repeat", "unique", "twice"}
     for s in doc["shapes"].values():
         assert {"median_s", "first_s", "rows"} <= set(s["rows_limit100"])
         assert {"median_s", "rows"} <= set(s["cli"])
         assert s["cli"]["rows"] == s["rows_limit100"]["rows"]  # the CLI prints what the store returns
     assert doc["shapes"]["repeat"]["rows_limit100"]["rows"] == 50
+    assert doc["shapes"]["twice"]["rows_qualifying"] == doc["shapes"]["twice"]["events"] // 2
 
 
 @needs_root

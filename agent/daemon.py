@@ -31,7 +31,7 @@ from agent.config import Config
 from agent.errors import ConfigError, EnrollError, RarewriteError, StoreError
 from agent.events import OVERFLOW, FileEvent, RawEvent
 from agent.rule import matches
-from agent.shipper import Identity, RequestsTransport, Shipper
+from agent.shipper import HttpTransport, Identity, Shipper
 from agent.sources.replay import BadLine, read_ndjson
 from agent.store import AgentStore
 
@@ -204,7 +204,7 @@ def _shipper(
     a = cfg.agent
     if not a.collector:
         raise RarewriteError("no collector URL: give --collector or [agent] collector")
-    transport = RequestsTransport(a.request_timeout_ms / 1000, a.ca_bundle, a.client_cert, a.client_key)
+    transport = HttpTransport(a.request_timeout_ms / 1000, a.ca_bundle, a.client_cert, a.client_key)
     return Shipper(
         store, transport, a.collector, state.path, ident, _secret_ok(secret), clock,
         a.batch_max_records, a.backoff_max_ms / 1000,

@@ -11,17 +11,18 @@ from __future__ import annotations
 
 import contextlib
 import email.utils
+import http.client
 import json
 import logging
 import os
 import random
 import socket
+import ssl
 import threading
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Optional, Protocol
-
-import requests
+from typing import Optional, Protocol
 
 from agent import __version__
 from agent.clock import Clock
@@ -42,14 +43,17 @@ class Response:
 
 
 class Transport(Protocol):
-    """The HTTP seam; tests use FakeTransport, everything else requests."""
+    """The HTTP seam; tests use FakeTransport, everything else HttpTransport."""
 
     def post(self, url: str, body: bytes, headers: Mapping[str, str]) -> Response:
         """POST and return the reply; raise ShipError when no reply came."""
 
 
-class RequestsTransport:
-    """A pooled requests session: verified TLS, timeouts, a capped reply."""
+class HttpTransport:
+    """One kept-alive connection per collector through the standard library's
+    http.client: verified TLS, timeouts, a capped reply, no redirects and no
+    proxy or netrc from the environment. (requests and urllib3 cost the agent
+    7 MB of its RSS for one POST endpoint.)"""
 
     def __init__(
         self,
@@ -58,66 +62,101 @@ class RequestsTransport:
         client_cert: str = "",
         client_key: str = "",
     ) -> None:
-        self.session = requests.Session()
-        self.session.verify = ca_bundle or True
-        if client_cert:
-            self.session.cert = (client_cert, client_key)
-        self.session.trust_env = False  # no proxy or netrc surprises for a security sensor
         self.timeout = timeout
+        self._ca_bundle = ca_bundle
+        self._client_cert = client_cert
+        self._client_key = client_key
+        self._ctx: Optional[ssl.SSLContext] = None
+        self._conn: Optional[http.client.HTTPConnection] = None
+        self._origin: Optional[tuple[str, str, int]] = None
+
+    def _context(self) -> ssl.SSLContext:
+        if self._ctx is None:
+            ctx = ssl.create_default_context(cafile=self._ca_bundle or None)  # verifies name and chain
+            if self._client_cert:
+                ctx.load_cert_chain(self._client_cert, self._client_key or None)
+            self._ctx = ctx
+        return self._ctx
+
+    def _connection(self, scheme: str, host: str, port: int) -> http.client.HTTPConnection:
+        origin = (scheme, host, port)
+        if self._conn is not None and self._origin == origin:
+            return self._conn
+        self.close()
+        if scheme == "https":
+            conn: http.client.HTTPConnection = http.client.HTTPSConnection(
+                host, port, timeout=self.timeout, context=self._context()
+            )
+        else:
+            conn = http.client.HTTPConnection(host, port, timeout=self.timeout)
+        self._conn, self._origin = conn, origin
+        return conn
 
     def post(self, url: str, body: bytes, headers: Mapping[str, str]) -> Response:
-        limit = 2 * self.timeout  # a reply that trickles is a failure too: whole reply, not per read
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ShipError(f"not an http(s) URL: {url!r}")
         try:
-            with self.session.post(
-                url,
-                data=body,
-                headers=dict(headers),
-                timeout=self.timeout,
-                stream=True,
-                allow_redirects=False,
-            ) as r:
-                late = threading.Event()
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+        except ValueError as e:
+            raise ShipError(f"bad port in {url!r}: {e}") from None
+        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        for attempt in (1, 2):
+            conn = self._connection(parts.scheme, parts.hostname, port)
+            reused = conn.sock is not None
+            try:
+                conn.request("POST", path, body=body, headers=dict(headers))
+                reply = conn.getresponse()
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as e:
+                self.close()
+                if reused and attempt == 1:
+                    continue  # the collector closed a kept-alive connection: once more on a new one
+                raise ShipError(f"{type(e).__name__}: {_short(e)}") from None
+            except (OSError, http.client.HTTPException, ValueError) as e:
+                self.close()
+                raise ShipError(f"{type(e).__name__}: {_short(e)}") from None
+            return self._read(url, conn, reply)
+        raise ShipError(f"no reply from {url}")  # not reached: the second attempt returns or raises
 
-                sock = _socket_of(r)
+    def _read(self, url: str, conn: http.client.HTTPConnection, reply: http.client.HTTPResponse) -> Response:
+        limit = 2 * self.timeout  # a reply that trickles is a failure too: whole reply, not per read
+        late = threading.Event()
+        sock = conn.sock
 
-                def give_up() -> None:
-                    late.set()
-                    if sock is not None:  # wakes the blocked read (a close alone would not)
-                        with contextlib.suppress(OSError):
-                            sock.shutdown(socket.SHUT_RDWR)
-                    r.close()
+        def give_up() -> None:
+            late.set()
+            if sock is not None:  # wakes the blocked read (a close alone would not)
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
 
-                timer = threading.Timer(limit, give_up)
-                timer.start()
-                try:
-                    data = r.raw.read(MAX_RESPONSE + 1, decode_content=True)
-                except Exception as e:  # noqa: BLE001 - whatever the closed socket raises
-                    if late.is_set():
-                        raise ShipError(f"reply from {url} took longer than {limit:.0f} s") from None
-                    raise ShipError(f"reading the reply from {url}: {_short(e)}") from None
-                finally:
-                    timer.cancel()
-                if late.is_set():
-                    raise ShipError(f"reply from {url} took longer than {limit:.0f} s")
-                if len(data) > MAX_RESPONSE:
-                    raise ShipError(f"reply from {url} larger than {MAX_RESPONSE} bytes")
-                return Response(r.status_code, dict(r.headers), data)
-        except requests.RequestException as e:
-            raise ShipError(f"{type(e).__name__}: {_short(e)}") from None
+        timer = threading.Timer(limit, give_up)
+        timer.start()
+        try:
+            data = reply.read(MAX_RESPONSE + 1)
+        except Exception as e:  # noqa: BLE001 - whatever the shut socket raises
+            self.close()
+            if late.is_set():
+                raise ShipError(f"reply from {url} took longer than {limit:.0f} s") from None
+            raise ShipError(f"reading the reply from {url}: {type(e).__name__}: {_short(e)}") from None
+        finally:
+            timer.cancel()
+        if late.is_set():
+            self.close()
+            raise ShipError(f"reply from {url} took longer than {limit:.0f} s")
+        if len(data) > MAX_RESPONSE:
+            self.close()
+            raise ShipError(f"reply from {url} larger than {MAX_RESPONSE} bytes")
+        if not reply.isclosed():  # more than we read, or no length: the connection cannot be reused
+            self.close()
+        elif reply.will_close:
+            self.close()
+        return Response(reply.status, dict(reply.getheaders()), data)
 
     def close(self) -> None:
-        self.session.close()
-
-
-def _socket_of(r: requests.Response) -> Optional[socket.socket]:
-    """The reply's socket, found through urllib3 1.26's and 2.x's attributes."""
-    for path in (("raw", "_connection", "sock"), ("raw", "_fp", "fp", "raw", "_sock")):
-        obj: Any = r
-        for attr in path:
-            obj = getattr(obj, attr, None)
-        if isinstance(obj, socket.socket):
-            return obj
-    return None
+        if self._conn is not None:
+            with contextlib.suppress(OSError):
+                self._conn.close()
+        self._conn, self._origin = None, None
 
 
 def _short(e: BaseException) -> str:

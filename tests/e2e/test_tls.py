@@ -278,7 +278,8 @@ def test_mutual_tls_refuses_an_agent_without_a_client_certificate(pki: Pki, tmp_
     with _collector(tmp_path, pki, client_ca=pki.ca) as c:
         code, err = _replay(tmp_path, events, c, f, "no-cert", f"ca_bundle = {pki.ca}\n")
         assert code != 0 and "records left" in err, err[-2000:]
-        assert "SSLError" in err or "Connection aborted" in err, err[-2000:]  # TLS 1.3: the alert comes late
+        # TLS 1.3: the server's alert comes after the handshake, so the client may see a closed connection
+        assert any(m in err for m in ("SSLError", "RemoteDisconnected", "ConnectionResetError")), err[-2000:]
         assert "HTTPConnectionPool" not in err
         assert not (tmp_path / "state-no-cert" / "api_key").exists()
         assert _rows(c, f) == set()

@@ -386,9 +386,13 @@ class Shipper:
             try:
                 if self._key is None and self.clock.monotonic() >= self.not_before:
                     self.api_key()  # enroll now, not at the first event: a wrong secret fails at start (A13)
+                shipped = False
                 while self.ship_once() and not stop.is_set():
+                    shipped = True
                     if busy is not None and busy.is_set():
                         break
+                if shipped and self.store.depth() == 0:
+                    self.store.shrink_connection()  # all sent: this thread's page cache can go
             except EnrollError:
                 raise
             except ShipError as e:

@@ -532,11 +532,15 @@ class AgentStore:
         called when the agent falls idle after a burst."""
         with self._lock:
             self._recent.clear()
-        for db in (self._db(),):
-            try:
-                db.execute("PRAGMA shrink_memory")
-            except sqlite3.Error:
-                pass
+        self.shrink_connection()
+
+    def shrink_connection(self) -> None:
+        """Free the calling thread's SQLite page cache (each thread has its
+        own connection: the shipper calls this once the outbox is empty)."""
+        try:
+            self._db().execute("PRAGMA shrink_memory")
+        except sqlite3.Error:
+            pass
 
     def maintain(self) -> None:
         """Prune the rolling hour and enforce the outbox bound."""

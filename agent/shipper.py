@@ -49,6 +49,17 @@ class Transport(Protocol):
         """POST and return the reply; raise ShipError when no reply came."""
 
 
+# What a kept-alive connection the collector has closed meanwhile raises,
+# over plain TCP and over TLS (with or without a close_notify first).
+_STALE = (
+    http.client.RemoteDisconnected,
+    ConnectionResetError,
+    BrokenPipeError,
+    ssl.SSLEOFError,
+    ssl.SSLZeroReturnError,
+)
+
+
 class HttpTransport:
     """One kept-alive connection per collector through the standard library's
     http.client: verified TLS, timeouts, a capped reply, no redirects and no
@@ -107,7 +118,7 @@ class HttpTransport:
             try:
                 conn.request("POST", path, body=body, headers=dict(headers))
                 reply = conn.getresponse()
-            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as e:
+            except _STALE as e:
                 self.close()
                 if reused and attempt == 1:
                     continue  # the collector closed a kept-alive connection: once more on a new one

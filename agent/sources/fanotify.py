@@ -25,6 +25,7 @@ from agent.clock import Clock, SystemClock
 from agent.errors import SourceError
 from agent.events import CREATION, EXEC, OVERFLOW, RENAME, RawEvent
 from agent.sources import fanotify_abi as abi
+from agent.sources.base import RateLimited
 
 log = logging.getLogger("rarewrite.sources.fanotify")
 
@@ -142,28 +143,6 @@ def _under(path: bytes, prefix: bytes) -> bool:
         return path.startswith(b"/")
     p = prefix.rstrip(b"/")
     return path == p or path.startswith(p + b"/")
-
-
-class _RateLimited:
-    """Logs one line per key per interval and counts what it held back."""
-
-    def __init__(self, logger: logging.Logger, clock: Clock, interval: float = LOG_INTERVAL_S) -> None:
-        self._log = logger
-        self._clock = clock
-        self._interval = interval
-        self._last: dict[str, tuple[float, int]] = {}
-
-    def __call__(self, level: int, key: str, msg: str, *args: Any) -> None:
-        now = self._clock.monotonic()
-        last = self._last.get(key)
-        if last is not None and now - last[0] < self._interval:
-            self._last[key] = (last[0], last[1] + 1)
-            return
-        suppressed = last[1] if last is not None else 0
-        if len(self._last) > 1024:
-            self._last.clear()
-        self._last[key] = (now, 0)
-        self._log.log(level, msg + " suppressed=%d", *args, suppressed)
 
 
 class _ReadAhead:
@@ -340,7 +319,7 @@ class FanotifySource:
             "parse_errors": 0,
             "read_errors": 0,
         }
-        self._rl = _RateLimited(log, self._clock)
+        self._rl = RateLimited(log, self._clock, LOG_INTERVAL_S)
         # path scope as two C-level checks: startswith(tuple) and set membership
         self._watch_pre = tuple(w.rstrip(b"/") + b"/" for w in self._watch)
         self._watch_eq = frozenset(self._watch)

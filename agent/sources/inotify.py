@@ -60,7 +60,7 @@ from typing import Any, Optional
 from agent.clock import Clock, SystemClock
 from agent.errors import SourceError
 from agent.events import CREATION, OVERFLOW, RENAME, RawEvent
-from agent.sources.base import in_scope
+from agent.sources.base import RateLimited, in_scope
 
 log = logging.getLogger("rarewrite.sources.inotify")
 
@@ -98,26 +98,6 @@ def parse_events(buf: bytes) -> Iterator[tuple[int, int, int, str]]:
         raw = buf[pos : pos + length]
         pos += length
         yield wd, mask, cookie, os.fsdecode(raw.split(b"\0", 1)[0])
-
-
-class _RateLimited:
-    """Logs one line per key per interval; says how many it held back."""
-
-    def __init__(self, clock: Clock, interval: float = LOG_INTERVAL_S) -> None:
-        self._clock = clock
-        self._interval = interval
-        self._last: dict[str, tuple[float, int]] = {}
-
-    def __call__(self, level: int, key: str, msg: str, *args: Any) -> None:
-        now = self._clock.monotonic()
-        last = self._last.get(key)
-        if last is not None and now - last[0] < self._interval:
-            self._last[key] = (last[0], last[1] + 1)
-            return
-        if len(self._last) > 1024:
-            self._last.clear()
-        self._last[key] = (now, 0)
-        log.log(level, msg + " suppressed=%d", *args, last[1] if last is not None else 0)
 
 
 class _AddWatch:
@@ -161,7 +141,7 @@ class InotifySource:
         self._own_pid = own_pid  # unused: inotify has no pid; `ignore` keeps own writes out
         self._clock: Clock = clock if clock is not None else SystemClock()
         self._mounts_path = mounts_path  # unused: inotify watches directories, not mounts
-        self._rl = _RateLimited(self._clock)
+        self._rl = RateLimited(log, self._clock, LOG_INTERVAL_S)
         self._wm: Any = None
         self._notifier: Any = None
         self._adder: Optional[_AddWatch] = None

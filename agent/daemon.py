@@ -328,9 +328,7 @@ class LiveAgent:
         released = True
         try:
             while not self.stop.is_set():
-                raws = source.read(0.25)
-                if hasattr(source, "take_prefiltered"):
-                    self.counters["seen"] += source.take_prefiltered()
+                raws = self._read(source, 0.25)
                 if len(raws) >= BUSY_EVENTS:
                     busy_until = self.clock.monotonic() + 0.5
                     self.busy.set()  # the shipper waits: the GIL is the reader's in a burst
@@ -372,6 +370,13 @@ class LiveAgent:
             raise fatal[0]
         return 0
 
+    def _read(self, source: Any, timeout: float) -> Sequence[RawEvent]:
+        """One read of the source; the events its prefilter dropped count as seen."""
+        raws: Sequence[RawEvent] = source.read(timeout)
+        if hasattr(source, "take_prefiltered"):
+            self.counters["seen"] += source.take_prefiltered()
+        return raws
+
     def _handle(self, raws: Sequence[RawEvent], store: AgentStore, resolver: Any) -> None:
         """Resolve one slice of raw events and store the matching ones."""
         rule = self.cfg.rule
@@ -408,9 +413,7 @@ class LiveAgent:
             source.stop_reading()
             deadline = self.clock.monotonic() + DRAIN_AT_STOP_S
             while self.clock.monotonic() < deadline:
-                raws = source.read(0)
-                if hasattr(source, "take_prefiltered"):
-                    self.counters["seen"] += source.take_prefiltered()
+                raws = self._read(source, 0)
                 if not raws:
                     break
                 self._handle(raws, store, resolver)

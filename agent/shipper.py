@@ -157,10 +157,8 @@ class HttpTransport:
         if len(data) > MAX_RESPONSE:
             self.close()
             raise ShipError(f"reply from {url} larger than {MAX_RESPONSE} bytes")
-        if not reply.isclosed():  # more than we read, or no length: the connection cannot be reused
-            self.close()
-        elif reply.will_close:
-            self.close()
+        if not reply.isclosed() or reply.will_close:
+            self.close()  # body left unread or no length, or the collector said close: not reusable
         return Response(reply.status, dict(reply.getheaders()), data)
 
     def close(self) -> None:

@@ -118,12 +118,13 @@ def fill(
                 send(aid, [], chunk)
                 stored += size
         rows_expected = n_rare
-    elif shape == "twice":
-        n_pairs = total // 2
+    else:  # unique: one event per pair; twice: two events per pair, so no pair has count 1
+        copies = 2 if shape == "twice" else 1
+        n_pairs, per = total // copies, per_batch // copies
         k = 0
         while k < n_pairs:
-            aid = ids[(k // (per_batch // 2)) % agents]
-            n = min(per_batch // 2, n_pairs - k)
+            aid = ids[(k // per) % agents]
+            n = min(per, n_pairs - k)
             evs = [
                 wire.EventRecord(
                     when(),
@@ -133,31 +134,12 @@ def fill(
                     DETAIL,
                 )
                 for j in range(n)
-                for _ in range(2)
+                for _ in range(copies)
             ]
             send(aid, evs, [])
             k += n
-        stored = 2 * n_pairs
+        stored = copies * n_pairs
         rows_expected = n_pairs
-    else:
-        k = 0
-        while k < total:
-            aid = ids[(k // per_batch) % agents]
-            n = min(per_batch, total - k)
-            evs = [
-                wire.EventRecord(
-                    when(),
-                    "creation",
-                    EXE,
-                    f"/var/www/{aid}/up/{(k + j) // 1000:04d}/f{k + j:07d}.php".encode(),
-                    DETAIL,
-                )
-                for j in range(n)
-            ]
-            send(aid, evs, [])
-            k += n
-        stored = total
-        rows_expected = total
     fill_s = time.perf_counter() - t0
     store.close()
     return {"events": stored, "fill_s": fill_s, "rows_qualifying": rows_expected}

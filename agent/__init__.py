@@ -2,7 +2,7 @@
 
 The import package is named ``agent``; it holds the on-host agent and, in
 ``agent.collector``, the central collector. Both share the rule
-(``agent.rule``) and the wire format (``agent.wire``).
+(``agent.shared.rule``) and the wire format (``agent.shared.wire``).
 """
 
 __version__ = "0.1.0"

@@ -16,8 +16,9 @@ from collections.abc import Sequence
 from typing import Any, Optional
 
 from agent import __version__
-from agent.config import AGENT_CONF, COLLECTOR_CONF, Config, describe, load
-from agent.errors import ConfigError, EnrollError, RarewriteError
+from agent.shared.config.load import describe, load
+from agent.shared.config.schema import AGENT_CONF, COLLECTOR_CONF, Config
+from agent.shared.errors import ConfigError, EnrollError, RarewriteError
 
 SECRET_ENV = "RAREWRITE_ENROLLMENT_SECRET"  # noqa: S105 - a variable name, not a secret
 EXIT_CONFIG = 2
@@ -233,7 +234,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if group == "config":
         return _config_check(args.config)
     if group == "agent" and cmd == "status":
-        from agent.daemon import read_status
+        from agent.sensor.state_dir import read_status
 
         code, doc = read_status(args.state_dir)
         print(json.dumps(doc, indent=1, sort_keys=True))
@@ -242,15 +243,17 @@ def _dispatch(args: argparse.Namespace) -> int:
         cfg = _load(args, AGENT_CONF)
         _setup_logging(cfg.agent.log_level)
         secret = _secret(args, cfg.agent.enrollment_secret_file)
-        from agent import daemon
-
         if cmd == "replay":
-            return daemon.run_replay(cfg, args.events, secret)
-        return daemon.run_live(cfg, secret, loader=lambda: _load(args, AGENT_CONF))
+            from agent.sensor.replay import run_replay
+
+            return run_replay(cfg, args.events, secret)
+        from agent.sensor.runtime import run_live
+
+        return run_live(cfg, secret, loader=lambda: _load(args, AGENT_CONF))
     cfg = _load(args, COLLECTOR_CONF)
     _setup_logging(cfg.collector.log_level)
     if cmd == "serve":
-        from agent.collector.server import serve
+        from agent.collector.service import serve
 
         secret = _secret(args, cfg.collector.enrollment_secret_file)
         if not secret:
@@ -270,7 +273,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return admin.alerts(cfg, args.db or cfg.collector.db, args.since, args.json)
     if cmd == "migrate":
-        from agent.collector.store import migrate
+        from agent.collector.storage import migrate
 
         print(json.dumps(migrate(args.db or cfg.collector.db), sort_keys=True))
         return 0
@@ -279,8 +282,8 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 def _evaluate(cfg: Config, db: str, at: str) -> int:
     from agent.collector.evaluate import evaluate_db
-    from agent.rule import row_document
-    from agent.sources.replay import parse_timestamp
+    from agent.shared.rule import row_document
+    from agent.shared.text import parse_timestamp
 
     try:
         at_ms = parse_timestamp(at)

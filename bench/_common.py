@@ -76,17 +76,38 @@ def iso_ms(ms: int) -> str:
 
 
 def status(state: str) -> dict[str, Any]:
-    from agent.daemon import read_status
+    from agent.sensor.state_dir import read_status
 
     return read_status(state)[1]
 
 
-def start_agent(tmp: str, url: str, state: str, watch: str, tag: str = "agent") -> subprocess.Popen[bytes]:
-    """``rarewrite agent run`` until its status says running."""
+def rarewrite_of(checkout: str | None) -> list[str]:
+    """The ``rarewrite`` command of this checkout (None), or of another one's
+    ``agent`` package run by this venv's interpreter (``--against DIR``)."""
+    if checkout is None:
+        return list(procs.RAREWRITE)
+    code = "import sys; sys.path.insert(0, sys.argv.pop(1)); from agent.cli import main; sys.exit(main())"
+    return [sys.executable, "-c", code, os.path.abspath(checkout)]
+
+
+def start_agent(
+    tmp: str, url: str, state: str, watch: str, tag: str = "agent", command: list[str] | None = None
+) -> subprocess.Popen[bytes]:
+    """``rarewrite agent run`` (or ``command``) until its status says running."""
     log = open(os.path.join(tmp, f"{tag}.log"), "ab")  # closed below, the child keeps it
     env = {**os.environ, "RAREWRITE_ENROLLMENT_SECRET": procs.SECRET}
     p = subprocess.Popen(
-        [*procs.RAREWRITE, "agent", "run", "--collector", url, "--state-dir", state, "--watch", watch],
+        [
+            *(command or procs.RAREWRITE),
+            "agent",
+            "run",
+            "--collector",
+            url,
+            "--state-dir",
+            state,
+            "--watch",
+            watch,
+        ],
         stdout=log,
         stderr=subprocess.STDOUT,
         env=env,

@@ -29,6 +29,10 @@ just before the workload until then) per event, and agent RSS (VmRSS sampled
 every 50 ms, max; VmHWM; VmRSS once everything is matched; and VmRSS "steady":
 once the outbox is empty and the agent's idle release has run).
 
+``--against DIR`` adds a third mode to every pair: the agent of another
+checkout (for example ``git worktree add /tmp/rw-old HEAD~1``), run by this
+venv's interpreter, so the two agents are compared side by side in one run.
+
 Target: a fresh tmpfs mounted under /srv (default), or with ``--fs ext4`` a
 loop-device ext4 image made by mkfs.ext4 in /var/tmp. Unmounted and removed
 in a finally.
@@ -49,7 +53,7 @@ from typing import Any
 
 import _common as c
 
-from agent.daemon import IDLE_RELEASE_S
+from agent.sensor.runtime import IDLE_RELEASE_S
 from tests.support import procs
 
 
@@ -68,13 +72,16 @@ class RssSampler(threading.Thread):
 
 
 def agent_run(
-    tmp: str, url: str, target: str, root: str, writer: list[str], a: argparse.Namespace, k: int
+    tmp: str, url: str, target: str, root: str, writer: list[str], a: argparse.Namespace, k: int, mode: str
 ) -> dict[str, Any]:
-    state = os.path.join(tmp, f"agent-{k}")
-    agent = c.start_agent(tmp, url, state, target, tag=f"agent-{k}")
+    state = os.path.join(tmp, f"{mode}-{k}")
+    command = c.rarewrite_of(a.against if mode == "against" else None)
+    agent = c.start_agent(tmp, url, state, target, tag=f"{mode}-{k}", command=command)
     try:
         spy = None
-        if a.profile and k == 0:  # the first agent run only: py-spy slows the agent it samples
+        if (
+            a.profile and k == 0 and mode == "agent"
+        ):  # the first agent run only: py-spy slows the agent it samples
             spy = subprocess.Popen(
                 [os.path.join(os.path.dirname(sys.executable), "py-spy"), "record", "--pid", str(agent.pid),
                  "--rate", "250", "--format", "raw", "--output", a.profile, "--nonblocking", "--threads"],
@@ -135,6 +142,46 @@ def agent_run(
     }
 
 
+def summarize(base: dict[int, Any], ag: dict[int, Any], wait_key: str) -> dict[str, Any]:
+    """Print one agent's per-pair table and summary line; return the summary."""
+    ratios = [ag[k]["wall_s"] / base[k]["wall_s"] for k in sorted(ag)]
+    c.table(
+        ["pair", "none s", "agent s", "ratio", "seen", "matched", "lost", "ovfl", "drop", "match@s",
+         "cpu us/ev",          "rss max MB", "rss after MB", "rss steady MB"],
+        [
+            [k, base[k]["wall_s"], ag[k]["wall_s"], ratios[i], ag[k]["seen"], ag[k]["matched"], ag[k]["lost"],
+             ag[k]["overflows"], ag[k]["dropped"], ag[k]["matched_within_s"], ag[k]["cpu_us_per_event"],
+             ag[k]["rss_max_sampled_mb"], ag[k]["rss_after_mb"], ag[k]["rss_steady_mb"]]
+            for i, k in enumerate(sorted(ag))
+        ],
+    )  # fmt: skip
+    lat = [r["matched_within_s"] for r in ag.values()]
+    summary = {
+        "ratio_median": c.median(ratios),
+        "ratios": ratios,
+        "wall_none_median_s": c.median([r["wall_s"] for r in base.values()]),
+        "wall_agent_median_s": c.median([r["wall_s"] for r in ag.values()]),
+        "events_per_run": next(iter(ag.values()))["expected"],
+        "lost_total": sum(r["lost"] for r in ag.values()),
+        "overflows_total": sum(r["overflows"] or 0 for r in ag.values()),
+        "dropped_total": sum(r["dropped"] or 0 for r in ag.values()),
+        "matched_within_s_max": None if None in lat else max(lat),
+        "cpu_us_per_event_median": c.median([r["cpu_us_per_event"] for r in ag.values()]),
+        "rss_max_mb": max(r["rss_max_sampled_mb"] for r in ag.values()),
+        "rss_after_max_mb": max(r["rss_after_mb"] for r in ag.values()),
+        "rss_steady_max_mb": max(r["rss_steady_mb"] for r in ag.values()),
+        "rss_idle_max_mb": max(r["rss_idle_mb"] for r in ag.values()),
+    }
+    print(
+        f"median ratio {summary['ratio_median']:.3f}; lost {summary['lost_total']}; "
+        f"{wait_key} within {summary['matched_within_s_max']} s; "
+        f"cpu {summary['cpu_us_per_event_median']:.1f} us/event; "
+        f"rss max {summary['rss_max_mb']:.1f} MB, steady after {summary['rss_steady_max_mb']:.1f} MB "
+        f"(idle before {summary['rss_idle_max_mb']:.1f} MB)"
+    )
+    return summary
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
@@ -157,6 +204,7 @@ def main() -> int:
         default="stub",
         help="stub: a 200-only HTTP stub (default, measures the agent); real: rarewrite collector serve",
     )
+    ap.add_argument("--against", metavar="DIR", help="also run another checkout's agent in every pair")
     ap.add_argument("--profile", metavar="FILE", help="py-spy the first agent run, raw stacks to FILE")
     ap.add_argument(
         "--quick", action="store_true", help="tiny sizes (smoke test): 2,000 files, 10 dirs, 1 pair"
@@ -179,8 +227,9 @@ def main() -> int:
     try:
         target = c.Target(a.fs, size_mb, "burst")
         with c.stub_collector(tmp) if a.collector == "stub" else c.real_collector(tmp) as url:
+            modes = ("none", "agent", "against") if a.against else ("none", "agent")
             for k in range(a.pairs):
-                order = ("none", "agent") if k % 2 == 0 else ("agent", "none")
+                order = modes[k % len(modes) :] + modes[: k % len(modes)]  # rotated every pair
                 for mode in order:
                     root = os.path.join(target.mnt, f"run-{k}-{mode}")
                     if mode == "none":
@@ -189,13 +238,13 @@ def main() -> int:
                         r = {
                             "pair": k,
                             "mode": mode,
-                            **agent_run(tmp, url, target.mnt, root, writer, a, k),
+                            **agent_run(tmp, url, target.mnt, root, writer, a, k, mode),
                         }
                     runs.append(r)
                     shutil.rmtree(root)
                     print(
                         f"  pair {k} {mode:5s} wall {r['wall_s']:.3f} s"
-                        + (f" matched {r['matched']}/{r['expected']}" if mode == "agent" else ""),
+                        + (f" matched {r['matched']}/{r['expected']}" if mode != "none" else ""),
                         file=sys.stderr,
                     )
     finally:
@@ -203,9 +252,7 @@ def main() -> int:
             target.close()
         shutil.rmtree(tmp, ignore_errors=True)
     base = {r["pair"]: r for r in runs if r["mode"] == "none"}
-    ag = {r["pair"]: r for r in runs if r["mode"] == "agent"}
-    ratios = [ag[k]["wall_s"] / base[k]["wall_s"] for k in sorted(ag)]
-    events = ag[0]["expected"]
+    events = next(r["expected"] for r in runs if r["mode"] == "agent")
     user = "root" if a.writer == "root" else "www-data"
     what = "matching" if a.writer == "www-data" else "NON-matching"
     print(
@@ -213,40 +260,18 @@ def main() -> int:
         f"({events} {what} events per run), writer {name} (python) as {user}, {a.pairs} pairs, "
         f"collector {a.collector}"
     )
-    c.table(
-        ["pair", "none s", "agent s", "ratio", "seen", "matched", "lost", "ovfl", "drop", "match@s",
-         "cpu us/ev",          "rss max MB", "rss after MB", "rss steady MB"],
-        [
-            [k, base[k]["wall_s"], ag[k]["wall_s"], ratios[i], ag[k]["seen"], ag[k]["matched"], ag[k]["lost"],
-             ag[k]["overflows"], ag[k]["dropped"], ag[k]["matched_within_s"], ag[k]["cpu_us_per_event"],
-             ag[k]["rss_max_sampled_mb"], ag[k]["rss_after_mb"], ag[k]["rss_steady_mb"]]
-            for i, k in enumerate(sorted(ag))
-        ],
-    )  # fmt: skip
-    lat = [r["matched_within_s"] for r in ag.values()]
-    summary = {
-        "ratio_median": c.median(ratios),
-        "ratios": ratios,
-        "wall_none_median_s": c.median([r["wall_s"] for r in base.values()]),
-        "wall_agent_median_s": c.median([r["wall_s"] for r in ag.values()]),
-        "events_per_run": events,
-        "lost_total": sum(r["lost"] for r in ag.values()),
-        "overflows_total": sum(r["overflows"] or 0 for r in ag.values()),
-        "dropped_total": sum(r["dropped"] or 0 for r in ag.values()),
-        "matched_within_s_max": None if None in lat else max(lat),
-        "cpu_us_per_event_median": c.median([r["cpu_us_per_event"] for r in ag.values()]),
-        "rss_max_mb": max(r["rss_max_sampled_mb"] for r in ag.values()),
-        "rss_after_max_mb": max(r["rss_after_mb"] for r in ag.values()),
-        "rss_steady_max_mb": max(r["rss_steady_mb"] for r in ag.values()),
-        "rss_idle_max_mb": max(r["rss_idle_mb"] for r in ag.values()),
-    }
-    print(
-        f"median ratio {summary['ratio_median']:.3f}; lost {summary['lost_total']}; "
-        f"{a.wait_key} within {summary['matched_within_s_max']} s; "
-        f"cpu {summary['cpu_us_per_event_median']:.1f} us/event; "
-        f"rss max {summary['rss_max_mb']:.1f} MB, steady after {summary['rss_steady_max_mb']:.1f} MB "
-        f"(idle before {summary['rss_idle_max_mb']:.1f} MB)"
-    )
+    summaries = {}
+    for mode in ("agent", "against") if a.against else ("agent",):
+        print(f"{mode}: {a.against if mode == 'against' else c.ROOT}")
+        summaries[mode] = summarize(base, {r["pair"]: r for r in runs if r["mode"] == mode}, a.wait_key)
+    summary = summaries["agent"]
+    if a.against:
+        old = summaries["against"]
+        print(
+            f"against -> this: ratio {old['ratio_median']:.3f} -> {summary['ratio_median']:.3f}, "
+            f"cpu {old['cpu_us_per_event_median']:.2f} -> {summary['cpu_us_per_event_median']:.2f} us/event, "
+            f"rss steady {old['rss_steady_max_mb']:.1f} -> {summary['rss_steady_max_mb']:.1f} MB"
+        )
     prof = c.top_functions(a.profile) if a.profile and os.path.exists(a.profile) else None
     if prof:
         print("py-spy on the agent's first run (all threads, 250 Hz): functions by inclusive % of samples")
@@ -266,6 +291,8 @@ def main() -> int:
             "dirs": a.dirs,
             "pairs": a.pairs,
             "summary": summary,
+            "against": a.against,
+            "summary_against": summaries.get("against"),
             "runs": runs,
         }
     )

@@ -45,7 +45,7 @@ from typing import Any
 import _common as c
 import requests
 
-from agent import wire
+from agent.shared import wire
 from tests.support import procs
 
 HOUR = 3_600_000
@@ -227,7 +227,7 @@ def in_process(tmp: str, agents: list[dict[str, Any]]) -> dict[str, Any]:
     """The same batches straight into CollectorStore.ingest, one thread, fresh db:
     as the server's writer gets them (``wire.decode_rows`` of each body, decoded
     before the clock starts); then ``wire.decode_rows`` alone (the worker's part)."""
-    from agent.collector.store import CollectorStore
+    from agent.collector.storage.sqlite import CollectorStore
 
     db = os.path.join(tmp, "inproc.db")
     store = CollectorStore(db)

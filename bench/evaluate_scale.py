@@ -36,9 +36,9 @@ from typing import Any
 
 import _common as c
 
-from agent import wire
-from agent.collector.store import CollectorStore
-from agent.rule import Rule
+from agent.collector.storage.sqlite import CollectorStore
+from agent.shared import wire
+from agent.shared.rule import Rule
 from tests.support import procs
 
 HOUR = 3_600_000

@@ -37,7 +37,7 @@ from typing import Any, Optional
 
 import _common as c
 
-from agent.sources import fanotify_abi as fa
+from agent.sensor.sources.fanotify import abi as fa
 
 MODES = ("none", "noread", "read-eager", "read-batched", "read+parse")
 

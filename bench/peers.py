@@ -79,7 +79,7 @@ WRITER = c.BURST_WRITER
 FLOOR = r"""
 import os, select, signal, sys
 sys.path.insert(0, sys.argv[2])
-from agent.sources import fanotify_abi as fa
+from agent.sensor.sources.fanotify import abi as fa
 fd = fa.fanotify_init(fa.FAN_CLASS_NOTIF | fa.FAN_CLOEXEC | fa.FAN_NONBLOCK | fa.FAN_UNLIMITED_QUEUE
                       | fa.FAN_REPORT_DFID_NAME, os.O_RDONLY | fa.O_LARGEFILE)
 fa.fanotify_mark(fd, fa.FAN_MARK_ADD | fa.FAN_MARK_FILESYSTEM,

@@ -37,9 +37,11 @@ from typing import Any
 import _common as c
 import requests
 
-from agent import wire
-from agent.collector.store import CollectorStore, open_store, order_key, pair_key
-from agent.rule import Rule
+from agent.collector.storage import open_store
+from agent.collector.storage.base import pair_key
+from agent.collector.storage.sqlite import CollectorStore, order_key
+from agent.shared import wire
+from agent.shared.rule import Rule
 from tests.support import pg, procs
 
 H = 3_600_000
@@ -148,7 +150,7 @@ def load_pg(url: str, n: int, at: int) -> float:
     import psycopg
 
     s = _shape(n)
-    from agent.collector.pgstore import PgStore
+    from agent.collector.storage.postgres import PgStore
 
     store = PgStore(url)
     store.ensure_partitions({at // H + i for i in range(-2, 2)})

@@ -53,7 +53,7 @@ EXES = [b"/usr/sbin/nginx", b"/usr/sbin/php-fpm8.2", b"/usr/sbin/apache2", b"/us
 
 
 def make_events(fleet: str, n: int, pairs: int, rate: float, seed: int) -> list[Any]:
-    from agent.events import FileEvent, ProcessInfo, UserInfo
+    from agent.shared.events import FileEvent, ProcessInfo, UserInfo
 
     rng = random.Random(seed)  # noqa: S311 - test data, not secrets
     procs = [
@@ -82,10 +82,10 @@ def make_events(fleet: str, n: int, pairs: int, rate: float, seed: int) -> list[
 
 
 def run_once(events: list[Any], slice_n: int, rate: float, tmp: str) -> dict[str, Any]:
-    from agent.clock import FakeClock
-    from agent.events import FileFacts
-    from agent.rule import Rule
-    from agent.store import AgentStore
+    from agent.sensor.outbox import AgentStore
+    from agent.shared.clock import FakeClock
+    from agent.shared.events import FileFacts
+    from agent.shared.rule import Rule
 
     facts = FileFacts(29, 0o100644, 33, 33, "ab" * 32, b"<?php system($_GET['c']); ?>")
     clock = FakeClock(T0)

@@ -5,12 +5,43 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Optional
+from typing import Any, Optional
 
-from agent.collector.outputs import StdoutOutput
-from agent.collector.store import agents_cli, is_postgres, open_store
-from agent.config import Config
-from agent.errors import RarewriteError, StoreError
+from agent.collector.outputs.stdout import StdoutOutput
+from agent.collector.storage import open_store
+from agent.shared.config.schema import Config
+from agent.shared.errors import RarewriteError, StoreError
+from agent.shared.text import is_postgres
+
+
+def agents_cli(db: str, action: str, agent_id: str = "") -> list[dict[str, Any]]:
+    """``rarewrite collector agents list|revoke``: plain data for the CLI to print.
+
+    ``list`` returns every agent; ``revoke`` returns the revoked agent or raises
+    StoreError when no agent has that id.
+    """
+    if not is_postgres(db) and not os.path.exists(db):
+        raise StoreError(f"no collector database at {db!r}")
+    store = open_store(db)
+    try:
+        if action in ("revoke", "restore"):
+            if not (store.revoke(agent_id) if action == "revoke" else store.restore(agent_id)):
+                raise StoreError(f"no agent with id {agent_id!r}")
+        elif action != "list":
+            raise StoreError(f"unknown agents action {action!r} (list, revoke or restore)")
+        return [
+            {
+                "agent_id": a.agent_id,
+                "host_name": a.host_name,
+                "revoked": a.revoked,
+                "enrolled_ms": a.enrolled_ms,
+                "last_seen_ms": a.last_seen_ms,
+            }
+            for a in store.list_agents()
+            if action == "list" or a.agent_id == agent_id
+        ]
+    finally:
+        store.close()
 
 
 def agents(cfg: Config, db: str, action: str, agent_id: Optional[str]) -> int:
@@ -22,7 +53,7 @@ def agents(cfg: Config, db: str, action: str, agent_id: Optional[str]) -> int:
 
 
 def alerts(cfg: Config, db: str, since: Optional[str], full: bool) -> int:
-    from agent.sources.replay import parse_timestamp
+    from agent.shared.text import parse_timestamp
 
     if not is_postgres(db) and not os.path.exists(db):
         raise StoreError(f"no collector database at {db!r}")

@@ -14,18 +14,14 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
-import logging
-import time
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any, Optional
 
-from agent.collector.store import Pair, RankedRow, Store, StoredEvent, open_store
-from agent.events import render
-from agent.rule import Row, Rule
-
-log = logging.getLogger("rarewrite.collector.evaluate")
+from agent.collector.storage import open_store
+from agent.collector.storage.base import Pair, RankedRow, Store, StoredEvent
+from agent.shared.rule import Row, Rule
+from agent.shared.text import dumps, iso, render
 
 SEVERITY_NUMBER = {"low": 1, "medium": 2, "high": 3, "critical": 4}
 
@@ -46,17 +42,6 @@ def evaluate_db(db_path: str, rule: Rule, at_ms: int) -> list[Row]:
         return evaluate(store, rule, at_ms)
     finally:
         store.close()
-
-
-def iso(ms: int) -> str:
-    """Milliseconds since the epoch as ISO 8601 UTC with milliseconds."""
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms // 1000)) + f".{ms % 1000:03d}Z"
-
-
-def dumps(doc: Any) -> str:
-    """JSON for logs, files and outputs: ASCII only, so newlines, ANSI ESC and
-    undecodable bytes (surrogates from events.render) arrive escaped."""
-    return json.dumps(doc, ensure_ascii=True, sort_keys=True, separators=(",", ":"))
 
 
 def alert_id(rule_id: str, pair: Pair, bucket: str) -> str:

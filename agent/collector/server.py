@@ -20,7 +20,7 @@ Database work runs in threads: one writer thread (ingest, enroll, prune) so
 writes never contend inside the process, and a small pool for reads, so the
 event loop never blocks. Batch bodies are decoded and validated in one worker
 process (started by :func:`serve`; :meth:`Collector.start_decoder`), which
-hands the writer ready-to-insert rows (:func:`agent.wire.decode_rows`): on two
+hands the writer ready-to-insert rows (:func:`agent.shared.wire.decode_rows`): on two
 cores, decoding and the SQLite writer run side by side instead of sharing one
 GIL. Without the worker (tests, or if it dies) the read pool decodes.
 """
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import json
 import logging
 import math
@@ -37,7 +36,6 @@ import multiprocessing
 import os
 import re
 import signal
-import ssl
 import zlib
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -48,26 +46,38 @@ from typing import Any, Optional, TypeVar
 
 from aiohttp import web
 
-from agent import wire
-from agent.clock import Clock, SystemClock
-from agent.collector import evaluate as ev
 from agent.collector.auth import LogLimiter, TokenBuckets, bearer, key_hash, new_api_key, secret_ok
-from agent.collector.outputs import Output, build_outputs, dropped_counts, emit_all
-from agent.collector.store import PRUNE_CHUNK, Store, open_store, redact
-from agent.config import Config
-from agent.errors import StoreError, VersionError, WireError
+from agent.collector.outputs import dropped_counts
+from agent.collector.outputs.base import Output
+from agent.collector.storage.base import Store
+from agent.shared import wire
+from agent.shared.clock import Clock
+from agent.shared.config.schema import Config
+from agent.shared.errors import StoreError, VersionError, WireError
 
 log = logging.getLogger("rarewrite.collector.server")
+
 security = logging.getLogger("rarewrite.collector.security")
 
-ENROLL_MAX_BODY = 64 << 10
-ENROLL_FAILURES_PER_S = 2.0  # wrong secrets per client address, burst 10
-PRUNE_EVERY_S = 60.0
-CONTINUOUS_EVERY_S = 1.0
-_PRINTABLE = re.compile(r"[^\x00-\x1f\x7f]{1,255}\Z")
-_LABEL = re.compile(r"[^A-Za-z0-9_.:-]")
-
 R = TypeVar("R")
+
+
+ENROLL_MAX_BODY = 64 << 10
+
+
+ENROLL_FAILURES_PER_S = 2.0  # wrong secrets per client address, burst 10
+
+
+PRUNE_EVERY_S = 60.0
+
+
+CONTINUOUS_EVERY_S = 1.0
+
+
+_PRINTABLE = re.compile(r"[^\x00-\x1f\x7f]{1,255}\Z")
+
+
+_LABEL = re.compile(r"[^A-Za-z0-9_.:-]")
 
 
 class Reject(Exception):
@@ -416,144 +426,3 @@ def make_app(
 
     app.on_cleanup.append(cleanup)
     return app
-
-
-# ------------------------------------------------------------------ background
-
-
-async def schedule_loop(c: Collector) -> None:
-    """Run the rule on its schedule until cancelled."""
-    rule = c.cfg.rule
-    continuous = c.cfg.collector.schedule == "continuous"
-    while True:
-        now = c.clock.now_ms()
-        if continuous:
-            await asyncio.sleep(CONTINUOUS_EVERY_S)
-            at = c.clock.now_ms()
-            run = partial(ev.run_continuous, c.store, rule, at, c.cfg.collector.settle_ms)
-        else:
-            at = (now // rule.schedule_ms + 1) * rule.schedule_ms
-            await asyncio.sleep((at - now) / 1000.0)
-            run = partial(ev.run_hourly, c.store, rule, at)
-        try:
-            started = c.clock.monotonic()
-            alerts = await c.read(run)
-            if alerts:
-                await c.read(emit_all, c.outputs, alerts)
-                c.alerts_emitted += len(alerts)
-            took = c.clock.monotonic() - started
-            if not continuous or alerts:
-                log.info("event=evaluated at=%s alerts=%d seconds=%.3f", ev.iso(at), len(alerts), took)
-            if continuous and took > CONTINUOUS_EVERY_S:
-                await asyncio.sleep(took)  # never spend more than half the time evaluating
-        except StoreError as e:
-            ok, suppressed = c.error_log.allow("schedule", c.clock.monotonic())
-            if ok:
-                log.error("event=evaluation_failed error=%r suppressed=%d", str(e), suppressed)
-
-
-async def prune_loop(c: Collector) -> None:
-    """Delete what is past retention, one small chunk per writer call."""
-    while True:
-        before = c.clock.now_ms() - c.cfg.collector.retention_ms
-        try:
-            total = 0
-            while True:
-                n = await c.write(c.store.prune, before, 1)
-                total += n
-                if n < PRUNE_CHUNK:
-                    break
-                await asyncio.sleep(0)
-            if total:
-                log.info("event=pruned events=%d before=%s", total, ev.iso(before))
-        except StoreError as e:
-            ok, suppressed = c.error_log.allow("prune", c.clock.monotonic())
-            if ok:
-                log.error("event=prune_failed error=%r suppressed=%d", str(e), suppressed)
-        await asyncio.sleep(PRUNE_EVERY_S)
-
-
-def ssl_context(cfg: Config) -> Optional[ssl.SSLContext]:
-    cc = cfg.collector
-    if not cc.tls_cert:
-        return None
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(cc.tls_cert, cc.tls_key or None)
-    if cc.tls_client_ca:
-        ctx.load_verify_locations(cc.tls_client_ca)
-        ctx.verify_mode = ssl.CERT_REQUIRED
-    return ctx
-
-
-def _host_port(listen: str) -> tuple[str, int]:
-    host, _, port = listen.rpartition(":")
-    return host.strip("[]"), int(port)
-
-
-async def _serve(cfg: Config, secret: str) -> int:
-    store = open_store(cfg.collector.db)
-    try:
-        outputs = build_outputs(cfg)
-        ctx = ssl_context(cfg)
-    except (OSError, ssl.SSLError) as e:
-        store.close()
-        log.error("event=startup_failed error=%r", str(e))
-        return 1
-    app = make_app(cfg, store, secret, SystemClock(), outputs)
-    c: Collector = app[COLLECTOR]
-    if (os.cpu_count() or 1) > 1:
-        try:
-            c.start_decoder()
-        except OSError as e:
-            log.warning("event=decoder_unavailable error=%r", str(e))
-    # auto_decompress off: gzip is decompressed by us, with an output cap.
-    # shutdown_timeout moved from TCPSite (aiohttp 3.8) to the runner (3.9+).
-    on_runner = "shutdown_timeout" in inspect.signature(web.BaseRunner.__init__).parameters
-    runner_kw: dict[str, Any] = {"shutdown_timeout": 5.0} if on_runner else {}
-    site_kw: dict[str, Any] = {} if on_runner else {"shutdown_timeout": 5.0}
-    runner = web.AppRunner(app, access_log=None, auto_decompress=False, keepalive_timeout=75, **runner_kw)
-    await runner.setup()
-    host, port = _host_port(cfg.collector.listen)
-    site = web.TCPSite(runner, host, port, ssl_context=ctx, backlog=512, **site_kw)
-    try:
-        await site.start()
-    except OSError as e:
-        log.error("event=listen_failed address=%r error=%r", cfg.collector.listen, str(e))
-        await runner.cleanup()
-        store.close()
-        return 1
-    log.info(
-        "event=listening address=%r tls=%s client_certs=%s db=%r schedule=%s",
-        cfg.collector.listen,
-        "yes" if ctx else "no",
-        "required" if cfg.collector.tls_client_ca else "no",
-        redact(cfg.collector.db),
-        cfg.collector.schedule,
-    )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    tasks = [asyncio.create_task(schedule_loop(c)), asyncio.create_task(prune_loop(c))]
-    try:
-        await stop.wait()
-        log.info("event=stopping")
-    finally:
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
-        await runner.cleanup()
-        store.close()
-    log.info("event=stopped")
-    return 0
-
-
-def serve(cfg: Config, secret: str) -> int:
-    """Serve until SIGTERM or SIGINT; 0 after a clean shutdown, 1 if it cannot start.
-
-    Raises StoreError when the database cannot be opened (e.g. a newer schema).
-    """
-    return asyncio.run(_serve(cfg, secret))

@@ -22,10 +22,10 @@ from typing import Any, Callable, Optional
 
 import pytest
 
-from agent.clock import SystemClock
-from agent.errors import SourceError
-from agent.events import CREATION, OVERFLOW, RENAME, FileEvent
-from agent.procinfo import Resolver
+from agent.sensor.resolver import Resolver
+from agent.shared.clock import SystemClock
+from agent.shared.errors import SourceError
+from agent.shared.events import CREATION, OVERFLOW, RENAME, FileEvent
 
 pytestmark = [
     pytest.mark.root,
@@ -157,11 +157,11 @@ def _open(kind: str, env: Env) -> Any:
     exclude: list[bytes] = []
     ignore = [os.fsencode(env.state)]
     if kind == "fanotify":
-        from agent.sources.fanotify import FanotifySource
+        from agent.sensor.sources.fanotify.source import FanotifySource
 
         return FanotifySource(watch, exclude, ignore=ignore, own_pid=os.getpid(), clock=SystemClock())
     try:
-        from agent.sources.inotify import InotifySource  # type: ignore[import-not-found, unused-ignore]
+        from agent.sensor.sources.inotify import InotifySource  # type: ignore[import-not-found, unused-ignore]
     except ImportError as exc:
         pytest.skip(f"inotify source not available: {exc}")
     return InotifySource(watch, exclude, ignore=ignore, own_pid=os.getpid(), clock=SystemClock())
@@ -385,7 +385,7 @@ def test_new_mount_is_watched_without_restart(request: pytest.FixtureRequest, h:
 
 
 def test_auto_backend_returns_a_started_source(env: Env) -> None:
-    from agent.sources.auto import open_source
+    from agent.sensor.sources.auto import open_source
 
     with pytest.raises(SourceError):
         open_source("bogus", [os.fsencode(env.www)], [], [], None, SystemClock())
@@ -401,7 +401,7 @@ def test_prefilter_drops_a_known_non_web_writer_and_counts_it(env: Env) -> None:
     """fanotify only: events of a pid the prefilter rules out never become
     RawEvents once their directory is cached, yet count as seen; an excluded
     directory's stay out of scope; other pids in the same directory come out."""
-    from agent.sources.fanotify import FanotifySource
+    from agent.sensor.sources.fanotify.source import FanotifySource
 
     d = _fresh(env, "prefilter")
     (d / "skip").mkdir()

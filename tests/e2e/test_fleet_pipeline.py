@@ -64,7 +64,7 @@ def test_rows_past_the_limit_keep_the_smallest_counts(tmp_path: Path) -> None:
 def test_shared_scenarios_shifted_to_now(name: str, tmp_path: Path) -> None:
     folder = SCENARIOS / name
     meta = json.loads((folder / "meta.json").read_text())
-    from agent.sources.replay import parse_timestamp
+    from agent.shared.text import parse_timestamp
 
     shift = now_ms() - parse_timestamp(meta["at"])
     with procs.collector(str(tmp_path)) as c:

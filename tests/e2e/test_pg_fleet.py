@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import requests
 
-from agent import wire
+from agent.shared import wire
 from tests.e2e.test_fleet_pipeline import _sent_batches
 from tests.support import fleet, pg, procs
 
@@ -121,7 +121,7 @@ def test_shared_scenario_split_over_two_collectors(two: Pair, tmp_path: Path) ->
     folders = sorted(scenarios.glob("seed-*")) if scenarios.exists() else []
     if not folders:
         pytest.skip("no shared scenarios on this machine")
-    from agent.sources.replay import parse_timestamp
+    from agent.shared.text import parse_timestamp
 
     folder = folders[0]
     meta = json.loads((folder / "meta.json").read_text())

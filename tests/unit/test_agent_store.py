@@ -13,13 +13,15 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from agent import wire
-from agent.clock import FakeClock
-from agent.errors import EnrollError
-from agent.events import FileEvent, ProcessInfo, UserInfo
-from agent.rule import Rule
-from agent.shipper import FakeTransport, Identity, Response, Shipper, retry_after
-from agent.store import AgentStore
+from agent.sensor.outbox import AgentStore
+from agent.sensor.shipper import Identity, Shipper
+from agent.sensor.transport import FakeTransport, Response
+from agent.shared import wire
+from agent.shared.backoff import retry_after
+from agent.shared.clock import FakeClock
+from agent.shared.errors import EnrollError
+from agent.shared.events import FileEvent, ProcessInfo, UserInfo
+from agent.shared.rule import Rule
 
 T0 = 1_795_780_800_000
 
@@ -183,7 +185,9 @@ def _collector(
     return FakeTransport(handler)
 
 
-def _shipper(store: AgentStore, transport: FakeTransport, tmp_path: Path, secret: str = "s3cret") -> Shipper:
+def build_shipper(
+    store: AgentStore, transport: FakeTransport, tmp_path: Path, secret: str = "s3cret"
+) -> Shipper:
     clock = store.clock
     return Shipper(store, transport, "http://c", str(tmp_path), Identity("a1", "h1"), secret, clock)
 
@@ -191,28 +195,28 @@ def _shipper(store: AgentStore, transport: FakeTransport, tmp_path: Path, secret
 def test_enroll_once_keep_key_private_and_ship(store: AgentStore, tmp_path: Path) -> None:
     store.record([ev()])
     t = _collector()
-    sh = _shipper(store, t, tmp_path)
+    sh = build_shipper(store, t, tmp_path)
     assert sh.ship_once()
     assert [u.rsplit("/", 1)[1] for u, _, _ in t.sent] == ["enroll", "batches"]
     assert t.sent[1][2]["Authorization"] == "Bearer k-1"
     assert (os.stat(tmp_path / "api_key").st_mode & 0o777) == 0o600
     assert store.depth() == 0
     store.record([ev(path=b"/b")])
-    assert _shipper(store, t, tmp_path).ship_once()
+    assert build_shipper(store, t, tmp_path).ship_once()
     assert [u.rsplit("/", 1)[1] for u, _, _ in t.sent] == ["enroll", "batches", "batches"]
 
 
 def test_wrong_secret_is_fatal(store: AgentStore, tmp_path: Path) -> None:
     store.record([ev()])
     with pytest.raises(EnrollError, match="secret"):
-        _shipper(store, _collector(), tmp_path, secret="wrong").ship_once()
+        build_shipper(store, _collector(), tmp_path, secret="wrong").ship_once()
     assert store.depth() == 1
 
 
 @pytest.mark.parametrize("status", [500, 503, 429, 502])
 def test_server_errors_keep_the_batch_and_back_off(store: AgentStore, tmp_path: Path, status: int) -> None:
     store.record([ev()])
-    sh = _shipper(store, _collector(status, headers={"Retry-After": "7"}), tmp_path)
+    sh = build_shipper(store, _collector(status, headers={"Retry-After": "7"}), tmp_path)
     assert not sh.ship_once()
     assert store.depth() == 1 and sh.not_before - store.clock.monotonic() == pytest.approx(7.0)
     assert not sh.ship_once()  # still backing off: nothing sent
@@ -221,7 +225,7 @@ def test_server_errors_keep_the_batch_and_back_off(store: AgentStore, tmp_path: 
 
 def test_backoff_grows_with_jitter(store: AgentStore, tmp_path: Path) -> None:
     store.record([ev()])
-    sh = _shipper(store, _collector(500), tmp_path)
+    sh = build_shipper(store, _collector(500), tmp_path)
     delays = []
     for _ in range(8):
         sh.ship_once()
@@ -241,7 +245,7 @@ def test_a_400_splits_and_never_retries_poison_forever(store: AgentStore, tmp_pa
             return Response(400, {}, b'{"error": "events[0].path: poison"}')
         return Response(200, {}, b'{"status": "stored"}')
 
-    sh = _shipper(store, FakeTransport(handler), tmp_path)
+    sh = build_shipper(store, FakeTransport(handler), tmp_path)
     for _ in range(10):
         sh.ship_once()
     assert store.depth() == 0 and store.quarantined() == 1
@@ -255,7 +259,7 @@ def test_retry_after_forms() -> None:
 
 
 def test_file_facts_are_read_after_the_writer_wrote_not_at_creation(tmp_path: Path) -> None:
-    from agent.facts import read_facts
+    from agent.sensor.facts import read_facts
 
     target = tmp_path / "shell.php"
     target.write_bytes(b"")  # FAN_CREATE comes when the file is still empty
@@ -277,7 +281,7 @@ def test_file_facts_are_read_after_the_writer_wrote_not_at_creation(tmp_path: Pa
 
 
 def test_facts_of_a_file_gone_before_the_delay_say_so(tmp_path: Path) -> None:
-    from agent.facts import read_facts
+    from agent.sensor.facts import read_facts
 
     clock = FakeClock(T0)
     s = AgentStore(str(tmp_path / "a.db"), Rule(), clock, facts=read_facts)
@@ -328,7 +332,7 @@ def test_out_of_range_pids_are_not_put_on_the_wire(store: AgentStore) -> None:
 def test_depth_kept_in_memory_equals_the_table(tmp_path: Path) -> None:
     import random
 
-    from agent.events import FileFacts
+    from agent.shared.events import FileFacts
 
     rng = random.Random(3)
     clock = FakeClock(T0)
@@ -366,7 +370,7 @@ def test_depth_kept_in_memory_equals_the_table(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("full", [False, True])
 def test_facts_go_into_the_stored_map_as_if_it_were_packed_again(tmp_path: Path, full: bool) -> None:
-    from agent.events import FileFacts
+    from agent.shared.events import FileFacts
 
     facts = FileFacts(29, 0o100644, 33, 33, "ab" * 32, b"<?php \x00\xff")
     clock = FakeClock(T0)
@@ -408,7 +412,7 @@ def test_a_reload_that_raises_count_below_reads_the_times_again(store: AgentStor
 
 
 def test_no_lease_takes_an_event_while_its_facts_are_being_read(tmp_path: Path) -> None:
-    from agent.events import FileFacts
+    from agent.shared.events import FileFacts
 
     clock = FakeClock(T0)
     leased: list[object] = []

@@ -11,11 +11,11 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from agent import store as store_mod
-from agent.clock import FakeClock
-from agent.events import FileEvent, ProcessInfo, UserInfo
-from agent.rule import Rule
-from agent.store import EVENT, AgentStore
+from agent.sensor import outbox as store_mod
+from agent.sensor.outbox import EVENT, AgentStore
+from agent.shared.clock import FakeClock
+from agent.shared.events import FileEvent, ProcessInfo, UserInfo
+from agent.shared.rule import Rule
 
 T0 = 1_700_000_000_000
 WINDOW = 60_000

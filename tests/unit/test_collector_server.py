@@ -21,13 +21,14 @@ import msgpack
 import pytest
 from aiohttp import web
 
-from agent import wire
-from agent.clock import SystemClock
 from agent.collector.server import make_app
-from agent.collector.store import AgentRecord, CollectorStore
-from agent.config import CollectorConfig, Config
-from agent.errors import StoreError
-from agent.rule import Rule
+from agent.collector.storage.base import AgentRecord
+from agent.collector.storage.sqlite import CollectorStore
+from agent.shared import wire
+from agent.shared.clock import SystemClock
+from agent.shared.config.schema import CollectorConfig, Config
+from agent.shared.errors import StoreError
+from agent.shared.rule import Rule
 
 SECRET = "test-enrollment-secret-0123456789"
 NOW = int(time.time() * 1000)
@@ -448,9 +449,9 @@ def test_struct_sanity() -> None:
 
 SERVE = """
 import sys
-from agent.config import Config, CollectorConfig
-from agent.rule import Rule
-from agent.collector.server import serve
+from agent.shared.config.schema import Config, CollectorConfig
+from agent.shared.rule import Rule
+from agent.collector.service import serve
 port, db, alerts, cert, key = sys.argv[1:6]
 cc = CollectorConfig(listen="127.0.0.1:" + port, db=db, schedule="continuous", settle_ms=1, alerts_file=alerts,
                      tls_cert=cert, tls_key=key)

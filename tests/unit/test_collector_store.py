@@ -16,11 +16,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent import wire
 from agent.collector import evaluate as ev
-from agent.collector.store import AgentRecord, CollectorStore, Store, agents_cli, open_store, order_key
-from agent.errors import StoreError
-from agent.rule import Row, Rule
+from agent.collector.admin import agents_cli
+from agent.collector.storage import open_store
+from agent.collector.storage.base import AgentRecord, Store
+from agent.collector.storage.sqlite import CollectorStore, order_key
+from agent.shared import wire
+from agent.shared.errors import StoreError
+from agent.shared.rule import Row, Rule
 
 T = 1_790_000_000_000
 H = 3_600_000
@@ -320,7 +323,7 @@ def test_agents_cli(store: Store) -> None:
 
 
 def test_migrate_sqlite(tmp_path: Path) -> None:
-    from agent.collector.store import migrate
+    from agent.collector.storage import migrate
 
     p = str(tmp_path / "m.db")
     assert migrate(p) == {"backend": "sqlite", "db": p, "from": 0, "to": 2}
@@ -354,7 +357,7 @@ def _as_version_1(path: str) -> None:
 
 
 def test_version_1_file_is_migrated_in_place(tmp_path: Path) -> None:
-    from agent.collector.store import migrate
+    from agent.collector.storage import migrate
 
     p = str(tmp_path / "v1.db")
     store = CollectorStore(p)

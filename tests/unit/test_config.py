@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from agent import cli, config
-from agent.errors import ConfigError
+from agent import cli
+from agent.shared import config
+from agent.shared.errors import ConfigError
 
 
 @pytest.mark.parametrize(

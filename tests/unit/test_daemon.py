@@ -7,12 +7,13 @@ import os
 from pathlib import Path
 from typing import Any
 
-from agent import wire
-from agent.clock import FakeClock
-from agent.config import Config
-from agent.daemon import LiveAgent, StateDir, read_status
-from agent.rule import Rule
-from agent.store import AgentStore
+from agent.sensor.outbox import AgentStore
+from agent.sensor.runtime import LiveAgent
+from agent.sensor.state_dir import StateDir, read_status
+from agent.shared import wire
+from agent.shared.clock import FakeClock
+from agent.shared.config.schema import Config
+from agent.shared.rule import Rule
 
 
 def test_status_says_stopped_without_the_lock_holder(tmp_path: Path) -> None:

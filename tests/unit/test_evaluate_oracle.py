@@ -3,7 +3,7 @@ both stores (SQLite and PostgreSQL).
 
 The oracle is the rule's query written here as plain SQL over one flat,
 in-memory table of events (no interning, no batches); a second reference is
-agent.rule.reference_rows over the same events as Sightings.
+agent.shared.rule.reference_rows over the same events as Sightings.
 """
 
 from __future__ import annotations
@@ -18,10 +18,12 @@ from typing import Optional
 
 import pytest
 
-from agent import wire
-from agent.collector.store import CollectorStore, Store, open_store
-from agent.events import FileEvent, ProcessInfo, UserInfo
-from agent.rule import Row, Rule, Sighting, reference_rows
+from agent.collector.storage import open_store
+from agent.collector.storage.base import Store
+from agent.collector.storage.sqlite import CollectorStore
+from agent.shared import wire
+from agent.shared.events import FileEvent, ProcessInfo, UserInfo
+from agent.shared.rule import Row, Rule, Sighting, reference_rows
 
 T = 1_790_000_000_000
 H = 3_600_000

@@ -7,8 +7,8 @@ import random
 
 import pytest
 
-from agent.sources import fanotify_abi as abi
-from agent.sources.fanotify import parse_mountinfo
+from agent.sensor.sources.fanotify import abi
+from agent.sensor.sources.fanotify.mounts import parse_mountinfo
 
 FSID = (0x0D59E37E, 0xDBEE5DEF)
 DIR_H = b"\x01\x02\x03\x04\x05\x06\x07\x08"

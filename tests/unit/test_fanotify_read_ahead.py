@@ -12,8 +12,9 @@ import time
 
 import pytest
 
-from agent.clock import SystemClock
-from agent.sources import fanotify as fan
+from agent.sensor.sources.fanotify import reader
+from agent.sensor.sources.fanotify import source as fan
+from agent.shared.clock import SystemClock
 
 
 def _pipe() -> tuple[int, int]:
@@ -22,7 +23,7 @@ def _pipe() -> tuple[int, int]:
     return r, w
 
 
-def _take_all(ahead: fan._ReadAhead, want: int, timeout: float = 5.0) -> bytes:
+def _take_all(ahead: reader.ReadAhead, want: int, timeout: float = 5.0) -> bytes:
     got = b""
     deadline = time.monotonic() + timeout
     while len(got) < want and time.monotonic() < deadline:
@@ -32,7 +33,7 @@ def _take_all(ahead: fan._ReadAhead, want: int, timeout: float = 5.0) -> bytes:
 
 def test_everything_written_comes_out_in_order() -> None:
     r, w = _pipe()
-    ahead = fan._ReadAhead(r, SystemClock())
+    ahead = reader.ReadAhead(r, SystemClock())
     ahead.start()
     try:
         data = bytes(range(256)) * 1000
@@ -49,7 +50,7 @@ def test_everything_written_comes_out_in_order() -> None:
 def test_a_full_read_ahead_pauses_reading_and_loses_nothing() -> None:
     r, w = _pipe()
     os.set_blocking(w, False)
-    ahead = fan._ReadAhead(r, SystemClock(), max_bytes=8192)
+    ahead = reader.ReadAhead(r, SystemClock(), max_bytes=8192)
     ahead.start()
     try:
         written = b""
@@ -62,7 +63,7 @@ def test_a_full_read_ahead_pauses_reading_and_loses_nothing() -> None:
             written += chunk
         time.sleep(0.3)
         # paused at the bound: at most one buffer past it
-        assert ahead.pending_bytes() <= 8192 + fan.READ_BUFFER
+        assert ahead.pending_bytes() <= 8192 + reader.READ_BUFFER
         assert _take_all(ahead, len(written)) == written
     finally:
         ahead.stop()
@@ -72,7 +73,7 @@ def test_a_full_read_ahead_pauses_reading_and_loses_nothing() -> None:
 
 def test_take_waits_at_most_its_timeout_and_stop_joins() -> None:
     r, w = _pipe()
-    ahead = fan._ReadAhead(r, SystemClock())
+    ahead = reader.ReadAhead(r, SystemClock())
     ahead.start()
     t0 = time.monotonic()
     assert ahead.take(0.2, 1 << 20) == []
@@ -87,7 +88,7 @@ def test_read_errors_are_counted_not_raised() -> None:
     r, w = _pipe()
     os.close(w)
     os.close(r)  # reading a closed fd: EBADF, again and again
-    ahead = fan._ReadAhead(r, SystemClock())
+    ahead = reader.ReadAhead(r, SystemClock())
     ahead.start()
     try:
         deadline = time.monotonic() + 3
@@ -137,7 +138,7 @@ def _feeder(w: int, chunk: int, every_s: float, for_s: float, written: list[int]
 
 def test_a_burst_is_left_to_gather_until_it_eases() -> None:
     r, w = _pipe()
-    ahead = fan._ReadAhead(r, SystemClock())
+    ahead = reader.ReadAhead(r, SystemClock())
     ahead.start()
     try:
         written: list[int] = []
@@ -156,9 +157,9 @@ def test_a_burst_is_left_to_gather_until_it_eases() -> None:
 
 
 def test_a_burst_waits_no_longer_than_the_bound(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(fan, "DEFER_MAX_S", 0.3)
+    monkeypatch.setattr(reader, "DEFER_MAX_S", 0.3)
     r, w = _pipe()
-    ahead = fan._ReadAhead(r, SystemClock())
+    ahead = reader.ReadAhead(r, SystemClock())
     ahead.start()
     try:
         feeder = _feeder(w, 16 << 10, 0.005, 1.5, [])
@@ -176,7 +177,7 @@ def test_a_burst_waits_no_longer_than_the_bound(monkeypatch: pytest.MonkeyPatch)
 
 def test_a_trickle_is_handed_on_at_once() -> None:
     r, w = _pipe()
-    ahead = fan._ReadAhead(r, SystemClock())
+    ahead = reader.ReadAhead(r, SystemClock())
     ahead.start()
     try:
         os.write(w, b"one event")

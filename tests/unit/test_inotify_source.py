@@ -16,11 +16,11 @@ import pytest
 
 pyinotify = pytest.importorskip("pyinotify")
 
-from agent.clock import FakeClock  # noqa: E402
-from agent.errors import SourceError  # noqa: E402
-from agent.events import CREATION, OVERFLOW, RENAME, RawEvent  # noqa: E402
-from agent.sources import inotify as mod  # noqa: E402
-from agent.sources.inotify import InotifySource, parse_events  # noqa: E402
+from agent.sensor.sources import inotify as mod  # noqa: E402
+from agent.sensor.sources.inotify import InotifySource, parse_events  # noqa: E402
+from agent.shared.clock import FakeClock  # noqa: E402
+from agent.shared.errors import SourceError  # noqa: E402
+from agent.shared.events import CREATION, OVERFLOW, RENAME, RawEvent  # noqa: E402
 
 pytestmark = pytest.mark.timeout(60)
 

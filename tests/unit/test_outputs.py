@@ -18,16 +18,14 @@ from typing import Any, Callable
 
 import pytest
 
-from agent.collector.outputs import (
-    NdjsonOutput,
-    StdoutOutput,
-    SyslogOutput,
-    WebhookOutput,
-    build_outputs,
-    dropped_counts,
-)
-from agent.config import CollectorConfig, Config, OutputConfig, load
-from agent.errors import ConfigError
+from agent.collector.outputs import build_outputs, dropped_counts
+from agent.collector.outputs.ndjson import NdjsonOutput
+from agent.collector.outputs.stdout import StdoutOutput
+from agent.collector.outputs.syslog import SyslogOutput
+from agent.collector.outputs.webhook import WebhookOutput
+from agent.shared.config.load import load
+from agent.shared.config.schema import CollectorConfig, Config, OutputConfig
+from agent.shared.errors import ConfigError
 
 SECRET = "s3cret-token-value"
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 import agent
-from agent.config import AGENT_KEYS, COLLECTOR_KEYS, RULE_KEYS, Config, load
+from agent.shared.config.load import load
+from agent.shared.config.schema import AGENT_KEYS, COLLECTOR_KEYS, RULE_KEYS, Config
 
 TOP = Path(__file__).resolve().parents[2]
 UNITS = TOP / "systemd"

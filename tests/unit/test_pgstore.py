@@ -11,10 +11,12 @@ from collections.abc import Iterator
 
 import pytest
 
-from agent import wire
 from agent.collector import evaluate as ev
-from agent.collector.store import AgentRecord, Store, is_postgres, migrate, open_store, redact
-from agent.rule import Row, Rule
+from agent.collector.storage import migrate, open_store
+from agent.collector.storage.base import AgentRecord, Store
+from agent.shared import wire
+from agent.shared.rule import Row, Rule
+from agent.shared.text import is_postgres, redact
 
 T = 1_790_000_000_000
 H = 3_600_000
@@ -150,7 +152,7 @@ def test_partitions_hourly_ahead_default_and_retention(stores: tuple[Store, Stor
     a.ingest(rec, _batch(rec, 1, (T - 2 * H, b"/old"), (T - 5, b"/new"), (far_past, b"/ancient")), T)
     parts = _tables(a.path)
     hour = T // H
-    from agent.collector.pgstore import partition_name
+    from agent.collector.storage.postgres import partition_name
 
     assert {partition_name(hour + i) for i in (-2, 0, 1, 2, 3)} <= parts  # the batch's hours + 3 ahead
     assert "events_default" in parts and partition_name(far_past // H) not in parts

@@ -10,9 +10,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from agent.clock import FakeClock
-from agent.events import CACHED, CREATION, EXACT, EXEC, INFERRED, OVERFLOW, RENAME, UNKNOWN, RawEvent
-from agent.procinfo import Resolver
+from agent.sensor.resolver import Resolver
+from agent.shared.clock import FakeClock
+from agent.shared.events import CACHED, CREATION, EXACT, EXEC, INFERRED, OVERFLOW, RENAME, UNKNOWN, RawEvent
 
 BTIME = 1_700_000_000
 HZ = os.sysconf("SC_CLK_TCK")

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.events import FileEvent, ProcessInfo, UserInfo
-from agent.rule import (
+from agent.sensor.sources.recorded import read_ndjson
+from agent.shared.events import FileEvent, ProcessInfo, UserInfo
+from agent.shared.rule import (
     PROCESS_NAMES,
     USER_IDS,
     USER_NAMES,
@@ -20,7 +21,7 @@ from agent.rule import (
     matches,
     reference_rows,
 )
-from agent.sources.replay import parse_timestamp, read_ndjson
+from agent.shared.text import parse_timestamp
 from tests.support import fleet
 
 RULE = Rule()
@@ -267,6 +268,6 @@ def test_generated_fleets_match_the_sql_oracle(seed: int, tmp_path: Path) -> Non
     ],
 )
 def test_replay_reads_a_field_however_the_document_splits_it(doc: dict[str, object], value: object) -> None:
-    from agent.sources.replay import get, scalar
+    from agent.sensor.sources.recorded import get, scalar
 
     assert scalar(get(doc, "host.os.type")) == value

@@ -11,8 +11,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from agent.errors import ShipError
-from agent.shipper import MAX_RESPONSE, HttpTransport
+from agent.sensor.transport import MAX_RESPONSE, HttpTransport
+from agent.shared.errors import ShipError
 
 
 def _serve(reply: bytes, trickle: float) -> Iterator[str]:

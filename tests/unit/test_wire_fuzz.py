@@ -18,8 +18,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent import wire
-from agent.errors import WireError
+from agent.shared import wire
+from agent.shared.errors import WireError
 
 FUZZ = settings(
     max_examples=300,
@@ -249,7 +249,7 @@ def test_the_event_packer_packs_what_event_map_gives(cache_max: int) -> None:
     (as the resolver shares them), cache evictions, and odd values."""
     import random
 
-    from agent.events import FileEvent, ProcessInfo, UserInfo
+    from agent.shared.events import FileEvent, ProcessInfo, UserInfo
 
     rng = random.Random(cache_max)
 

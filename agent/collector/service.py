@@ -1,0 +1,166 @@
+"""``rarewrite collector serve``: the store, the outputs and the HTTP server
+wired together, with the schedule and prune loops, until SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import os
+import signal
+import ssl
+from functools import partial
+from typing import Any, Optional
+
+from aiohttp import web
+
+from agent.collector import evaluate as ev
+from agent.collector.outputs import build_outputs, emit_all
+from agent.collector.server import COLLECTOR, CONTINUOUS_EVERY_S, PRUNE_EVERY_S, Collector, make_app
+from agent.collector.storage import open_store
+from agent.collector.storage.sqlite import PRUNE_CHUNK
+from agent.shared.clock import SystemClock
+from agent.shared.config.schema import Config
+from agent.shared.errors import StoreError
+from agent.shared.text import iso, redact
+
+log = logging.getLogger("rarewrite.collector.server")
+
+
+async def schedule_loop(c: Collector) -> None:
+    """Run the rule on its schedule until cancelled."""
+    rule = c.cfg.rule
+    continuous = c.cfg.collector.schedule == "continuous"
+    while True:
+        now = c.clock.now_ms()
+        if continuous:
+            await asyncio.sleep(CONTINUOUS_EVERY_S)
+            at = c.clock.now_ms()
+            run = partial(ev.run_continuous, c.store, rule, at, c.cfg.collector.settle_ms)
+        else:
+            at = (now // rule.schedule_ms + 1) * rule.schedule_ms
+            await asyncio.sleep((at - now) / 1000.0)
+            run = partial(ev.run_hourly, c.store, rule, at)
+        try:
+            started = c.clock.monotonic()
+            alerts = await c.read(run)
+            if alerts:
+                await c.read(emit_all, c.outputs, alerts)
+                c.alerts_emitted += len(alerts)
+            took = c.clock.monotonic() - started
+            if not continuous or alerts:
+                log.info("event=evaluated at=%s alerts=%d seconds=%.3f", iso(at), len(alerts), took)
+            if continuous and took > CONTINUOUS_EVERY_S:
+                await asyncio.sleep(took)  # never spend more than half the time evaluating
+        except StoreError as e:
+            ok, suppressed = c.error_log.allow("schedule", c.clock.monotonic())
+            if ok:
+                log.error("event=evaluation_failed error=%r suppressed=%d", str(e), suppressed)
+
+
+async def prune_loop(c: Collector) -> None:
+    """Delete what is past retention, one small chunk per writer call."""
+    while True:
+        before = c.clock.now_ms() - c.cfg.collector.retention_ms
+        try:
+            total = 0
+            while True:
+                n = await c.write(c.store.prune, before, 1)
+                total += n
+                if n < PRUNE_CHUNK:
+                    break
+                await asyncio.sleep(0)
+            if total:
+                log.info("event=pruned events=%d before=%s", total, iso(before))
+        except StoreError as e:
+            ok, suppressed = c.error_log.allow("prune", c.clock.monotonic())
+            if ok:
+                log.error("event=prune_failed error=%r suppressed=%d", str(e), suppressed)
+        await asyncio.sleep(PRUNE_EVERY_S)
+
+
+def ssl_context(cfg: Config) -> Optional[ssl.SSLContext]:
+    cc = cfg.collector
+    if not cc.tls_cert:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cc.tls_cert, cc.tls_key or None)
+    if cc.tls_client_ca:
+        ctx.load_verify_locations(cc.tls_client_ca)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+def _host_port(listen: str) -> tuple[str, int]:
+    host, _, port = listen.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+async def _serve(cfg: Config, secret: str) -> int:
+    store = open_store(cfg.collector.db)
+    try:
+        outputs = build_outputs(cfg)
+        ctx = ssl_context(cfg)
+    except (OSError, ssl.SSLError) as e:
+        store.close()
+        log.error("event=startup_failed error=%r", str(e))
+        return 1
+    app = make_app(cfg, store, secret, SystemClock(), outputs)
+    c: Collector = app[COLLECTOR]
+    if (os.cpu_count() or 1) > 1:
+        try:
+            c.start_decoder()
+        except OSError as e:
+            log.warning("event=decoder_unavailable error=%r", str(e))
+    # auto_decompress off: gzip is decompressed by us, with an output cap.
+    # shutdown_timeout moved from TCPSite (aiohttp 3.8) to the runner (3.9+).
+    on_runner = "shutdown_timeout" in inspect.signature(web.BaseRunner.__init__).parameters
+    runner_kw: dict[str, Any] = {"shutdown_timeout": 5.0} if on_runner else {}
+    site_kw: dict[str, Any] = {} if on_runner else {"shutdown_timeout": 5.0}
+    runner = web.AppRunner(app, access_log=None, auto_decompress=False, keepalive_timeout=75, **runner_kw)
+    await runner.setup()
+    host, port = _host_port(cfg.collector.listen)
+    site = web.TCPSite(runner, host, port, ssl_context=ctx, backlog=512, **site_kw)
+    try:
+        await site.start()
+    except OSError as e:
+        log.error("event=listen_failed address=%r error=%r", cfg.collector.listen, str(e))
+        await runner.cleanup()
+        store.close()
+        return 1
+    log.info(
+        "event=listening address=%r tls=%s client_certs=%s db=%r schedule=%s",
+        cfg.collector.listen,
+        "yes" if ctx else "no",
+        "required" if cfg.collector.tls_client_ca else "no",
+        redact(cfg.collector.db),
+        cfg.collector.schedule,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    tasks = [asyncio.create_task(schedule_loop(c)), asyncio.create_task(prune_loop(c))]
+    try:
+        await stop.wait()
+        log.info("event=stopping")
+    finally:
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        await runner.cleanup()
+        store.close()
+    log.info("event=stopped")
+    return 0
+
+
+def serve(cfg: Config, secret: str) -> int:
+    """Serve until SIGTERM or SIGINT; 0 after a clean shutdown, 1 if it cannot start.
+
+    Raises StoreError when the database cannot be opened (e.g. a newer schema).
+    """
+    return asyncio.run(_serve(cfg, secret))

@@ -1,0 +1,846 @@
+"""The collector's store on PostgreSQL (psycopg 3): what several collectors share.
+
+Select it with ``--db postgresql://USER@HOST:PORT/DB`` (or ``postgres://``,
+or ``[collector] db``). The password comes from the URL or from libpq's own
+``PGPASSWORD`` / ``PGPASSFILE``; it never reaches a log line (see
+:func:`agent.shared.text.redact`).
+
+Same data and answers as the SQLite store (the tests run one body over both),
+built for many ``collector serve`` processes on one database:
+
+- **Ingest** is one transaction per batch. The batch's name goes in first,
+  ``INSERT ... ON CONFLICT DO NOTHING`` on ``(agent, epoch, seq)`` and
+  ``(agent, batch_id)``: a batch resent to another collector while the first
+  one still holds it waits for that transaction, then counts as a duplicate
+  (or is stored, if the first one rolled back). Events go in with ``COPY``.
+  Deadlocks and serialization failures retry the whole transaction.
+- **Events** are partitioned by range on ``ts``, one partition an hour
+  (``events_pYYYYMMDD_HH``), created ahead of time by whichever collector
+  ingests first, plus a DEFAULT partition for timestamps far from now.
+  Retention drops whole partitions (no row-by-row DELETE, no bloat).
+- **Evaluation** is one SQL statement (one snapshot), served by the index
+  ``(ts, pair, agent, host)`` on each partition: a range on ts, then a hash
+  aggregate by pair.
+- **Schedules** run once across replicas: a scheduled run is one
+  transaction holding an advisory lock on (rule, schedule); the hourly run
+  also writes a lease row ``schedule_runs(rule_id, kind, at_ms)``, so the
+  replicas that waited on the lock skip a run already committed, and redo
+  one whose collector died (its transaction, alerts included, rolled back).
+- **Migrations** are numbered steps applied in one transaction under an
+  advisory lock (:func:`migrate`), by ``rarewrite collector migrate`` or when
+  ``serve`` opens the database.
+- **Connections**: one per thread (``threading.local``), opened on first
+  use, reopened after a broken one; the server's threads (one writer, four
+  readers) make five per collector process. No pool package needed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import logging
+import os
+import socket
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any, Optional
+
+import msgpack
+
+from agent.collector.storage.base import AgentRecord, GapRow, Pair, RankedRow, StoredEvent, pair_key
+from agent.shared import wire
+from agent.shared.errors import StoreError
+from agent.shared.rule import Row, Rule
+from agent.shared.text import redact
+
+log = logging.getLogger("rarewrite.collector.pgstore")
+
+
+try:
+    import psycopg
+    from psycopg import errors as pg_errors
+except ImportError as e:  # pragma: no cover - depends on the install
+    raise ImportError(
+        "PostgreSQL needs psycopg 3: pip install 'rarewrite[postgres]' (or apt install python3-psycopg)"
+    ) from e
+
+
+SCHEMA_VERSION = 1
+
+
+HOUR_MS = 3_600_000
+
+
+AHEAD_HOURS = 3  # partitions kept ready past the current hour
+
+
+BAND_BACK_HOURS = 7 * 24  # older timestamps go to the DEFAULT partition
+
+
+BAND_AHEAD_HOURS = 48  # and so do timestamps this far in the future
+
+
+# pairs.last_ts is only raised when it is this far behind (fewer row locks on
+# hot pairs); pruning keeps a pair until last_ts is this much older than the cutoff.
+LAST_TS_LAG_MS = 600_000
+
+
+RETRIES = 5
+
+
+EVAL_WORK_MEM = "256MB"
+
+
+LOCK_CLASS = 0x52570000  # advisory lock class id ("RW")
+
+
+LOCK_MIGRATE = 1
+
+
+LOCK_PARTITIONS = 2
+
+
+LOCK_SCHEDULE = 3
+
+
+SCHEDULE_WAIT = "120s"  # how long an hourly run waits for another replica's
+
+
+_V1 = """
+CREATE TABLE meta (key text PRIMARY KEY, value text NOT NULL);
+CREATE TABLE schema_migrations (
+    version integer PRIMARY KEY,
+    description text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE hosts (ref bigserial PRIMARY KEY, name text NOT NULL UNIQUE);
+CREATE TABLE agents (
+    ref bigserial PRIMARY KEY,
+    agent_id text NOT NULL UNIQUE,
+    host_ref bigint NOT NULL REFERENCES hosts(ref),
+    key_hash text NOT NULL UNIQUE,
+    revoked boolean NOT NULL DEFAULT false,
+    enrolled_ms bigint NOT NULL,
+    last_seen_ms bigint
+);
+CREATE TABLE pairs (
+    ref bigserial PRIMARY KEY,
+    key bytea NOT NULL UNIQUE,
+    exe bytea,
+    path bytea,
+    last_ts bigint NOT NULL
+);
+CREATE INDEX pairs_last_ts ON pairs (last_ts);
+CREATE TABLE epochs (
+    agent_ref bigint NOT NULL,
+    epoch text NOT NULL,
+    last_seq bigint NOT NULL,
+    last_sent_at bigint NOT NULL,
+    PRIMARY KEY (agent_ref, epoch)
+);
+CREATE TABLE batches (
+    agent_ref bigint NOT NULL,
+    epoch text NOT NULL,
+    seq bigint NOT NULL,
+    batch_id text NOT NULL,
+    received_ms bigint NOT NULL,
+    records integer NOT NULL,
+    PRIMARY KEY (agent_ref, epoch, seq),
+    UNIQUE (agent_ref, batch_id)
+);
+CREATE INDEX batches_received ON batches (received_ms);
+CREATE SEQUENCE events_id_seq CACHE 1000;
+CREATE TABLE events (
+    id bigint NOT NULL DEFAULT nextval('events_id_seq'),
+    ts bigint NOT NULL,
+    pair bigint NOT NULL,
+    agent bigint NOT NULL,
+    host bigint NOT NULL,
+    detail bytea
+) PARTITION BY RANGE (ts);
+CREATE INDEX events_window ON events (ts, pair, agent, host);
+CREATE INDEX events_pair ON events (pair, ts);
+CREATE TABLE events_default PARTITION OF events DEFAULT;
+CREATE TABLE gaps (
+    id bigserial PRIMARY KEY,
+    agent_ref bigint NOT NULL,
+    start_ms bigint NOT NULL,
+    end_ms bigint NOT NULL,
+    lost bigint NOT NULL,
+    reason text NOT NULL,
+    received_ms bigint NOT NULL
+);
+CREATE INDEX gaps_end ON gaps (end_ms);
+CREATE TABLE alerts (
+    alert_id text PRIMARY KEY,
+    rule_id text NOT NULL,
+    exe bytea,
+    path bytea,
+    at_ms bigint NOT NULL,
+    first_ts bigint NOT NULL,
+    doc text NOT NULL
+);
+CREATE INDEX alerts_at ON alerts (at_ms);
+CREATE INDEX alerts_rule_at ON alerts (rule_id, at_ms);
+CREATE TABLE schedule_runs (
+    rule_id text NOT NULL,
+    kind text NOT NULL,
+    at_ms bigint NOT NULL,
+    owner text NOT NULL,
+    started_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (rule_id, kind, at_ms)
+);
+"""
+
+
+# (version, description, SQL): append only; a step never changes once released.
+MIGRATIONS: tuple[tuple[int, str, str], ...] = ((1, "initial schema, events partitioned by hour", _V1),)
+
+
+# One statement, one snapshot. The window is a range on ts (partition pruning,
+# then events_window); one hash aggregate by pair. With agent_count == 1 no
+# DISTINCT is needed (min(agent) = max(agent)); only a row whose agent changed
+# host names looks its hosts up again, through events_pair.
+_ROWS_ONE_AGENT_SQL = """
+WITH g AS (
+    SELECT pair, count(*) AS cc, min(agent) AS a1, min(host) AS h1, max(host) AS h2, min(ts) AS first_ts
+    FROM events
+    WHERE ts > %(lo)s AND ts <= %(hi)s
+    GROUP BY pair
+    HAVING count(*) < %(below)s AND min(agent) = max(agent)
+)
+SELECT g.cc, 1, ARRAY[g.a1],
+       CASE WHEN g.h1 = g.h2 THEN ARRAY[g.h1]
+            ELSE (SELECT array_agg(DISTINCT e.host) FROM events e
+                  WHERE e.pair = g.pair AND e.ts > %(lo)s AND e.ts <= %(hi)s) END,
+       p.exe, p.path, g.first_ts
+FROM g JOIN pairs AS p ON p.ref = g.pair
+ORDER BY g.cc, p.exe NULLS FIRST, p.path NULLS FIRST
+LIMIT %(limit)s
+"""
+
+
+_ROWS_SQL = """
+SELECT g.cc, g.ac, g.agents, g.hosts, p.exe, p.path, g.first_ts
+FROM (
+    SELECT pair, count(*) AS cc, count(DISTINCT agent) AS ac,
+           array_agg(DISTINCT agent) AS agents, array_agg(DISTINCT host) AS hosts, min(ts) AS first_ts
+    FROM events
+    WHERE ts > %(lo)s AND ts <= %(hi)s
+    GROUP BY pair
+    HAVING count(*) < %(below)s AND count(DISTINCT agent) = %(agents)s
+) AS g
+JOIN pairs AS p ON p.ref = g.pair
+ORDER BY g.cc, p.exe NULLS FIRST, p.path NULLS FIRST
+LIMIT %(limit)s
+"""
+
+
+class _Retry(Exception):
+    """A pair vanished under a concurrent prune: run the ingest again."""
+
+
+def partition_name(hour: int) -> str:
+    t = dt.datetime.fromtimestamp(hour * 3600, dt.timezone.utc)
+    return t.strftime("events_p%Y%m%d_%H")
+
+
+def partition_hour(name: str) -> Optional[int]:
+    try:
+        t = dt.datetime.strptime(name, "events_p%Y%m%d_%H").replace(tzinfo=dt.timezone.utc)
+    except ValueError:
+        return None
+    return int(t.timestamp()) // 3600
+
+
+@contextlib.contextmanager
+def _db_errors(what: str, db: str) -> Iterator[None]:
+    try:
+        yield
+    except psycopg.Error as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise StoreError(f"collector database {redact(db)}: {what} failed: {msg}") from e
+
+
+def _connect(url: str, readonly: bool) -> psycopg.Connection[Any]:
+    kw: dict[str, Any] = {"autocommit": True, "application_name": "rarewrite-collector"}
+    if readonly:
+        kw["options"] = "-c default_transaction_read_only=on"
+    if "connect_timeout" not in url:
+        kw["connect_timeout"] = 10
+    return psycopg.connect(url, **kw)
+
+
+def _version(conn: psycopg.Connection[Any]) -> int:
+    if conn.execute("SELECT to_regclass('meta')").fetchone() == (None,):
+        return 0
+    got = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    return int(got[0]) if got else 0
+
+
+def _migrate(conn: psycopg.Connection[Any], db: str) -> tuple[int, int]:
+    """Apply the missing steps in one transaction, under an advisory lock."""
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", (LOCK_CLASS, LOCK_MIGRATE))
+        before = _version(conn)
+        if before > SCHEMA_VERSION:
+            raise StoreError(
+                f"{redact(db)} has schema version {before}, newer than this rarewrite supports "
+                f"({SCHEMA_VERSION}); upgrade rarewrite or use another database"
+            )
+        for version, description, sql in MIGRATIONS:
+            if version <= before:
+                continue
+            conn.execute(sql.encode())
+            conn.execute(
+                "INSERT INTO schema_migrations(version, description) VALUES (%s, %s)", (version, description)
+            )
+            conn.execute(
+                "INSERT INTO meta(key, value) VALUES ('schema_version', %s) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (str(version),),
+            )
+            log.info("event=migrated db=%s version=%d description=%r", redact(db), version, description)
+    return before, SCHEMA_VERSION
+
+
+def migrate_url(url: str) -> tuple[int, int]:
+    """``rarewrite collector migrate`` on PostgreSQL: (version before, version after)."""
+    with _db_errors("migrating", url):
+        conn = _connect(url, readonly=False)
+        try:
+            return _migrate(conn, url)
+        finally:
+            conn.close()
+
+
+class PgStore:
+    """The PostgreSQL implementation of :class:`agent.collector.storage.base.Store`."""
+
+    def __init__(self, url: str, readonly: bool = False) -> None:
+        self.path = url
+        self.readonly = readonly
+        self._local = threading.local()
+        self._all: list[psycopg.Connection[Any]] = []
+        self._lock = threading.Lock()
+        self._agent_names: dict[int, str] = {}
+        self._host_names: dict[int, str] = {}
+        self._parts: Optional[set[int]] = None
+        self._parts_lock = threading.Lock()
+        self._owner = f"{socket.gethostname()}:{os.getpid()}"
+        try:
+            self._open()
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self) -> None:
+        url, conn = self.path, self._conn()
+        with self._errors("opening the schema"):
+            if self.readonly:
+                version = _version(conn)
+                if version == 0:
+                    raise StoreError(f"{redact(url)} is not a rarewrite collector database")
+                if version > SCHEMA_VERSION:
+                    raise StoreError(
+                        f"{redact(url)} has schema version {version}, newer than this rarewrite supports "
+                        f"({SCHEMA_VERSION}); upgrade rarewrite or use another database"
+                    )
+            else:
+                _migrate(conn, url)
+
+    # ------------------------------------------------------------ plumbing
+
+    @contextlib.contextmanager
+    def _errors(self, what: str) -> Iterator[None]:
+        try:
+            with _db_errors(what, self.path):
+                yield
+        except StoreError:
+            conn = getattr(self._local, "conn", None)
+            if conn is not None and (conn.closed or conn.broken):
+                self._local.conn = None  # reconnect on the next call
+            raise
+
+    def _conn(self) -> psycopg.Connection[Any]:
+        conn: Optional[psycopg.Connection[Any]] = getattr(self._local, "conn", None)
+        if conn is not None and not conn.closed and not conn.broken:
+            return conn
+        with self._errors("connecting"):
+            conn = _connect(self.path, self.readonly)
+        with self._lock:
+            self._all.append(conn)
+        self._local.conn = conn
+        return conn
+
+    @staticmethod
+    def _in_tx(conn: psycopg.Connection[Any]) -> bool:
+        return conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE
+
+    @contextlib.contextmanager
+    def _write(self, what: str) -> Iterator[psycopg.Connection[Any]]:
+        """One write transaction (a savepoint inside a scheduled run)."""
+        if self.readonly:
+            raise StoreError("the collector database is open read-only")
+        conn = self._conn()
+        with self._errors(what), conn.transaction():
+            yield conn
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[None]:
+        """Run the block in one REPEATABLE READ transaction: one snapshot."""
+        conn = self._conn()
+        if self._in_tx(conn):
+            yield
+            return
+        with self._errors("reading"), conn.transaction():
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            yield
+
+    @contextlib.contextmanager
+    def schedule_run(self, rule_id: str, kind: str, at_ms: int) -> Iterator[bool]:
+        """One scheduled run as one transaction; yields False when another
+        replica has it (continuous: is running it now; hourly: committed it).
+
+        Everything written inside (the alerts) commits at the end or not at all."""
+        if self.readonly:
+            raise StoreError("the collector database is open read-only")
+        conn = self._conn()
+        with self._errors("scheduled run"), conn.transaction():
+            name = f"{rule_id}/{kind}"
+            if kind == "hourly":
+                conn.execute(f"SET LOCAL lock_timeout = '{SCHEDULE_WAIT}'")
+                conn.execute(
+                    "SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (LOCK_CLASS + LOCK_SCHEDULE, name)
+                )
+                conn.execute("SET LOCAL lock_timeout = 0")
+                mine = conn.execute(
+                    "INSERT INTO schedule_runs(rule_id, kind, at_ms, owner) VALUES (%s, %s, %s, %s) "
+                    "ON CONFLICT DO NOTHING RETURNING 1",
+                    (rule_id, kind, at_ms, self._owner),
+                ).fetchone()
+                yield mine is not None
+                return
+            got = conn.execute(
+                "SELECT pg_try_advisory_xact_lock(%s, hashtext(%s))", (LOCK_CLASS + LOCK_SCHEDULE, name)
+            ).fetchone()
+            yield bool(got and got[0])
+
+    def close(self) -> None:
+        with self._lock:
+            conns, self._all = self._all, []
+        for conn in conns:
+            with contextlib.suppress(psycopg.Error):
+                conn.close()
+        self._local = threading.local()
+
+    def check(self) -> None:
+        with self._errors("health check"):
+            self._conn().execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+
+    # ------------------------------------------------------------ partitions
+
+    def _known_parts(self, conn: psycopg.Connection[Any]) -> set[int]:
+        if self._parts is None:
+            rows = conn.execute(
+                "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+                "WHERE i.inhparent = 'events'::regclass"
+            ).fetchall()
+            self._parts = {h for (n,) in rows if (h := partition_hour(str(n))) is not None}
+        return self._parts
+
+    def ensure_partitions(self, hours: set[int]) -> None:
+        """Create the hourly partitions of ``hours`` that do not exist yet, in
+        one transaction. Rows of those hours already in the DEFAULT partition
+        move into the new partition before it is attached."""
+        conn = self._conn()
+        with self._parts_lock:
+            parts = self._known_parts(conn)
+            missing = sorted(hours - parts)
+            if not missing:
+                return
+            with self._errors("creating partitions"), conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", (LOCK_CLASS, LOCK_PARTITIONS))
+                made = []
+                for h in missing:
+                    name = partition_name(h)
+                    if conn.execute("SELECT to_regclass(%s)", (name,)).fetchone() != (None,):
+                        continue
+                    lo, hi = h * HOUR_MS, (h + 1) * HOUR_MS
+                    conn.execute(f"CREATE TABLE {name} (LIKE events INCLUDING DEFAULTS)")
+                    conn.execute(
+                        f"WITH moved AS (DELETE FROM events_default WHERE ts >= %s AND ts < %s "  # noqa: S608
+                        "RETURNING id, ts, pair, agent, host, detail) "
+                        f"INSERT INTO {name} (id, ts, pair, agent, host, detail) SELECT * FROM moved",
+                        (lo, hi),
+                    )
+                    conn.execute(
+                        f"ALTER TABLE events ATTACH PARTITION {name} FOR VALUES FROM ({lo}) TO ({hi})"
+                    )
+                    made.append(name)
+            parts.update(missing)
+            if made:
+                log.info("event=partitions_created db=%s partitions=%s", redact(self.path), ",".join(made))
+
+    def _hours_for(self, times: list[int], now_ms: int) -> set[int]:
+        now_h = now_ms // HOUR_MS
+        lo, hi = now_h - BAND_BACK_HOURS, now_h + BAND_AHEAD_HOURS
+        hours = {now_h + i for i in range(AHEAD_HOURS + 1)}
+        hours.update(h for t in times if lo <= (h := t // HOUR_MS) <= hi)
+        return hours
+
+    # ------------------------------------------------------------ agents
+
+    def enroll(self, agent_id: str, host_name: str, key_hash: str, now_ms: int) -> bool:
+        with self._write("enroll") as conn:
+            host = self._host_ref(conn, host_name)
+            cur = conn.execute(
+                "INSERT INTO agents(agent_id, host_ref, key_hash, revoked, enrolled_ms) "
+                "VALUES (%s, %s, %s, false, %s) "
+                "ON CONFLICT (agent_id) DO UPDATE SET host_ref = excluded.host_ref, "
+                "key_hash = excluded.key_hash, enrolled_ms = excluded.enrolled_ms "
+                "WHERE agents.revoked = false",
+                (agent_id, host, key_hash, now_ms),
+            )
+            return cur.rowcount > 0
+
+    @staticmethod
+    def _host_ref(conn: psycopg.Connection[Any], name: str) -> int:
+        conn.execute("INSERT INTO hosts(name) VALUES (%s) ON CONFLICT (name) DO NOTHING", (name,))
+        row = conn.execute("SELECT ref FROM hosts WHERE name = %s", (name,)).fetchone()
+        assert row is not None  # noqa: S101 - inserted just above, hosts are never deleted
+        return int(row[0])
+
+    _AGENT_SQL = (
+        "SELECT a.agent_id, h.name, a.revoked, a.ref, a.host_ref, a.enrolled_ms, a.last_seen_ms "
+        "FROM agents a JOIN hosts h ON h.ref = a.host_ref"
+    )
+
+    @staticmethod
+    def _agent(r: Sequence[Any]) -> AgentRecord:
+        return AgentRecord(str(r[0]), str(r[1]), bool(r[2]), int(r[3]), int(r[4]), int(r[5]), r[6])
+
+    def agent_for_key(self, key_hash: str) -> Optional[AgentRecord]:
+        with self._errors("key lookup"):
+            r = self._conn().execute(self._AGENT_SQL + " WHERE a.key_hash = %s", (key_hash,)).fetchone()
+        return self._agent(r) if r else None
+
+    def revoke(self, agent_id: str) -> bool:
+        with self._write("revoke") as conn:
+            return (
+                conn.execute("UPDATE agents SET revoked = true WHERE agent_id = %s", (agent_id,)).rowcount > 0
+            )
+
+    def restore(self, agent_id: str) -> bool:
+        with self._write("restore") as conn:
+            cur = conn.execute(
+                "UPDATE agents SET revoked = false, key_hash = 'restored:' || agent_id WHERE agent_id = %s",
+                (agent_id,),
+            )
+            return cur.rowcount > 0
+
+    def list_agents(self) -> list[AgentRecord]:
+        with self._errors("listing agents"):
+            rows = self._conn().execute(self._AGENT_SQL + " ORDER BY a.agent_id").fetchall()
+        return [self._agent(r) for r in rows]
+
+    # ------------------------------------------------------------ ingest
+
+    def ingest(self, agent: AgentRecord, batch: wire.Batch | wire.RowBatch, now_ms: int) -> str:
+        """Store one batch in one transaction: "stored" or "duplicate" (see the
+        SQLite store for the rules; they are the same)."""
+        if self.readonly:
+            raise StoreError("the collector database is open read-only")
+        batch = wire.rows_of(batch)
+        times = batch.times()
+        self.ensure_partitions(self._hours_for(times, now_ms))
+        conn = self._conn()
+        for attempt in range(RETRIES):
+            try:
+                with self._errors("ingest"):
+                    status = "stored"
+                    try:
+                        with conn.transaction():
+                            if not self._ingest_tx(conn, agent, batch, times, now_ms):
+                                status = "duplicate"
+                                raise psycopg.Rollback()
+                    except (pg_errors.DeadlockDetected, pg_errors.SerializationFailure, _Retry):
+                        if attempt == RETRIES - 1:
+                            raise
+                        continue
+                    return status
+            except _Retry:
+                raise StoreError("collector database: ingest kept racing a prune; retry later") from None
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _ingest_tx(
+        self,
+        conn: psycopg.Connection[Any],
+        agent: AgentRecord,
+        batch: wire.RowBatch,
+        times: list[int],
+        now_ms: int,
+    ) -> bool:
+        # The name first: a concurrent copy of this batch (another collector)
+        # waits here for ours, then finds the conflict.
+        named = conn.execute(
+            "INSERT INTO batches(agent_ref, epoch, seq, batch_id, received_ms, records) "
+            "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING RETURNING 1",
+            (agent.ref, batch.epoch, batch.seq, batch.batch_id, now_ms, batch.size()),
+        ).fetchone()
+        if named is None:
+            return False
+        ep = conn.execute(
+            "SELECT last_seq, last_sent_at FROM epochs WHERE agent_ref = %s AND epoch = %s FOR UPDATE",
+            (agent.ref, batch.epoch),
+        ).fetchone()
+        if ep is not None and batch.seq <= ep[0]:
+            return False
+        if (ep is None and batch.seq > 1) or (ep is not None and batch.seq > ep[0] + 1):
+            missing = batch.seq - 1 - (ep[0] if ep else 0)
+            start = ep[1] if ep else min([*times, batch.sent_at])
+            conn.execute(
+                "INSERT INTO gaps(agent_ref, start_ms, end_ms, lost, reason, received_ms) "
+                "VALUES (%s, %s, %s, 0, 'possible_loss', %s)",
+                (agent.ref, min(start, batch.sent_at), batch.sent_at, now_ms),
+            )
+            log.warning(
+                "event=seq_gap agent_id=%r epoch=%s missing_batches=%d", agent.agent_id, batch.epoch, missing
+            )
+        conn.execute(
+            "INSERT INTO epochs(agent_ref, epoch, last_seq, last_sent_at) VALUES (%s, %s, %s, %s) "
+            "ON CONFLICT (agent_ref, epoch) DO UPDATE SET last_seq = excluded.last_seq, "
+            "last_sent_at = excluded.last_sent_at",
+            (agent.ref, batch.epoch, batch.seq, batch.sent_at),
+        )
+        want: dict[bytes, tuple[Optional[bytes], Optional[bytes], int]] = {}
+        for key, exe, path, ts in [(e[1], e[2], e[3], e[0]) for e in batch.events] + [
+            (c[0], c[1], c[2], max(c[3])) for c in batch.counts
+        ]:
+            old = want.get(key)
+            want[key] = (exe, path, ts if old is None else max(old[2], ts))
+        refs = self._intern(conn, want) if want else {}
+        with conn.cursor() as cur:
+            with cur.copy("COPY events (ts, pair, agent, host, detail) FROM STDIN (FORMAT BINARY)") as cp:
+                cp.set_types(["int8", "int8", "int8", "int8", "bytea"])
+                for ts, key, _, _, detail in batch.events:
+                    cp.write_row((ts, refs[key], agent.ref, agent.host_ref, detail))
+                for key, _, _, ctimes in batch.counts:
+                    ref = refs[key]
+                    for t in ctimes:
+                        cp.write_row((t, ref, agent.ref, agent.host_ref, None))
+        if batch.gaps:
+            with conn.cursor() as cur:
+                cur.executemany(
+                    "INSERT INTO gaps(agent_ref, start_ms, end_ms, lost, reason, received_ms) "
+                    "VALUES (%s, %s, %s, %s, %s, %s)",
+                    [(agent.ref, g.start, g.end, g.lost, g.reason, now_ms) for g in batch.gaps],
+                )
+        conn.execute("UPDATE agents SET last_seen_ms = %s WHERE ref = %s", (now_ms, agent.ref))
+        return True
+
+    @staticmethod
+    def _intern(
+        conn: psycopg.Connection[Any], want: dict[bytes, tuple[Optional[bytes], Optional[bytes], int]]
+    ) -> dict[bytes, int]:
+        """Pair refs for ``want`` (key -> exe, path, newest ts), creating new pairs.
+
+        Known pairs are read without a lock; last_ts is raised (a row lock, held
+        to commit) only when it lags by more than LAST_TS_LAG_MS, so a pair that
+        every agent writes is not a queue. Keys are sorted: no lock-order deadlock."""
+        keys = sorted(want)
+        refs: dict[bytes, int] = {}
+        stale: list[tuple[int, int]] = []
+        for key, ref, last_ts in conn.execute(
+            "SELECT key, ref, last_ts FROM pairs WHERE key = ANY(%s)", (keys,)
+        ).fetchall():
+            k = bytes(key)
+            refs[k] = int(ref)
+            if int(last_ts) < want[k][2] - LAST_TS_LAG_MS:
+                stale.append((int(ref), want[k][2]))
+        new = [k for k in keys if k not in refs]
+        if new:
+            for key, ref in conn.execute(
+                "INSERT INTO pairs(key, exe, path, last_ts) "
+                "SELECT k, e, p, t FROM unnest(%s::bytea[], %s::bytea[], %s::bytea[], %s::int8[]) "
+                "AS u(k, e, p, t) ORDER BY k "
+                "ON CONFLICT (key) DO UPDATE SET last_ts = greatest(pairs.last_ts, excluded.last_ts) "
+                "RETURNING key, ref",
+                (new, [want[k][0] for k in new], [want[k][1] for k in new], [want[k][2] for k in new]),
+            ).fetchall():
+                refs[bytes(key)] = int(ref)
+        if stale:
+            stale.sort()
+            done = conn.execute(
+                "UPDATE pairs AS p SET last_ts = greatest(p.last_ts, v.t) "
+                "FROM unnest(%s::int8[], %s::int8[]) AS v(r, t) WHERE p.ref = v.r RETURNING p.ref",
+                ([r for r, _ in stale], [t for _, t in stale]),
+            ).fetchall()
+            if len(done) != len(stale):
+                raise _Retry()
+        return refs
+
+    # ------------------------------------------------------------ evaluation
+
+    def _names(self, conn: psycopg.Connection[Any], refs: set[int], table: str) -> dict[int, str]:
+        cache = self._agent_names if table == "agents" else self._host_names
+        if not refs <= cache.keys():
+            sql = "SELECT ref, agent_id FROM agents" if table == "agents" else "SELECT ref, name FROM hosts"
+            cache.update((int(r), str(n)) for r, n in conn.execute(sql).fetchall())
+        return cache
+
+    def ranked_rows(self, rule: Rule, at_ms: int) -> list[RankedRow]:
+        conn = self._conn()
+        params = {
+            "lo": at_ms - rule.window_ms,
+            "hi": at_ms,
+            "below": rule.count_below,
+            "agents": rule.agent_count,
+            "limit": min(rule.limit, (1 << 63) - 1),
+        }
+        with self.read(), self._errors("evaluating"):
+            conn.execute(f"SET LOCAL work_mem = '{EVAL_WORK_MEM}'")
+            sql = _ROWS_ONE_AGENT_SQL if rule.agent_count == 1 else _ROWS_SQL
+            got = conn.execute(sql, params).fetchall()
+            agent_names = self._names(conn, {int(x) for r in got for x in r[2]}, "agents")
+            host_names = self._names(conn, {int(x) for r in got for x in r[3]}, "hosts")
+        out = []
+        for cc, ac, agents, hosts, exe, path, first in got:
+            row = Row(
+                cc=int(cc),
+                agent_count=int(ac),
+                host_names=tuple(sorted({host_names[int(x)] for x in hosts})),
+                agent_ids=tuple(sorted({agent_names[int(x)] for x in agents})),
+                executable=None if exe is None else bytes(exe),
+                path=None if path is None else bytes(path),
+            )
+            out.append(RankedRow(row, int(first)))
+        return out
+
+    def rows(self, rule: Rule, at_ms: int) -> list[Row]:
+        return [r.row for r in self.ranked_rows(rule, at_ms)]
+
+    def pair_events(self, pair: Pair, lo_ms: int, hi_ms: int, limit: int) -> list[StoredEvent]:
+        conn = self._conn()
+        with self._errors("reading events"):
+            got = conn.execute(
+                "SELECT e.ts, a.agent_id, h.name, e.detail FROM pairs p "
+                "JOIN events e ON e.pair = p.ref "
+                "JOIN agents a ON a.ref = e.agent JOIN hosts h ON h.ref = e.host "
+                "WHERE p.key = %s AND e.ts > %s AND e.ts <= %s ORDER BY e.ts, e.id LIMIT %s",
+                (pair_key(*pair), lo_ms, hi_ms, limit),
+            ).fetchall()
+        out = []
+        for ts, agent_id, host, detail in got:
+            d = None if detail is None else msgpack.unpackb(bytes(detail), raw=False, strict_map_key=True)
+            out.append(StoredEvent(int(ts), str(agent_id), str(host), d))
+        return out
+
+    def gaps_overlapping(self, start_ms: int, end_ms: int) -> list[GapRow]:
+        with self._errors("reading gaps"):
+            got = (
+                self._conn()
+                .execute(
+                    "SELECT a.agent_id, g.start_ms, g.end_ms, g.lost, g.reason FROM gaps g "
+                    "JOIN agents a ON a.ref = g.agent_ref "
+                    "WHERE g.end_ms > %s AND g.start_ms <= %s ORDER BY g.id",
+                    (start_ms, end_ms),
+                )
+                .fetchall()
+            )
+        return [GapRow(str(a), int(s), int(e), int(n), str(r)) for a, s, e, n, r in got]
+
+    # ------------------------------------------------------------ alerts
+
+    def record_alerts(self, rule_id: str, alerts: Sequence[tuple[str, Pair, int, int, str]]) -> list[str]:
+        new = []
+        with self._write("recording alerts") as conn:
+            for alert_id, (exe, path), at_ms, first_ts, doc in alerts:
+                got = conn.execute(
+                    "INSERT INTO alerts(alert_id, rule_id, exe, path, at_ms, first_ts, doc) "
+                    "VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (alert_id) DO NOTHING RETURNING 1",
+                    (alert_id, rule_id, exe, path, at_ms, first_ts, doc),
+                ).fetchone()
+                if got is not None:
+                    new.append(alert_id)
+        return new
+
+    def alerted_pairs(self, rule_id: str, since_ms: int) -> set[Pair]:
+        with self._errors("reading alerts"):
+            got = (
+                self._conn()
+                .execute(
+                    "SELECT exe, path FROM alerts WHERE rule_id = %s AND at_ms > %s", (rule_id, since_ms)
+                )
+                .fetchall()
+            )
+        return {(None if e is None else bytes(e), None if p is None else bytes(p)) for e, p in got}
+
+    def list_alerts(self, since_ms: int) -> list[dict[str, Any]]:
+        with self._errors("reading alerts"):
+            got = (
+                self._conn()
+                .execute("SELECT doc FROM alerts WHERE at_ms > %s ORDER BY at_ms, alert_id", (since_ms,))
+                .fetchall()
+            )
+        return [json.loads(d) for (d,) in got]
+
+    # ------------------------------------------------------------ upkeep
+
+    def prune(self, before_ms: int, max_chunks: Optional[int] = None) -> int:
+        """Drop the hourly partitions wholly older than ``before_ms``, delete
+        DEFAULT-partition events, gaps and batch names older than it; return
+        the events removed. Events of the partition that holds ``before_ms``
+        stay until that whole hour is past (retention is a floor)."""
+        if self.readonly:
+            raise StoreError("the collector database is open read-only")
+        conn = self._conn()
+        total = 0
+        with self._parts_lock, self._errors("pruning"), conn.transaction():
+            # Never queue behind a long reader: DROP waits for ACCESS EXCLUSIVE
+            # and would hold every ingest behind it. Try again next time.
+            conn.execute("SET LOCAL lock_timeout = '2s'")
+            conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", (LOCK_CLASS, LOCK_PARTITIONS))
+            self._parts = None
+            parts = self._known_parts(conn)
+            dropped = []
+            for h in sorted(parts):
+                if (h + 1) * HOUR_MS > before_ms:
+                    continue
+                name = partition_name(h)
+                got = conn.execute(f"SELECT count(*) FROM {name}").fetchone()  # noqa: S608
+                total += int(got[0]) if got else 0
+                conn.execute(f"DROP TABLE {name}")
+                dropped.append(h)
+            total += conn.execute("DELETE FROM events_default WHERE ts < %s", (before_ms,)).rowcount
+            conn.execute("DELETE FROM gaps WHERE end_ms < %s", (before_ms,))
+            conn.execute("DELETE FROM batches WHERE received_ms < %s", (before_ms,))
+            conn.execute("DELETE FROM alerts WHERE at_ms < %s", (before_ms - 7 * 86_400_000,))
+            conn.execute(
+                "DELETE FROM schedule_runs WHERE started_at < now() - interval '7 days'",
+            )
+            # Every event of a pair is at most LAST_TS_LAG_MS past its last_ts,
+            # so this cutoff leaves no event of a deleted pair in a kept partition.
+            cutoff = (before_ms // HOUR_MS) * HOUR_MS - LAST_TS_LAG_MS
+            conn.execute("DELETE FROM pairs WHERE last_ts < %s", (cutoff,))
+            parts.difference_update(dropped)
+        if dropped:
+            log.info(
+                "event=partitions_dropped db=%s partitions=%s",
+                redact(self.path),
+                ",".join(partition_name(h) for h in dropped),
+            )
+        return total
+
+    def counts(self) -> dict[str, Any]:
+        conn = self._conn()
+        with self._errors("counting"):
+            agents = conn.execute("SELECT count(*) FROM agents WHERE NOT revoked").fetchone()
+            gaps = conn.execute("SELECT reason, count(*) FROM gaps GROUP BY reason").fetchall()
+            alerts = conn.execute("SELECT count(*) FROM alerts").fetchone()
+        return {
+            "agents": int(agents[0]) if agents else 0,
+            "gaps": {str(k): int(v) for k, v in gaps},
+            "alerts": int(alerts[0]) if alerts else 0,
+        }

@@ -1,0 +1,788 @@
+"""The collector's store: agents, events, gaps and alerts in one SQLite file.
+
+:class:`Store` is the interface; :class:`CollectorStore` (here) is SQLite, one
+collector per file; :class:`agent.collector.storage.postgres.PgStore` is PostgreSQL,
+shared by any number of collectors. :func:`open_store` picks one by ``db``.
+
+Durability: the file runs in WAL mode with ``synchronous=FULL``, so a
+``COMMIT`` has reached the disk (the WAL is fsynced) when it returns; the
+server sends a 2xx for a batch only after :meth:`CollectorStore.ingest`
+returned, i.e. after that durable commit.
+
+Schema (version 2)::
+
+    meta(key PK, value)                         schema_version
+    agents(ref PK, agent_id UNIQUE, host_ref, key_hash UNIQUE, revoked,
+           enrolled_ms, last_seen_ms)
+    hosts(ref PK, name UNIQUE)                  interned host names
+    pairs(ref PK, key UNIQUE, exe BLOB, path BLOB, last_ts)
+                                                interned (exe, path); key is
+                                                order_key(exe, path), so nil
+                                                works and the key index walks
+                                                pairs in ORDER BY exe, path order
+    epochs(agent_ref, epoch, last_seq, last_sent_at)   PK (agent_ref, epoch)
+    batches(agent_ref, epoch, seq, batch_id, received_ms, records)
+                                                PK (agent_ref, epoch, seq),
+                                                UNIQUE (agent_ref, batch_id)
+    events(id PK, ts, pair, agent, host, detail BLOB)
+                                                one row per event; detail is
+                                                msgpack of the EventRecord
+                                                detail (NULL for count times);
+                                                indexes (pair, ts, agent, host)
+                                                for the rule, (ts) for pruning
+    gaps(id PK, agent_ref, start_ms, end_ms, lost, reason, received_ms)
+    alerts(alert_id PK, rule_id, exe, path, at_ms, first_ts, doc)
+
+Versions: a file with a newer version is refused; an older one is migrated
+in place, in one transaction, by any writer that opens it (``collector
+serve``, ``collector migrate``; see :data:`MIGRATIONS`). A read-only opener
+(``collector evaluate``) cannot migrate, so it refuses an older file and
+says to run ``rarewrite collector migrate``. Version 1 keyed pairs by
+msgpack([exe, path]) and indexed events by (ts, pair, agent, host) only.
+
+Concurrency: every thread gets its own connection (``threading.local``);
+writers take ``BEGIN IMMEDIATE`` and wait on ``busy_timeout``. WAL readers see
+a snapshot, so pruning never changes what a running evaluation reads (an
+evaluation runs in one read transaction, see :meth:`CollectorStore.read`).
+Every ``sqlite3`` error surfaces as :class:`agent.shared.errors.StoreError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Optional
+from urllib.parse import quote
+
+import msgpack
+
+from agent.collector.storage.base import AgentRecord, GapRow, Pair, RankedRow, StoredEvent
+from agent.shared import wire
+from agent.shared.errors import StoreError
+from agent.shared.rule import Row, Rule
+
+log = logging.getLogger("rarewrite.collector.store")
+
+
+SCHEMA_VERSION = 2
+
+
+BUSY_TIMEOUT_MS = 5000
+
+
+PRUNE_CHUNK = 5000
+
+
+PAIR_CACHE_MAX = 65_536  # pair refs the writer keeps in memory (about 10 MB at most)
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS hosts (ref INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);
+CREATE TABLE IF NOT EXISTS agents (
+    ref INTEGER PRIMARY KEY,
+    agent_id TEXT NOT NULL UNIQUE,
+    host_ref INTEGER NOT NULL REFERENCES hosts(ref),
+    key_hash TEXT NOT NULL UNIQUE,
+    revoked INTEGER NOT NULL DEFAULT 0,
+    enrolled_ms INTEGER NOT NULL,
+    last_seen_ms INTEGER
+);
+CREATE TABLE IF NOT EXISTS pairs (
+    ref INTEGER PRIMARY KEY,
+    key BLOB NOT NULL UNIQUE,
+    exe BLOB,
+    path BLOB,
+    last_ts INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS pairs_last_ts ON pairs(last_ts);
+CREATE TABLE IF NOT EXISTS epochs (
+    agent_ref INTEGER NOT NULL,
+    epoch TEXT NOT NULL,
+    last_seq INTEGER NOT NULL,
+    last_sent_at INTEGER NOT NULL,
+    PRIMARY KEY (agent_ref, epoch)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS batches (
+    agent_ref INTEGER NOT NULL,
+    epoch TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    batch_id TEXT NOT NULL,
+    received_ms INTEGER NOT NULL,
+    records INTEGER NOT NULL,
+    PRIMARY KEY (agent_ref, epoch, seq)
+);
+CREATE UNIQUE INDEX IF NOT EXISTS batches_id ON batches(agent_ref, batch_id);
+CREATE INDEX IF NOT EXISTS batches_received ON batches(received_ms);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY,
+    ts INTEGER NOT NULL,
+    pair INTEGER NOT NULL,
+    agent INTEGER NOT NULL,
+    host INTEGER NOT NULL,
+    detail BLOB
+);
+CREATE INDEX IF NOT EXISTS events_ts ON events(ts);
+CREATE INDEX IF NOT EXISTS events_pair ON events(pair, ts, agent, host);
+CREATE TABLE IF NOT EXISTS gaps (
+    id INTEGER PRIMARY KEY,
+    agent_ref INTEGER NOT NULL,
+    start_ms INTEGER NOT NULL,
+    end_ms INTEGER NOT NULL,
+    lost INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    received_ms INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS gaps_end ON gaps(end_ms);
+CREATE TABLE IF NOT EXISTS alerts (
+    alert_id TEXT PRIMARY KEY,
+    rule_id TEXT NOT NULL,
+    exe BLOB,
+    path BLOB,
+    at_ms INTEGER NOT NULL,
+    first_ts INTEGER NOT NULL,
+    doc TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS alerts_at ON alerts(at_ms);
+"""
+
+
+_META_SQL = f"INSERT OR REPLACE INTO meta(key, value) VALUES ('schema_version', '{SCHEMA_VERSION}');"  # noqa: S608
+
+
+_PAIR_UPSERT_SQL = (
+    "INSERT INTO pairs(key, exe, path, last_ts) VALUES (?, ?, ?, ?) "
+    "ON CONFLICT(key) DO UPDATE SET last_ts=max(last_ts, excluded.last_ts) RETURNING ref"
+)
+
+
+def order_key(exe: Optional[bytes], path: Optional[bytes]) -> bytes:
+    """``pairs.key`` of (exe, path): one byte string per pair whose bytewise
+    order (SQLite compares BLOBs with memcmp, the shorter first on a tie) is
+    the order of ``ORDER BY exe, path``: NULL first, then the bytes.
+
+    Each part is ``00`` for NULL, else ``01``, the bytes with every ``00``
+    written ``00 FF``, and a ``00`` terminator; a part is never a prefix of
+    another one, so the two concatenate without changing the order."""
+    return _order_part(exe) + _order_part(path)
+
+
+def _order_part(b: Optional[bytes]) -> bytes:
+    if b is None:
+        return b"\x00"
+    return b"\x01" + b.replace(b"\x00", b"\x00\xff") + b"\x00"
+
+
+def _migrate_v2(conn: sqlite3.Connection) -> None:
+    conn.create_function("rarewrite_order_key", 2, order_key, deterministic=True)
+    # Old keys are msgpack arrays (first byte 0x92), new ones start with 00 or
+    # 01: no new key can meet an old one while the rows are rewritten.
+    conn.execute("UPDATE pairs SET key = rarewrite_order_key(exe, path)")
+    conn.execute("CREATE INDEX IF NOT EXISTS events_pair ON events(pair, ts, agent, host)")
+    conn.execute("CREATE INDEX IF NOT EXISTS events_ts ON events(ts)")
+    conn.execute("DROP INDEX IF EXISTS events_window")
+
+
+# (version, description, step): a step brings a file from version - 1 to version.
+MIGRATIONS: tuple[tuple[int, str, Callable[[sqlite3.Connection], None]], ...] = (
+    (2, "pairs keyed in (exe, path) order; events indexed by (pair, ts) and (ts)", _migrate_v2),
+)
+
+
+# The rule's rows at T in two statements, both ranking pairs by
+#   v = 2 * cc + ok
+# where cc counts the pair's events in the window, but only up to count_below
+# (LIMIT: a pair with thousands of events costs count_below index steps, and
+# cc < count_below is all the rule asks), and ok is 1 when the pair has
+# exactly agent_count distinct agents in the window. A pair is a row when v
+# is odd, v >= 3 (cc >= 1) and v < 2 * count_below; rows sort by v (= by cc),
+# then by key (= by exe, path).
+#
+# _WALK: the rows have at least max(1, agent_count) events, and when there are
+# enough rows with exactly that cc, they are the answer. So walk pairs in key
+# order through the key index, counting each one's events through
+# events_pair, and stop at the limit: with many rare pairs (every pair new in
+# the hour) this reads limit pairs, not the window. The walk looks at no more
+# than :budget pairs; when it finds fewer than limit rows,
+# _FULL ranks every pair with an event in the window (pairs in rowid order, so
+# the events_pair lookups go forward) and keeps the first limit by (v, key).
+#
+# Both feed _DETAIL, which adds cc, the agents, hosts and first event time of
+# the chosen pairs only (each has fewer than count_below events).
+_V_ONE = "(min(a) = max(a))"  # agent_count == 1; NULL without events
+
+
+_V_ANY = "(count(DISTINCT a) = :agents)"
+
+
+_V_SQL = """(
+        SELECT count(*) * 2 + {ok} FROM (
+            SELECT agent AS a FROM events INDEXED BY events_pair
+            WHERE pair = p.ref AND ts > :lo AND ts <= :hi LIMIT :below
+        )
+    )"""
+
+
+_WALK_SQL = """
+SELECT v, ref, key FROM (
+    SELECT p.ref, p.key, {v} AS v
+    FROM pairs AS p INDEXED BY sqlite_autoindex_pairs_1 ORDER BY p.key LIMIT :budget
+) WHERE v = :vmin AND v < 2 * :below LIMIT :limit
+"""
+
+
+_FULL_SQL = """
+SELECT v, ref, key FROM (
+    SELECT p.ref, p.key, {v} AS v
+    FROM pairs AS p NOT INDEXED WHERE p.last_ts > :lo LIMIT -1
+) WHERE v % 2 = 1 AND v >= 3 AND v < 2 * :below
+ORDER BY v, key LIMIT :limit
+"""
+
+
+_DETAIL_SQL = """
+WITH ranked(v, ref, key) AS MATERIALIZED ({ranked})
+SELECT count(*), min(e.agent), max(e.agent), min(e.host), max(e.host), min(e.ts), p.exe, p.path, r.ref
+FROM ranked AS r CROSS JOIN pairs AS p CROSS JOIN events AS e INDEXED BY events_pair
+WHERE p.ref = r.ref AND e.pair = r.ref AND e.ts > :lo AND e.ts <= :hi
+GROUP BY r.ref
+ORDER BY r.v, r.key
+"""
+
+
+_ROWS_SQL = {
+    (walk, one): _DETAIL_SQL.format(
+        ranked=(_WALK_SQL if walk else _FULL_SQL).format(v=_V_SQL.format(ok=_V_ONE if one else _V_ANY))
+    )
+    for walk in (True, False)
+    for one in (True, False)
+}
+
+
+WALK_PAIRS = 100_000  # walk for limits up to this, through at most max(WALK_PAIRS, 10 * limit) pairs
+
+
+def sqlite_version(path: str) -> int:
+    """The schema version of the SQLite file at ``path`` (0: none yet)."""
+    if not os.path.exists(path):
+        return 0
+    with _db_errors(f"reading {path!r}"):
+        conn = sqlite3.connect(f"file:{quote(os.path.abspath(path))}?mode=ro", uri=True)
+        try:
+            if not conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'").fetchone():
+                return 0
+            got = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+            return int(got[0]) if got else 0
+        finally:
+            conn.close()
+
+
+@contextlib.contextmanager
+def _db_errors(what: str) -> Iterator[None]:
+    try:
+        yield
+    except sqlite3.Error as e:
+        raise StoreError(f"collector database: {what} failed: {e}") from e
+
+
+class CollectorStore:
+    """The SQLite implementation of :class:`Store`; safe to call from any thread."""
+
+    def __init__(self, path: str, readonly: bool = False) -> None:
+        self.path = path
+        self.readonly = readonly
+        self._local = threading.local()
+        self._all: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        self._agent_names: dict[int, str] = {}
+        self._host_names: dict[int, str] = {}
+        self.walk_pairs = WALK_PAIRS  # see _WALK_SQL; tests lower it to cut the walk short
+        if readonly and not os.path.exists(path):
+            raise StoreError(f"no collector database at {path!r}")
+        try:
+            with _db_errors("opening the schema"):
+                self._init_schema(self._conn())
+        except BaseException:
+            self.close()  # a refused file leaves no connection open
+            raise
+
+    # ------------------------------------------------------------ plumbing
+
+    def _connect(self) -> sqlite3.Connection:
+        with _db_errors(f"opening {self.path!r}"):
+            if self.readonly:
+                conn = sqlite3.connect(
+                    f"file:{quote(os.path.abspath(self.path))}?mode=ro", uri=True, isolation_level=None
+                )
+            else:
+                conn = sqlite3.connect(self.path, isolation_level=None)
+            conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            if not self.readonly:
+                conn.execute("PRAGMA journal_mode=WAL")
+                # FULL: the WAL is fsynced at every commit, so a 2xx means durable.
+                conn.execute("PRAGMA synchronous=FULL")
+        with self._lock:
+            self._all.append(conn)
+        return conn
+
+    def _conn(self) -> sqlite3.Connection:
+        conn: Optional[sqlite3.Connection] = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._connect()
+            self._local.conn = conn
+        return conn
+
+    @staticmethod
+    def _version(conn: sqlite3.Connection) -> Optional[int]:
+        if not conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'").fetchone():
+            return None
+        got = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        return int(got[0]) if got else None
+
+    def _init_schema(self, conn: sqlite3.Connection) -> None:
+        version = self._version(conn)
+        if version is not None and version > SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.path!r} has schema version {version}, newer than this rarewrite supports "
+                f"({SCHEMA_VERSION}); upgrade rarewrite or use another database"
+            )
+        if self.readonly:
+            if version is None:
+                raise StoreError(f"{self.path!r} is not a rarewrite collector database")
+            if version < SCHEMA_VERSION:
+                raise StoreError(
+                    f"{self.path!r} has schema version {version}, older than this rarewrite's "
+                    f"({SCHEMA_VERSION}); run 'rarewrite collector migrate --db {self.path}' "
+                    "(collector serve migrates it too when it starts)"
+                )
+            return
+        if version is None:
+            # One script, one transaction: a half-created schema never persists.
+            try:
+                conn.executescript("BEGIN IMMEDIATE;" + _SCHEMA + _META_SQL + "COMMIT;")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        elif version < SCHEMA_VERSION:
+            self._migrate(conn)
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        """Apply the missing :data:`MIGRATIONS` in one write transaction."""
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            before = self._version(conn) or 0  # another process may have migrated meanwhile
+            if before > SCHEMA_VERSION:
+                raise StoreError(f"{self.path!r} was migrated to schema version {before} meanwhile")
+            for version, description, step in MIGRATIONS:
+                if version > before:
+                    step(conn)
+                    log.info(
+                        "event=migrated db=%r version=%d description=%r", self.path, version, description
+                    )
+            conn.execute(_META_SQL)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+    @contextlib.contextmanager
+    def _write(self, what: str) -> Iterator[sqlite3.Connection]:
+        """One write transaction; rolled back on any error."""
+        if self.readonly:
+            raise StoreError("the collector database is open read-only")
+        conn = self._conn()
+        with _db_errors(what):
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
+                raise
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[None]:
+        """Run the block in one read transaction: one snapshot for all its reads."""
+        conn = self._conn()
+        if conn.in_transaction:
+            yield
+            return
+        with _db_errors("reading"):
+            conn.execute("BEGIN")
+            try:
+                yield
+            finally:
+                if conn.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("COMMIT")
+
+    @contextlib.contextmanager
+    def schedule_run(self, rule_id: str, kind: str, at_ms: int) -> Iterator[bool]:
+        """One scheduled run: always this process's to do (one SQLite file has
+        one collector); the run's alerts commit in one transaction of their own."""
+        yield True
+
+    def close(self) -> None:
+        with self._lock:
+            conns, self._all = self._all, []
+        for conn in conns:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
+        self._local = threading.local()
+
+    def check(self) -> None:
+        """Raise StoreError unless the database answers."""
+        with _db_errors("health check"):
+            self._conn().execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+
+    # ------------------------------------------------------------ agents
+
+    @staticmethod
+    def _host_ref(conn: sqlite3.Connection, name: str) -> int:
+        conn.execute("INSERT OR IGNORE INTO hosts(name) VALUES (?)", (name,))
+        return int(conn.execute("SELECT ref FROM hosts WHERE name=?", (name,)).fetchone()[0])
+
+    def enroll(self, agent_id: str, host_name: str, key_hash: str, now_ms: int) -> bool:
+        """Bind ``key_hash`` to ``agent_id`` (re-enrolling replaces the key);
+        False for a revoked id, which stays out until :meth:`restore`."""
+        with self._write("enroll") as conn:
+            host = self._host_ref(conn, host_name)
+            cur = conn.execute(
+                "INSERT INTO agents(agent_id, host_ref, key_hash, revoked, enrolled_ms) "
+                "VALUES (?, ?, ?, 0, ?) "
+                "ON CONFLICT(agent_id) DO UPDATE SET host_ref=excluded.host_ref, key_hash=excluded.key_hash, "
+                "enrolled_ms=excluded.enrolled_ms WHERE agents.revoked = 0",
+                (agent_id, host, key_hash, now_ms),
+            )
+            return cur.rowcount > 0
+
+    _AGENT_SQL = (
+        "SELECT a.agent_id, h.name, a.revoked, a.ref, a.host_ref, a.enrolled_ms, a.last_seen_ms "
+        "FROM agents a JOIN hosts h ON h.ref = a.host_ref"
+    )
+
+    @staticmethod
+    def _agent(r: Sequence[Any]) -> AgentRecord:
+        return AgentRecord(str(r[0]), str(r[1]), bool(r[2]), int(r[3]), int(r[4]), int(r[5]), r[6])
+
+    def agent_for_key(self, key_hash: str) -> Optional[AgentRecord]:
+        with _db_errors("key lookup"):
+            r = self._conn().execute(self._AGENT_SQL + " WHERE a.key_hash=?", (key_hash,)).fetchone()
+        return self._agent(r) if r else None
+
+    def revoke(self, agent_id: str) -> bool:
+        with self._write("revoke") as conn:
+            cur = conn.execute("UPDATE agents SET revoked=1 WHERE agent_id=?", (agent_id,))
+            return cur.rowcount > 0
+
+    def restore(self, agent_id: str) -> bool:
+        """Let a revoked id enroll again (its old key stays dead: it must enroll)."""
+        with self._write("restore") as conn:
+            cur = conn.execute(  # a key hash no key has: the old key stays dead
+                "UPDATE agents SET revoked=0, key_hash='restored:' || agent_id WHERE agent_id=?", (agent_id,)
+            )
+            return cur.rowcount > 0
+
+    def list_agents(self) -> list[AgentRecord]:
+        with _db_errors("listing agents"):
+            rows = self._conn().execute(self._AGENT_SQL + " ORDER BY a.agent_id").fetchall()
+        return [self._agent(r) for r in rows]
+
+    # ------------------------------------------------------------ ingest
+
+    def ingest(self, agent: AgentRecord, batch: wire.Batch | wire.RowBatch, now_ms: int) -> str:
+        """Store one decoded batch for ``agent`` in one transaction.
+
+        ``batch`` is a :class:`wire.Batch` or, from the server's decoder, a
+        :class:`wire.RowBatch` (details already packed: stored as they are).
+        Returns "duplicate" (nothing changed) when the batch was stored before
+        by name (agent, epoch, seq), by batch id, or when its seq is not past
+        the last one of its epoch; else "stored". A seq gap records a
+        "possible_loss" gap for the agent.
+        """
+        rb = wire.rows_of(batch)
+        cache = self._pair_cache()
+        fresh: dict[bytes, tuple[int, int]] = {}
+        with self._write("ingest") as conn:
+            dv = conn.execute("PRAGMA data_version").fetchone()[0]
+            if dv != self._local.data_version:
+                cache.clear()  # another connection committed: a cached pair may be gone
+                self._local.data_version = dv
+            seen = conn.execute(
+                "SELECT 1 FROM batches WHERE agent_ref=? AND batch_id=?", (agent.ref, rb.batch_id)
+            ).fetchone()
+            if seen:
+                return "duplicate"
+            ep = conn.execute(
+                "SELECT last_seq, last_sent_at FROM epochs WHERE agent_ref=? AND epoch=?",
+                (agent.ref, rb.epoch),
+            ).fetchone()
+            if ep is not None and rb.seq <= ep[0]:
+                return "duplicate"
+            if (ep is None and rb.seq > 1) or (ep is not None and rb.seq > ep[0] + 1):
+                missing = rb.seq - 1 - (ep[0] if ep else 0)
+                start = ep[1] if ep else min([*rb.times(), rb.sent_at])
+                conn.execute(
+                    "INSERT INTO gaps(agent_ref, start_ms, end_ms, lost, reason, received_ms) "
+                    "VALUES (?, ?, ?, 0, 'possible_loss', ?)",
+                    (agent.ref, min(start, rb.sent_at), rb.sent_at, now_ms),
+                )
+                log.warning(
+                    "event=seq_gap agent_id=%r epoch=%s missing_batches=%d",
+                    agent.agent_id,
+                    rb.epoch,
+                    missing,
+                )
+            conn.execute(
+                "INSERT INTO epochs(agent_ref, epoch, last_seq, last_sent_at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT(agent_ref, epoch) DO UPDATE SET last_seq=excluded.last_seq, "
+                "last_sent_at=excluded.last_sent_at",
+                (agent.ref, rb.epoch, rb.seq, rb.sent_at),
+            )
+            conn.execute(
+                "INSERT INTO batches(agent_ref, epoch, seq, batch_id, received_ms, records) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (agent.ref, rb.epoch, rb.seq, rb.batch_id, now_ms, rb.size()),
+            )
+            # Newest time per pair in this batch, then one statement per pair
+            # that is new to the cache or whose last_ts moves.
+            newest: dict[bytes, list[Any]] = {}
+            for ts, key, exe, path, _ in rb.events:
+                got = newest.get(key)
+                if got is None:
+                    newest[key] = [exe, path, ts]
+                elif ts > got[2]:
+                    got[2] = ts
+            for key, exe, path, times in rb.counts:
+                got = newest.get(key)
+                top = max(times)
+                if got is None:
+                    newest[key] = [exe, path, top]
+                elif top > got[2]:
+                    got[2] = top
+            refs: dict[bytes, int] = {}
+            moved: list[tuple[int, int]] = []
+            upsert = conn.execute
+            for key, (exe, path, top) in newest.items():
+                known = cache.get(key)
+                if known is None:
+                    ref = int(upsert(_PAIR_UPSERT_SQL, (order_key(exe, path), exe, path, top)).fetchone()[0])
+                    fresh[key] = (ref, top)
+                else:
+                    ref = known[0]
+                    if top > known[1]:
+                        moved.append((top, ref))
+                        fresh[key] = (ref, top)
+                refs[key] = ref
+            if moved:
+                conn.executemany("UPDATE pairs SET last_ts=max(last_ts, ?) WHERE ref=?", moved)
+            aref, href = agent.ref, agent.host_ref
+            rows: list[tuple[int, int, int, int, Optional[bytes]]] = [
+                (ts, refs[key], aref, href, detail) for ts, key, _, _, detail in rb.events
+            ]
+            for key, _, _, times in rb.counts:
+                ref = refs[key]
+                rows.extend((t, ref, aref, href, None) for t in times)
+            conn.executemany("INSERT INTO events(ts, pair, agent, host, detail) VALUES (?, ?, ?, ?, ?)", rows)
+            if rb.gaps:
+                conn.executemany(
+                    "INSERT INTO gaps(agent_ref, start_ms, end_ms, lost, reason, received_ms) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    [(agent.ref, g.start, g.end, g.lost, g.reason, now_ms) for g in rb.gaps],
+                )
+            conn.execute("UPDATE agents SET last_seen_ms=? WHERE ref=?", (now_ms, agent.ref))
+        # Committed: what this batch learnt about its pairs is now true.
+        if len(cache) + len(fresh) > PAIR_CACHE_MAX:
+            cache.clear()
+        cache.update(fresh)
+        return "stored"
+
+    def _pair_cache(self) -> dict[bytes, tuple[int, int]]:
+        """This connection's pair key -> (ref, last_ts) of committed pairs (bounded)."""
+        cache: Optional[dict[bytes, tuple[int, int]]] = getattr(self._local, "pairs", None)
+        if cache is None:
+            cache = self._local.pairs = {}
+            self._local.data_version = None
+        return cache
+
+    # ------------------------------------------------------------ evaluation
+
+    def _names(self, conn: sqlite3.Connection, refs: set[int], table: str) -> dict[int, str]:
+        cache = self._agent_names if table == "agents" else self._host_names
+        if not refs <= cache.keys():
+            sql = "SELECT ref, agent_id FROM agents" if table == "agents" else "SELECT ref, name FROM hosts"
+            cache.update((int(r), str(n)) for r, n in conn.execute(sql))
+        return cache
+
+    def ranked_rows(self, rule: Rule, at_ms: int) -> list[RankedRow]:
+        """The rule's rows at T, each with its pair's first event time in the window."""
+        low = max(1, rule.agent_count)  # the fewest events a row can have
+        if rule.agent_count < 1 or low >= rule.count_below or rule.limit <= 0:
+            return []
+        conn = self._conn()
+        one = rule.agent_count == 1
+        args = {
+            "lo": at_ms - rule.window_ms,
+            "hi": at_ms,
+            "below": rule.count_below,
+            "agents": rule.agent_count,
+            "limit": rule.limit,
+            "vmin": 2 * low + 1,
+            "budget": max(self.walk_pairs, 10 * rule.limit),
+        }
+        with _db_errors("evaluating"), self.read():
+            got = conn.execute(_ROWS_SQL[True, one], args).fetchall() if rule.limit <= WALK_PAIRS else []
+            if len(got) < rule.limit:  # too few rows with the fewest events: rank them all
+                got = conn.execute(_ROWS_SQL[False, one], args).fetchall()
+            agent_names = self._names(conn, {r[1] for r in got} | {r[2] for r in got}, "agents")
+            host_names = self._names(conn, {r[3] for r in got} | {r[4] for r in got}, "hosts")
+            single_agent: dict[int, tuple[str, ...]] = {}
+            single_host: dict[int, tuple[str, ...]] = {}
+            out = []
+            for cc, a1, a2, h1, h2, first, exe, path, pair in got:
+                if a1 == a2 and h1 == h2:  # the usual row: one agent under one host name
+                    agents = 1
+                    agent_ids = single_agent.get(a1) or single_agent.setdefault(a1, (agent_names[a1],))
+                    hosts = single_host.get(h1) or single_host.setdefault(h1, (host_names[h1],))
+                else:
+                    both = conn.execute(
+                        "SELECT DISTINCT agent, host FROM events INDEXED BY events_pair "
+                        "WHERE pair = ? AND ts > ? AND ts <= ?",
+                        (pair, args["lo"], at_ms),
+                    ).fetchall()
+                    agent_names = self._names(conn, {a for a, _ in both}, "agents")
+                    host_names = self._names(conn, {h for _, h in both}, "hosts")
+                    agents = len({a for a, _ in both})
+                    agent_ids = tuple(sorted({agent_names[a] for a, _ in both}))
+                    hosts = tuple(sorted({host_names[h] for _, h in both}))
+                out.append(RankedRow(Row(cc, agents, hosts, agent_ids, exe, path), first))
+        return out
+
+    def rows(self, rule: Rule, at_ms: int) -> list[Row]:
+        """The rule's rows at T: exact to the millisecond, sorted by cc, at most rule.limit."""
+        return [r.row for r in self.ranked_rows(rule, at_ms)]
+
+    def pair_events(self, pair: Pair, lo_ms: int, hi_ms: int, limit: int) -> list[StoredEvent]:
+        """Up to ``limit`` events of ``pair`` with lo < ts <= hi, oldest first."""
+        conn = self._conn()
+        with _db_errors("reading events"):
+            ref = conn.execute("SELECT ref FROM pairs WHERE key=?", (order_key(*pair),)).fetchone()
+            if ref is None:
+                return []
+            got = conn.execute(
+                "SELECT e.ts, a.agent_id, h.name, e.detail FROM events e "
+                "JOIN agents a ON a.ref = e.agent JOIN hosts h ON h.ref = e.host "
+                "WHERE e.ts > ? AND e.ts <= ? AND e.pair = ? ORDER BY e.ts, e.id LIMIT ?",
+                (lo_ms, hi_ms, ref[0], limit),
+            ).fetchall()
+        out = []
+        for ts, agent_id, host, detail in got:
+            d = None
+            if detail is not None:
+                d = msgpack.unpackb(detail, raw=False, strict_map_key=True)
+            out.append(StoredEvent(int(ts), str(agent_id), str(host), d))
+        return out
+
+    def gaps_overlapping(self, start_ms: int, end_ms: int) -> list[GapRow]:
+        """Gaps whose [start, end] meets (start_ms, end_ms], any agent."""
+        with _db_errors("reading gaps"):
+            got = (
+                self._conn()
+                .execute(
+                    "SELECT a.agent_id, g.start_ms, g.end_ms, g.lost, g.reason FROM gaps g "
+                    "JOIN agents a ON a.ref = g.agent_ref "
+                    "WHERE g.end_ms > ? AND g.start_ms <= ? ORDER BY g.id",
+                    (start_ms, end_ms),
+                )
+                .fetchall()
+            )
+        return [GapRow(str(a), int(s), int(e), int(n), str(r)) for a, s, e, n, r in got]
+
+    # ------------------------------------------------------------ alerts
+
+    def record_alerts(self, rule_id: str, alerts: Sequence[tuple[str, Pair, int, int, str]]) -> list[str]:
+        """Store (alert_id, pair, at_ms, first_ts, doc_json) tuples; return the ids that were new."""
+        new = []
+        with self._write("recording alerts") as conn:
+            for alert_id, (exe, path), at_ms, first_ts, doc in alerts:
+                cur = conn.execute(
+                    "INSERT OR IGNORE INTO alerts(alert_id, rule_id, exe, path, at_ms, first_ts, doc) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (alert_id, rule_id, exe, path, at_ms, first_ts, doc),
+                )
+                if cur.rowcount:
+                    new.append(alert_id)
+        return new
+
+    def alerted_pairs(self, rule_id: str, since_ms: int) -> set[Pair]:
+        """Pairs alerted by ``rule_id`` at a time T' > since_ms."""
+        with _db_errors("reading alerts"):
+            got = (
+                self._conn()
+                .execute("SELECT exe, path FROM alerts WHERE rule_id=? AND at_ms > ?", (rule_id, since_ms))
+                .fetchall()
+            )
+        return {(None if e is None else bytes(e), None if p is None else bytes(p)) for e, p in got}
+
+    def list_alerts(self, since_ms: int) -> list[dict[str, Any]]:
+        with _db_errors("reading alerts"):
+            got = (
+                self._conn()
+                .execute("SELECT doc FROM alerts WHERE at_ms > ? ORDER BY at_ms, alert_id", (since_ms,))
+                .fetchall()
+            )
+        return [json.loads(d) for (d,) in got]
+
+    # ------------------------------------------------------------ upkeep
+
+    def prune(self, before_ms: int, max_chunks: Optional[int] = None) -> int:
+        """Delete events, gaps and batch names older than ``before_ms`` in small
+        transactions (ingest can run between them); return events deleted.
+        With ``max_chunks`` stop after that many event chunks (call again while
+        it returns a multiple of PRUNE_CHUNK)."""
+        total = 0
+        chunks = 0
+        while True:
+            with self._write("pruning events") as conn:
+                n = conn.execute(
+                    "DELETE FROM events WHERE id IN (SELECT id FROM events WHERE ts < ? LIMIT ?)",
+                    (before_ms, PRUNE_CHUNK),
+                ).rowcount
+            total += n
+            chunks += 1
+            if n < PRUNE_CHUNK:
+                break
+            if max_chunks is not None and chunks >= max_chunks:
+                return total
+        with self._write("pruning") as conn:
+            conn.execute("DELETE FROM gaps WHERE end_ms < ?", (before_ms,))
+            conn.execute("DELETE FROM batches WHERE received_ms < ?", (before_ms,))
+            conn.execute("DELETE FROM alerts WHERE at_ms < ?", (before_ms - 7 * 86_400_000,))
+            # A pair whose newest event is older than the cutoff has no event left,
+            # unless one arrived late; check inside this transaction.
+            if conn.execute("SELECT 1 FROM events WHERE ts < ? LIMIT 1", (before_ms,)).fetchone() is None:
+                conn.execute("DELETE FROM pairs WHERE last_ts < ?", (before_ms,))
+                self._pair_cache().clear()
+        return total
+
+    def counts(self) -> dict[str, Any]:
+        """Small gauges for /metrics."""
+        conn = self._conn()
+        with _db_errors("counting"):
+            agents = conn.execute("SELECT count(*) FROM agents WHERE revoked=0").fetchone()[0]
+            gaps = dict(conn.execute("SELECT reason, count(*) FROM gaps GROUP BY reason").fetchall())
+            alerts = conn.execute("SELECT count(*) FROM alerts").fetchone()[0]
+        return {
+            "agents": int(agents),
+            "gaps": {str(k): int(v) for k, v in gaps.items()},
+            "alerts": int(alerts),
+        }

@@ -1,0 +1,74 @@
+"""File facts read when an event is recorded: size, mode, owner, sha256 and
+the first bytes. Bounded: a file larger than the hash limit gets no hash,
+and hashing stops for a moment once a per-second byte budget is spent, so a
+burst of large uploads cannot make the sensor itself the load."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import time
+from typing import Optional
+
+from agent.shared.events import FileFacts
+
+SAMPLE_BYTES = 64
+
+
+BUDGET_BYTES_PER_S = 64 << 20
+
+
+BUDGET_FILES_PER_S = 500  # a burst of new files gets owner and size, not a hash each
+
+
+_budget = {"second": 0, "bytes": 0, "files": 0}
+
+
+def _take(n: int) -> bool:
+    now = int(time.monotonic())
+    if _budget["second"] != now:
+        _budget["second"], _budget["bytes"], _budget["files"] = now, 0, 0
+    if _budget["bytes"] + n > BUDGET_BYTES_PER_S or _budget["files"] >= BUDGET_FILES_PER_S:
+        return False
+    _budget["bytes"] += n
+    _budget["files"] += 1
+    return True
+
+
+def read_facts(path: bytes, hash_max_bytes: int = 1 << 20) -> Optional[FileFacts]:
+    """Facts of the file at ``path`` now (``gone`` when it no longer exists)."""
+    if not path:
+        return None
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return FileFacts(gone=True)
+    facts = FileFacts(
+        size=st.st_size, mode=stat.S_IMODE(st.st_mode) | stat.S_IFMT(st.st_mode), uid=st.st_uid, gid=st.st_gid
+    )
+    if not stat.S_ISREG(st.st_mode) or st.st_size > hash_max_bytes or not _take(st.st_size):
+        return facts
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError:
+        return facts
+    try:
+        h = hashlib.sha256()
+        sample = b""
+        remaining = hash_max_bytes + 1
+        while remaining > 0:
+            chunk = os.read(fd, min(65536, remaining))
+            if not chunk:
+                break
+            if len(sample) < SAMPLE_BYTES:
+                sample += chunk[: SAMPLE_BYTES - len(sample)]
+            h.update(chunk)
+            remaining -= len(chunk)
+        if remaining <= 0:  # grew past the limit while we read
+            return FileFacts(facts.size, facts.mode, facts.uid, facts.gid, None, sample or None)
+        return FileFacts(facts.size, facts.mode, facts.uid, facts.gid, h.hexdigest(), sample or None)
+    except OSError:
+        return facts
+    finally:
+        os.close(fd)

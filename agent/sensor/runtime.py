@@ -1,0 +1,367 @@
+"""The agent: wiring of source, resolver, rule, store and shipper; signals;
+status.
+
+Two entry points: :func:`run_live` (``rarewrite agent run``) watches the
+host until SIGTERM; :func:`run_replay` (``rarewrite agent replay``) feeds a
+recorded file through the same pipeline and returns once the collector has
+acknowledged everything.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import signal
+import sqlite3
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import Any, Optional
+
+from agent import __version__
+from agent.sensor.memory import rss_mb, trim_memory, tune_malloc
+from agent.sensor.outbox import AgentStore
+from agent.sensor.shipper import Shipper
+from agent.sensor.state_dir import StateDir
+from agent.sensor.wiring import build_shipper
+from agent.shared.clock import Clock, SystemClock
+from agent.shared.config.schema import Config
+from agent.shared.errors import ConfigError, EnrollError, RarewriteError, StoreError
+from agent.shared.events import OVERFLOW, FileEvent, RawEvent
+from agent.shared.rule import matches
+
+log = logging.getLogger("rarewrite.agent")
+
+
+FACTS_AT_EXIT = 1 << 30
+
+
+BUSY_EVENTS = 2000  # a read() this large means a burst: the shipper waits until it is over
+
+
+FACTS_PER_LOOP = 4000  # more than a read slice holds, so a stored burst's facts keep up with it
+
+
+DRAIN_AT_STOP_S = 10.0  # at most this long storing read-ahead events at a stop
+
+
+IDLE_RELEASE_S = 2.0  # this long without events after a burst, and all shipped: memory is handed back
+
+
+class LiveAgent:
+    """``rarewrite agent run``: the sensor loop in the main thread, the
+    shipper in a second one."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        secret: str,
+        clock: Optional[Clock] = None,
+        loader: Optional[Callable[[], Config]] = None,
+    ) -> None:
+        self.cfg = cfg
+        self.loader = loader
+        self.secret = secret
+        self.clock = clock or SystemClock()
+        self.stop = threading.Event()
+        self.reload = threading.Event()
+        self.busy = threading.Event()  # set while the reader is in a burst
+        self.counters = {"seen": 0, "matched": 0, "overflows": 0, "unknown": 0, "errors": 0}
+        self.started_ms = self.clock.now_ms()
+        self._seen_unresolved = 0
+        self._seen_refused: set[str] = set()
+        self._coverage_ms = self.started_ms
+
+    def run(self) -> int:
+        tune_malloc()  # before any thread starts
+        from agent.sensor.facts import read_facts
+        from agent.sensor.resolver import Resolver
+        from agent.sensor.sources.auto import open_source
+
+        cfg = self.cfg
+        state = StateDir(cfg.agent.state_dir)
+        state.lock()
+        ident = state.identity(cfg.agent.agent_id, cfg.agent.host_name)
+        self.state, self.ident = state, ident
+        store = AgentStore(
+            state.store_path, cfg.rule, self.clock, cfg.agent.outbox_max_records,
+            facts=(lambda path: read_facts(path, cfg.agent.hash_max_bytes)) if cfg.agent.file_facts else None,
+        )  # fmt: skip
+        shipper = build_shipper(cfg, state, store, ident, self.secret, self.clock)
+        self.store, self.shipper = store, shipper
+        self._install_signals()
+        state.write_status(self._status("starting", None))
+        # late-bound on purpose: a SIGHUP reload swaps self.cfg
+        resolver = Resolver(self.clock, is_web_process=lambda name: self.cfg.rule.process_matches(name))  # noqa: PLW0108
+        self.resolver = resolver
+        source = self._open_source(open_source)
+        log.info(
+            "event=started version=%s backend=%s agent_id=%s host_name=%r watch=%s",
+            __version__,
+            source.name,
+            ident.agent_id,
+            ident.host_name,
+            list(cfg.agent.watch),
+        )
+        fatal: list[BaseException] = []
+        ship_thread = threading.Thread(target=self._ship, args=(shipper, fatal), name="shipper", daemon=True)
+        ship_thread.start()
+        last_status = 0.0
+        busy_until = 0.0
+        last_event_s = 0.0
+        released = True
+        try:
+            while not self.stop.is_set():
+                raws = self._read(source, 0.25)
+                if len(raws) >= BUSY_EVENTS:
+                    busy_until = self.clock.monotonic() + 0.5
+                    self.busy.set()  # the shipper waits: the GIL is the reader's in a burst
+                elif self.busy.is_set() and self.clock.monotonic() >= busy_until:
+                    self.busy.clear()
+                if raws:
+                    last_event_s = self.clock.monotonic()
+                    released = False
+                self._handle(raws, store, resolver)
+                store.fill_facts(limit=FACTS_PER_LOOP)
+                if fatal:
+                    raise fatal[0]
+                now_s = self.clock.monotonic()
+                if now_s - last_status >= 1.0:
+                    last_status = now_s
+                    if not released and now_s - last_event_s >= IDLE_RELEASE_S and store.depth() == 0:
+                        released = True
+                        self._release_memory(store)
+                    stats = source.stats()  # read once a second, used twice
+                    self._report_coverage(stats, store)
+                    state.write_status(self._status("running", source, stats))
+                if self.reload.is_set():
+                    self.reload.clear()
+                    source = self._reload(source, open_source)
+        finally:
+            self.stop.set()
+            state.write_status(self._status("stopping", source))
+            self._drain(source, store, resolver)
+            source.close()
+            ship_thread.join(timeout=2)
+            try:
+                store.fill_facts(now_ms=1 << 62, limit=FACTS_AT_EXIT)  # nothing waits for facts at exit
+                flushed = shipper.drain(self.clock.monotonic() + 5.0)
+            except RarewriteError:
+                flushed = False
+            state.write_status(self._status("stopped", None))
+            log.info("event=stopped flushed=%s outbox_depth=%d", flushed, store.depth())
+        if fatal:  # the shipper may stop the loop between its fatal check and the loop test
+            raise fatal[0]
+        return 0
+
+    def _read(self, source: Any, timeout: float) -> Sequence[RawEvent]:
+        """One read of the source; the events its prefilter dropped count as seen."""
+        raws: Sequence[RawEvent] = source.read(timeout)
+        if hasattr(source, "take_prefiltered"):
+            self.counters["seen"] += source.take_prefiltered()
+        return raws
+
+    def _handle(self, raws: Sequence[RawEvent], store: AgentStore, resolver: Any) -> None:
+        """Resolve one slice of raw events and store the matching ones."""
+        rule = self.cfg.rule
+        batch: list[FileEvent] = []
+        for raw in raws:
+            if raw.kind == OVERFLOW:
+                self.counters["overflows"] += 1
+                now = self.clock.now_ms()
+                store.record_gap(now, now, raw.lost, "overflow")
+                log.warning("event=queue_overflow overflows_total=%d", self.counters["overflows"])
+                continue
+            try:
+                ev = resolver.resolve(raw)
+            except Exception as e:  # noqa: BLE001 - one bad event must not stop the sensor
+                self.counters["errors"] += 1
+                log.error("event=resolve_failed error=%r", str(e))
+                continue
+            if ev is None:
+                continue
+            self.counters["seen"] += 1
+            if matches(rule, ev):
+                batch.append(ev)
+        if batch:
+            store.record(batch)
+            self.counters["matched"] += len(batch)
+
+    def _drain(self, source: Any, store: AgentStore, resolver: Any) -> None:
+        """At a stop, store what the source has read ahead but not handed on
+        (a burst waits there for up to DEFER_MAX_S): a clean stop loses none
+        of it. What the kernel still queues goes with the group, as ever."""
+        if not hasattr(source, "stop_reading"):
+            return
+        try:
+            source.stop_reading()
+            deadline = self.clock.monotonic() + DRAIN_AT_STOP_S
+            while self.clock.monotonic() < deadline:
+                raws = self._read(source, 0)
+                if not raws:
+                    break
+                self._handle(raws, store, resolver)
+        except (RarewriteError, OSError, sqlite3.Error) as e:
+            log.error("event=drain_at_stop_failed error=%r", str(e))
+
+    def _release_memory(self, store: AgentStore) -> None:
+        """The burst is over and shipped: drop caches that only speed a burst
+        up, collect cycles and give freed heap back, so that RSS returns
+        close to where it was before."""
+        store.release_memory()
+        gc.collect()
+        trim_memory()
+        log.info("event=memory_released rss_mb=%.1f", rss_mb())
+
+    def _report_coverage(self, stats: dict[str, Any], store: AgentStore) -> None:
+        """Events the source could not place (a directory handle that no
+        longer resolves) and filesystems it could not mark are gaps: the
+        collector must not take this host's silence for rarity."""
+        now = self.clock.now_ms()
+        unresolved = int(stats.get("unresolved", 0))
+        if unresolved > self._seen_unresolved:
+            store.record_gap(self._coverage_ms, now, unresolved - self._seen_unresolved, "unresolved_handle")
+            self._seen_unresolved = unresolved
+        refused = {str(r.get("mount")) if isinstance(r, dict) else str(r) for r in stats.get("refused", [])}
+        for mount in sorted(refused - self._seen_refused):
+            log.warning("event=filesystem_not_watched mount=%r", mount)
+            store.record_gap(now, now, 0, "unmarked_filesystem")
+        self._seen_refused |= refused
+        self._coverage_ms = now
+
+    def _cannot_match(self, pid: int) -> tuple[float, bool]:
+        """(until, cannot): until that monotonic time, the rule cannot match
+        any event of ``pid`` (or it may). Its name and user come from the
+        resolver's trusted cache, checked against /proc at most every TRUST_S.
+        The source then drops ruled-out events before they are resolved; they
+        still count as seen."""
+        known = self.resolver.trusted(pid)
+        if known is None:
+            return (0.0, False)
+        name, euid, until = known
+        if euid is None:
+            return (until, False)
+        rule = self.cfg.rule
+        proc = rule.process_matches(name)
+        if proc and rule.combinator != "and":
+            return (until, False)
+        user = self.resolver.user_of(euid)
+        ok = (
+            (proc and rule.user_matches(user.name, user.id))
+            if rule.combinator == "and"
+            else (proc or rule.user_matches(user.name, user.id))
+        )
+        return (until, not ok)
+
+    def _open_source(self, opener: Callable[..., Any]) -> Any:
+        source = self._open_source_raw(opener)
+        if hasattr(source, "set_prefilter"):
+            source.set_prefilter(self._cannot_match)
+        return source
+
+    def _open_source_raw(self, opener: Callable[..., Any]) -> Any:
+        a = self.cfg.agent
+        return opener(
+            a.backend,
+            [os.fsencode(p) for p in a.watch],
+            [os.fsencode(p) for p in a.exclude],
+            [os.fsencode(self.state.path)],
+            os.getpid(),
+            self.clock,
+            self.cfg.rule.process_matches,
+        )
+
+    def _reload(self, source: Any, opener: Callable[..., Any]) -> Any:
+        """SIGHUP: read the config again. A bad config changes nothing (every
+        problem is logged); a good one swaps the rule at once and re-opens the
+        source when the watch scope or backend changed."""
+        if self.loader is None:
+            log.warning("event=reload_ignored reason='no config loader'")
+            return source
+        try:
+            new = self.loader()
+        except ConfigError as e:
+            for problem in e.problems:
+                log.error("event=reload_rejected problem=%r", problem)
+            log.error(
+                "event=reload_rejected problems=%d note='still running the old config'", len(e.problems)
+            )
+            return source
+        old, self.cfg = self.cfg, new
+        self.store.rule = new.rule
+        if hasattr(source, "set_prefilter"):
+            source.set_prefilter(self._cannot_match)  # its cached answers are of the old rule
+        scope = ("backend", "watch", "exclude")
+        if any(getattr(old.agent, k) != getattr(new.agent, k) for k in scope):
+            try:
+                fresh = self._open_source(opener)
+            except RarewriteError as e:
+                log.error("event=reload_source_failed error=%r note='keeping the old source'", str(e))
+                self.cfg = replace(new, agent=replace(new.agent, **{k: getattr(old.agent, k) for k in scope}))
+                return source
+            source.close()
+            source = fresh
+            self._seen_unresolved = 0  # a new source counts from zero
+        log.info(
+            "event=reloaded files=%s watch=%s backend=%s", list(new.files), list(new.agent.watch), source.name
+        )
+        return source
+
+    def _ship(self, shipper: Shipper, fatal: list[BaseException]) -> None:
+        try:
+            shipper.run(self.stop, self.cfg.agent.ship_interval_ms / 1000, busy=self.busy)
+        except EnrollError as e:
+            fatal.append(e)
+            self.stop.set()
+
+    def _install_signals(self) -> None:
+        def on_term(signum: int, frame: Any) -> None:
+            self.stop.set()
+
+        def on_hup(signum: int, frame: Any) -> None:
+            self.reload.set()
+
+        signal.signal(signal.SIGTERM, on_term)
+        signal.signal(signal.SIGINT, on_term)
+        signal.signal(signal.SIGHUP, on_hup)
+
+    def _status(self, state: str, source: Any, stats: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+        src = stats if stats is not None else source.stats() if source is not None else {}
+        store_counters = dict(self.store.counters)
+        try:
+            depth = self.store.depth()
+        except (StoreError, OSError, Exception):  # noqa: BLE001 - status must always be written
+            depth = -1
+        sh = self.shipper
+        return {
+            "state": state,
+            "pid": os.getpid(),
+            "version": __version__,
+            "agent_id": self.ident.agent_id,
+            "host_name": self.ident.host_name,
+            "backend": source.name if source is not None else None,
+            "watch": list(self.cfg.agent.watch),
+            "exclude": list(self.cfg.agent.exclude),
+            "marked": src.get("marked", []),
+            "refused": src.get("refused", []),
+            "source": {k: v for k, v in src.items() if k not in ("marked", "refused")},
+            "counters": {
+                **self.counters,
+                "dropped": store_counters["dropped"] + store_counters["not_stored"],
+                "stored": store_counters["stored"],
+                "detailed": store_counters["detailed"],
+                "quarantined": store_counters["quarantined"],
+                **{f"ship_{k}": v for k, v in sh.counters.items()},
+            },
+            "outbox_depth": depth,
+            "last_shipment_ms": sh.last_success_ms,
+            "collector_reachable": sh.reachable,
+            "last_error": sh.last_error,
+            "started_ms": self.started_ms,
+            "updated_ms": self.clock.now_ms(),
+        }
+
+
+def run_live(cfg: Config, secret: str, loader: Optional[Callable[[], Config]] = None) -> int:
+    return LiveAgent(cfg, secret, loader=loader).run()

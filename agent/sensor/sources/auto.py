@@ -1,0 +1,96 @@
+"""Pick and start the event source: fanotify, inotify, or the first that works.
+
+fail2ban's ``backend = auto`` idea: an explicitly named backend that cannot
+start is an error, said loudly; under ``auto`` it is a one-line fallback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Sequence
+from typing import Callable, Optional
+
+from agent.sensor.sources.base import EventSource
+from agent.shared.clock import Clock
+from agent.shared.errors import SourceError
+
+log = logging.getLogger("rarewrite.sources.auto")
+
+
+BACKENDS = ("auto", "fanotify", "inotify")
+
+
+def open_source(
+    backend: str,
+    watch: Sequence[bytes],
+    exclude: Sequence[bytes],
+    ignore: Sequence[bytes],
+    own_pid: Optional[int],
+    clock: Clock,
+    is_web_process: Optional[Callable[[str], bool]] = None,
+) -> EventSource:
+    """Return a started source; SourceError when none can start.
+
+    ``is_web_process`` is accepted for symmetry with the resolver wiring; the
+    sources themselves hold no rule logic and do not use it.
+    """
+    del is_web_process  # sources carry no rule logic (osquery's publisher/subscriber split)
+    if backend not in BACKENDS:
+        raise SourceError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    if backend in ("fanotify", "auto"):
+        try:
+            return _start(_fanotify(watch, exclude, ignore, own_pid, clock))
+        except SourceError as exc:
+            if backend == "fanotify":
+                log.error("source failed backend=fanotify reason=%s", exc)
+                raise
+            log.warning("fallback from=fanotify to=inotify reason=%s", exc)
+    try:
+        return _start(_inotify(watch, exclude, ignore, own_pid, clock))
+    except SourceError as exc:
+        log.error("source failed backend=inotify reason=%s", exc)
+        raise
+
+
+def _start(source: EventSource) -> EventSource:
+    try:
+        source.start()
+    except SourceError:
+        source.close()
+        raise
+    except OSError as exc:
+        source.close()
+        raise SourceError(f"{source.name}: {exc}") from exc
+    return source
+
+
+def _fanotify(
+    watch: Sequence[bytes],
+    exclude: Sequence[bytes],
+    ignore: Sequence[bytes],
+    own_pid: Optional[int],
+    clock: Clock,
+) -> EventSource:
+    from agent.sensor.sources.fanotify.source import FanotifySource
+
+    return FanotifySource(watch, exclude, ignore=ignore, own_pid=own_pid, clock=clock)
+
+
+def _inotify(
+    watch: Sequence[bytes],
+    exclude: Sequence[bytes],
+    ignore: Sequence[bytes],
+    own_pid: Optional[int],
+    clock: Clock,
+) -> EventSource:
+    try:
+        inotify_mod = importlib.import_module(
+            "agent.sensor.sources.inotify"
+        )  # optional backend, may be absent
+    except ImportError as exc:  # the module or pyinotify missing
+        raise SourceError(f"inotify unavailable: {exc}") from exc
+    source: EventSource = inotify_mod.InotifySource(
+        watch, exclude, ignore=ignore, own_pid=own_pid, clock=clock
+    )
+    return source

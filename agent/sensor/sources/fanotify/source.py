@@ -1,0 +1,663 @@
+"""The fanotify event source: filesystem marks, dir handles resolved to byte paths.
+
+One fanotify group reports directory-entry events (create, rename) with the
+parent directory's file handle and the entry name, plus each exec with the
+executable's. Filesystem marks (not per-directory watches) cover every mount
+namespace and container; path scope is a prefix filter here. The kernel ABI
+and the buffer parser live in :mod:`agent.sensor.sources.fanotify.abi`.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from agent.sensor.sources.fanotify import abi
+from agent.sensor.sources.fanotify.mounts import NETWORK_FS, PSEUDO_FS, Mount, parse_mountinfo
+from agent.sensor.sources.fanotify.reader import TAKE_BYTES, ReadAhead
+from agent.shared.clock import Clock, SystemClock
+from agent.shared.errors import SourceError
+from agent.shared.events import CREATION, EXEC, OVERFLOW, RENAME, RawEvent
+from agent.shared.ratelimit import RateLimited
+
+log = logging.getLogger("rarewrite.sources.fanotify")
+
+
+MOUNT_RESCAN_S = 5.0
+
+
+DIR_CACHE_SIZE = 4096
+
+
+DIR_CACHE_TTL_S = 30.0
+
+
+LOG_INTERVAL_S = 10.0
+
+
+# Where names in a cached directory stand against watch/exclude.
+_IN, _OUT, _MIXED = 1, 0, 2
+
+
+# Events that only name a directory entry: the only ones a prefilter may drop.
+_NOT_DIRENT = ~(abi.FAN_CREATE | abi.FAN_RENAME | abi.FAN_MOVED_TO | abi.FAN_ONDIR)
+
+
+def _under(path: bytes, prefix: bytes) -> bool:
+    if prefix == b"/":
+        return path.startswith(b"/")
+    p = prefix.rstrip(b"/")
+    return path == p or path.startswith(p + b"/")
+
+
+@dataclass
+class _Marked:
+    mount_point: bytes
+    fstype: str
+    mask: int
+    fsid: Optional[tuple[int, int]]
+
+
+class FanotifySource:
+    """fanotify with FAN_REPORT_DFID_NAME (+ TARGET_FID): creations, renames, execs.
+
+    ``own_pid``: the agent's pid; its file events are dropped (``None``: none
+    dropped). ``ignore``: directories that get an ignore mark (the agent's
+    state directory). Paths are bytes throughout.
+    """
+
+    name = "fanotify"
+
+    def __init__(
+        self,
+        watch: Sequence[bytes],
+        exclude: Sequence[bytes],
+        ignore: Sequence[bytes] = (),
+        own_pid: Optional[int] = None,
+        clock: Optional[Clock] = None,
+        mounts_path: str = "/proc/self/mountinfo",
+    ) -> None:
+        self._watch = [os.fsencode(w) for w in watch]
+        self._exclude = [os.fsencode(x) for x in exclude]
+        self._ignore = [os.fsencode(i) for i in ignore]
+        self._own_pid = own_pid
+        self._clock: Clock = clock if clock is not None else SystemClock()
+        self._mounts_path = mounts_path
+        self._fd = -1
+        self._closed = False
+        self._init_flags = 0
+        self._target_fid = False
+        self._pidfd = False
+        self._rename_bit: Optional[int] = None  # FAN_RENAME or FAN_MOVED_TO, decided at first mark
+        self._marked: dict[int, _Marked] = {}  # st_dev -> mark
+        self._refused: dict[bytes, str] = {}  # mount point -> reason
+        self._by_fsid: dict[tuple[int, int], bytes] = {}
+        self._mounts_hash = b""
+        self._last_scan = 0.0
+        # raw handle key -> (directory path, when resolved, _IN/_OUT/_MIXED)
+        self._dir_cache: OrderedDict[bytes, tuple[bytes, float, int]] = OrderedDict()
+        self._counters = {
+            "seen": 0,
+            "overflows": 0,
+            "unresolved": 0,
+            "exec": 0,
+            "own_pid_dropped": 0,
+            "out_of_scope": 0,
+            "prefiltered": 0,
+            "parse_errors": 0,
+            "read_errors": 0,
+        }
+        self._rl = RateLimited(log, self._clock, LOG_INTERVAL_S)
+        # path scope as two C-level checks: startswith(tuple) and set membership
+        self._watch_pre = tuple(w.rstrip(b"/") + b"/" for w in self._watch)
+        self._watch_eq = frozenset(self._watch)
+        self._excl_pre = tuple(x.rstrip(b"/") + b"/" for x in self._exclude)
+        self._excl_eq = frozenset(self._exclude)
+        # pid -> (until, cannot_match) from the daemon: until that monotonic
+        # time, none of the pid's events can match the rule (or some may).
+        # Ruled-out events are counted in `prefiltered` and never resolved or
+        # handed on, so a busy host's non-web-server writes cost almost
+        # nothing. `_skip` caches the answers.
+        self._prefilter: Optional[Callable[[int], tuple[float, bool]]] = None
+        self._skip: dict[int, tuple[float, bool]] = {}
+        self._prefiltered_new = 0
+        self._execd: set[int] = set()  # pids with an exec in the current read() call
+        self._ahead: Optional[ReadAhead] = None
+        self._seen_read_errors = 0
+
+    # --- lifecycle ---------------------------------------------------------
+
+    def start(self) -> None:
+        """Create the group and mark filesystems; SourceError when fanotify is unusable."""
+        if self._fd >= 0:
+            return
+        if self._closed:
+            raise SourceError("fanotify source already closed")
+        self._fd = self._init_group()
+        try:
+            self._rescan_mounts(force=True)
+            if self._watch and not any(m.mask & abi.FAN_CREATE for m in self._marked.values()):
+                reasons = "; ".join(f"{os.fsdecode(k)}: {v}" for k, v in self._refused.items()) or "no mount"
+                raise SourceError(f"fanotify: no watched filesystem could be marked ({reasons})")
+            self._place_ignore_marks()
+        except BaseException:
+            os.close(self._fd)
+            self._fd = -1
+            raise
+        self._ahead = ReadAhead(self._fd, self._clock)
+        self._ahead.start()
+        log.info(
+            "fanotify started target_fid=%s pidfd=%s rename=%s marked=%d refused=%d",
+            self._target_fid,
+            self._pidfd,
+            "FAN_RENAME" if self._rename_bit == abi.FAN_RENAME else "FAN_MOVED_TO",
+            len(self._marked),
+            len(self._refused),
+        )
+
+    def _init_group(self) -> int:
+        # An unlimited queue: a burst waits in (memcg-charged) kernel memory
+        # instead of overflowing; the unit's MemoryMax still bounds it.
+        # No FAN_REPORT_PIDFD: the pid and start time already guard against
+        # reuse, and a pidfd made and closed per event costs two syscalls.
+        base = abi.FAN_CLASS_NOTIF | abi.FAN_CLOEXEC | abi.FAN_NONBLOCK | abi.FAN_UNLIMITED_QUEUE
+        event_flags = os.O_RDONLY | abi.O_LARGEFILE | os.O_CLOEXEC
+        attempts = (
+            (abi.FAN_REPORT_DFID_NAME_TARGET, True, False),
+            (abi.FAN_REPORT_DFID_NAME, False, False),
+        )
+        last: Optional[OSError] = None
+        for flags, target, pidfd in attempts:
+            try:
+                fd = abi.fanotify_init(base | flags, event_flags)
+            except OSError as exc:
+                last = exc
+                if exc.errno == errno.EINVAL:
+                    continue
+                break
+            self._init_flags = base | flags
+            self._target_fid = target
+            self._pidfd = pidfd
+            if not target:
+                log.warning(
+                    "fanotify no FAN_REPORT_TARGET_FID (kernel < 5.17): repeated same-name creates may merge"
+                )
+            return fd
+        assert last is not None  # noqa: S101 - the loop ran at least once
+        if last.errno == errno.EPERM:
+            raise SourceError("fanotify_init: EPERM: need CAP_SYS_ADMIN") from last
+        if last.errno == errno.EINVAL:
+            raise SourceError(
+                "fanotify_init: EINVAL: kernel too old (needs 5.9 for FAN_REPORT_DFID_NAME)"
+            ) from last
+        if last.errno == errno.ENOSYS:
+            raise SourceError("fanotify_init: ENOSYS: kernel built without fanotify") from last
+        raise SourceError(
+            f"fanotify_init: {errno.errorcode.get(last.errno or 0, last.errno)}: {last}"
+        ) from last
+
+    def close(self) -> None:
+        """Close the group (the kernel drops every mark with it). Idempotent."""
+        self._closed = True
+        if self._ahead is not None:
+            self._ahead.stop()  # before the fd goes: its number could be reused
+            self._ahead = None
+        if self._fd >= 0:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+            self._fd = -1
+        self._dir_cache.clear()
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = dict(self._counters)
+        out["marked"] = sorted(
+            os.fsdecode(m.mount_point) for m in self._marked.values() if m.mask & abi.FAN_CREATE
+        )
+        out["exec_marked"] = sorted(os.fsdecode(m.mount_point) for m in self._marked.values())
+        out["refused"] = [{"mount": os.fsdecode(k), "reason": v} for k, v in sorted(self._refused.items())]
+        out["target_fid"] = self._target_fid
+        out["merge_possible"] = not self._target_fid
+        out["pidfd"] = self._pidfd
+        out["rename_event"] = "FAN_RENAME" if self._rename_bit == abi.FAN_RENAME else "FAN_MOVED_TO"
+        out["dir_cache"] = len(self._dir_cache)
+        out["read_ahead_bytes"] = self._ahead.pending_bytes() if self._ahead is not None else 0
+        return out
+
+    def set_prefilter(self, prefilter: Optional[Callable[[int], tuple[float, bool]]]) -> None:
+        """Install the daemon's prefilter; forgets every cached answer (a new rule)."""
+        self._prefilter = prefilter
+        self._skip.clear()
+
+    def stop_reading(self) -> None:
+        """Stop reading the kernel queue but keep what was read ahead: the
+        daemon drains it with read(0) before close() at a clean stop."""
+        if self._ahead is not None:
+            self._ahead.stop()
+
+    def take_prefiltered(self) -> int:
+        """Events dropped by the prefilter since the last call."""
+        n, self._prefiltered_new = self._prefiltered_new, 0
+        return n
+
+    # --- marks -------------------------------------------------------------
+
+    def _rescan_mounts(self, force: bool = False) -> None:
+        """Mark filesystems that appeared since the last scan (A11)."""
+        self._last_scan = self._clock.monotonic()
+        try:
+            with open(self._mounts_path, "rb") as f:
+                data = f.read()
+        except OSError as exc:
+            self._rl(
+                logging.WARNING, "mountinfo", "mountinfo unreadable path=%s error=%s", self._mounts_path, exc
+            )
+            return
+        digest = hashlib.blake2b(data, digest_size=16).digest()
+        if digest == self._mounts_hash and not force:
+            return
+        self._mounts_hash = digest
+        wanted = self._plan(parse_mountinfo(data))
+        for dev in [d for d in self._marked if d not in wanted]:
+            gone = self._marked.pop(dev)  # the kernel dropped the mark with the superblock
+            if gone.fsid is not None:
+                self._by_fsid.pop(gone.fsid, None)
+            log.info("fanotify filesystem gone mount=%r", gone.mount_point)
+        live_points = {m[0].mount_point for m in wanted.values()}
+        for point in [p for p in self._refused if p not in live_points]:
+            del self._refused[point]
+        for dev, (mount, mask, candidates) in wanted.items():
+            have = self._marked.get(dev)
+            if have is not None and have.mask & mask == mask:
+                continue
+            self._mark_fs(dev, mount, mask, candidates)
+
+    def _plan(self, mounts: list[Mount]) -> dict[int, tuple[Mount, int, list[Mount]]]:
+        """Filesystem (st_dev) -> (mount to mark through, wanted mask, all its mounts)."""
+        local = [m for m in mounts if m.fstype not in PSEUDO_FS]
+        in_scope_devs: set[int] = set()
+        for w in self._watch:
+            best: Optional[Mount] = None
+            for m in local:
+                if _under(w, m.mount_point) and (best is None or len(m.mount_point) >= len(best.mount_point)):
+                    best = m
+            if best is not None and not any(_under(best.mount_point, x) for x in self._exclude):
+                in_scope_devs.add(best.dev)
+            for m in local:
+                if _under(m.mount_point, w) and not any(_under(m.mount_point, x) for x in self._exclude):
+                    in_scope_devs.add(m.dev)
+        by_dev: dict[int, list[Mount]] = {}
+        for m in local:
+            by_dev.setdefault(m.dev, []).append(m)
+        plan: dict[int, tuple[Mount, int, list[Mount]]] = {}
+        for dev, group in by_dev.items():
+            mask = 0
+            if dev in in_scope_devs:
+                mask |= abi.FAN_CREATE | abi.FAN_ONDIR
+            if group[0].fstype not in NETWORK_FS:
+                mask |= abi.FAN_OPEN_EXEC
+            if mask:
+                group.sort(key=lambda m: (m.root != b"/", len(m.mount_point)))
+                plan[dev] = (group[0], mask, group)
+        return plan
+
+    def _mark_fs(self, dev: int, mount: Mount, mask: int, candidates: list[Mount]) -> None:
+        point: Optional[bytes] = None
+        for m in candidates:  # a mount point may be hidden under another mount
+            try:
+                if os.stat(m.mount_point).st_dev == dev:
+                    point = m.mount_point
+                    break
+            except OSError:
+                continue
+        if point is None:  # hidden under another mount: nothing reaches it by path
+            log.info("fanotify mount hidden mount=%r fstype=%s", mount.mount_point, mount.fstype)
+            return
+        full = mask
+        if mask & abi.FAN_CREATE:
+            full |= self._rename_bit if self._rename_bit is not None else abi.FAN_RENAME
+        flags = abi.FAN_MARK_ADD | abi.FAN_MARK_FILESYSTEM
+        try:
+            try:
+                abi.fanotify_mark(self._fd, flags, full, abi.AT_FDCWD, point)
+                if mask & abi.FAN_CREATE and self._rename_bit is None:
+                    self._rename_bit = abi.FAN_RENAME
+            except OSError as exc:
+                if exc.errno != errno.EINVAL or not mask & abi.FAN_CREATE or self._rename_bit is not None:
+                    raise
+                full = (full & ~abi.FAN_RENAME) | abi.FAN_MOVED_TO  # kernel < 5.17
+                abi.fanotify_mark(self._fd, flags, full, abi.AT_FDCWD, point)
+                self._rename_bit = abi.FAN_MOVED_TO
+        except OSError as exc:
+            name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+            hint = " need CAP_SYS_ADMIN" if exc.errno == errno.EPERM else ""
+            self._refuse(point, f"{name}{hint}")
+            return
+        fsid: Optional[tuple[int, int]] = None
+        try:
+            fsid = abi.fsid_of_statvfs(os.statvfs(point).f_fsid)
+        except OSError:
+            pass
+        self._marked[dev] = _Marked(point, mount.fstype, mask, fsid)
+        self._refused.pop(point, None)
+        if fsid is not None:
+            self._by_fsid[fsid] = point
+        log.info(
+            "fanotify marked mount=%r fstype=%s files=%s", point, mount.fstype, bool(mask & abi.FAN_CREATE)
+        )
+
+    def _refuse(self, point: bytes, reason: str) -> None:
+        if self._refused.get(point) != reason:
+            log.warning("fanotify mark refused mount=%r reason=%s", point, reason)
+        self._refused[point] = reason
+
+    def _place_ignore_marks(self) -> None:
+        """Ignore marks on the agent's own directories; the pid filter is the real guarantee."""
+        rename = self._rename_bit if self._rename_bit is not None else abi.FAN_MOVED_TO
+        attempts = (
+            (
+                abi.FAN_MARK_ADD | abi.FAN_MARK_IGNORE_SURV,
+                abi.FAN_CREATE | rename | abi.FAN_ONDIR | abi.FAN_EVENT_ON_CHILD,
+            ),
+            (
+                abi.FAN_MARK_ADD | abi.FAN_MARK_IGNORED_MASK | abi.FAN_MARK_IGNORED_SURV_MODIFY,
+                abi.FAN_CREATE | rename,
+            ),
+        )
+        for path in self._ignore:
+            err: Optional[OSError] = None
+            for flags, mask in attempts:
+                try:
+                    abi.fanotify_mark(self._fd, flags, mask, abi.AT_FDCWD, path)
+                    err = None
+                    break
+                except OSError as exc:
+                    err = exc
+            if err is not None:
+                log.warning("fanotify ignore mark failed path=%r error=%s", path, err.strerror)
+
+    # --- reading -----------------------------------------------------------
+
+    def read(self, timeout: float) -> Sequence[RawEvent]:
+        """Wait up to ``timeout`` s for read-ahead events; return them in kernel order."""
+        ahead = self._ahead
+        if self._fd < 0 or ahead is None:
+            return []
+        if self._clock.monotonic() - self._last_scan >= MOUNT_RESCAN_S:
+            self._rescan_mounts()
+        if ahead.read_errors != self._seen_read_errors:
+            self._counters["read_errors"] += ahead.read_errors - self._seen_read_errors
+            self._seen_read_errors = ahead.read_errors
+            self._rl(logging.ERROR, "read", "fanotify read failed error=%s", ahead.last_error)
+        chunks = ahead.take(timeout, TAKE_BYTES)
+        if not chunks:
+            return []
+        out: list[RawEvent] = []
+        mount_fds: dict[tuple[int, int], int] = {}
+        self._execd.clear()
+        try:
+            for ts, buf in chunks:
+                res = abi.parse_buffer(buf)
+                for fd in res.orphan_pidfds:
+                    _close_quietly(fd)
+                if res.error is not None:
+                    self._counters["parse_errors"] += 1
+                    self._rl(logging.ERROR, "parse", "fanotify parse stopped reason=%s", res.error)
+                self._convert_all(res.events, ts, out, mount_fds)
+        finally:
+            for fd in mount_fds.values():
+                if fd >= 0:
+                    _close_quietly(fd)
+        return out
+
+    def _convert_all(
+        self,
+        events: list[abi.ParsedEvent],
+        ts: int,
+        out: list[RawEvent],
+        mount_fds: dict[tuple[int, int], int],
+    ) -> None:
+        # The prefilter's fast path first: a dirent event of a pid known not to
+        # match, in a cached directory wholly in (or out of) scope, costs a few
+        # dict lookups and no path, resolution or object.
+        now = self._clock.monotonic()
+        skip, cache, execd = self._skip, self._dir_cache, self._execd
+        for ev in events:
+            mask, fd, pid = ev[0], ev[1], ev[2]
+            if (
+                not mask & _NOT_DIRENT
+                and fd < 0
+                and (ev[4] is None or ev[4] < 0)
+                and pid > 0
+                and pid != self._own_pid
+                and pid not in execd
+                and self._prefilter is not None
+            ):
+                known = skip.get(pid)
+                if known is None or known[0] <= now:
+                    known = self._prefilter(pid)
+                    if len(skip) >= 4096:
+                        skip.clear()
+                    skip[pid] = known
+                if known[1] and known[0] > now:
+                    want = (
+                        abi.FAN_EVENT_INFO_TYPE_NEW_DFID_NAME
+                        if mask & abi.FAN_RENAME
+                        else abi.FAN_EVENT_INFO_TYPE_DFID_NAME
+                    )
+                    hit = None
+                    for rec in ev[3]:
+                        if rec[0] == want:
+                            hit = cache.get(rec[1])
+                            break
+                    if hit is not None and hit[2] != _MIXED and now - hit[1] < DIR_CACHE_TTL_S:
+                        if mask & abi.FAN_ONDIR and mask & (abi.FAN_RENAME | abi.FAN_MOVED_TO):
+                            cache.clear()  # a moved directory: every path below it is stale
+                        if hit[2] == _IN:
+                            self._counters["seen"] += 1
+                            self._counters["prefiltered"] += 1
+                            self._prefiltered_new += 1
+                        else:
+                            self._counters["out_of_scope"] += 1
+                        continue
+            try:
+                self._convert(ev, ts, out, mount_fds)
+            except Exception as exc:  # noqa: BLE001 - one bad event must not stop the reader (A10)
+                self._counters["unresolved"] += 1
+                self._rl(logging.ERROR, "convert", "fanotify event dropped mask=%#x error=%r", mask, exc)
+            finally:
+                if ev[4] is not None and ev[4] >= 0:
+                    _close_quietly(ev[4])
+                if fd >= 0:
+                    _close_quietly(fd)
+
+    def _convert(
+        self,
+        ev: abi.ParsedEvent,
+        ts: int,
+        out: list[RawEvent],
+        mount_fds: dict[tuple[int, int], int],
+    ) -> None:
+        mask = ev.mask
+        if mask & abi.FAN_Q_OVERFLOW:
+            self._counters["overflows"] += 1
+            self._rl(logging.WARNING, "overflow", "fanotify queue overflow: events lost")
+            out.append(RawEvent(kind=OVERFLOW, ts_ms=ts, path=None, lost=1))
+            return
+        pid = ev.pid if ev.pid > 0 else None
+        if mask & abi.FAN_OPEN_EXEC:
+            rec = ev.record(abi.FAN_EVENT_INFO_TYPE_DFID_NAME)
+            path = self._join(rec, mount_fds) if rec is not None else None
+            if path is not None:
+                self._counters["exec"] += 1
+                if pid is not None:
+                    self._execd.add(pid)  # the resolver learns it only after this call
+                    self._skip.pop(pid, None)
+                out.append(RawEvent(kind=EXEC, ts_ms=ts, path=path, pid=pid))
+        is_dir = bool(mask & abi.FAN_ONDIR)
+        if mask & abi.FAN_RENAME:
+            old = ev.record(abi.FAN_EVENT_INFO_TYPE_OLD_DFID_NAME)
+            new = ev.record(abi.FAN_EVENT_INFO_TYPE_NEW_DFID_NAME)
+            if is_dir:
+                self._dir_cache.clear()  # every cached path below the moved dir is stale
+            if new is not None:
+                new_path = self._join(new, mount_fds)
+                old_path = self._join(old, mount_fds) if old is not None else None
+                self._emit(out, kind=RENAME, ts=ts, path=new_path, pid=pid, original=old_path, is_dir=is_dir)
+        if mask & abi.FAN_MOVED_TO:
+            if is_dir:
+                self._dir_cache.clear()
+            rec = ev.record(abi.FAN_EVENT_INFO_TYPE_DFID_NAME)
+            if rec is not None:
+                self._emit(
+                    out,
+                    kind=RENAME,
+                    ts=ts,
+                    path=self._join(rec, mount_fds),
+                    pid=pid,
+                    original=None,
+                    is_dir=is_dir,
+                )
+        if mask & abi.FAN_CREATE:
+            rec = ev.record(abi.FAN_EVENT_INFO_TYPE_DFID_NAME)
+            if rec is not None:
+                self._emit(
+                    out,
+                    kind=CREATION,
+                    ts=ts,
+                    path=self._join(rec, mount_fds),
+                    pid=pid,
+                    original=None,
+                    is_dir=is_dir,
+                )
+
+    def _emit(
+        self,
+        out: list[RawEvent],
+        *,
+        kind: str,
+        ts: int,
+        path: Optional[bytes],
+        pid: Optional[int],
+        original: Optional[bytes],
+        is_dir: bool,
+    ) -> None:
+        if path is None:
+            return  # counted as unresolved by _join
+        if pid is not None and pid == self._own_pid:
+            self._counters["own_pid_dropped"] += 1
+            return
+        if not self._in_scope(path):
+            self._counters["out_of_scope"] += 1
+            return
+        self._counters["seen"] += 1
+        out.append(RawEvent(kind=kind, ts_ms=ts, path=path, pid=pid, original_path=original, is_dir=is_dir))
+
+    def _in_scope(self, path: bytes) -> bool:
+        return (path.startswith(self._watch_pre) or path in self._watch_eq) and not (
+            path.startswith(self._excl_pre) or path in self._excl_eq
+        )
+
+    def _dir_scope(self, directory: bytes) -> int:
+        """_IN when every name in ``directory`` is in scope, _OUT when none
+        is, _MIXED when it depends on the name (a watch or exclude below it)."""
+        below = directory.rstrip(b"/") + b"/"
+        if below.startswith(self._excl_pre) or directory in self._excl_eq:
+            return _OUT
+        if any(p != below and p.startswith(below) for p in self._excl_pre + self._watch_pre):
+            return _MIXED
+        return _IN if below.startswith(self._watch_pre) else _OUT
+
+    # --- handle resolution -------------------------------------------------
+
+    def _join(self, rec: abi.FidRecord, mount_fds: dict[tuple[int, int], int]) -> Optional[bytes]:
+        directory = self._dir_path(rec, mount_fds)
+        if directory is None:
+            return None
+        name = rec.name or b""
+        if not name or name == b".":
+            return directory
+        return (directory if directory.endswith(b"/") else directory + b"/") + name
+
+    def _dir_path(self, rec: abi.FidRecord, mount_fds: dict[tuple[int, int], int]) -> Optional[bytes]:
+        key = rec.key
+        now = self._clock.monotonic()
+        hit = self._dir_cache.get(key)
+        if hit is not None:
+            if now - hit[1] < DIR_CACHE_TTL_S:
+                self._dir_cache.move_to_end(key)
+                return hit[0]
+            del self._dir_cache[key]
+        mfd = self._mount_fd(rec.fsid, mount_fds)
+        if mfd < 0:
+            self._unresolved(rec, "unknown_fsid")
+            return None
+        try:
+            fd = abi.open_by_handle_at(mfd, rec.handle_type, rec.handle, abi.O_PATH | os.O_CLOEXEC)
+        except OSError as exc:
+            self._unresolved(rec, errno.errorcode.get(exc.errno or 0, str(exc.errno)))
+            return None
+        try:
+            path = os.readlink(b"/proc/self/fd/%d" % fd)
+        except OSError as exc:
+            self._unresolved(rec, errno.errorcode.get(exc.errno or 0, str(exc.errno)))
+            return None
+        finally:
+            _close_quietly(fd)
+        if path.endswith(b" (deleted)"):
+            return path  # a directory removed since: keep the event, never cache it
+        self._dir_cache[key] = (path, now, self._dir_scope(path))
+        if len(self._dir_cache) > DIR_CACHE_SIZE:
+            self._dir_cache.popitem(last=False)
+        return path
+
+    def _mount_fd(self, fsid: tuple[int, int], mount_fds: dict[tuple[int, int], int]) -> int:
+        """A directory fd on the filesystem, open only for this read() call.
+
+        Held no longer, so that the agent never keeps a mount busy (umount
+        would fail with EBUSY while we held an fd on it).
+        """
+        fd = mount_fds.get(fsid)
+        if fd is not None:
+            return fd
+        point = self._by_fsid.get(fsid)
+        fd = -1
+        if point is not None:
+            try:
+                fd = os.open(point, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                if abi.fsid_of_statvfs(os.fstatvfs(fd).f_fsid) != fsid:
+                    _close_quietly(fd)
+                    fd = -1
+            except OSError:
+                fd = -1
+        mount_fds[fsid] = fd
+        return fd
+
+    def _unresolved(self, rec: abi.FidRecord, reason: str) -> None:
+        self._counters["unresolved"] += 1
+        self._rl(
+            logging.WARNING,
+            "unresolved:" + reason,
+            "fanotify handle unresolved reason=%s fsid=%s handle=%s name=%r",
+            reason,
+            f"{rec.fsid[0]:08x}{rec.fsid[1]:08x}",
+            rec.handle.hex(),
+            rec.name,
+        )
+
+
+def _close_quietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass

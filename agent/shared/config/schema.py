@@ -1,0 +1,215 @@
+"""The configuration's shape: one frozen dataclass per section, and for each
+section the keys admins write, the field each sets and its converter."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent.shared.config.converters import (
+    abs_paths,
+    agent_id,
+    app_name,
+    boolean,
+    choice,
+    duration_ms,
+    header_name,
+    host_name,
+    integer,
+    listen,
+    nonempty_paths,
+    nonempty_words,
+    path,
+    required_path,
+    required_url,
+    size_bytes,
+    subset,
+    syslog_address,
+    text,
+    url,
+    words,
+)
+from agent.shared.rule import Rule
+
+ETC = "/etc/rarewrite"
+
+
+AGENT_CONF = os.path.join(ETC, "agent.conf")
+
+
+COLLECTOR_CONF = os.path.join(ETC, "collector.conf")
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    collector: str = ""
+    state_dir: str = "/var/lib/rarewrite/agent"
+    enrollment_secret_file: str = os.path.join(ETC, "enrollment.secret")
+    agent_id: str = ""  # empty: a UUID made on first start, kept in the state dir
+    host_name: str = ""  # empty: this host's name
+    backend: str = "auto"
+    watch: tuple[str, ...] = ("/",)
+    exclude: tuple[str, ...] = ("/proc", "/sys", "/dev/pts", "/run/user")
+    ca_bundle: str = ""  # empty: the system's trust store
+    client_cert: str = ""
+    client_key: str = ""
+    ship_interval_ms: int = 1000
+    batch_max_records: int = 5000
+    outbox_max_records: int = 2_000_000
+    request_timeout_ms: int = 30_000
+    backoff_max_ms: int = 300_000
+    file_facts: bool = True
+    hash_max_bytes: int = 1 << 20
+    log_level: str = "info"
+
+
+@dataclass(frozen=True)
+class CollectorConfig:
+    listen: str = "127.0.0.1:8787"
+    db: str = "/var/lib/rarewrite/collector/collector.db"
+    enrollment_secret_file: str = os.path.join(ETC, "enrollment.secret")
+    retention_ms: int = 4 * 3_600_000
+    schedule: str = "hourly"
+    settle_ms: int = 30_000
+    alerts_file: str = ""
+    alerts_stdout: bool = False
+    max_body: int = 8 << 20
+    read_timeout_ms: int = 30_000
+    rate_limit: int = 200  # batches per agent per second, with a burst of the same
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    log_level: str = "info"
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """One ``[output.NAME]`` section: where alerts go besides the alerts file.
+
+    ``options`` holds the converted values of that type's keys (see
+    :data:`OUTPUT_KEYS`), defaults filled in.
+    """
+
+    name: str
+    type: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Config:
+    rule: Rule = field(default_factory=Rule)
+    agent: AgentConfig = field(default_factory=AgentConfig)
+    collector: CollectorConfig = field(default_factory=CollectorConfig)
+    outputs: tuple[OutputConfig, ...] = ()
+    files: tuple[str, ...] = ()
+
+
+# key -> (dataclass field, converter)
+Spec = Mapping[str, tuple[str, Callable[[str], Any]]]
+
+
+RULE_KEYS: Spec = {
+    "name": ("name", text),
+    "rule_id": ("rule_id", text),
+    "description": ("description", text),
+    "user_names": ("user_names", words),
+    "user_ids": ("user_ids", words),
+    "process_names": ("process_names", nonempty_words),
+    "combinator": ("combinator", choice("and", "or")),
+    "actions": ("actions", lambda t: subset(t, ("creation", "rename"))),
+    "strict_event_type": ("strict_event_type", boolean),
+    "os_type": ("os_type", text),
+    "window": ("window_ms", duration_ms),
+    "count_below": ("count_below", integer(1, 1_000_000)),
+    "agent_count": ("agent_count", integer(1, 1_000_000)),
+    "limit": ("limit", integer(1, 100_000)),
+    "schedule": ("schedule_ms", duration_ms),
+    "severity": ("severity", choice("low", "medium", "high", "critical")),
+    "risk_score": ("risk_score", integer(0, 100)),
+    "tags": ("tags", words),
+}
+
+
+AGENT_KEYS: Spec = {
+    "collector": ("collector", url),
+    "state_dir": ("state_dir", path),
+    "enrollment_secret_file": ("enrollment_secret_file", path),
+    "agent_id": ("agent_id", agent_id),
+    "host_name": ("host_name", host_name),
+    "backend": ("backend", choice("auto", "fanotify", "inotify")),
+    "watch": ("watch", nonempty_paths),
+    "exclude": ("exclude", abs_paths),
+    "ca_bundle": ("ca_bundle", path),
+    "client_cert": ("client_cert", path),
+    "client_key": ("client_key", path),
+    "ship_interval": ("ship_interval_ms", duration_ms),
+    "batch_max_records": ("batch_max_records", integer(1, 20_000)),
+    "outbox_max_records": ("outbox_max_records", integer(1000, 1_000_000_000)),
+    "request_timeout": ("request_timeout_ms", duration_ms),
+    "backoff_max": ("backoff_max_ms", duration_ms),
+    "file_facts": ("file_facts", boolean),
+    "hash_max_bytes": ("hash_max_bytes", size_bytes),
+    "log_level": ("log_level", choice("debug", "info", "warning", "error")),
+}
+
+
+COLLECTOR_KEYS: Spec = {
+    "listen": ("listen", listen),
+    "db": ("db", text),
+    "enrollment_secret_file": ("enrollment_secret_file", path),
+    "retention": ("retention_ms", duration_ms),
+    "schedule": ("schedule", choice("hourly", "continuous")),
+    "settle": ("settle_ms", duration_ms),
+    "alerts_file": ("alerts_file", path),
+    "alerts_stdout": ("alerts_stdout", boolean),
+    "max_body": ("max_body", size_bytes),
+    "read_timeout": ("read_timeout_ms", duration_ms),
+    "rate_limit": ("rate_limit", integer(1, 1_000_000)),
+    "tls_cert": ("tls_cert", path),
+    "tls_key": ("tls_key", path),
+    "tls_client_ca": ("tls_client_ca", path),
+    "log_level": ("log_level", choice("debug", "info", "warning", "error")),
+}
+
+
+OUTPUT_TYPES = ("ndjson", "stdout", "webhook", "syslog")
+
+
+SYSLOG_FACILITIES = {
+    "kern": 0, "user": 1, "mail": 2, "daemon": 3, "auth": 4, "syslog": 5, "lpr": 6, "news": 7,
+    "uucp": 8, "cron": 9, "authpriv": 10, "ftp": 11,
+    **{f"local{i}": 16 + i for i in range(8)},
+}  # fmt: skip
+
+
+REQUIRED = object()  # an output key without a default
+
+
+# output type -> key -> (converter, default); the default is what build_outputs gets
+OUTPUT_KEYS: Mapping[str, Mapping[str, tuple[Callable[[str], Any], Any]]] = {
+    "ndjson": {
+        "path": (required_path, REQUIRED),
+        "max_bytes": (size_bytes, 100 << 20),
+        "keep": (integer(1, 1000), 5),
+    },
+    "stdout": {"format": (choice("summary", "json"), "summary")},
+    "webhook": {
+        "url": (required_url, REQUIRED),
+        "secret_header": (header_name, ""),
+        "secret_file": (required_path, ""),
+        "timeout": (duration_ms, 10_000),
+        "queue_max": (integer(1, 10_000_000), 10_000),
+        "backoff_max": (duration_ms, 60_000),
+        "ca_bundle": (required_path, ""),
+    },
+    "syslog": {
+        "address": (syslog_address, "/dev/log"),
+        "facility": (choice(*SYSLOG_FACILITIES), "auth"),
+        "app_name": (app_name, "rarewrite"),
+        "timeout": (duration_ms, 5_000),
+        "queue_max": (integer(1, 10_000_000), 10_000),
+        "backoff_max": (duration_ms, 30_000),
+    },
+}

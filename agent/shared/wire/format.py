@@ -1,0 +1,171 @@
+"""The batch format between agent and collector, version 1.
+
+A batch is one msgpack map (string keys), sent as the body of
+``POST /api/v1/batches`` with ``Content-Type: application/msgpack``::
+
+    {
+      "v": 1,                      # wire version (int)
+      "batch_id": "<32 hex>",      # chosen by the agent; a resend reuses it
+      "epoch": "<32 hex>",         # the agent's state database; new after a reset
+      "seq": 7,                    # 1, 2, 3 ... per epoch; a resend reuses it
+      "agent_id": "<id>",          # must equal the identity of the API key
+      "host_name": "web-01",
+      "sent_at": 1790000000000,    # ms since the epoch, agent clock
+      "events": [ <event>, ... ],  # full detail, while a pair is locally rare
+      "counts": [ <count>, ... ],  # timestamps only, once it is not
+      "gaps":   [ <gap>, ... ],    # what the agent knows it lost
+    }
+
+``<event>`` is a map: ``ts`` (int ms), ``action`` ("creation" | "rename"),
+``exe`` and ``path`` (bin or nil: file names are bytes), and optional detail:
+``etype`` ([str]), ``orig`` (bin, a rename's source), ``pid``, ``ppid``
+(int), ``pname``, ``cmd``, ``uid``, ``uname``, ``attr``, ``ppname`` (str),
+``ppexe`` (bin), ``file`` (map: ``size``, ``mode``, ``uid``, ``gid`` int,
+``sha256`` str, ``sample`` bin, ``gone`` bool).
+
+``<count>`` is ``[exe, path, [t0, d1, d2, ...]]``: the pair's event times,
+sorted, the first absolute and each next one a non-negative delta in ms.
+Each time is one event, exactly like an ``<event>`` without detail; a pair
+whose count in the agent's own hour reaches the rule's threshold goes on as
+counts, so ``cc`` and ``agent_count`` stay exact for any evaluation time.
+
+``<gap>`` is a map: ``start``, ``end`` (ms), ``lost`` (int, 0 = unknown)
+and ``reason`` (str: "overflow", "outbox_full", "disk_full", ...).
+
+Compatibility rule. ``v`` is a major version. Within one version, fields may
+be added to ``<event>``, ``<gap>`` and the batch map, and readers ignore
+fields they do not know; a field is never removed or given a new meaning
+without a new ``v``. A collector accepts every version in
+``SUPPORTED_VERSIONS`` (the current one and the one before it) and answers
+any other with 400 and the list; an agent speaks ``VERSION`` only.
+Idempotency: ``(agent_id, epoch, seq)`` names a batch; the contents of a
+batch never change once it has a seq, so a resend is a duplicate by name.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import msgpack
+
+VERSION = 1
+
+
+SUPPORTED_VERSIONS = (1,)
+
+
+# Hard limits. The unpacker gets them explicitly so a length claim cannot
+# allocate (msgpack < 1.2.4 preallocates from the header).
+MAX_BODY = 8 << 20  # bytes of one batch
+
+
+MAX_RECORDS = 20_000  # events + count times + gaps in one batch
+
+
+MAX_BIN = 16 << 10  # a path (PATH_MAX is 4096) or a file sample
+
+
+MAX_STR = 16 << 10  # a command line is capped by the agent before this
+
+
+MAX_ID = 128
+
+
+MAX_TS = (1 << 53) - 1
+
+
+ACTIONS = ("creation", "rename")
+
+
+_HEX32 = re.compile(r"[0-9a-f]{32}\Z")
+
+
+_ID = re.compile(r"[A-Za-z0-9._:@-]{1,128}\Z")
+
+
+@dataclass(frozen=True)
+class EventRecord:
+    ts: int
+    action: str
+    exe: Optional[bytes]
+    path: Optional[bytes]
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CountRecord:
+    exe: Optional[bytes]
+    path: Optional[bytes]
+    times: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class GapRecord:
+    start: int
+    end: int
+    lost: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Batch:
+    batch_id: str
+    epoch: str
+    seq: int
+    agent_id: str
+    host_name: str
+    sent_at: int
+    events: tuple[EventRecord, ...] = ()
+    counts: tuple[CountRecord, ...] = ()
+    gaps: tuple[GapRecord, ...] = ()
+    version: int = VERSION
+
+    def size(self) -> int:
+        """Records in the batch, each count time counting as one."""
+        return len(self.events) + sum(len(c.times) for c in self.counts) + len(self.gaps)
+
+
+def valid_agent_id(value: str) -> bool:
+    return bool(_ID.match(value))
+
+
+@dataclass(frozen=True)
+class RowBatch:
+    """A validated batch in the collector's storage form (what
+    :func:`decode_rows` returns, small to pickle between processes).
+
+    ``events``: ``(ts, key, exe, path, detail)``, ``detail`` already msgpack of
+    ``{"action": ..., **detail}``; ``counts``: ``(key, exe, path, times)``;
+    ``key`` is :func:`pair_key` of (exe, path)."""
+
+    batch_id: str
+    epoch: str
+    seq: int
+    agent_id: str
+    host_name: str
+    sent_at: int
+    events: tuple[tuple[int, bytes, Optional[bytes], Optional[bytes], bytes], ...] = ()
+    counts: tuple[tuple[bytes, Optional[bytes], Optional[bytes], tuple[int, ...]], ...] = ()
+    gaps: tuple[GapRecord, ...] = ()
+    version: int = VERSION
+
+    def events_total(self) -> int:
+        """Events in the batch, each count time counting as one."""
+        return len(self.events) + sum(len(c[3]) for c in self.counts)
+
+    def size(self) -> int:
+        """Records in the batch, each count time counting as one (as :meth:`Batch.size`)."""
+        return self.events_total() + len(self.gaps)
+
+    def times(self) -> list[int]:
+        return [e[0] for e in self.events] + [t for c in self.counts for t in c[3]]
+
+
+def pair_key(exe: Optional[bytes], path: Optional[bytes]) -> bytes:
+    """The collector's key of a pair: msgpack of ``[exe, path]`` (nil works)."""
+    return bytes(msgpack.packb([exe, path], use_bin_type=True))
+
+
+MAX_CMD = 4096  # a command line is cut here (with a marker) before it is stored

@@ -1,1 +1,0 @@
-"""Event sources: the kernel side. No rule logic lives here (osquery's split)."""

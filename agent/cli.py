@@ -1,8 +1,8 @@
 """The ``rarewrite`` command: parse, load config, call one entry point.
 
-The command line is a contract (DESIGN §3): tests and operators script
-against it. Every option also has a config key; command-line values are
-validated exactly like config values, and every problem is listed at once.
+The command line is a contract: tests and operators script against it.
+Every option also has a config key; command-line values are validated
+exactly like config values, and every problem is listed at once.
 """
 
 from __future__ import annotations
@@ -267,11 +267,11 @@ def _dispatch(args: argparse.Namespace) -> int:
     if cmd == "agents":
         from agent.collector import admin
 
-        return admin.agents(cfg, args.db or cfg.collector.db, args.action, args.agent_id)
+        return admin.agents(args.db or cfg.collector.db, args.action, args.agent_id)
     if cmd == "alerts":
         from agent.collector import admin
 
-        return admin.alerts(cfg, args.db or cfg.collector.db, args.since, args.json)
+        return admin.alerts(args.db or cfg.collector.db, args.since, args.json)
     if cmd == "migrate":
         from agent.collector.storage import migrate
 

@@ -9,7 +9,6 @@ from typing import Any, Optional
 
 from agent.collector.outputs.stdout import StdoutOutput
 from agent.collector.storage import open_store
-from agent.shared.config.schema import Config
 from agent.shared.errors import RarewriteError, StoreError
 from agent.shared.text import is_postgres
 
@@ -44,7 +43,7 @@ def agents_cli(db: str, action: str, agent_id: str = "") -> list[dict[str, Any]]
         store.close()
 
 
-def agents(cfg: Config, db: str, action: str, agent_id: Optional[str]) -> int:
+def agents(db: str, action: str, agent_id: Optional[str]) -> int:
     if action in ("revoke", "restore") and not agent_id:
         raise RarewriteError(f"collector agents {action}: name the agent id")
     for doc in agents_cli(db, action, agent_id or ""):
@@ -52,7 +51,7 @@ def agents(cfg: Config, db: str, action: str, agent_id: Optional[str]) -> int:
     return 0
 
 
-def alerts(cfg: Config, db: str, since: Optional[str], full: bool) -> int:
+def alerts(db: str, since: Optional[str], full: bool) -> int:
     from agent.shared.text import parse_timestamp
 
     if not is_postgres(db) and not os.path.exists(db):

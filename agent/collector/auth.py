@@ -71,28 +71,3 @@ class TokenBuckets:
         while len(self._buckets) > self.max_keys:
             self._buckets.popitem(last=False)
         return wait
-
-
-class LogLimiter:
-    """At most ``per_interval`` log lines per key and interval; counts the rest."""
-
-    def __init__(self, per_interval: int = 5, interval_s: float = 60.0, max_keys: int = 1000) -> None:
-        self.per_interval = per_interval
-        self.interval_s = interval_s
-        self.max_keys = max_keys
-        self._state: OrderedDict[str, tuple[float, int, int]] = OrderedDict()
-
-    def allow(self, key: str, now: float) -> tuple[bool, int]:
-        """(log this one?, lines suppressed since the last one logged)."""
-        start, n, suppressed = self._state.pop(key, (now, 0, 0))
-        if now - start >= self.interval_s:
-            start, n = now, 0
-        if n < self.per_interval:
-            self._state[key] = (start, n + 1, 0)
-            out = (True, suppressed)
-        else:
-            self._state[key] = (start, n, suppressed + 1)
-            out = (False, suppressed + 1)
-        while len(self._state) > self.max_keys:
-            self._state.popitem(last=False)
-        return out

@@ -46,7 +46,7 @@ from typing import Any, Optional, TypeVar
 
 from aiohttp import web
 
-from agent.collector.auth import LogLimiter, TokenBuckets, bearer, key_hash, new_api_key, secret_ok
+from agent.collector.auth import TokenBuckets, bearer, key_hash, new_api_key, secret_ok
 from agent.collector.outputs import dropped_counts
 from agent.collector.outputs.base import Output
 from agent.collector.storage.base import Store
@@ -54,29 +54,17 @@ from agent.shared import wire
 from agent.shared.clock import Clock
 from agent.shared.config.schema import Config
 from agent.shared.errors import StoreError, VersionError, WireError
+from agent.shared.ratelimit import RateLimiter
 
 log = logging.getLogger("rarewrite.collector.server")
-
 security = logging.getLogger("rarewrite.collector.security")
 
 R = TypeVar("R")
-
-
 ENROLL_MAX_BODY = 64 << 10
-
-
 ENROLL_FAILURES_PER_S = 2.0  # wrong secrets per client address, burst 10
-
-
 PRUNE_EVERY_S = 60.0
-
-
 CONTINUOUS_EVERY_S = 1.0
-
-
 _PRINTABLE = re.compile(r"[^\x00-\x1f\x7f]{1,255}\Z")
-
-
 _LABEL = re.compile(r"[^A-Za-z0-9_.:-]")
 
 
@@ -106,8 +94,8 @@ class Collector:
         self.read_timeout = cfg.collector.read_timeout_ms / 1000.0
         self.rates = TokenBuckets(cfg.collector.rate_limit)
         self.enroll_failures = TokenBuckets(ENROLL_FAILURES_PER_S, 10)
-        self.auth_log = LogLimiter()
-        self.error_log = LogLimiter()
+        self.auth_log = RateLimiter(clock, per_interval=5, interval_s=60.0)
+        self.error_log = RateLimiter(clock, per_interval=5, interval_s=60.0)
         self.reads = ThreadPoolExecutor(4, thread_name_prefix="rw-read")
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="rw-write")
         self.decoder: Optional[ProcessPoolExecutor] = None
@@ -145,12 +133,6 @@ class Collector:
                     pool.shutdown(wait=False)
                     await asyncio.get_running_loop().run_in_executor(self.reads, self.start_decoder)
         return await self.read(wire.decode_rows, body)
-
-    def limited(self, logger: logging.Logger, level: int, key: str, msg: str, *args: Any) -> None:
-        """Log at most a few lines per key a minute; say how many were dropped."""
-        ok, suppressed = self.auth_log.allow(key, self.clock.monotonic())
-        if ok:
-            logger.log(level, msg + " suppressed=%d", *args, suppressed)
 
     def close(self) -> None:
         self.reads.shutdown(wait=True)
@@ -248,9 +230,9 @@ async def _errors(
         return resp
     except StoreError as e:
         c.rejects[503] += 1
-        ok, suppressed = c.error_log.allow("store", c.clock.monotonic())
-        if ok:
-            log.error("event=store_error path=%s error=%r suppressed=%d", request.path, str(e), suppressed)
+        c.error_log.log(
+            log, logging.ERROR, "store", "event=store_error path=%s error=%r", request.path, str(e)
+        )
         return _json_reject(503, "collector database unavailable; retry later", {"Retry-After": "5"})
 
 
@@ -265,7 +247,7 @@ async def enroll(request: web.Request) -> web.Response:
         raise Reject(400, "body must be a JSON object")
     peer = _peer(request)
     if not secret_ok(doc.get("enrollment_secret"), c.secret):
-        c.limited(
+        c.auth_log.log(
             security,
             logging.WARNING,
             f"enroll:{peer}",
@@ -307,7 +289,7 @@ async def batches(request: web.Request) -> web.Response:
     peer = _peer(request)
     token = bearer(request.headers.get("Authorization"))
     if token is None:
-        c.limited(
+        c.auth_log.log(
             security, logging.WARNING, f"auth:{peer}", "event=auth_failed peer=%r reason=%r", peer, "no key"
         )
         raise Reject(
@@ -316,7 +298,9 @@ async def batches(request: web.Request) -> web.Response:
     agent = await c.read(c.store.agent_for_key, key_hash(token))
     if agent is None or agent.revoked:
         why = "unknown key" if agent is None else "revoked agent"
-        c.limited(security, logging.WARNING, f"auth:{peer}", "event=auth_failed peer=%r reason=%r", peer, why)
+        c.auth_log.log(
+            security, logging.WARNING, f"auth:{peer}", "event=auth_failed peer=%r reason=%r", peer, why
+        )
         raise Reject(401, why, headers={"WWW-Authenticate": "Bearer"})
     wait = c.rates.take(agent.agent_id, c.clock.monotonic())
     if wait > 0:
@@ -334,7 +318,7 @@ async def batches(request: web.Request) -> web.Response:
             400, str(e), headers={"X-Supported-Versions": ",".join(map(str, wire.SUPPORTED_VERSIONS))}
         ) from None
     except WireError as e:
-        c.limited(
+        c.auth_log.log(
             log,
             logging.INFO,
             f"wire:{agent.agent_id}",
@@ -344,7 +328,7 @@ async def batches(request: web.Request) -> web.Response:
         )
         raise Reject(400, str(e)) from None
     if batch.agent_id != agent.agent_id:
-        c.limited(
+        c.auth_log.log(
             security,
             logging.WARNING,
             f"identity:{agent.agent_id}",

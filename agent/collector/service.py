@@ -54,9 +54,7 @@ async def schedule_loop(c: Collector) -> None:
             if continuous and took > CONTINUOUS_EVERY_S:
                 await asyncio.sleep(took)  # never spend more than half the time evaluating
         except StoreError as e:
-            ok, suppressed = c.error_log.allow("schedule", c.clock.monotonic())
-            if ok:
-                log.error("event=evaluation_failed error=%r suppressed=%d", str(e), suppressed)
+            c.error_log.log(log, logging.ERROR, "schedule", "event=evaluation_failed error=%r", str(e))
 
 
 async def prune_loop(c: Collector) -> None:
@@ -74,9 +72,7 @@ async def prune_loop(c: Collector) -> None:
             if total:
                 log.info("event=pruned events=%d before=%s", total, iso(before))
         except StoreError as e:
-            ok, suppressed = c.error_log.allow("prune", c.clock.monotonic())
-            if ok:
-                log.error("event=prune_failed error=%r suppressed=%d", str(e), suppressed)
+            c.error_log.log(log, logging.ERROR, "prune", "event=prune_failed error=%r", str(e))
         await asyncio.sleep(PRUNE_EVERY_S)
 
 

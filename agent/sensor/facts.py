@@ -8,47 +8,59 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
-import time
 from typing import Optional
 
+from agent.shared.clock import Clock
 from agent.shared.events import FileFacts
 
 SAMPLE_BYTES = 64
-
-
 BUDGET_BYTES_PER_S = 64 << 20
-
-
 BUDGET_FILES_PER_S = 500  # a burst of new files gets owner and size, not a hash each
 
 
-_budget = {"second": 0, "bytes": 0, "files": 0}
+class FactsReader:
+    """``reader(path)``: the facts of the file at ``path`` now (``gone`` when
+    it no longer exists). At most BUDGET_FILES_PER_S files and
+    BUDGET_BYTES_PER_S bytes are hashed per second of ``clock``; past that a
+    file gets owner, mode and size only."""
+
+    def __init__(self, clock: Clock, hash_max_bytes: int = 1 << 20) -> None:
+        self._clock = clock
+        self.hash_max_bytes = hash_max_bytes
+        self._second = -1
+        self._bytes = self._files = 0
+
+    def _take(self, n: int) -> bool:
+        now = int(self._clock.monotonic())
+        if self._second != now:
+            self._second, self._bytes, self._files = now, 0, 0
+        if self._bytes + n > BUDGET_BYTES_PER_S or self._files >= BUDGET_FILES_PER_S:
+            return False
+        self._bytes += n
+        self._files += 1
+        return True
+
+    def __call__(self, path: bytes) -> Optional[FileFacts]:
+        if not path:
+            return None
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return FileFacts(gone=True)
+        facts = FileFacts(
+            size=st.st_size,
+            mode=stat.S_IMODE(st.st_mode) | stat.S_IFMT(st.st_mode),
+            uid=st.st_uid,
+            gid=st.st_gid,
+        )
+        if not stat.S_ISREG(st.st_mode) or st.st_size > self.hash_max_bytes or not self._take(st.st_size):
+            return facts
+        return _hashed(path, facts, self.hash_max_bytes)
 
 
-def _take(n: int) -> bool:
-    now = int(time.monotonic())
-    if _budget["second"] != now:
-        _budget["second"], _budget["bytes"], _budget["files"] = now, 0, 0
-    if _budget["bytes"] + n > BUDGET_BYTES_PER_S or _budget["files"] >= BUDGET_FILES_PER_S:
-        return False
-    _budget["bytes"] += n
-    _budget["files"] += 1
-    return True
-
-
-def read_facts(path: bytes, hash_max_bytes: int = 1 << 20) -> Optional[FileFacts]:
-    """Facts of the file at ``path`` now (``gone`` when it no longer exists)."""
-    if not path:
-        return None
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return FileFacts(gone=True)
-    facts = FileFacts(
-        size=st.st_size, mode=stat.S_IMODE(st.st_mode) | stat.S_IFMT(st.st_mode), uid=st.st_uid, gid=st.st_gid
-    )
-    if not stat.S_ISREG(st.st_mode) or st.st_size > hash_max_bytes or not _take(st.st_size):
-        return facts
+def _hashed(path: bytes, facts: FileFacts, hash_max_bytes: int) -> FileFacts:
+    """``facts`` with the file's sha256 and first bytes, if it can be read
+    and does not grow past ``hash_max_bytes`` while it is."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except OSError:

@@ -14,9 +14,10 @@ Schema version 2 (``meta.schema_version``)::
     quarantine(id, at, reason, body)       records the collector refused (400)
 
 A pair is ``msgpack([exe, path])``. An event goes into ``win`` and ``outbox``
-in the same transaction; the detail decision (DESIGN §2) is made there: full
-detail while the pair has fewer than ``count_below`` events in the agent's
-hour ending at the event, a bare time after that.
+in the same transaction, and the detail decision is made there: every event
+is sent (no agent can decide rarity alone), with full detail while its pair
+has fewer than ``count_below`` events in the agent's hour ending at the
+event, as a bare time after that.
 
 The hour is pruned every 5000 events, without an index on ``ts``: rows go in
 spans of consecutive rowids (rows come in time order, near enough), a span
@@ -65,30 +66,16 @@ from agent.shared.wire.encode import pack_batch
 
 log = logging.getLogger("rarewrite.store")
 
-
 SCHEMA_VERSION = 2
-
-
 EVENT, COUNT, GAP = 0, 1, 2
-
-
 BATCH_BYTES = 2 << 20  # stay well under the collector's body cap
-
-
 RECENT_PAIRS = 4096  # pairs whose recent times are kept in memory (a few hundred KB)
-
-
 # File facts are read this long after the event, not at it: FAN_CREATE comes
 # before the writer has written anything, and a hash of the empty file would
 # tell the analyst nothing. Rows waiting for their facts are not shipped yet.
 FACTS_DELAY_MS = 1000
-
-
 FACTS_PENDING_MAX = 20_000  # beyond this, new events simply carry no facts
-
-
 CACHE_KIB = 2048  # SQLite page cache per connection: RSS stays bounded in a burst
-
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(k TEXT PRIMARY KEY, v);
@@ -102,25 +89,19 @@ CREATE TABLE IF NOT EXISTS quarantine(id INTEGER PRIMARY KEY, at INTEGER NOT NUL
     reason TEXT NOT NULL, kind INTEGER NOT NULL, body BLOB NOT NULL);
 """
 
-
 # Each step takes a file from the version before it to this one; they run in
 # one transaction with the new version number.
 _MIGRATIONS = {
     2: "DROP INDEX IF EXISTS win_ts",  # the hour is pruned by rowid spans now
 }
-
-
 # Rows of win are pruned in spans of consecutive rowids (a few record() calls
 # each), a span once its newest time has left the hour: win needs no index on
 # ts. A span is cut when its times reach into the next 1/SPANS of the window.
 SPANS = 64
 
-
 # The map header with one more key, where the old header ends (1-based), the packed
 # "file" pair; only an event map (kind 0) is filled.
 _FILL_SQL = "UPDATE outbox SET body=CAST(? || substr(body, ?) || ? AS BLOB) WHERE id=? AND kind=0"
-
-
 _COUNT_SQL = "SELECT count(*) FROM (SELECT 1 FROM win WHERE pair=? AND ts>? AND ts<=? LIMIT ?)"
 
 

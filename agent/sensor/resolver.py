@@ -32,20 +32,12 @@ from agent.shared.events import (
 )
 
 COMM_LEN = 15  # TASK_COMM_LEN - 1
-
-
 REUSE_SLACK_S = 1.5  # btime has 1 s granularity: a start later than this after the event means pid reuse
-
-
 PROCESS_LIST_TTL_S = 1.0
-
-
 # A process checked against /proc this recently is taken as is: reusing its
 # pid needs the whole pid space to wrap first, which takes far longer, and
 # an exec in between arrives as an exec event (which updates the cache).
 TRUST_S = 0.05
-
-
 _DELETED = b" (deleted)"
 
 
@@ -69,7 +61,7 @@ def _is_loader(path: bytes) -> bool:
 
 
 class Resolver:
-    """Attributes file events to processes and users (DESIGN section 3, Resolver).
+    """Attributes file events to processes and users.
 
     ``is_web_process`` is only used for sources without a pid (inotify): the
     newest running process with the file owner's euid and a web-server name

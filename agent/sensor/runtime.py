@@ -20,9 +20,14 @@ from dataclasses import replace
 from typing import Any, Optional
 
 from agent import __version__
+from agent.sensor.facts import FactsReader
 from agent.sensor.memory import rss_mb, trim_memory, tune_malloc
 from agent.sensor.outbox import AgentStore
+from agent.sensor.prefilter import Prefilter
+from agent.sensor.resolver import Resolver
 from agent.sensor.shipper import Shipper
+from agent.sensor.sources.auto import open_source
+from agent.sensor.sources.base import EventSource, Prefiltering, ReadingAhead
 from agent.sensor.state_dir import StateDir
 from agent.sensor.wiring import build_shipper
 from agent.shared.clock import Clock, SystemClock
@@ -32,20 +37,10 @@ from agent.shared.events import OVERFLOW, FileEvent, RawEvent
 from agent.shared.rule import matches
 
 log = logging.getLogger("rarewrite.agent")
-
-
 FACTS_AT_EXIT = 1 << 30
-
-
 BUSY_EVENTS = 2000  # a read() this large means a burst: the shipper waits until it is over
-
-
 FACTS_PER_LOOP = 4000  # more than a read slice holds, so a stored burst's facts keep up with it
-
-
 DRAIN_AT_STOP_S = 10.0  # at most this long storing read-ahead events at a stop
-
-
 IDLE_RELEASE_S = 2.0  # this long without events after a burst, and all shipped: memory is handed back
 
 
@@ -75,10 +70,6 @@ class LiveAgent:
 
     def run(self) -> int:
         tune_malloc()  # before any thread starts
-        from agent.sensor.facts import read_facts
-        from agent.sensor.resolver import Resolver
-        from agent.sensor.sources.auto import open_source
-
         cfg = self.cfg
         state = StateDir(cfg.agent.state_dir)
         state.lock()
@@ -86,7 +77,7 @@ class LiveAgent:
         self.state, self.ident = state, ident
         store = AgentStore(
             state.store_path, cfg.rule, self.clock, cfg.agent.outbox_max_records,
-            facts=(lambda path: read_facts(path, cfg.agent.hash_max_bytes)) if cfg.agent.file_facts else None,
+            facts=FactsReader(self.clock, cfg.agent.hash_max_bytes) if cfg.agent.file_facts else None,
         )  # fmt: skip
         shipper = build_shipper(cfg, state, store, ident, self.secret, self.clock)
         self.store, self.shipper = store, shipper
@@ -95,6 +86,7 @@ class LiveAgent:
         # late-bound on purpose: a SIGHUP reload swaps self.cfg
         resolver = Resolver(self.clock, is_web_process=lambda name: self.cfg.rule.process_matches(name))  # noqa: PLW0108
         self.resolver = resolver
+        self.prefilter = Prefilter(lambda: self.cfg.rule, resolver)
         source = self._open_source(open_source)
         log.info(
             "event=started version=%s backend=%s agent_id=%s host_name=%r watch=%s",
@@ -155,14 +147,14 @@ class LiveAgent:
             raise fatal[0]
         return 0
 
-    def _read(self, source: Any, timeout: float) -> Sequence[RawEvent]:
+    def _read(self, source: EventSource, timeout: float) -> Sequence[RawEvent]:
         """One read of the source; the events its prefilter dropped count as seen."""
-        raws: Sequence[RawEvent] = source.read(timeout)
-        if hasattr(source, "take_prefiltered"):
+        raws = source.read(timeout)
+        if isinstance(source, Prefiltering):
             self.counters["seen"] += source.take_prefiltered()
         return raws
 
-    def _handle(self, raws: Sequence[RawEvent], store: AgentStore, resolver: Any) -> None:
+    def _handle(self, raws: Sequence[RawEvent], store: AgentStore, resolver: Resolver) -> None:
         """Resolve one slice of raw events and store the matching ones."""
         rule = self.cfg.rule
         batch: list[FileEvent] = []
@@ -188,11 +180,11 @@ class LiveAgent:
             store.record(batch)
             self.counters["matched"] += len(batch)
 
-    def _drain(self, source: Any, store: AgentStore, resolver: Any) -> None:
+    def _drain(self, source: EventSource, store: AgentStore, resolver: Resolver) -> None:
         """At a stop, store what the source has read ahead but not handed on
         (a burst waits there for up to DEFER_MAX_S): a clean stop loses none
         of it. What the kernel still queues goes with the group, as ever."""
-        if not hasattr(source, "stop_reading"):
+        if not isinstance(source, ReadingAhead):
             return
         try:
             source.stop_reading()
@@ -223,56 +215,28 @@ class LiveAgent:
         if unresolved > self._seen_unresolved:
             store.record_gap(self._coverage_ms, now, unresolved - self._seen_unresolved, "unresolved_handle")
             self._seen_unresolved = unresolved
-        refused = {str(r.get("mount")) if isinstance(r, dict) else str(r) for r in stats.get("refused", [])}
-        for mount in sorted(refused - self._seen_refused):
-            log.warning("event=filesystem_not_watched mount=%r", mount)
+        refused = {str(r["path"]) for r in stats.get("refused", [])}
+        for path in sorted(refused - self._seen_refused):
+            log.warning("event=filesystem_not_watched path=%r", path)
             store.record_gap(now, now, 0, "unmarked_filesystem")
         self._seen_refused |= refused
         self._coverage_ms = now
 
-    def _cannot_match(self, pid: int) -> tuple[float, bool]:
-        """(until, cannot): until that monotonic time, the rule cannot match
-        any event of ``pid`` (or it may). Its name and user come from the
-        resolver's trusted cache, checked against /proc at most every TRUST_S.
-        The source then drops ruled-out events before they are resolved; they
-        still count as seen."""
-        known = self.resolver.trusted(pid)
-        if known is None:
-            return (0.0, False)
-        name, euid, until = known
-        if euid is None:
-            return (until, False)
-        rule = self.cfg.rule
-        proc = rule.process_matches(name)
-        if proc and rule.combinator != "and":
-            return (until, False)
-        user = self.resolver.user_of(euid)
-        ok = (
-            (proc and rule.user_matches(user.name, user.id))
-            if rule.combinator == "and"
-            else (proc or rule.user_matches(user.name, user.id))
-        )
-        return (until, not ok)
-
-    def _open_source(self, opener: Callable[..., Any]) -> Any:
-        source = self._open_source_raw(opener)
-        if hasattr(source, "set_prefilter"):
-            source.set_prefilter(self._cannot_match)
-        return source
-
-    def _open_source_raw(self, opener: Callable[..., Any]) -> Any:
+    def _open_source(self, opener: Callable[..., EventSource]) -> EventSource:
         a = self.cfg.agent
-        return opener(
+        source = opener(
             a.backend,
             [os.fsencode(p) for p in a.watch],
             [os.fsencode(p) for p in a.exclude],
             [os.fsencode(self.state.path)],
             os.getpid(),
             self.clock,
-            self.cfg.rule.process_matches,
         )
+        if isinstance(source, Prefiltering):
+            source.set_prefilter(self.prefilter)
+        return source
 
-    def _reload(self, source: Any, opener: Callable[..., Any]) -> Any:
+    def _reload(self, source: EventSource, opener: Callable[..., EventSource]) -> EventSource:
         """SIGHUP: read the config again. A bad config changes nothing (every
         problem is logged); a good one swaps the rule at once and re-opens the
         source when the watch scope or backend changed."""
@@ -290,8 +254,8 @@ class LiveAgent:
             return source
         old, self.cfg = self.cfg, new
         self.store.rule = new.rule
-        if hasattr(source, "set_prefilter"):
-            source.set_prefilter(self._cannot_match)  # its cached answers are of the old rule
+        if isinstance(source, Prefiltering):
+            source.set_prefilter(self.prefilter)  # its cached answers are of the old rule
         scope = ("backend", "watch", "exclude")
         if any(getattr(old.agent, k) != getattr(new.agent, k) for k in scope):
             try:
@@ -326,7 +290,9 @@ class LiveAgent:
         signal.signal(signal.SIGINT, on_term)
         signal.signal(signal.SIGHUP, on_hup)
 
-    def _status(self, state: str, source: Any, stats: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    def _status(
+        self, state: str, source: Optional[EventSource], stats: Optional[dict[str, Any]] = None
+    ) -> dict[str, Any]:
         src = stats if stats is not None else source.stats() if source is not None else {}
         store_counters = dict(self.store.counters)
         try:

@@ -23,8 +23,6 @@ from agent.shared.clock import Clock
 from agent.shared.errors import EnrollError, ShipError
 
 log = logging.getLogger("rarewrite.shipper")
-
-
 BUSY_WAIT_S = 5.0  # the longest the shipper holds back for a busy reader before it sends one batch
 
 
@@ -194,7 +192,7 @@ class Shipper:
 
     def _failed(self, why: str, wait: Optional[float], reached: Optional[bool] = None) -> None:
         self.counters["failures"] += 1
-        if reached is not None:  # not from the text: "ConnectionError: HTTPConnectionPool..." has "HTTP"
+        if reached is not None:  # said by the caller, never guessed from the error text
             self.reachable = reached
         delay = wait if wait is not None else self.backoff.next_delay()
         if wait is not None:
@@ -222,7 +220,7 @@ class Shipper:
             held = 0.0
             try:
                 if self._key is None and self.clock.monotonic() >= self.not_before:
-                    self.api_key()  # enroll now, not at the first event: a wrong secret fails at start (A13)
+                    self.api_key()  # enroll now, not at the first event: a wrong secret fails at start
                 shipped = False
                 while self.ship_once() and not stop.is_set():
                     shipped = True

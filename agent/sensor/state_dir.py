@@ -17,10 +17,7 @@ from agent.shared.errors import RarewriteError
 
 log = logging.getLogger("rarewrite.agent")
 
-
 STATUS_FILE = "status.json"
-
-
 LOCK_FILE = "agent.lock"
 
 
@@ -65,7 +62,7 @@ class StateDir:
         try:
             _write_atomic(path, json.dumps(doc, indent=1).encode(), 0o644)
         except OSError as e:
-            # A full disk (A5) must not stop the sensor: the status stays stale until space returns.
+            # A full disk must not stop the sensor: the status stays stale until space returns.
             with contextlib.suppress(OSError):
                 os.unlink(f"{path}.{os.getpid()}.tmp")
             if not self._status_failing:

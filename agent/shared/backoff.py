@@ -19,13 +19,14 @@ def retry_after(headers: Mapping[str, str], now_s: float) -> Optional[float]:
         return float(min(int(value), 3600))
     try:
         when = email.utils.parsedate_to_datetime(value).timestamp()
-    except (TypeError, ValueError, IndexError):
+    except (TypeError, ValueError, IndexError, AttributeError):
         return None
     return max(0.0, min(when - now_s, 3600.0))
 
 
 class Backoff:
-    """Exponential backoff with full jitter on the monotonic clock."""
+    """Exponential backoff with jitter: the n-th delay in a row is drawn
+    from [base, min(cap, base * 2**n)] (never above ``cap``)."""
 
     def __init__(self, base: float = 0.5, cap: float = 300.0, rng: Optional[random.Random] = None) -> None:
         self.base, self.cap, self.failures = base, cap, 0
@@ -33,7 +34,8 @@ class Backoff:
 
     def next_delay(self) -> float:
         self.failures += 1
-        return self.rng.uniform(self.base, min(self.cap, self.base * 2**self.failures))
+        hi = min(self.cap, self.base * 2 ** min(self.failures, 30))
+        return self.rng.uniform(min(self.base, hi), hi)
 
     def reset(self) -> None:
         self.failures = 0

@@ -15,33 +15,16 @@ from typing import NamedTuple, Optional
 
 # RawEvent.kind values
 CREATION = "creation"
-
-
 RENAME = "rename"
-
-
 EXEC = "exec"  # a process started: pid and executable, for short-lived writers
-
-
 OVERFLOW = "overflow"  # the kernel queue overflowed: events were lost
-
 
 # FileEvent.attribution values
 EXACT = "exact"  # read from /proc for the writing pid while it ran
-
-
 CACHED = "cached"  # remembered from the process's exec or an earlier event
-
-
 INFERRED = "inferred"  # no pid (inotify): guessed from file owner and running servers
-
-
 UNKNOWN = "unknown"  # no process found; the event is kept all the same
-
-
 RECORDED = "recorded"  # taken from a recorded document (replay)
-
-
 ATTRIBUTIONS = (EXACT, CACHED, INFERRED, UNKNOWN, RECORDED)
 
 

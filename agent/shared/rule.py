@@ -21,21 +21,16 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Optional
 
-from agent.shared.events import FileEvent
+from agent.shared.events import FileEvent, UserInfo
 from agent.shared.text import render
 
 RULE_NAME = "Unusual File Creation by Web Server"
-
 
 USER_NAMES = (
     "apache", "www-data", "httpd", "nginx", "lighttpd", "tomcat",
     "tomcat8", "tomcat9", "ftp", "ftpuser", "ftpd",
 )  # fmt: skip
-
-
 USER_IDS = ("99", "33", "498", "48")
-
-
 PROCESS_NAMES = (
     "apache", "nginx", "apache2", "httpd", "lighttpd", "caddy", "node",
     "mongrel_rails", "java", "gunicorn", "uwsgi", "openresty", "cherokee",
@@ -45,8 +40,6 @@ PROCESS_NAMES = (
     # LIKE patterns of the query: an entry with * or ? is a pattern
     "php-*", "python*", "ruby*", "perl*",
 )  # fmt: skip
-
-
 TAGS = (
     "Domain: Endpoint", "OS: Linux", "Use Case: Threat Detection",
     "Tactic: Persistence", "Tactic: Execution", "Tactic: Command and Control",
@@ -154,6 +147,15 @@ class Rule:
     def process_matches(self, name: Optional[str]) -> bool:
         return name in self._processes
 
+    def could_match(self, process_name: Optional[str], user: UserInfo) -> bool:
+        """The query's user and process predicates, combined as the rule says:
+        can an event written by this process as this user match at all? (The
+        event's action, type and OS decide the rest, in :func:`matches`.)"""
+        proc = self.process_matches(process_name)
+        if self.combinator == "and":
+            return proc and self.user_matches(user.name, user.id)
+        return proc or self.user_matches(user.name, user.id)
+
 
 def matches(rule: Rule, event: FileEvent) -> bool:
     """The query's ``where`` clause for one event (the window aside)."""
@@ -161,9 +163,7 @@ def matches(rule: Rule, event: FileEvent) -> bool:
         return False
     if rule.strict_event_type and event.event_type != ("change",):
         return False
-    user = rule.user_matches(event.user.name, event.user.id)
-    proc = rule.process_matches(event.process.name)
-    return (user and proc) if rule.combinator == "and" else (user or proc)
+    return rule.could_match(event.process.name, event.user)
 
 
 def in_window(rule: Rule, ts_ms: int, at_ms: int) -> bool:

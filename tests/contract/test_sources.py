@@ -164,7 +164,7 @@ def _open(kind: str, env: Env) -> Any:
         from agent.sensor.sources.inotify import InotifySource  # type: ignore[import-not-found, unused-ignore]
     except ImportError as exc:
         pytest.skip(f"inotify source not available: {exc}")
-    return InotifySource(watch, exclude, ignore=ignore, own_pid=os.getpid(), clock=SystemClock())
+    return InotifySource(watch, exclude, ignore=ignore, clock=SystemClock())
 
 
 @pytest.fixture(scope="module")

@@ -259,12 +259,12 @@ def test_retry_after_forms() -> None:
 
 
 def test_file_facts_are_read_after_the_writer_wrote_not_at_creation(tmp_path: Path) -> None:
-    from agent.sensor.facts import read_facts
+    from agent.sensor.facts import FactsReader
 
     target = tmp_path / "shell.php"
     target.write_bytes(b"")  # FAN_CREATE comes when the file is still empty
     clock = FakeClock(T0)
-    s = AgentStore(str(tmp_path / "a.db"), Rule(), clock, facts=read_facts)
+    s = AgentStore(str(tmp_path / "a.db"), Rule(), clock, facts=FactsReader(clock))
     s.record([ev(path=os.fsencode(target), ts=T0)])
     assert s.lease("a", "h", 100) is None  # waiting for its facts: not shipped yet
     target.write_bytes(b"<?php system($_GET['c']); ?>")
@@ -281,10 +281,10 @@ def test_file_facts_are_read_after_the_writer_wrote_not_at_creation(tmp_path: Pa
 
 
 def test_facts_of_a_file_gone_before_the_delay_say_so(tmp_path: Path) -> None:
-    from agent.sensor.facts import read_facts
+    from agent.sensor.facts import FactsReader
 
     clock = FakeClock(T0)
-    s = AgentStore(str(tmp_path / "a.db"), Rule(), clock, facts=read_facts)
+    s = AgentStore(str(tmp_path / "a.db"), Rule(), clock, facts=FactsReader(clock))
     s.record([ev(path=os.fsencode(tmp_path / "gone.php"), ts=T0)])
     clock.advance(1.0)
     s.fill_facts()

@@ -53,7 +53,7 @@ def test_unresolved_handles_and_refused_filesystems_become_gaps(tmp_path: Path) 
     src = FakeSource()
     agent._report_coverage(src.stats(), store)
     assert store.depth() == 0
-    src.unresolved, src.refused = 3, [{"mount": "/mnt/nfs", "reason": "EXDEV"}]
+    src.unresolved, src.refused = 3, [{"path": "/mnt/nfs", "reason": "EXDEV"}]
     clock.advance(1)
     agent._report_coverage(src.stats(), store)
     agent._report_coverage(src.stats(), store)  # nothing new: nothing more

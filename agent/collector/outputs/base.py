@@ -4,22 +4,17 @@ memory queue a background thread delivers, with retries and backoff."""
 from __future__ import annotations
 
 import logging
-import random
 import threading
-import time
 from collections import deque
 from collections.abc import Sequence
 from typing import Any, Optional, Protocol
 
+from agent.shared.backoff import Backoff
+from agent.shared.clock import Clock, SystemClock
+
 log = logging.getLogger("rarewrite.collector.outputs")
-
-
 DRAIN_S = 5.0  # how long close() lets a queued output deliver what is left
-
-
 DROP_LOG_EVERY_S = 60.0
-
-
 RETRY_AFTER_MAX_S = 3600.0
 
 
@@ -51,16 +46,20 @@ class QueuedOutput:
     ``emit`` never blocks on the network. Up to ``queue_max`` alerts wait;
     one more may be in flight. A full queue drops its oldest waiting alert
     and counts it in ``dropped``. A failed delivery (:class:`Retry`) is
-    retried, oldest first, after ``min(backoff_max, 0.5 s * 2**n)`` scaled by a
-    random factor in [0.5, 1] (or the receiver's Retry-After); a
+    retried, oldest first, after a :class:`~agent.shared.backoff.Backoff` delay
+    from 0.5 s up to ``backoff_max`` (or the receiver's Retry-After); a
     :class:`Permanent` failure is logged, counted in ``failed`` and skipped.
     Subclasses implement :meth:`deliver` and may override :meth:`disconnect`.
     """
 
     kind = "queued"
 
-    def __init__(self, name: str, queue_max: int, backoff_max_s: float) -> None:
+    def __init__(
+        self, name: str, queue_max: int, backoff_max_s: float, clock: Optional[Clock] = None
+    ) -> None:
         self.name = name
+        self._clock: Clock = clock or SystemClock()
+        self._backoff = Backoff(0.5, backoff_max_s)
         self.queue_max = queue_max
         self.backoff_max_s = backoff_max_s
         self.sent = 0
@@ -124,7 +123,7 @@ class QueuedOutput:
     # the worker
 
     def _log_drops(self, n: int) -> None:
-        now = time.monotonic()
+        now = self._clock.monotonic()
         with self._cv:
             self._drops_unlogged += n
             if now - self._last_drop_log < DROP_LOG_EVERY_S:
@@ -138,10 +137,6 @@ class QueuedOutput:
             self.dropped,
             self.queue_max,
         )
-
-    def _backoff(self, attempt: int) -> float:
-        cap = min(self.backoff_max_s, 0.5 * (2 ** min(attempt, 30)))
-        return float(cap * random.uniform(0.5, 1.0))  # noqa: S311 - jitter, not crypto
 
     def _run(self) -> None:
         item: Optional[dict[str, Any]] = None
@@ -162,7 +157,7 @@ class QueuedOutput:
                     log.warning(
                         "event=output_retrying output=%r type=%s reason=%r", self.name, self.kind, e.reason
                     )
-                delay = min(e.after, RETRY_AFTER_MAX_S) if e.after is not None else self._backoff(attempt)
+                delay = min(e.after, RETRY_AFTER_MAX_S) if e.after is not None else self._backoff.next_delay()
                 attempt += 1
                 if self._closing:
                     return  # closing and the receiver still fails: what is left stays undelivered
@@ -182,3 +177,4 @@ class QueuedOutput:
                     )
             item = None
             attempt = 0
+            self._backoff.reset()

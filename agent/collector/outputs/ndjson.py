@@ -11,10 +11,7 @@ from agent.shared.text import dumps
 
 log = logging.getLogger("rarewrite.collector.outputs")
 
-
 DEFAULT_MAX_BYTES = 100 << 20
-
-
 DEFAULT_KEEP = 5
 
 

@@ -18,14 +18,8 @@ from agent.shared.text import dumps
 
 # rule severity -> RFC 5424 severity: low notice(5), medium warning(4), high err(3), critical crit(2)
 SYSLOG_SEVERITY = {"low": 5, "medium": 4, "high": 3, "critical": 2}
-
-
 DGRAM_MAX = 60_000  # larger datagrams are refused by UDP (65507) or truncated by receivers
-
-
 STREAM_MAX = 1 << 20
-
-
 _NOT_PRINTUSASCII = re.compile(r"[^!-~]")
 
 
@@ -82,8 +76,9 @@ class SyslogOutput(QueuedOutput):
 
     def format(self, alert: dict[str, Any], now: Optional[float] = None) -> bytes:
         severity = SYSLOG_SEVERITY.get(str(alert_field(alert, "kibana", "alert", "severity")), 4)
+        stamp = syslog_timestamp(self._clock.now_ms() / 1000 if now is None else now)
         head = (
-            f"<{self.facility * 8 + severity}>1 {syslog_timestamp(time.time() if now is None else now)} "
+            f"<{self.facility * 8 + severity}>1 {stamp} "
             f"{self.hostname} {self.app_name} {os.getpid()} alert "
             f'[origin software="rarewrite" swVersion="{__version__}"] '
         ).encode("ascii")

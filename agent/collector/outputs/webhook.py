@@ -2,32 +2,15 @@
 
 from __future__ import annotations
 
-import email.utils
-import time
-from typing import Any, Optional
+from typing import Any
 
 import requests
 
 from agent import __version__
 from agent.collector.outputs.base import Permanent, QueuedOutput, Retry
 from agent.collector.outputs.stdout import alert_field
+from agent.shared.backoff import retry_after
 from agent.shared.text import dumps
-
-
-def _retry_after(value: Optional[str]) -> Optional[float]:
-    """Retry-After as seconds (delta-seconds or an HTTP date); None if absent or bad."""
-    if not value:
-        return None
-    v = value.strip()
-    if v.isdigit():
-        return float(v)
-    try:
-        when = email.utils.parsedate_to_datetime(v)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when is None:
-        return None
-    return max(0.0, when.timestamp() - time.time())
 
 
 class WebhookOutput(QueuedOutput):
@@ -88,7 +71,7 @@ class WebhookOutput(QueuedOutput):
             if 200 <= r.status_code < 300:
                 return
             if r.status_code in (408, 429) or r.status_code >= 500:
-                raise Retry(f"HTTP {r.status_code}", _retry_after(r.headers.get("Retry-After")))
+                raise Retry(f"HTTP {r.status_code}", retry_after(r.headers, self._clock.now_ms() / 1000))
             raise Permanent(f"HTTP {r.status_code}")
 
     def disconnect(self) -> None:

@@ -67,45 +67,20 @@ except ImportError as e:  # pragma: no cover - depends on the install
 
 
 SCHEMA_VERSION = 1
-
-
 HOUR_MS = 3_600_000
-
-
 AHEAD_HOURS = 3  # partitions kept ready past the current hour
-
-
 BAND_BACK_HOURS = 7 * 24  # older timestamps go to the DEFAULT partition
-
-
 BAND_AHEAD_HOURS = 48  # and so do timestamps this far in the future
-
-
 # pairs.last_ts is only raised when it is this far behind (fewer row locks on
 # hot pairs); pruning keeps a pair until last_ts is this much older than the cutoff.
 LAST_TS_LAG_MS = 600_000
-
-
 RETRIES = 5
-
-
 EVAL_WORK_MEM = "256MB"
-
-
 LOCK_CLASS = 0x52570000  # advisory lock class id ("RW")
-
-
 LOCK_MIGRATE = 1
-
-
 LOCK_PARTITIONS = 2
-
-
 LOCK_SCHEDULE = 3
-
-
 SCHEDULE_WAIT = "120s"  # how long an hourly run waits for another replica's
-
 
 _V1 = """
 CREATE TABLE meta (key text PRIMARY KEY, value text NOT NULL);
@@ -193,10 +168,8 @@ CREATE TABLE schedule_runs (
 );
 """
 
-
 # (version, description, SQL): append only; a step never changes once released.
 MIGRATIONS: tuple[tuple[int, str, str], ...] = ((1, "initial schema, events partitioned by hour", _V1),)
-
 
 # One statement, one snapshot. The window is a range on ts (partition pruning,
 # then events_window); one hash aggregate by pair. With agent_count == 1 no
@@ -219,8 +192,6 @@ FROM g JOIN pairs AS p ON p.ref = g.pair
 ORDER BY g.cc, p.exe NULLS FIRST, p.path NULLS FIRST
 LIMIT %(limit)s
 """
-
-
 _ROWS_SQL = """
 SELECT g.cc, g.ac, g.agents, g.hosts, p.exe, p.path, g.first_ts
 FROM (

@@ -68,19 +68,10 @@ from agent.shared.rule import Row, Rule
 
 log = logging.getLogger("rarewrite.collector.store")
 
-
 SCHEMA_VERSION = 2
-
-
 BUSY_TIMEOUT_MS = 5000
-
-
 PRUNE_CHUNK = 5000
-
-
 PAIR_CACHE_MAX = 65_536  # pair refs the writer keeps in memory (about 10 MB at most)
-
-
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS hosts (ref INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);
@@ -151,9 +142,7 @@ CREATE TABLE IF NOT EXISTS alerts (
 CREATE INDEX IF NOT EXISTS alerts_at ON alerts(at_ms);
 """
 
-
 _META_SQL = f"INSERT OR REPLACE INTO meta(key, value) VALUES ('schema_version', '{SCHEMA_VERSION}');"  # noqa: S608
-
 
 _PAIR_UPSERT_SQL = (
     "INSERT INTO pairs(key, exe, path, last_ts) VALUES (?, ?, ?, ?) "
@@ -193,7 +182,6 @@ MIGRATIONS: tuple[tuple[int, str, Callable[[sqlite3.Connection], None]], ...] = 
     (2, "pairs keyed in (exe, path) order; events indexed by (pair, ts) and (ts)", _migrate_v2),
 )
 
-
 # The rule's rows at T in two statements, both ranking pairs by
 #   v = 2 * cc + ok
 # where cc counts the pair's events in the window, but only up to count_below
@@ -215,27 +203,19 @@ MIGRATIONS: tuple[tuple[int, str, Callable[[sqlite3.Connection], None]], ...] = 
 # Both feed _DETAIL, which adds cc, the agents, hosts and first event time of
 # the chosen pairs only (each has fewer than count_below events).
 _V_ONE = "(min(a) = max(a))"  # agent_count == 1; NULL without events
-
-
 _V_ANY = "(count(DISTINCT a) = :agents)"
-
-
 _V_SQL = """(
         SELECT count(*) * 2 + {ok} FROM (
             SELECT agent AS a FROM events INDEXED BY events_pair
             WHERE pair = p.ref AND ts > :lo AND ts <= :hi LIMIT :below
         )
     )"""
-
-
 _WALK_SQL = """
 SELECT v, ref, key FROM (
     SELECT p.ref, p.key, {v} AS v
     FROM pairs AS p INDEXED BY sqlite_autoindex_pairs_1 ORDER BY p.key LIMIT :budget
 ) WHERE v = :vmin AND v < 2 * :below LIMIT :limit
 """
-
-
 _FULL_SQL = """
 SELECT v, ref, key FROM (
     SELECT p.ref, p.key, {v} AS v
@@ -243,8 +223,6 @@ SELECT v, ref, key FROM (
 ) WHERE v % 2 = 1 AND v >= 3 AND v < 2 * :below
 ORDER BY v, key LIMIT :limit
 """
-
-
 _DETAIL_SQL = """
 WITH ranked(v, ref, key) AS MATERIALIZED ({ranked})
 SELECT count(*), min(e.agent), max(e.agent), min(e.host), max(e.host), min(e.ts), p.exe, p.path, r.ref
@@ -253,8 +231,6 @@ WHERE p.ref = r.ref AND e.pair = r.ref AND e.ts > :lo AND e.ts <= :hi
 GROUP BY r.ref
 ORDER BY r.v, r.key
 """
-
-
 _ROWS_SQL = {
     (walk, one): _DETAIL_SQL.format(
         ranked=(_WALK_SQL if walk else _FULL_SQL).format(v=_V_SQL.format(ok=_V_ONE if one else _V_ANY))
@@ -262,8 +238,6 @@ _ROWS_SQL = {
     for walk in (True, False)
     for one in (True, False)
 }
-
-
 WALK_PAIRS = 100_000  # walk for limits up to this, through at most max(WALK_PAIRS, 10 * limit) pairs
 
 

@@ -9,14 +9,13 @@ from __future__ import annotations
 import importlib
 import logging
 from collections.abc import Sequence
-from typing import Callable, Optional
+from typing import Optional
 
 from agent.sensor.sources.base import EventSource
 from agent.shared.clock import Clock
 from agent.shared.errors import SourceError
 
 log = logging.getLogger("rarewrite.sources.auto")
-
 
 BACKENDS = ("auto", "fanotify", "inotify")
 
@@ -28,14 +27,10 @@ def open_source(
     ignore: Sequence[bytes],
     own_pid: Optional[int],
     clock: Clock,
-    is_web_process: Optional[Callable[[str], bool]] = None,
 ) -> EventSource:
-    """Return a started source; SourceError when none can start.
-
-    ``is_web_process`` is accepted for symmetry with the resolver wiring; the
-    sources themselves hold no rule logic and do not use it.
-    """
-    del is_web_process  # sources carry no rule logic (osquery's publisher/subscriber split)
+    """Return a started source; SourceError when none can start. ``own_pid``
+    is the agent's (fanotify drops its events; inotify has no pid and keeps
+    the agent's writes out with ``ignore``)."""
     if backend not in BACKENDS:
         raise SourceError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
     if backend in ("fanotify", "auto"):
@@ -47,7 +42,7 @@ def open_source(
                 raise
             log.warning("fallback from=fanotify to=inotify reason=%s", exc)
     try:
-        return _start(_inotify(watch, exclude, ignore, own_pid, clock))
+        return _start(_inotify(watch, exclude, ignore, clock))
     except SourceError as exc:
         log.error("source failed backend=inotify reason=%s", exc)
         raise
@@ -78,19 +73,11 @@ def _fanotify(
 
 
 def _inotify(
-    watch: Sequence[bytes],
-    exclude: Sequence[bytes],
-    ignore: Sequence[bytes],
-    own_pid: Optional[int],
-    clock: Clock,
+    watch: Sequence[bytes], exclude: Sequence[bytes], ignore: Sequence[bytes], clock: Clock
 ) -> EventSource:
-    try:
-        inotify_mod = importlib.import_module(
-            "agent.sensor.sources.inotify"
-        )  # optional backend, may be absent
+    try:  # an optional backend: pyinotify may be absent
+        inotify_mod = importlib.import_module("agent.sensor.sources.inotify")
     except ImportError as exc:  # the module or pyinotify missing
         raise SourceError(f"inotify unavailable: {exc}") from exc
-    source: EventSource = inotify_mod.InotifySource(
-        watch, exclude, ignore=ignore, own_pid=own_pid, clock=clock
-    )
+    source: EventSource = inotify_mod.InotifySource(watch, exclude, ignore=ignore, clock=clock)
     return source

@@ -10,10 +10,22 @@ counted, never silently ignored.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, Protocol
+from collections.abc import Callable, Sequence
+from typing import Any, Optional, Protocol, TypedDict, runtime_checkable
 
 from agent.shared.events import RawEvent
+
+# A prefilter answers, for a pid, (until, cannot_match): until that monotonic
+# time no event of the pid can match the rule (or some may).
+PrefilterFn = Callable[[int], tuple[float, bool]]
+
+
+class Refused(TypedDict):
+    """A place the source could not watch, in :meth:`EventSource.stats`
+    ``refused``: a filesystem (fanotify) or a directory (inotify)."""
+
+    path: str
+    reason: str
 
 
 class EventSource(Protocol):
@@ -33,11 +45,33 @@ class EventSource(Protocol):
         """
 
     def stats(self) -> dict[str, Any]:
-        """Counters and coverage: filesystems marked and refused, overflows,
-        unresolvable handles, events seen in scope."""
+        """Counters and coverage: at least ``marked`` (paths, str) and
+        ``refused`` (:class:`Refused`), ``seen`` and ``overflows``; fanotify
+        adds ``unresolved`` (handles that no longer resolve) and more."""
 
     def close(self) -> None:
         """Remove marks, close descriptors. Safe to call twice."""
+
+
+@runtime_checkable
+class Prefiltering(Protocol):
+    """A source that can drop the events of a process the rule rules out
+    before they are resolved (fanotify: it knows the pid of every event)."""
+
+    def set_prefilter(self, prefilter: Optional[PrefilterFn]) -> None:
+        """Install ``prefilter``; forget every cached answer (a new rule)."""
+
+    def take_prefiltered(self) -> int:
+        """Events dropped by the prefilter since the last call (they count as seen)."""
+
+
+@runtime_checkable
+class ReadingAhead(Protocol):
+    """A source that reads ahead of :meth:`EventSource.read` (fanotify's
+    read-ahead thread): at a stop, what it holds can still be drained."""
+
+    def stop_reading(self) -> None:
+        """Stop reading the kernel queue; later reads return what was read ahead."""
 
 
 def in_scope(path: bytes, watch: Sequence[bytes], exclude: Sequence[bytes]) -> bool:
@@ -46,10 +80,11 @@ def in_scope(path: bytes, watch: Sequence[bytes], exclude: Sequence[bytes]) -> b
     Prefixes match whole path components: ``/srv/www`` covers ``/srv/www`` and
     ``/srv/www/a`` but not ``/srv/wwwx``.
     """
-    return any(_under(path, w) for w in watch) and not any(_under(path, x) for x in exclude)
+    return any(under(path, w) for w in watch) and not any(under(path, x) for x in exclude)
 
 
-def _under(path: bytes, prefix: bytes) -> bool:
+def under(path: bytes, prefix: bytes) -> bool:
+    """``path`` is ``prefix`` or inside it, by whole path components."""
     if prefix == b"/":
         return path.startswith(b"/")
     return path == prefix or path.startswith(prefix.rstrip(b"/") + b"/")

@@ -8,8 +8,8 @@ What inotify cannot do, and what this module does about it:
 
 - **No pid.** ``RawEvent.pid`` is always ``None``; the resolver infers the
   writer from the file owner and the running web servers and marks the event
-  ``inferred``. ``own_pid`` is therefore unused: the agent's own files are
-  kept out by the ``ignore`` directories, which get no watch at all.
+  ``inferred``. The agent's own files are kept out by the ``ignore``
+  directories, which get no watch at all.
 - **One watch per directory.** Watches are placed recursively at start, with
   the excludes and ignore dirs pruned *before* any watch is added. A new
   directory gets its watch when its ``IN_CREATE`` is read, which is after the
@@ -57,53 +57,31 @@ import termios
 from collections.abc import Iterator, Sequence
 from typing import Any, Optional
 
-from agent.sensor.sources.base import in_scope
+from agent.sensor.sources.base import Refused, in_scope
 from agent.shared.clock import Clock, SystemClock
 from agent.shared.errors import SourceError
 from agent.shared.events import CREATION, OVERFLOW, RENAME, RawEvent
-from agent.shared.ratelimit import RateLimited
+from agent.shared.ratelimit import RateLimiter
 
 log = logging.getLogger("rarewrite.sources.inotify")
 
-
 LOG_INTERVAL_S = 60.0
-
 
 # <sys/inotify.h>; the same values pyinotify exposes, kept here so the pure
 # parts of this module (and its tests) do not need pyinotify.
 IN_MOVED_FROM = 0x00000040
-
-
 IN_MOVED_TO = 0x00000080
-
-
 IN_CREATE = 0x00000100
-
-
 IN_DELETE = 0x00000200
-
-
 IN_MOVE_SELF = 0x00000800
-
-
 IN_Q_OVERFLOW = 0x00004000
-
-
 IN_IGNORED = 0x00008000
-
-
 IN_ISDIR = 0x40000000
-
 
 WATCH_MASK = IN_CREATE | IN_MOVED_TO | IN_MOVED_FROM | IN_DELETE | IN_MOVE_SELF | IN_Q_OVERFLOW
 
-
 _HEADER = struct.Struct("iIII")  # wd, mask, cookie, len
-
-
 _UNKNOWN_SUFFIX = "-unknown-path"  # what pyinotify appends to a watch it lost track of
-
-
 _VANISHED = (errno.ENOENT, errno.ENOTDIR, errno.ESTALE)
 
 
@@ -153,18 +131,14 @@ class InotifySource:
         watch: Sequence[bytes],
         exclude: Sequence[bytes],
         ignore: Sequence[bytes] = (),
-        own_pid: Optional[int] = None,
         clock: Optional[Clock] = None,
-        mounts_path: str = "/proc/self/mountinfo",
     ) -> None:
         self._watch = [_norm(w) for w in watch]
         self._exclude = [_norm(x) for x in exclude]
         self._ignore = [_norm(x) for x in ignore]
         self._skip = self._exclude + self._ignore
-        self._own_pid = own_pid  # unused: inotify has no pid; `ignore` keeps own writes out
         self._clock: Clock = clock if clock is not None else SystemClock()
-        self._mounts_path = mounts_path  # unused: inotify watches directories, not mounts
-        self._rl = RateLimited(log, self._clock, LOG_INTERVAL_S)
+        self._rl = RateLimiter(self._clock, interval_s=LOG_INTERVAL_S)
         self._wm: Any = None
         self._notifier: Any = None
         self._adder: Optional[_AddWatch] = None
@@ -175,7 +149,7 @@ class InotifySource:
         self._closed = False
         self._limit_logged = False
         self._marked: list[str] = []
-        self._refused: list[dict[str, str]] = []
+        self._refused: list[Refused] = []
         self._counters: dict[str, int] = {
             "seen": 0,
             "overflows": 0,
@@ -211,11 +185,11 @@ class InotifySource:
         self._notifier = pyinotify.Notifier(self._wm, default_proc_fun=self._pending.append)
         for root in self._watch:
             if self._skipped(root):
-                self._refused.append({"path": os.fsdecode(root), "reason": "excluded"})
+                self._refused.append(Refused(path=os.fsdecode(root), reason="excluded"))
                 continue
             reason = self._watch_tree(os.fsdecode(root))
             if reason:
-                self._refused.append({"path": os.fsdecode(root), "reason": reason})
+                self._refused.append(Refused(path=os.fsdecode(root), reason=reason))
             else:
                 self._marked.append(os.fsdecode(root))
         if not self._marked:
@@ -240,7 +214,7 @@ class InotifySource:
                 self._notifier.process_events()
         except OSError as exc:
             self._counters["errors"] += 1
-            self._rl(logging.ERROR, "read", "event=inotify_read_failed error=%s", exc)
+            self._rl.log(log, logging.ERROR, "read", "event=inotify_read_failed error=%s", exc)
         pending = self._pending[:]
         self._pending.clear()  # in place: the notifier holds its append
         for ev in pending:
@@ -248,7 +222,7 @@ class InotifySource:
                 self._handle(ev, out)
             except Exception as exc:  # noqa: BLE001 - one bad event never stops the source
                 self._counters["errors"] += 1
-                self._rl(logging.ERROR, "handle", "event=inotify_event_failed error=%r", exc)
+                self._rl.log(log, logging.ERROR, "handle", "event=inotify_event_failed error=%r", exc)
         # Any duplicate of a rescan made before this cycle was in this cycle's read.
         if self._rescanned:
             self._rescanned = {p: c for p, c in self._rescanned.items() if c >= self._cycle}
@@ -295,7 +269,8 @@ class InotifySource:
         if mask & IN_Q_OVERFLOW:
             self._counters["overflows"] += 1
             out.append(RawEvent(kind=OVERFLOW, ts_ms=self._clock.now_ms(), path=None, lost=0))
-            self._rl(
+            self._rl.log(
+                log,
                 logging.WARNING,
                 "overflow",
                 "event=inotify_queue_overflow overflows=%d",
@@ -364,7 +339,9 @@ class InotifySource:
             wd = int(next(iter(ret.values()), -1))
         except Exception as exc:  # noqa: BLE001 - pyinotify's error paths raise odd things; count them
             self._counters["watch_errors"] += 1
-            self._rl(logging.WARNING, "watch:exc", "event=inotify_watch_failed path=%r error=%r", path, exc)
+            self._rl.log(
+                log, logging.WARNING, "watch:exc", "event=inotify_watch_failed path=%r error=%r", path, exc
+            )
             return False
         if wd >= 0:
             return True
@@ -385,7 +362,8 @@ class InotifySource:
                     "directories beyond the limit are not watched",
                 )
         else:
-            self._rl(
+            self._rl.log(
+                log,
                 logging.WARNING,
                 f"watch:{err}",
                 "event=inotify_watch_failed path=%r error=%s",
@@ -457,7 +435,8 @@ class InotifySource:
         prefix = old.rstrip("/") + "/"
         wds = [wd] + [w.wd for w in self._wm.watches.values() if w.path.startswith(prefix)]
         self._wm.rm_watch(wds, quiet=True)
-        self._rl(
+        self._rl.log(
+            log,
             logging.INFO,
             "moved_out",
             "event=inotify_dir_moved_away path=%r watches_removed=%d",

@@ -10,11 +10,7 @@ from collections.abc import Callable, Sequence
 from urllib.parse import urlsplit
 
 _DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*\Z")
-
-
 _UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, None: 1000}
-
-
 _SIZE = re.compile(r"\s*(\d+)\s*([KMG]i?B?|B)?\s*\Z", re.IGNORECASE)
 
 
@@ -145,8 +141,6 @@ def listen(text_: str) -> str:
 
 
 _APP_NAME = re.compile(r"[!-~]{1,48}\Z")
-
-
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")  # an RFC 9110 token
 
 

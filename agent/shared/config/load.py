@@ -36,8 +36,6 @@ from agent.shared.errors import ConfigError
 from agent.shared.rule import Rule
 
 T = TypeVar("T")
-
-
 _OUTPUT_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
 
 

@@ -34,11 +34,7 @@ from agent.shared.config.converters import (
 from agent.shared.rule import Rule
 
 ETC = "/etc/rarewrite"
-
-
 AGENT_CONF = os.path.join(ETC, "agent.conf")
-
-
 COLLECTOR_CONF = os.path.join(ETC, "collector.conf")
 
 
@@ -108,8 +104,6 @@ class Config:
 
 # key -> (dataclass field, converter)
 Spec = Mapping[str, tuple[str, Callable[[str], Any]]]
-
-
 RULE_KEYS: Spec = {
     "name": ("name", text),
     "rule_id": ("rule_id", text),
@@ -176,7 +170,6 @@ COLLECTOR_KEYS: Spec = {
 
 OUTPUT_TYPES = ("ndjson", "stdout", "webhook", "syslog")
 
-
 SYSLOG_FACILITIES = {
     "kern": 0, "user": 1, "mail": 2, "daemon": 3, "auth": 4, "syslog": 5, "lpr": 6, "news": 7,
     "uucp": 8, "cron": 9, "authpriv": 10, "ftp": 11,
@@ -185,7 +178,6 @@ SYSLOG_FACILITIES = {
 
 
 REQUIRED = object()  # an output key without a default
-
 
 # output type -> key -> (converter, default); the default is what build_outputs gets
 OUTPUT_KEYS: Mapping[str, Mapping[str, tuple[Callable[[str], Any], Any]]] = {

@@ -124,14 +124,8 @@ def _map(v: Any, path: str) -> dict[str, Any]:
 
 
 _DETAIL_INT = ("pid", "ppid")
-
-
 _DETAIL_STR = ("pname", "cmd", "uid", "uname", "attr", "ppname")
-
-
 _DETAIL_BIN = ("orig", "ppexe")
-
-
 _FILE_INT = ("size", "mode", "uid", "gid")
 
 
@@ -190,36 +184,17 @@ def rows_of(batch: Batch | RowBatch) -> RowBatch:
 
 
 _HDR = tuple[int, str, str, int, str, str, int]
-
-
 _Ev = tuple[int, str, Optional[bytes], Optional[bytes], dict[str, Any]]
-
-
 _Ct = tuple[Optional[bytes], Optional[bytes], tuple[int, ...]]
-
 
 # Detail fields by kind, for the fast path (one dict lookup per field present).
 _K_INT31, _K_STR, _K_BIN, _K_ETYPE, _K_FILE = range(5)
-
-
 _KIND = {k: _K_INT31 for k in _DETAIL_INT}
-
-
 _KIND.update({k: _K_STR for k in _DETAIL_STR})
-
-
 _KIND.update({k: _K_BIN for k in _DETAIL_BIN})
-
-
 _KIND.update({"etype": _K_ETYPE, "file": _K_FILE})
-
-
 _FILE_KIND = {k: 0 for k in _FILE_INT}
-
-
 _FILE_KIND.update({"sha256": 1, "sample": 2, "gone": 3})
-
-
 _INT31 = (1 << 31) - 1
 
 

@@ -51,37 +51,18 @@ from typing import Any, Optional
 import msgpack
 
 VERSION = 1
-
-
 SUPPORTED_VERSIONS = (1,)
-
 
 # Hard limits. The unpacker gets them explicitly so a length claim cannot
 # allocate (msgpack < 1.2.4 preallocates from the header).
 MAX_BODY = 8 << 20  # bytes of one batch
-
-
 MAX_RECORDS = 20_000  # events + count times + gaps in one batch
-
-
 MAX_BIN = 16 << 10  # a path (PATH_MAX is 4096) or a file sample
-
-
 MAX_STR = 16 << 10  # a command line is capped by the agent before this
-
-
 MAX_ID = 128
-
-
 MAX_TS = (1 << 53) - 1
-
-
 ACTIONS = ("creation", "rename")
-
-
 _HEX32 = re.compile(r"[0-9a-f]{32}\Z")
-
-
 _ID = re.compile(r"[A-Za-z0-9._:@-]{1,128}\Z")
 
 

@@ -31,8 +31,6 @@ PSEUDO_FS = frozenset(
         "rpc_pipefs",
     }
 )
-
-
 # Remote filesystems: marked when they hold a watched path, but not for execs.
 NETWORK_FS = frozenset(
     {"nfs", "nfs4", "cifs", "smb3", "smbfs", "ceph", "glusterfs", "afs", "9p", "fuse.sshfs"}

@@ -6,44 +6,27 @@ from __future__ import annotations
 import os
 import select
 import threading
-import time
 from collections import deque
 from typing import Optional
 
 from agent.shared.clock import Clock
 
 READ_BUFFER = 256 * 1024
-
-
 # Raw events read ahead of the consumer at most (~180,000): beyond it the reader
 # pauses and the kernel queue (unlimited, memcg-charged) holds the rest.
 READ_AHEAD_BYTES = 16 << 20
-
-
 # A burst: this much waiting at once (~700 events). Its events are left to
 # gather until fewer than BURST_EASED_BYTES arrive in BURST_QUIET_S, for at
 # most DEFER_MAX_S or until DEFER_MAX_BYTES wait (see ReadAhead.take).
 BURST_BYTES = 64 << 10
-
-
 BURST_QUIET_S = 0.02
-
-
 BURST_EASED_BYTES = 8 << 10
-
-
 DEFER_MAX_S = 3.0
-
-
 DEFER_MAX_BYTES = 12 << 20
-
-
 # 256 KiB of events (~2,700) at most per read() call: a burst is handed on in
 # slices that one SQLite transaction takes. Larger slices cost no less CPU
 # and leave a larger heap behind (bench/burst.py: RSS 65 MB after, not 49).
 TAKE_BYTES = 1 << 18
-
-
 # After a short read the reader lets events gather this long: a reader that
 # takes them one by one contends with every writer for the queue's lock and
 # costs the host more than one that reads nothing (bench/burst.py).
@@ -102,10 +85,10 @@ class ReadAhead:
                 cond.wait(timeout)
             if not self._draining and self._bytes >= BURST_BYTES:
                 self._draining = True  # one wait per burst; then drain it in slices
-                deadline = time.monotonic() + DEFER_MAX_S
+                deadline = self._clock.monotonic() + DEFER_MAX_S
                 while not self._stop and self._bytes < DEFER_MAX_BYTES:
                     before = self._bytes
-                    left = deadline - time.monotonic()
+                    left = deadline - self._clock.monotonic()
                     if left <= 0:
                         break
                     cond.wait(min(BURST_QUIET_S, left))
@@ -142,7 +125,7 @@ class ReadAhead:
             except BlockingIOError:
                 try:
                     if poller.poll(200):
-                        time.sleep(READ_BATCH_WAIT_S)
+                        self._clock.sleep(READ_BATCH_WAIT_S)
                 except InterruptedError:
                     pass
                 continue
@@ -164,4 +147,4 @@ class ReadAhead:
                 self._bytes += len(buf)
                 cond.notify_all()
             if len(buf) < READ_BUFFER // 2:
-                time.sleep(READ_BATCH_WAIT_S)
+                self._clock.sleep(READ_BATCH_WAIT_S)

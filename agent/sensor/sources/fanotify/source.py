@@ -14,46 +14,28 @@ import hashlib
 import logging
 import os
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from agent.sensor.sources.base import PrefilterFn, Refused, under
 from agent.sensor.sources.fanotify import abi
 from agent.sensor.sources.fanotify.mounts import NETWORK_FS, PSEUDO_FS, Mount, parse_mountinfo
 from agent.sensor.sources.fanotify.reader import TAKE_BYTES, ReadAhead
 from agent.shared.clock import Clock, SystemClock
 from agent.shared.errors import SourceError
 from agent.shared.events import CREATION, EXEC, OVERFLOW, RENAME, RawEvent
-from agent.shared.ratelimit import RateLimited
+from agent.shared.ratelimit import RateLimiter
 
 log = logging.getLogger("rarewrite.sources.fanotify")
-
-
 MOUNT_RESCAN_S = 5.0
-
-
 DIR_CACHE_SIZE = 4096
-
-
 DIR_CACHE_TTL_S = 30.0
-
-
 LOG_INTERVAL_S = 10.0
-
-
 # Where names in a cached directory stand against watch/exclude.
 _IN, _OUT, _MIXED = 1, 0, 2
-
-
 # Events that only name a directory entry: the only ones a prefilter may drop.
 _NOT_DIRENT = ~(abi.FAN_CREATE | abi.FAN_RENAME | abi.FAN_MOVED_TO | abi.FAN_ONDIR)
-
-
-def _under(path: bytes, prefix: bytes) -> bool:
-    if prefix == b"/":
-        return path.startswith(b"/")
-    p = prefix.rstrip(b"/")
-    return path == p or path.startswith(p + b"/")
 
 
 @dataclass
@@ -91,7 +73,6 @@ class FanotifySource:
         self._mounts_path = mounts_path
         self._fd = -1
         self._closed = False
-        self._init_flags = 0
         self._target_fid = False
         self._pidfd = False
         self._rename_bit: Optional[int] = None  # FAN_RENAME or FAN_MOVED_TO, decided at first mark
@@ -113,7 +94,7 @@ class FanotifySource:
             "parse_errors": 0,
             "read_errors": 0,
         }
-        self._rl = RateLimited(log, self._clock, LOG_INTERVAL_S)
+        self._rl = RateLimiter(self._clock, interval_s=LOG_INTERVAL_S)
         # path scope as two C-level checks: startswith(tuple) and set membership
         self._watch_pre = tuple(w.rstrip(b"/") + b"/" for w in self._watch)
         self._watch_eq = frozenset(self._watch)
@@ -124,7 +105,7 @@ class FanotifySource:
         # Ruled-out events are counted in `prefiltered` and never resolved or
         # handed on, so a busy host's non-web-server writes cost almost
         # nothing. `_skip` caches the answers.
-        self._prefilter: Optional[Callable[[int], tuple[float, bool]]] = None
+        self._prefilter: Optional[PrefilterFn] = None
         self._skip: dict[int, tuple[float, bool]] = {}
         self._prefiltered_new = 0
         self._execd: set[int] = set()  # pids with an exec in the current read() call
@@ -181,7 +162,6 @@ class FanotifySource:
                 if exc.errno == errno.EINVAL:
                     continue
                 break
-            self._init_flags = base | flags
             self._target_fid = target
             self._pidfd = pidfd
             if not target:
@@ -216,16 +196,13 @@ class FanotifySource:
             self._fd = -1
         self._dir_cache.clear()
 
-    def fileno(self) -> int:
-        return self._fd
-
     def stats(self) -> dict[str, Any]:
         out: dict[str, Any] = dict(self._counters)
         out["marked"] = sorted(
             os.fsdecode(m.mount_point) for m in self._marked.values() if m.mask & abi.FAN_CREATE
         )
         out["exec_marked"] = sorted(os.fsdecode(m.mount_point) for m in self._marked.values())
-        out["refused"] = [{"mount": os.fsdecode(k), "reason": v} for k, v in sorted(self._refused.items())]
+        out["refused"] = [Refused(path=os.fsdecode(k), reason=v) for k, v in sorted(self._refused.items())]
         out["target_fid"] = self._target_fid
         out["merge_possible"] = not self._target_fid
         out["pidfd"] = self._pidfd
@@ -234,7 +211,7 @@ class FanotifySource:
         out["read_ahead_bytes"] = self._ahead.pending_bytes() if self._ahead is not None else 0
         return out
 
-    def set_prefilter(self, prefilter: Optional[Callable[[int], tuple[float, bool]]]) -> None:
+    def set_prefilter(self, prefilter: Optional[PrefilterFn]) -> None:
         """Install the daemon's prefilter; forgets every cached answer (a new rule)."""
         self._prefilter = prefilter
         self._skip.clear()
@@ -253,14 +230,19 @@ class FanotifySource:
     # --- marks -------------------------------------------------------------
 
     def _rescan_mounts(self, force: bool = False) -> None:
-        """Mark filesystems that appeared since the last scan (A11)."""
+        """Mark filesystems that appeared since the last scan (mounts come and go, containers start)."""
         self._last_scan = self._clock.monotonic()
         try:
             with open(self._mounts_path, "rb") as f:
                 data = f.read()
         except OSError as exc:
-            self._rl(
-                logging.WARNING, "mountinfo", "mountinfo unreadable path=%s error=%s", self._mounts_path, exc
+            self._rl.log(
+                log,
+                logging.WARNING,
+                "mountinfo",
+                "mountinfo unreadable path=%s error=%s",
+                self._mounts_path,
+                exc,
             )
             return
         digest = hashlib.blake2b(data, digest_size=16).digest()
@@ -289,12 +271,12 @@ class FanotifySource:
         for w in self._watch:
             best: Optional[Mount] = None
             for m in local:
-                if _under(w, m.mount_point) and (best is None or len(m.mount_point) >= len(best.mount_point)):
+                if under(w, m.mount_point) and (best is None or len(m.mount_point) >= len(best.mount_point)):
                     best = m
-            if best is not None and not any(_under(best.mount_point, x) for x in self._exclude):
+            if best is not None and not any(under(best.mount_point, x) for x in self._exclude):
                 in_scope_devs.add(best.dev)
             for m in local:
-                if _under(m.mount_point, w) and not any(_under(m.mount_point, x) for x in self._exclude):
+                if under(m.mount_point, w) and not any(under(m.mount_point, x) for x in self._exclude):
                     in_scope_devs.add(m.dev)
         by_dev: dict[int, list[Mount]] = {}
         for m in local:
@@ -398,7 +380,7 @@ class FanotifySource:
         if ahead.read_errors != self._seen_read_errors:
             self._counters["read_errors"] += ahead.read_errors - self._seen_read_errors
             self._seen_read_errors = ahead.read_errors
-            self._rl(logging.ERROR, "read", "fanotify read failed error=%s", ahead.last_error)
+            self._rl.log(log, logging.ERROR, "read", "fanotify read failed error=%s", ahead.last_error)
         chunks = ahead.take(timeout, TAKE_BYTES)
         if not chunks:
             return []
@@ -412,7 +394,7 @@ class FanotifySource:
                     _close_quietly(fd)
                 if res.error is not None:
                     self._counters["parse_errors"] += 1
-                    self._rl(logging.ERROR, "parse", "fanotify parse stopped reason=%s", res.error)
+                    self._rl.log(log, logging.ERROR, "parse", "fanotify parse stopped reason=%s", res.error)
                 self._convert_all(res.events, ts, out, mount_fds)
         finally:
             for fd in mount_fds.values():
@@ -472,9 +454,11 @@ class FanotifySource:
                         continue
             try:
                 self._convert(ev, ts, out, mount_fds)
-            except Exception as exc:  # noqa: BLE001 - one bad event must not stop the reader (A10)
+            except Exception as exc:  # noqa: BLE001 - one bad event must not stop the reader
                 self._counters["unresolved"] += 1
-                self._rl(logging.ERROR, "convert", "fanotify event dropped mask=%#x error=%r", mask, exc)
+                self._rl.log(
+                    log, logging.ERROR, "convert", "fanotify event dropped mask=%#x error=%r", mask, exc
+                )
             finally:
                 if ev[4] is not None and ev[4] >= 0:
                     _close_quietly(ev[4])
@@ -491,7 +475,7 @@ class FanotifySource:
         mask = ev.mask
         if mask & abi.FAN_Q_OVERFLOW:
             self._counters["overflows"] += 1
-            self._rl(logging.WARNING, "overflow", "fanotify queue overflow: events lost")
+            self._rl.log(log, logging.WARNING, "overflow", "fanotify queue overflow: events lost")
             out.append(RawEvent(kind=OVERFLOW, ts_ms=ts, path=None, lost=1))
             return
         pid = ev.pid if ev.pid > 0 else None
@@ -645,7 +629,8 @@ class FanotifySource:
 
     def _unresolved(self, rec: abi.FidRecord, reason: str) -> None:
         self._counters["unresolved"] += 1
-        self._rl(
+        self._rl.log(
+            log,
             logging.WARNING,
             "unresolved:" + reason,
             "fanotify handle unresolved reason=%s fsid=%s handle=%s name=%r",

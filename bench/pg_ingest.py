@@ -38,10 +38,10 @@ import _common as c
 import requests
 
 from agent.collector.storage import open_store
-from agent.collector.storage.base import pair_key
 from agent.collector.storage.sqlite import CollectorStore, order_key
 from agent.shared import wire
 from agent.shared.rule import Rule
+from agent.shared.wire.format import pair_key
 from tests.support import pg, procs
 
 H = 3_600_000

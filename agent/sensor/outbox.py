@@ -61,8 +61,10 @@ from agent.shared import wire
 from agent.shared.clock import Clock
 from agent.shared.errors import StoreError
 from agent.shared.events import FileEvent, FileFacts
+from agent.shared.migrations import Migration, pending
 from agent.shared.rule import Rule
 from agent.shared.wire.encode import pack_batch
+from agent.shared.wire.format import pair_key
 
 log = logging.getLogger("rarewrite.store")
 
@@ -89,11 +91,16 @@ CREATE TABLE IF NOT EXISTS quarantine(id INTEGER PRIMARY KEY, at INTEGER NOT NUL
     reason TEXT NOT NULL, kind INTEGER NOT NULL, body BLOB NOT NULL);
 """
 
-# Each step takes a file from the version before it to this one; they run in
-# one transaction with the new version number.
-_MIGRATIONS = {
-    2: "DROP INDEX IF EXISTS win_ts",  # the hour is pruned by rowid spans now
-}
+
+def _drop_win_ts(db: sqlite3.Connection) -> None:
+    db.execute("DROP INDEX IF EXISTS win_ts")
+
+
+# The steps run in one transaction with the new version number.
+MIGRATIONS: tuple[Migration[sqlite3.Connection], ...] = (
+    Migration(2, "the hour pruned by rowid spans: no index on win(ts)", _drop_win_ts),
+)
+
 # Rows of win are pruned in spans of consecutive rowids (a few record() calls
 # each), a span once its newest time has left the hour: win needs no index on
 # ts. A span is cut when its times reach into the next 1/SPANS of the window.
@@ -105,11 +112,8 @@ _FILL_SQL = "UPDATE outbox SET body=CAST(? || substr(body, ?) || ? AS BLOB) WHER
 _COUNT_SQL = "SELECT count(*) FROM (SELECT 1 FROM win WHERE pair=? AND ts>? AND ts<=? LIMIT ?)"
 
 
-def pair_key(exe: Optional[bytes], path: Optional[bytes]) -> bytes:
-    return bytes(msgpack.packb([exe, path], use_bin_type=True))
-
-
 def pair_of(key: bytes) -> tuple[Optional[bytes], Optional[bytes]]:
+    """The (exe, path) of a :func:`~agent.shared.wire.format.pair_key`."""
     exe, path = msgpack.unpackb(key, raw=False)
     return exe, path
 
@@ -207,8 +211,8 @@ class AgentStore:
         db.executescript("BEGIN;" + _SCHEMA + "COMMIT;")
         if version is not None and int(version) < SCHEMA_VERSION:
             db.execute("BEGIN IMMEDIATE")
-            for step in range(int(version) + 1, SCHEMA_VERSION + 1):
-                db.execute(_MIGRATIONS[step])
+            for m in pending(MIGRATIONS, int(version)):
+                m.step(db)
             db.execute("UPDATE meta SET v=? WHERE k='schema_version'", (SCHEMA_VERSION,))
             db.execute("COMMIT")
             log.info("event=state_migrated path=%r from=%s to=%d", self.path, version, SCHEMA_VERSION)

@@ -34,7 +34,7 @@ def test_create_event_gives_dir_handle_name_and_child_fid() -> None:
     assert res.error is None
     (ev,) = res.events
     assert ev.mask == abi.FAN_CREATE | abi.FAN_ONDIR
-    assert (ev.pid, ev.fd, ev.pidfd) == (4242, abi.FAN_NOFD, None)
+    assert (ev.pid, ev.fd) == (4242, abi.FAN_NOFD)
     dfid = ev.record(abi.FAN_EVENT_INFO_TYPE_DFID_NAME)
     assert dfid is not None
     assert (dfid.fsid, dfid.handle_type, dfid.handle, dfid.name) == (FSID, 1, DIR_H, b"shell.php")
@@ -62,10 +62,12 @@ def test_overflow_event_has_no_fd_and_no_records() -> None:
     assert ev.mask == abi.FAN_Q_OVERFLOW and ev.fd == abi.FAN_NOFD and ev.records == ()
 
 
-def test_pidfd_record_is_returned() -> None:
-    info = abi.pack_fid(abi.FAN_EVENT_INFO_TYPE_DFID_NAME, FSID, 1, DIR_H, b"x") + abi.pack_pidfd(9)
+def test_a_record_of_another_type_is_skipped_by_its_length() -> None:
+    # A pidfd record (never requested: FAN_REPORT_PIDFD is off) before a fid record.
+    pidfd = abi.INFO_HEADER.pack(abi.FAN_EVENT_INFO_TYPE_PIDFD, 0, abi.INFO_HEADER.size + 4) + b"\x09\0\0\0"
+    info = pidfd + abi.pack_fid(abi.FAN_EVENT_INFO_TYPE_DFID_NAME, FSID, 1, DIR_H, b"x")
     (ev,) = abi.parse_buffer(abi.pack_metadata(abi.FAN_CREATE, -1, 1, info)).events
-    assert ev.pidfd == 9
+    assert [r.name for r in ev.records] == [b"x"]
 
 
 def test_hostile_names_survive_as_exact_bytes() -> None:
@@ -123,10 +125,10 @@ def test_handle_longer_than_record_stops() -> None:
     assert res.events == [] and res.error is not None and "bad_handle_len" in res.error
 
 
-def test_dropped_event_reports_its_pidfd_for_closing() -> None:
-    info = abi.pack_pidfd(77) + abi.INFO_HEADER.pack(abi.FAN_EVENT_INFO_TYPE_FID, 0, 6) + b"\0\0"
+def test_a_short_fid_record_drops_its_event_and_says_why() -> None:
+    info = abi.INFO_HEADER.pack(abi.FAN_EVENT_INFO_TYPE_FID, 0, 6) + b"\0\0"
     res = abi.parse_buffer(abi.pack_metadata(abi.FAN_CREATE, -1, 1, info))
-    assert res.events == [] and res.orphan_pidfds == (77,)
+    assert res.events == [] and res.error is not None and res.error.startswith("short_fid")
 
 
 def test_name_without_nul_is_taken_to_record_end() -> None:

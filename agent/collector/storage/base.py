@@ -79,6 +79,3 @@ class Store(Protocol):
         self, rule_id: str, kind: str, at_ms: int
     ) -> contextlib.AbstractContextManager[bool]: ...
     def close(self) -> None: ...
-
-
-pair_key = wire.pair_key

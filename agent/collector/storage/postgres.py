@@ -48,11 +48,13 @@ from typing import Any, Optional
 
 import msgpack
 
-from agent.collector.storage.base import AgentRecord, GapRow, Pair, RankedRow, StoredEvent, pair_key
+from agent.collector.storage.base import AgentRecord, GapRow, Pair, RankedRow, StoredEvent
 from agent.shared import wire
 from agent.shared.errors import StoreError
+from agent.shared.migrations import Migration, pending
 from agent.shared.rule import Row, Rule
 from agent.shared.text import redact
+from agent.shared.wire.format import pair_key
 
 log = logging.getLogger("rarewrite.collector.pgstore")
 
@@ -168,8 +170,14 @@ CREATE TABLE schedule_runs (
 );
 """
 
-# (version, description, SQL): append only; a step never changes once released.
-MIGRATIONS: tuple[tuple[int, str, str], ...] = ((1, "initial schema, events partitioned by hour", _V1),)
+
+def _v1(conn: psycopg.Connection[Any]) -> None:
+    conn.execute(_V1.encode())
+
+
+MIGRATIONS: tuple[Migration[psycopg.Connection[Any]], ...] = (
+    Migration(1, "initial schema, events partitioned by hour", _v1),
+)
 
 # One statement, one snapshot. The window is a range on ts (partition pruning,
 # then events_window); one hash aggregate by pair. With agent_count == 1 no
@@ -260,19 +268,18 @@ def _migrate(conn: psycopg.Connection[Any], db: str) -> tuple[int, int]:
                 f"{redact(db)} has schema version {before}, newer than this rarewrite supports "
                 f"({SCHEMA_VERSION}); upgrade rarewrite or use another database"
             )
-        for version, description, sql in MIGRATIONS:
-            if version <= before:
-                continue
-            conn.execute(sql.encode())
+        for m in pending(MIGRATIONS, before):
+            m.step(conn)
             conn.execute(
-                "INSERT INTO schema_migrations(version, description) VALUES (%s, %s)", (version, description)
+                "INSERT INTO schema_migrations(version, description) VALUES (%s, %s)",
+                (m.version, m.description),
             )
             conn.execute(
                 "INSERT INTO meta(key, value) VALUES ('schema_version', %s) "
                 "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                (str(version),),
+                (str(m.version),),
             )
-            log.info("event=migrated db=%s version=%d description=%r", redact(db), version, description)
+            log.info("event=migrated db=%s version=%d description=%r", redact(db), m.version, m.description)
     return before, SCHEMA_VERSION
 
 

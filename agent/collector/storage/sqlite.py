@@ -55,7 +55,7 @@ import logging
 import os
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Optional
 from urllib.parse import quote
 
@@ -64,6 +64,7 @@ import msgpack
 from agent.collector.storage.base import AgentRecord, GapRow, Pair, RankedRow, StoredEvent
 from agent.shared import wire
 from agent.shared.errors import StoreError
+from agent.shared.migrations import Migration, pending
 from agent.shared.rule import Row, Rule
 
 log = logging.getLogger("rarewrite.collector.store")
@@ -177,9 +178,8 @@ def _migrate_v2(conn: sqlite3.Connection) -> None:
     conn.execute("DROP INDEX IF EXISTS events_window")
 
 
-# (version, description, step): a step brings a file from version - 1 to version.
-MIGRATIONS: tuple[tuple[int, str, Callable[[sqlite3.Connection], None]], ...] = (
-    (2, "pairs keyed in (exe, path) order; events indexed by (pair, ts) and (ts)", _migrate_v2),
+MIGRATIONS: tuple[Migration[sqlite3.Connection], ...] = (
+    Migration(2, "pairs keyed in (exe, path) order; events indexed by (pair, ts) and (ts)", _migrate_v2),
 )
 
 # The rule's rows at T in two statements, both ranking pairs by
@@ -353,12 +353,11 @@ class CollectorStore:
             before = self._version(conn) or 0  # another process may have migrated meanwhile
             if before > SCHEMA_VERSION:
                 raise StoreError(f"{self.path!r} was migrated to schema version {before} meanwhile")
-            for version, description, step in MIGRATIONS:
-                if version > before:
-                    step(conn)
-                    log.info(
-                        "event=migrated db=%r version=%d description=%r", self.path, version, description
-                    )
+            for m in pending(MIGRATIONS, before):
+                m.step(conn)
+                log.info(
+                    "event=migrated db=%r version=%d description=%r", self.path, m.version, m.description
+                )
             conn.execute(_META_SQL)
             conn.execute("COMMIT")
         except BaseException:

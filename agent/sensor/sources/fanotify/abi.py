@@ -113,7 +113,6 @@ INFO_HEADER = struct.Struct("=BBH")
 # __kernel_fsid_t (two s32, read unsigned) then struct file_handle header
 FSID = struct.Struct("=II")
 FILE_HANDLE = struct.Struct("=Ii")
-PIDFD = struct.Struct("=i")
 _FID_FIXED = INFO_HEADER.size + FSID.size + FILE_HANDLE.size  # 16
 MAX_HANDLE_SZ = 128
 
@@ -150,7 +149,6 @@ class ParsedEvent(NamedTuple):
     fd: int
     pid: int
     records: tuple[FidRecord, ...] = ()
-    pidfd: Optional[int] = None
 
     def record(self, info_type: int) -> Optional[FidRecord]:
         for rec in self.records:
@@ -164,8 +162,6 @@ class ParseResult(NamedTuple):
 
     events: list[ParsedEvent]
     error: Optional[str] = None
-    # pidfds seen in records that were then dropped (so the caller can close them)
-    orphan_pidfds: tuple[int, ...] = ()
 
 
 def parse_buffer(buf: bytes) -> ParseResult:
@@ -199,7 +195,6 @@ def parse_buffer(buf: bytes) -> ParseResult:
         if end > total:
             return ParseResult(events, f"short_event off={off} event_len={event_len} left={total - off}")
         records: list[FidRecord] = []
-        pidfd: Optional[int] = None
         err: Optional[str] = None
         p = off + meta_len
         while p < end:
@@ -225,17 +220,11 @@ def parse_buffer(buf: bytes) -> ParseResult:
                     nul = buf.find(b"\0", hend, rend)
                     name = buf[hend : rend if nul < 0 else nul]
                 records.append(FidRecord(info_type, buf[p + hsize : hend], name))
-            elif info_type == FAN_EVENT_INFO_TYPE_PIDFD:
-                if rec_len < hsize + PIDFD.size:
-                    err = f"short_pidfd off={p}"
-                    break
-                (pidfd,) = PIDFD.unpack_from(buf, p + hsize)
-            # other record types (error, range, mount...) are skipped by length
+            # other record types (pidfd, error, range, mount...) are skipped by length
             p = rend
         if err is not None:
-            orphans = (pidfd,) if pidfd is not None and pidfd >= 0 else ()
-            return ParseResult(events, f"{err} event_off={off}", orphans)
-        append(ParsedEvent(mask, fd, pid, tuple(records), pidfd))
+            return ParseResult(events, f"{err} event_off={off}")
+        append(ParsedEvent(mask, fd, pid, tuple(records)))
         off = end
     return ParseResult(events)
 
@@ -258,10 +247,6 @@ def pack_fid(
     length = INFO_HEADER.size + len(body)
     pad = (-length) % 4
     return INFO_HEADER.pack(info_type, 0, length + pad) + body + b"\0" * pad
-
-
-def pack_pidfd(pidfd: int) -> bytes:
-    return INFO_HEADER.pack(FAN_EVENT_INFO_TYPE_PIDFD, 0, INFO_HEADER.size + PIDFD.size) + PIDFD.pack(pidfd)
 
 
 def fsid_of_statvfs(f_fsid: int) -> tuple[int, int]:

@@ -74,7 +74,6 @@ class FanotifySource:
         self._fd = -1
         self._closed = False
         self._target_fid = False
-        self._pidfd = False
         self._rename_bit: Optional[int] = None  # FAN_RENAME or FAN_MOVED_TO, decided at first mark
         self._marked: dict[int, _Marked] = {}  # st_dev -> mark
         self._refused: dict[bytes, str] = {}  # mount point -> reason
@@ -134,9 +133,8 @@ class FanotifySource:
         self._ahead = ReadAhead(self._fd, self._clock)
         self._ahead.start()
         log.info(
-            "fanotify started target_fid=%s pidfd=%s rename=%s marked=%d refused=%d",
+            "fanotify started target_fid=%s rename=%s marked=%d refused=%d",
             self._target_fid,
-            self._pidfd,
             "FAN_RENAME" if self._rename_bit == abi.FAN_RENAME else "FAN_MOVED_TO",
             len(self._marked),
             len(self._refused),
@@ -147,14 +145,12 @@ class FanotifySource:
         # instead of overflowing; the unit's MemoryMax still bounds it.
         # No FAN_REPORT_PIDFD: the pid and start time already guard against
         # reuse, and a pidfd made and closed per event costs two syscalls.
+        # (Its records, if a kernel sent them, are skipped by length.)
         base = abi.FAN_CLASS_NOTIF | abi.FAN_CLOEXEC | abi.FAN_NONBLOCK | abi.FAN_UNLIMITED_QUEUE
         event_flags = os.O_RDONLY | abi.O_LARGEFILE | os.O_CLOEXEC
-        attempts = (
-            (abi.FAN_REPORT_DFID_NAME_TARGET, True, False),
-            (abi.FAN_REPORT_DFID_NAME, False, False),
-        )
+        attempts = ((abi.FAN_REPORT_DFID_NAME_TARGET, True), (abi.FAN_REPORT_DFID_NAME, False))
         last: Optional[OSError] = None
-        for flags, target, pidfd in attempts:
+        for flags, target in attempts:
             try:
                 fd = abi.fanotify_init(base | flags, event_flags)
             except OSError as exc:
@@ -163,7 +159,6 @@ class FanotifySource:
                     continue
                 break
             self._target_fid = target
-            self._pidfd = pidfd
             if not target:
                 log.warning(
                     "fanotify no FAN_REPORT_TARGET_FID (kernel < 5.17): repeated same-name creates may merge"
@@ -205,7 +200,6 @@ class FanotifySource:
         out["refused"] = [Refused(path=os.fsdecode(k), reason=v) for k, v in sorted(self._refused.items())]
         out["target_fid"] = self._target_fid
         out["merge_possible"] = not self._target_fid
-        out["pidfd"] = self._pidfd
         out["rename_event"] = "FAN_RENAME" if self._rename_bit == abi.FAN_RENAME else "FAN_MOVED_TO"
         out["dir_cache"] = len(self._dir_cache)
         out["read_ahead_bytes"] = self._ahead.pending_bytes() if self._ahead is not None else 0
@@ -390,8 +384,6 @@ class FanotifySource:
         try:
             for ts, buf in chunks:
                 res = abi.parse_buffer(buf)
-                for fd in res.orphan_pidfds:
-                    _close_quietly(fd)
                 if res.error is not None:
                     self._counters["parse_errors"] += 1
                     self._rl.log(log, logging.ERROR, "parse", "fanotify parse stopped reason=%s", res.error)
@@ -419,7 +411,6 @@ class FanotifySource:
             if (
                 not mask & _NOT_DIRENT
                 and fd < 0
-                and (ev[4] is None or ev[4] < 0)
                 and pid > 0
                 and pid != self._own_pid
                 and pid not in execd
@@ -460,8 +451,6 @@ class FanotifySource:
                     log, logging.ERROR, "convert", "fanotify event dropped mask=%#x error=%r", mask, exc
                 )
             finally:
-                if ev[4] is not None and ev[4] >= 0:
-                    _close_quietly(ev[4])
                 if fd >= 0:
                     _close_quietly(fd)
 

@@ -39,9 +39,21 @@ def _parser() -> argparse.ArgumentParser:
         "--log-level", choices=("debug", "info", "warning", "error"), help="overrides [*] log_level"
     )
     top = p.add_subparsers(dest="group", metavar="{collector,agent,config}", required=True)
+    _collector_commands(top.add_parser("collector", help="the central collector"))
+    _agent_commands(top.add_parser("agent", help="the on-host agent"))
+    cf = top.add_parser("config", help="configuration").add_subparsers(dest="cmd", required=True)
+    chk = cf.add_parser("check", help="validate config files; print every error, or the effective config")
+    chk.add_argument(
+        "--config",
+        metavar="FILE",
+        action="append",
+        help=f"file to check with its .d/ overrides (repeatable; default {AGENT_CONF} and {COLLECTOR_CONF})",
+    )
+    return p
 
-    # ------------------------------------------------------------ collector
-    col = top.add_parser("collector", help="the central collector").add_subparsers(dest="cmd", required=True)
+
+def _collector_commands(group: argparse.ArgumentParser) -> None:
+    col = group.add_subparsers(dest="cmd", required=True)
     serve = col.add_parser(
         "serve", help="accept agents' batches over HTTP(S), evaluate the rule, write alerts"
     )
@@ -85,8 +97,9 @@ def _parser() -> argparse.ArgumentParser:
     _config_opt(mig, COLLECTOR_CONF)
     mig.add_argument("--db", metavar="PATH|URL", help=_DB_HELP + " ([collector] db)")
 
-    # ------------------------------------------------------------ agent
-    ag = top.add_parser("agent", help="the on-host agent").add_subparsers(dest="cmd", required=True)
+
+def _agent_commands(group: argparse.ArgumentParser) -> None:
+    ag = group.add_subparsers(dest="cmd", required=True)
     run = ag.add_parser("run", help="watch this host and ship matching writes to the collector")
     _config_opt(run, AGENT_CONF)
     _agent_opts(run)
@@ -115,17 +128,6 @@ def _parser() -> argparse.ArgumentParser:
 
     st = ag.add_parser("status", help="print the running agent's status as JSON (exit 0 while it watches)")
     st.add_argument("--state-dir", metavar="DIR", required=True)
-
-    # ------------------------------------------------------------ config
-    cf = top.add_parser("config", help="configuration").add_subparsers(dest="cmd", required=True)
-    chk = cf.add_parser("check", help="validate config files; print every error, or the effective config")
-    chk.add_argument(
-        "--config",
-        metavar="FILE",
-        action="append",
-        help=f"file to check with its .d/ overrides (repeatable; default {AGENT_CONF} and {COLLECTOR_CONF})",
-    )
-    return p
 
 
 def _config_opt(p: argparse.ArgumentParser, default: str) -> None:

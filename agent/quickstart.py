@@ -39,6 +39,39 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def _write_configs(run_dir: str, root: bool) -> tuple[str, str, str]:
+    """(collector config, agent config, the inotify folder) in ``run_dir``."""
+    col_conf = os.path.join(run_dir, "collector.conf")
+    with open(col_conf, "w", encoding="utf-8") as f:
+        f.write("[collector]\nschedule = continuous\nsettle = 5s\nalerts_stdout = yes\n")
+    agent_conf = os.path.join(run_dir, "agent.conf")
+    www = os.path.join(run_dir, "www")
+    with open(agent_conf, "w", encoding="utf-8") as f:
+        if root:
+            f.write("[agent]\nbackend = fanotify\nwatch = /\nship_interval = 500ms\n")
+        else:
+            os.makedirs(www, exist_ok=True)
+            f.write(f"[agent]\nbackend = inotify\nwatch = {www}\nship_interval = 500ms\n")
+    return col_conf, agent_conf, www
+
+
+def _print_hints(root: bool, www: str) -> None:
+    if root:
+        print("rarewrite: the agent watches this whole host (fanotify). Try, as root:", flush=True)
+        print(
+            "  cp /bin/dash /tmp/nginx && setpriv --reuid=33 --regid=33 --clear-groups "
+            "/tmp/nginx -c ': > /tmp/shell.php'",
+            flush=True,
+        )
+    else:
+        print(
+            "rarewrite: WARNING not root: fanotify needs CAP_SYS_ADMIN, so the agent uses inotify "
+            f"on {www} only, and infers the writer from the file owner",
+            flush=True,
+        )
+    print("rarewrite: alerts print here within seconds (settle 5 s); Ctrl-C stops both.", flush=True)
+
+
 def main(run_dir: str = "run") -> int:
     # SIGTERM and SIGHUP stop both children as cleanly as Ctrl-C does.
     signal.signal(signal.SIGTERM, _interrupt)
@@ -53,18 +86,7 @@ def main(run_dir: str = "run") -> int:
     url = f"http://{LISTEN[0]}:{LISTEN[1]}"
     root = os.geteuid() == 0
 
-    col_conf = os.path.join(run_dir, "collector.conf")
-    with open(col_conf, "w", encoding="utf-8") as f:
-        f.write("[collector]\nschedule = continuous\nsettle = 5s\nalerts_stdout = yes\n")
-    agent_conf = os.path.join(run_dir, "agent.conf")
-    www = os.path.join(run_dir, "www")
-    with open(agent_conf, "w", encoding="utf-8") as f:
-        if root:
-            f.write("[agent]\nbackend = fanotify\nwatch = /\nship_interval = 500ms\n")
-        else:
-            os.makedirs(www, exist_ok=True)
-            f.write(f"[agent]\nbackend = inotify\nwatch = {www}\nship_interval = 500ms\n")
-
+    col_conf, agent_conf, www = _write_configs(run_dir, root)
     col_log, agent_log = os.path.join(run_dir, "collector.log"), os.path.join(run_dir, "agent.log")
     procs: list[subprocess.Popen[bytes]] = []
     agent: Optional[subprocess.Popen[bytes]] = None
@@ -86,20 +108,7 @@ def main(run_dir: str = "run") -> int:
             )  # fmt: skip
         procs.append(agent)
         print(f"rarewrite: collector on {url} (logs {col_log}), agent logs {agent_log}", flush=True)
-        if root:
-            print("rarewrite: the agent watches this whole host (fanotify). Try, as root:", flush=True)
-            print(
-                "  cp /bin/dash /tmp/nginx && setpriv --reuid=33 --regid=33 --clear-groups "
-                "/tmp/nginx -c ': > /tmp/shell.php'",
-                flush=True,
-            )
-        else:
-            print(
-                "rarewrite: WARNING not root: fanotify needs CAP_SYS_ADMIN, so the agent uses inotify "
-                f"on {www} only, and infers the writer from the file owner",
-                flush=True,
-            )
-        print("rarewrite: alerts print here within seconds (settle 5 s); Ctrl-C stops both.", flush=True)
+        _print_hints(root, www)
         while all(p.poll() is None for p in procs):
             time.sleep(0.5)
         failed = next(p for p in procs if p.poll() is not None)

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import base64
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any, Optional
 
 from agent.collector.storage import open_store
-from agent.collector.storage.base import Pair, RankedRow, Store, StoredEvent
+from agent.collector.storage.base import GapRow, Pair, RankedRow, Store, StoredEvent
 from agent.shared.rule import Row, Rule
 from agent.shared.text import dumps, iso, render
 
@@ -89,46 +89,55 @@ def _threat(rule: Rule) -> list[dict[str, Any]]:
     return list(by_tactic.values())
 
 
+def _octal_mode(mode: Any) -> str:
+    return f"{int(mode) & 0o7777:o}"
+
+
+def _base64(data: Any) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+# (wire field, ECS field, conversion), in the order the document lists them.
+_DETAIL_FIELDS: tuple[tuple[str, str, Callable[[Any], Any]], ...] = (
+    ("etype", "event.type", list),
+    ("pid", "process.pid", _same),
+    ("pname", "process.name", _same),
+    ("cmd", "process.command_line", _same),
+    ("ppid", "process.parent.pid", _same),
+    ("ppname", "process.parent.name", _same),
+    ("ppexe", "process.parent.executable", render),
+    ("uname", "user.name", _same),
+    ("uid", "user.id", _same),
+    ("attr", "rarewrite.attribution", _same),
+    ("orig", "file.Ext.original.path", render),
+)
+_FACT_FIELDS: tuple[tuple[str, str, Callable[[Any], Any]], ...] = (
+    ("size", "file.size", _same),
+    ("uid", "file.uid", _same),
+    ("gid", "file.gid", _same),
+    ("mode", "file.mode", _octal_mode),
+    ("sha256", "file.hash.sha256", _same),
+    ("sample", "rarewrite.file.sample_base64", _base64),
+    ("gone", "rarewrite.file.gone", bool),
+)
+
+
 def _event_doc(ev: StoredEvent) -> dict[str, Any]:
+    """One stored event of the pair, as the alert's original event (dotted ECS keys)."""
     doc: dict[str, Any] = {"@timestamp": iso(ev.ts), "agent.id": ev.agent_id, "host.name": ev.host_name}
     d = ev.detail
     if d is None:
         doc["rarewrite.detail"] = "count"  # sent as a count time: no detail by design
         return doc
-    put = doc.__setitem__
-    action = d.get("action")
-    put("event.action", action)
-    if d.get("etype") is not None:
-        put("event.type", list(d["etype"]))
-    for src, dst in (("pid", "process.pid"), ("pname", "process.name"), ("cmd", "process.command_line")):
-        if d.get(src) is not None:
-            put(dst, d[src])
-    for src, dst in (("ppid", "process.parent.pid"), ("ppname", "process.parent.name")):
-        if d.get(src) is not None:
-            put(dst, d[src])
-    if d.get("ppexe") is not None:
-        put("process.parent.executable", render(d["ppexe"]))
-    if d.get("uname") is not None:
-        put("user.name", d["uname"])
-    if d.get("uid") is not None:
-        put("user.id", d["uid"])
-    if d.get("attr") is not None:
-        put("rarewrite.attribution", d["attr"])
-    if d.get("orig") is not None:
-        put("file.Ext.original.path", render(d["orig"]))
+    doc["event.action"] = d.get("action")
+    doc.update((dst, conv(d[src])) for src, dst, conv in _DETAIL_FIELDS if d.get(src) is not None)
     facts = d.get("file")
     if isinstance(facts, dict):
-        for k in ("size", "uid", "gid"):
-            if facts.get(k) is not None:
-                put(f"file.{k}", facts[k])
-        if facts.get("mode") is not None:
-            put("file.mode", f"{int(facts['mode']) & 0o7777:o}")
-        if facts.get("sha256") is not None:
-            put("file.hash.sha256", facts["sha256"])
-        if facts.get("sample") is not None:
-            put("rarewrite.file.sample_base64", base64.b64encode(facts["sample"]).decode())
-        if facts.get("gone") is not None:
-            put("rarewrite.file.gone", bool(facts["gone"]))
+        doc.update((dst, conv(facts[src])) for src, dst, conv in _FACT_FIELDS if facts.get(src) is not None)
     return doc
 
 
@@ -145,58 +154,68 @@ def alert_documents(
     docs = []
     for ranked in rows:
         row = ranked.row
-        pair = (row.executable, row.path)
-        bucket = f"h:{at_ms // rule.schedule_ms}" if schedule == "hourly" else f"c:{ranked.first_ts}"
-        others = [g for g in gaps if g.agent_id not in row.agent_ids]
-        events = store.pair_events(pair, lo, at_ms, rule.count_below)
-        docs.append(
-            {
-                "@timestamp": iso(at_ms),
-                "alert": {"id": alert_id(rule.rule_id, pair, bucket)},
-                "event": {
-                    "kind": "alert",
-                    "category": ["file"],
-                    "type": ["creation"],
-                    "module": "rarewrite",
-                    "severity": SEVERITY_NUMBER.get(rule.severity, 2),
-                    "risk_score": rule.risk_score,
-                },
-                "kibana": {
-                    "alert": {
-                        "rule": {"name": rule.name, "uuid": rule.rule_id},
-                        "severity": rule.severity,
-                        "risk_score": rule.risk_score,
-                    }
-                },
-                "rule": {"name": rule.name, "id": rule.rule_id, "description": rule.description},
-                "tags": list(rule.tags),
-                "threat": _threat(rule),
-                "process": {"executable": render(row.executable)},
-                "file": {"path": render(row.path)},
-                "cc": row.cc,
-                "agent_count": row.agent_count,
-                "host": {"name": list(row.host_names)},
-                "agent": {"id": list(row.agent_ids)},
-                "rarewrite": {
-                    "schedule": schedule,
-                    "window": {"start": iso(lo), "end": iso(at_ms)},
-                    "first_seen": iso(ranked.first_ts),
-                    "events": [_event_doc(e) for e in events],
-                    "gap_on_other_agents": bool(others),
-                    "gaps": [
-                        {
-                            "agent.id": g.agent_id,
-                            "start": iso(g.start_ms),
-                            "end": iso(g.end_ms),
-                            "lost": g.lost,
-                            "reason": g.reason,
-                        }
-                        for g in gaps
-                    ],
-                },
-            }
-        )
+        events = store.pair_events((row.executable, row.path), lo, at_ms, rule.count_below)
+        docs.append(_alert_doc(rule, ranked, at_ms, schedule, events, gaps))
     return docs
+
+
+def _alert_doc(
+    rule: Rule,
+    ranked: RankedRow,
+    at_ms: int,
+    schedule: str,
+    events: Sequence[StoredEvent],
+    gaps: Sequence[GapRow],
+) -> dict[str, Any]:
+    row = ranked.row
+    lo = at_ms - rule.window_ms
+    pair = (row.executable, row.path)
+    bucket = f"h:{at_ms // rule.schedule_ms}" if schedule == "hourly" else f"c:{ranked.first_ts}"
+    return {
+        "@timestamp": iso(at_ms),
+        "alert": {"id": alert_id(rule.rule_id, pair, bucket)},
+        "event": {
+            "kind": "alert",
+            "category": ["file"],
+            "type": ["creation"],
+            "module": "rarewrite",
+            "severity": SEVERITY_NUMBER.get(rule.severity, 2),
+            "risk_score": rule.risk_score,
+        },
+        "kibana": {
+            "alert": {
+                "rule": {"name": rule.name, "uuid": rule.rule_id},
+                "severity": rule.severity,
+                "risk_score": rule.risk_score,
+            }
+        },
+        "rule": {"name": rule.name, "id": rule.rule_id, "description": rule.description},
+        "tags": list(rule.tags),
+        "threat": _threat(rule),
+        "process": {"executable": render(row.executable)},
+        "file": {"path": render(row.path)},
+        "cc": row.cc,
+        "agent_count": row.agent_count,
+        "host": {"name": list(row.host_names)},
+        "agent": {"id": list(row.agent_ids)},
+        "rarewrite": {
+            "schedule": schedule,
+            "window": {"start": iso(lo), "end": iso(at_ms)},
+            "first_seen": iso(ranked.first_ts),
+            "events": [_event_doc(e) for e in events],
+            "gap_on_other_agents": any(g.agent_id not in row.agent_ids for g in gaps),
+            "gaps": [
+                {
+                    "agent.id": g.agent_id,
+                    "start": iso(g.start_ms),
+                    "end": iso(g.end_ms),
+                    "lost": g.lost,
+                    "reason": g.reason,
+                }
+                for g in gaps
+            ],
+        },
+    }
 
 
 def _record(

@@ -49,7 +49,7 @@ from aiohttp import web
 from agent.collector.auth import TokenBuckets, bearer, key_hash, new_api_key, secret_ok
 from agent.collector.outputs import dropped_counts
 from agent.collector.outputs.base import Output
-from agent.collector.storage.base import Store
+from agent.collector.storage.base import AgentRecord, Store
 from agent.shared import wire
 from agent.shared.clock import Clock
 from agent.shared.config.schema import Config
@@ -287,21 +287,7 @@ async def batches(request: web.Request) -> web.Response:
             413, f"body of {request.content_length} bytes exceeds the limit of {c.max_body}", close=True
         )
     peer = _peer(request)
-    token = bearer(request.headers.get("Authorization"))
-    if token is None:
-        c.auth_log.log(
-            security, logging.WARNING, f"auth:{peer}", "event=auth_failed peer=%r reason=%r", peer, "no key"
-        )
-        raise Reject(
-            401, "missing or malformed Authorization: Bearer <key>", headers={"WWW-Authenticate": "Bearer"}
-        )
-    agent = await c.read(c.store.agent_for_key, key_hash(token))
-    if agent is None or agent.revoked:
-        why = "unknown key" if agent is None else "revoked agent"
-        c.auth_log.log(
-            security, logging.WARNING, f"auth:{peer}", "event=auth_failed peer=%r reason=%r", peer, why
-        )
-        raise Reject(401, why, headers={"WWW-Authenticate": "Bearer"})
+    agent = await _authenticated(c, request, peer)
     wait = c.rates.take(agent.agent_id, c.clock.monotonic())
     if wait > 0:
         raise Reject(429, "rate limit exceeded", headers={"Retry-After": str(max(1, math.ceil(wait)))})
@@ -311,22 +297,7 @@ async def batches(request: web.Request) -> web.Response:
     body = await _read_body(request, c.max_body, c.read_timeout)
     if encoding == "gzip":
         body = await c.read(_gunzip, body, c.max_body)
-    try:
-        batch = await c.decode(body)
-    except VersionError as e:
-        raise Reject(
-            400, str(e), headers={"X-Supported-Versions": ",".join(map(str, wire.SUPPORTED_VERSIONS))}
-        ) from None
-    except WireError as e:
-        c.auth_log.log(
-            log,
-            logging.INFO,
-            f"wire:{agent.agent_id}",
-            "event=batch_rejected agent_id=%r error=%r",
-            agent.agent_id,
-            str(e),
-        )
-        raise Reject(400, str(e)) from None
+    batch = await _decoded(c, body, agent)
     if batch.agent_id != agent.agent_id:
         c.auth_log.log(
             security,
@@ -343,6 +314,46 @@ async def batches(request: web.Request) -> web.Response:
     if status == "stored":
         c.events += batch.events_total()
     return web.json_response({"status": status})
+
+
+async def _authenticated(c: Collector, request: web.Request, peer: str) -> AgentRecord:
+    """The agent of the request's API key; 401 (logged, rate-limited) without one."""
+    token = bearer(request.headers.get("Authorization"))
+    if token is None:
+        c.auth_log.log(
+            security, logging.WARNING, f"auth:{peer}", "event=auth_failed peer=%r reason=%r", peer, "no key"
+        )
+        raise Reject(
+            401, "missing or malformed Authorization: Bearer <key>", headers={"WWW-Authenticate": "Bearer"}
+        )
+    agent = await c.read(c.store.agent_for_key, key_hash(token))
+    if agent is None or agent.revoked:
+        why = "unknown key" if agent is None else "revoked agent"
+        c.auth_log.log(
+            security, logging.WARNING, f"auth:{peer}", "event=auth_failed peer=%r reason=%r", peer, why
+        )
+        raise Reject(401, why, headers={"WWW-Authenticate": "Bearer"})
+    return agent
+
+
+async def _decoded(c: Collector, body: bytes, agent: AgentRecord) -> wire.RowBatch:
+    """The validated batch; 400 with the field path (and the versions we speak) if not."""
+    try:
+        return await c.decode(body)
+    except VersionError as e:
+        raise Reject(
+            400, str(e), headers={"X-Supported-Versions": ",".join(map(str, wire.SUPPORTED_VERSIONS))}
+        ) from None
+    except WireError as e:
+        c.auth_log.log(
+            log,
+            logging.INFO,
+            f"wire:{agent.agent_id}",
+            "event=batch_rejected agent_id=%r error=%r",
+            agent.agent_id,
+            str(e),
+        )
+        raise Reject(400, str(e)) from None
 
 
 async def healthz(request: web.Request) -> web.Response:

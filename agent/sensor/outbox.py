@@ -296,84 +296,14 @@ class AgentStore:
         if not events and self._unstored is None and progress is None:
             return 0
         db = self._db()
-        detailed = 0
         with self._lock:
-            recent = self._recent
-            window, below = self.rule.window_ms, self.rule.count_below
-            if self._recent_rule != (window, below):
-                recent.clear()  # a reload changed the rule: the cached times were chosen for the old one
-                self._recent_rule = (window, below)
-            horizon = self._horizon
+            if self._recent_rule != (self.rule.window_ms, self.rule.count_below):
+                self._recent.clear()  # a reload changed the rule: cached times were chosen for the old one
+                self._recent_rule = (self.rule.window_ms, self.rule.count_below)
             try:
-                db.execute("BEGIN IMMEDIATE")
-                gaps = self._flush_unstored(db)
-                pack, pack_event = self._packer.pack, self._events.pack
-                keys = [pack([ev.process.executable or None, ev.path or None]) for ev in events]
-                oldest = min((ev.ts_ms for ev in events), default=0)
-                self._load_recent(db, keys, max(oldest - window, horizon))
-                win_rows: list[tuple[bytes, int]] = []
-                out_rows: list[tuple[int, int, bytes]] = []
-                wants_facts: list[tuple[int, bytes, int, int]] = []  # (index in out_rows, path, map keys, ts)
-                for ev, key in zip(events, keys):
-                    ts = ev.ts_ms
-                    lo = max(ts - window, horizon)
-                    times = recent[key]
-                    win_rows.append((key, ts))
-                    if times and ts < times[-1]:  # out of time order: ask the table (exact)
-                        db.executemany("INSERT INTO win VALUES (?, ?)", win_rows)
-                        win_rows = []
-                        n = db.execute(_COUNT_SQL, (key, lo, ts, below)).fetchone()[0]
-                        times.append(ts)
-                        times.sort()
-                    else:
-                        times.append(ts)
-                        n = 0
-                        for t in reversed(times):  # the newest `below` times decide
-                            if t <= lo or n >= below:
-                                break
-                            n += 1
-                    if len(times) > below:
-                        del times[: len(times) - below]
-                    if n < below:
-                        body, n_keys = pack_event(ev)
-                        if self.facts is not None and ev.path and len(self._pending) < FACTS_PENDING_MAX:
-                            wants_facts.append((len(out_rows), ev.path, n_keys, ts))
-                        out_rows.append((EVENT, ts, body))
-                        detailed += 1
-                    else:
-                        out_rows.append((COUNT, ts, key))
-                if win_rows:
-                    # in key order: the index takes them page by page, not all over
-                    win_rows.sort()
-                    db.executemany("INSERT INTO win VALUES (?, ?)", win_rows)
-                db.executemany("INSERT INTO outbox(kind, ts, body) VALUES (?, ?, ?)", out_rows)
-                # One transaction holds the write lock: the new rowids of win
-                # and ids of outbox are contiguous.
-                last_win = db.execute("SELECT max(rowid) FROM win").fetchone()[0] if events else None
-                if wants_facts:
-                    first = db.execute("SELECT max(id) FROM outbox").fetchone()[0] - len(out_rows) + 1
-                    # FACTS_DELAY_MS after the write, not after this call: a
-                    # burst stored late has its facts read at once, so the
-                    # queue of pending rows stays short. Kept in order.
-                    latest = self.clock.now_ms() + FACTS_DELAY_MS
-                    due = self._pending[-1][2] if self._pending else 0
-                    new_pending = []
-                    for i, path, n_keys, t in wants_facts:
-                        due = min(latest, max(due, t + FACTS_DELAY_MS))
-                        new_pending.append((first + i, path, due, n_keys))
-                if progress is not None:
-                    db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", progress)
-                db.execute("COMMIT")
-                self._depth += len(out_rows) + gaps
-                if gaps:
-                    self._unstored = None
-                if wants_facts:
-                    self._pending.extend(new_pending)
-                if last_win is not None:
-                    self._add_span(last_win, max(ev.ts_ms for ev in events), window)
+                detailed = self._record_tx(db, events, progress)
             except sqlite3.Error as e:
-                db.execute("ROLLBACK") if db.in_transaction else None
-                recent.clear()  # it may hold times of the rolled-back batch
+                self._abandon(db)
                 if not _is_full(e) and not isinstance(e, sqlite3.OperationalError):
                     raise StoreError(f"{self.path}: {e}") from e
                 self._note_unstored(events, e)
@@ -381,11 +311,10 @@ class AgentStore:
             except BaseException:
                 # Anything else (an unpackable value, a signal): leave no open
                 # transaction and no cached time of the batch behind.
-                db.execute("ROLLBACK") if db.in_transaction else None
-                recent.clear()
+                self._abandon(db)
                 raise
-            while len(recent) > RECENT_PAIRS:
-                recent.popitem(last=False)
+            while len(self._recent) > RECENT_PAIRS:
+                self._recent.popitem(last=False)
         self.counters["stored"] += len(events)
         self.counters["detailed"] += detailed
         self._writes_since_prune += len(events)
@@ -393,6 +322,103 @@ class AgentStore:
             self._writes_since_prune = 0
             self.maintain()
         return detailed
+
+    def _abandon(self, db: sqlite3.Connection) -> None:
+        """Roll back a failed record(); the recent times may hold the batch's."""
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        self._recent.clear()
+
+    def _record_tx(
+        self, db: sqlite3.Connection, events: Sequence[FileEvent], progress: Optional[tuple[str, int]]
+    ) -> int:
+        """record()'s transaction: the rows, the facts they wait for, the
+        progress; then, committed, what memory keeps of them."""
+        window = self.rule.window_ms
+        db.execute("BEGIN IMMEDIATE")
+        gaps = self._flush_unstored(db)
+        pack = self._packer.pack  # pair_key(), with the writer's one packer
+        keys = [pack([ev.process.executable or None, ev.path or None]) for ev in events]
+        oldest = min((ev.ts_ms for ev in events), default=0)
+        self._load_recent(db, keys, max(oldest - window, self._horizon))
+        out_rows, wants_facts, detailed = self._decide(db, events, keys)
+        db.executemany("INSERT INTO outbox(kind, ts, body) VALUES (?, ?, ?)", out_rows)
+        # One transaction holds the write lock: the new rowids of win and ids
+        # of outbox are contiguous.
+        last_win = db.execute("SELECT max(rowid) FROM win").fetchone()[0] if events else None
+        new_pending = self._facts_due(db, wants_facts, len(out_rows)) if wants_facts else []
+        if progress is not None:
+            db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", progress)
+        db.execute("COMMIT")
+        self._depth += len(out_rows) + gaps
+        if gaps:
+            self._unstored = None
+        self._pending.extend(new_pending)
+        if last_win is not None:
+            self._add_span(last_win, max(ev.ts_ms for ev in events), window)
+        return detailed
+
+    def _decide(
+        self, db: sqlite3.Connection, events: Sequence[FileEvent], keys: list[bytes]
+    ) -> tuple[list[tuple[int, int, bytes]], list[tuple[int, bytes, int, int]], int]:
+        """The detail decision for each event, in order; ``win`` gets the
+        times. Returns the outbox rows, (row index, path, map keys, ts) of
+        those that wait for facts, and how many are detailed."""
+        recent, pack_event, horizon = self._recent, self._events.pack, self._horizon
+        window, below = self.rule.window_ms, self.rule.count_below
+        with_facts = self.facts is not None and len(self._pending) < FACTS_PENDING_MAX
+        win_rows: list[tuple[bytes, int]] = []
+        out_rows: list[tuple[int, int, bytes]] = []
+        wants_facts: list[tuple[int, bytes, int, int]] = []
+        detailed = 0
+        for ev, key in zip(events, keys):
+            ts = ev.ts_ms
+            lo = max(ts - window, horizon)
+            times = recent[key]
+            win_rows.append((key, ts))
+            if times and ts < times[-1]:  # out of time order: ask the table (exact)
+                db.executemany("INSERT INTO win VALUES (?, ?)", win_rows)
+                win_rows = []
+                n = db.execute(_COUNT_SQL, (key, lo, ts, below)).fetchone()[0]
+                times.append(ts)
+                times.sort()
+            else:
+                times.append(ts)
+                n = 0
+                for t in reversed(times):  # the newest `below` times decide
+                    if t <= lo or n >= below:
+                        break
+                    n += 1
+            if len(times) > below:
+                del times[: len(times) - below]
+            if n < below:
+                body, n_keys = pack_event(ev)
+                if with_facts and ev.path:
+                    wants_facts.append((len(out_rows), ev.path, n_keys, ts))
+                out_rows.append((EVENT, ts, body))
+                detailed += 1
+            else:
+                out_rows.append((COUNT, ts, key))
+        if win_rows:
+            win_rows.sort()  # in key order: the index takes them page by page, not all over
+            db.executemany("INSERT INTO win VALUES (?, ?)", win_rows)
+        return out_rows, wants_facts, detailed
+
+    def _facts_due(
+        self, db: sqlite3.Connection, wants_facts: list[tuple[int, bytes, int, int]], n_rows: int
+    ) -> list[tuple[int, bytes, int, int]]:
+        """(outbox id, path, due ms, map keys) for the new rows that wait for
+        facts: FACTS_DELAY_MS after the write, not after this call (a burst
+        stored late has its facts read at once, so the queue of pending rows
+        stays short); in order."""
+        first = db.execute("SELECT max(id) FROM outbox").fetchone()[0] - n_rows + 1
+        latest = self.clock.now_ms() + FACTS_DELAY_MS
+        due = self._pending[-1][2] if self._pending else 0
+        out = []
+        for i, path, n_keys, t in wants_facts:
+            due = min(latest, max(due, t + FACTS_DELAY_MS))
+            out.append((first + i, path, due, n_keys))
+        return out
 
     def fill_facts(self, now_ms: Optional[int] = None, limit: int = 2000) -> int:
         """Read the facts of events whose delay has passed and put them into

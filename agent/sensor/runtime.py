@@ -70,82 +70,96 @@ class LiveAgent:
 
     def run(self) -> int:
         tune_malloc()  # before any thread starts
+        self._start()
+        fatal: list[BaseException] = []
+        ship_thread = threading.Thread(
+            target=self._ship, args=(self.shipper, fatal), name="shipper", daemon=True
+        )
+        ship_thread.start()
+        try:
+            self._loop(fatal)
+        finally:
+            self._finish(ship_thread)
+        if fatal:  # the shipper may stop the loop between its fatal check and the loop test
+            raise fatal[0]
+        return 0
+
+    def _start(self) -> None:
+        """Lock the state dir, open the store and the source, say so."""
         cfg = self.cfg
         state = StateDir(cfg.agent.state_dir)
         state.lock()
         ident = state.identity(cfg.agent.agent_id, cfg.agent.host_name)
         self.state, self.ident = state, ident
-        store = AgentStore(
+        self.store = AgentStore(
             state.store_path, cfg.rule, self.clock, cfg.agent.outbox_max_records,
             facts=FactsReader(self.clock, cfg.agent.hash_max_bytes) if cfg.agent.file_facts else None,
         )  # fmt: skip
-        shipper = build_shipper(cfg, state, store, ident, self.secret, self.clock)
-        self.store, self.shipper = store, shipper
+        self.shipper = build_shipper(cfg, state, self.store, ident, self.secret, self.clock)
         self._install_signals()
         state.write_status(self._status("starting", None))
         # late-bound on purpose: a SIGHUP reload swaps self.cfg
-        resolver = Resolver(self.clock, is_web_process=lambda name: self.cfg.rule.process_matches(name))  # noqa: PLW0108
-        self.resolver = resolver
-        self.prefilter = Prefilter(lambda: self.cfg.rule, resolver)
-        source = self._open_source(open_source)
+        self.resolver = Resolver(self.clock, is_web_process=lambda name: self.cfg.rule.process_matches(name))  # noqa: PLW0108
+        self.prefilter = Prefilter(lambda: self.cfg.rule, self.resolver)
+        self.source = self._open_source(open_source)
         log.info(
             "event=started version=%s backend=%s agent_id=%s host_name=%r watch=%s",
             __version__,
-            source.name,
+            self.source.name,
             ident.agent_id,
             ident.host_name,
             list(cfg.agent.watch),
         )
-        fatal: list[BaseException] = []
-        ship_thread = threading.Thread(target=self._ship, args=(shipper, fatal), name="shipper", daemon=True)
-        ship_thread.start()
-        last_status = 0.0
-        busy_until = 0.0
-        last_event_s = 0.0
+
+    def _loop(self, fatal: list[BaseException]) -> None:
+        """Read, resolve, store until told to stop; once a second the status,
+        the coverage gaps and, after a burst, the memory release."""
+        store, resolver = self.store, self.resolver
+        last_status = busy_until = last_event_s = 0.0
         released = True
+        while not self.stop.is_set():
+            raws = self._read(self.source, 0.25)
+            if len(raws) >= BUSY_EVENTS:
+                busy_until = self.clock.monotonic() + 0.5
+                self.busy.set()  # the shipper waits: the GIL is the reader's in a burst
+            elif self.busy.is_set() and self.clock.monotonic() >= busy_until:
+                self.busy.clear()
+            if raws:
+                last_event_s = self.clock.monotonic()
+                released = False
+            self._handle(raws, store, resolver)
+            store.fill_facts(limit=FACTS_PER_LOOP)
+            if fatal:
+                raise fatal[0]
+            now_s = self.clock.monotonic()
+            if now_s - last_status >= 1.0:
+                last_status = now_s
+                if not released and now_s - last_event_s >= IDLE_RELEASE_S and store.depth() == 0:
+                    released = True
+                    self._release_memory(store)
+                stats = self.source.stats()  # read once a second, used twice
+                self._report_coverage(stats, store)
+                self.state.write_status(self._status("running", self.source, stats))
+            if self.reload.is_set():
+                self.reload.clear()
+                self.source = self._reload(self.source, open_source)
+
+    def _finish(self, ship_thread: threading.Thread) -> None:
+        """A stop: store what the source read ahead, then ship what is left
+        (a bounded wait)."""
+        self.stop.set()
+        store, source = self.store, self.source
+        self.state.write_status(self._status("stopping", source))
+        self._drain(source, store, self.resolver)
+        source.close()
+        ship_thread.join(timeout=2)
         try:
-            while not self.stop.is_set():
-                raws = self._read(source, 0.25)
-                if len(raws) >= BUSY_EVENTS:
-                    busy_until = self.clock.monotonic() + 0.5
-                    self.busy.set()  # the shipper waits: the GIL is the reader's in a burst
-                elif self.busy.is_set() and self.clock.monotonic() >= busy_until:
-                    self.busy.clear()
-                if raws:
-                    last_event_s = self.clock.monotonic()
-                    released = False
-                self._handle(raws, store, resolver)
-                store.fill_facts(limit=FACTS_PER_LOOP)
-                if fatal:
-                    raise fatal[0]
-                now_s = self.clock.monotonic()
-                if now_s - last_status >= 1.0:
-                    last_status = now_s
-                    if not released and now_s - last_event_s >= IDLE_RELEASE_S and store.depth() == 0:
-                        released = True
-                        self._release_memory(store)
-                    stats = source.stats()  # read once a second, used twice
-                    self._report_coverage(stats, store)
-                    state.write_status(self._status("running", source, stats))
-                if self.reload.is_set():
-                    self.reload.clear()
-                    source = self._reload(source, open_source)
-        finally:
-            self.stop.set()
-            state.write_status(self._status("stopping", source))
-            self._drain(source, store, resolver)
-            source.close()
-            ship_thread.join(timeout=2)
-            try:
-                store.fill_facts(now_ms=1 << 62, limit=FACTS_AT_EXIT)  # nothing waits for facts at exit
-                flushed = shipper.drain(self.clock.monotonic() + 5.0)
-            except RarewriteError:
-                flushed = False
-            state.write_status(self._status("stopped", None))
-            log.info("event=stopped flushed=%s outbox_depth=%d", flushed, store.depth())
-        if fatal:  # the shipper may stop the loop between its fatal check and the loop test
-            raise fatal[0]
-        return 0
+            store.fill_facts(now_ms=1 << 62, limit=FACTS_AT_EXIT)  # nothing waits for facts at exit
+            flushed = self.shipper.drain(self.clock.monotonic() + 5.0)
+        except RarewriteError:
+            flushed = False
+        self.state.write_status(self._status("stopped", None))
+        log.info("event=stopped flushed=%s outbox_depth=%d", flushed, store.depth())
 
     def _read(self, source: EventSource, timeout: float) -> Sequence[RawEvent]:
         """One read of the source; the events its prefilter dropped count as seen."""

@@ -143,3 +143,23 @@ def test_a_relative_import_resolves() -> None:
     graph = import_graph(sources)
     assert graph["agent.shared.wire"] == {"agent.shared.wire.encode"}
     assert graph["agent.shared.wire.encode"] == {"agent.shared.rule"}
+
+
+# The byte parsers on the hot path are one flat loop each on purpose (a call
+# per field or record costs more than the work); every other function stays short.
+LONG_ON_PURPOSE = {
+    ("agent.sensor.sources.fanotify.abi", "parse_buffer"),
+    ("agent.shared.wire.decode", "_event_fast"),
+}
+MAX_LINES = 60
+
+
+def test_functions_stay_short_but_the_hot_byte_parsers() -> None:
+    long = []
+    for module, source in package_sources().items():
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = (node.end_lineno or node.lineno) - node.lineno + 1
+                if lines > MAX_LINES and (module, node.name) not in LONG_ON_PURPOSE:
+                    long.append(f"{module}.{node.name}: {lines} lines")
+    assert long == []

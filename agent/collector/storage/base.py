@@ -4,12 +4,15 @@ hands out, whatever the database."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+import logging
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional, Protocol
 
 from agent.shared import wire
 from agent.shared.rule import Row, Rule
+
+log = logging.getLogger("rarewrite.collector.store")
 
 Pair = tuple[Optional[bytes], Optional[bytes]]
 
@@ -79,3 +82,59 @@ class Store(Protocol):
         self, rule_id: str, kind: str, at_ms: int
     ) -> contextlib.AbstractContextManager[bool]: ...
     def close(self) -> None: ...
+
+
+# ------------------------------------------------------ ingest, shared by the stores
+
+# A row of the events table: (ts, pair ref, agent ref, host ref, detail or None).
+EventRow = tuple[int, int, int, int, Optional[bytes]]
+# What the stores keep of an agent's epoch: (last seq, sent_at of that batch).
+EpochState = Optional[tuple[int, int]]
+
+
+def is_replayed(epoch: EpochState, seq: int) -> bool:
+    """The sequence rule: a batch whose seq is not past the last one stored
+    of its epoch is a duplicate (nothing of it is stored again)."""
+    return epoch is not None and seq <= epoch[0]
+
+
+def possible_loss(agent: AgentRecord, epoch: EpochState, batch: wire.RowBatch) -> Optional[tuple[int, int]]:
+    """(start, end) of the "possible_loss" gap a batch opens when its seq
+    skips batches of its epoch (the first seq of an epoch is 1), else None."""
+    last = epoch[0] if epoch is not None else 0
+    if batch.seq <= last + 1:
+        return None
+    start = epoch[1] if epoch is not None else min([*batch.times(), batch.sent_at])
+    log.warning(
+        "event=seq_gap agent_id=%r epoch=%s missing_batches=%d",
+        agent.agent_id,
+        batch.epoch,
+        batch.seq - 1 - last,
+    )
+    return (min(start, batch.sent_at), batch.sent_at)
+
+
+def newest_per_pair(batch: wire.RowBatch) -> dict[bytes, tuple[Optional[bytes], Optional[bytes], int]]:
+    """Pair key -> (exe, path, newest time in the batch), for the pairs table."""
+    out: dict[bytes, tuple[Optional[bytes], Optional[bytes], int]] = {}
+    for ts, key, exe, path, _ in batch.events:
+        got = out.get(key)
+        if got is None or ts > got[2]:
+            out[key] = (exe, path, ts)
+    for key, exe, path, times in batch.counts:
+        top = max(times)
+        got = out.get(key)
+        if got is None or top > got[2]:
+            out[key] = (exe, path, top)
+    return out
+
+
+def event_rows(batch: wire.RowBatch, refs: dict[bytes, int], agent: AgentRecord) -> Iterator[EventRow]:
+    """The batch's rows of the events table: one per event and per count time."""
+    aref, href = agent.ref, agent.host_ref
+    for ts, key, _, _, detail in batch.events:
+        yield (ts, refs[key], aref, href, detail)
+    for key, _, _, times in batch.counts:
+        ref = refs[key]
+        for t in times:
+            yield (t, ref, aref, href, None)

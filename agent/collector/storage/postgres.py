@@ -48,7 +48,17 @@ from typing import Any, Optional
 
 import msgpack
 
-from agent.collector.storage.base import AgentRecord, GapRow, Pair, RankedRow, StoredEvent
+from agent.collector.storage.base import (
+    AgentRecord,
+    GapRow,
+    Pair,
+    RankedRow,
+    StoredEvent,
+    event_rows,
+    is_replayed,
+    newest_per_pair,
+    possible_loss,
+)
 from agent.shared import wire
 from agent.shared.errors import StoreError
 from agent.shared.migrations import Migration, pending
@@ -540,7 +550,7 @@ class PgStore:
                     status = "stored"
                     try:
                         with conn.transaction():
-                            if not self._ingest_tx(conn, agent, batch, times, now_ms):
+                            if not self._ingest_tx(conn, agent, batch, now_ms):
                                 status = "duplicate"
                                 raise psycopg.Rollback()
                     except (pg_errors.DeadlockDetected, pg_errors.SerializationFailure, _Retry):
@@ -557,7 +567,6 @@ class PgStore:
         conn: psycopg.Connection[Any],
         agent: AgentRecord,
         batch: wire.RowBatch,
-        times: list[int],
         now_ms: int,
     ) -> bool:
         # The name first: a concurrent copy of this batch (another collector)
@@ -573,18 +582,14 @@ class PgStore:
             "SELECT last_seq, last_sent_at FROM epochs WHERE agent_ref = %s AND epoch = %s FOR UPDATE",
             (agent.ref, batch.epoch),
         ).fetchone()
-        if ep is not None and batch.seq <= ep[0]:
+        if is_replayed(ep, batch.seq):
             return False
-        if (ep is None and batch.seq > 1) or (ep is not None and batch.seq > ep[0] + 1):
-            missing = batch.seq - 1 - (ep[0] if ep else 0)
-            start = ep[1] if ep else min([*times, batch.sent_at])
+        gap = possible_loss(agent, ep, batch)
+        if gap is not None:
             conn.execute(
                 "INSERT INTO gaps(agent_ref, start_ms, end_ms, lost, reason, received_ms) "
                 "VALUES (%s, %s, %s, 0, 'possible_loss', %s)",
-                (agent.ref, min(start, batch.sent_at), batch.sent_at, now_ms),
-            )
-            log.warning(
-                "event=seq_gap agent_id=%r epoch=%s missing_batches=%d", agent.agent_id, batch.epoch, missing
+                (agent.ref, *gap, now_ms),
             )
         conn.execute(
             "INSERT INTO epochs(agent_ref, epoch, last_seq, last_sent_at) VALUES (%s, %s, %s, %s) "
@@ -592,22 +597,13 @@ class PgStore:
             "last_sent_at = excluded.last_sent_at",
             (agent.ref, batch.epoch, batch.seq, batch.sent_at),
         )
-        want: dict[bytes, tuple[Optional[bytes], Optional[bytes], int]] = {}
-        for key, exe, path, ts in [(e[1], e[2], e[3], e[0]) for e in batch.events] + [
-            (c[0], c[1], c[2], max(c[3])) for c in batch.counts
-        ]:
-            old = want.get(key)
-            want[key] = (exe, path, ts if old is None else max(old[2], ts))
+        want = newest_per_pair(batch)
         refs = self._intern(conn, want) if want else {}
         with conn.cursor() as cur:
             with cur.copy("COPY events (ts, pair, agent, host, detail) FROM STDIN (FORMAT BINARY)") as cp:
                 cp.set_types(["int8", "int8", "int8", "int8", "bytea"])
-                for ts, key, _, _, detail in batch.events:
-                    cp.write_row((ts, refs[key], agent.ref, agent.host_ref, detail))
-                for key, _, _, ctimes in batch.counts:
-                    ref = refs[key]
-                    for t in ctimes:
-                        cp.write_row((t, ref, agent.ref, agent.host_ref, None))
+                for row in event_rows(batch, refs, agent):
+                    cp.write_row(row)
         if batch.gaps:
             with conn.cursor() as cur:
                 cur.executemany(

@@ -61,7 +61,17 @@ from urllib.parse import quote
 
 import msgpack
 
-from agent.collector.storage.base import AgentRecord, GapRow, Pair, RankedRow, StoredEvent
+from agent.collector.storage.base import (
+    AgentRecord,
+    GapRow,
+    Pair,
+    RankedRow,
+    StoredEvent,
+    event_rows,
+    is_replayed,
+    newest_per_pair,
+    possible_loss,
+)
 from agent.shared import wire
 from agent.shared.errors import StoreError
 from agent.shared.migrations import Migration, pending
@@ -490,82 +500,13 @@ class CollectorStore:
             if dv != self._local.data_version:
                 cache.clear()  # another connection committed: a cached pair may be gone
                 self._local.data_version = dv
-            seen = conn.execute(
-                "SELECT 1 FROM batches WHERE agent_ref=? AND batch_id=?", (agent.ref, rb.batch_id)
-            ).fetchone()
-            if seen:
+            if not self._claim(conn, agent, rb, now_ms):
                 return "duplicate"
-            ep = conn.execute(
-                "SELECT last_seq, last_sent_at FROM epochs WHERE agent_ref=? AND epoch=?",
-                (agent.ref, rb.epoch),
-            ).fetchone()
-            if ep is not None and rb.seq <= ep[0]:
-                return "duplicate"
-            if (ep is None and rb.seq > 1) or (ep is not None and rb.seq > ep[0] + 1):
-                missing = rb.seq - 1 - (ep[0] if ep else 0)
-                start = ep[1] if ep else min([*rb.times(), rb.sent_at])
-                conn.execute(
-                    "INSERT INTO gaps(agent_ref, start_ms, end_ms, lost, reason, received_ms) "
-                    "VALUES (?, ?, ?, 0, 'possible_loss', ?)",
-                    (agent.ref, min(start, rb.sent_at), rb.sent_at, now_ms),
-                )
-                log.warning(
-                    "event=seq_gap agent_id=%r epoch=%s missing_batches=%d",
-                    agent.agent_id,
-                    rb.epoch,
-                    missing,
-                )
-            conn.execute(
-                "INSERT INTO epochs(agent_ref, epoch, last_seq, last_sent_at) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT(agent_ref, epoch) DO UPDATE SET last_seq=excluded.last_seq, "
-                "last_sent_at=excluded.last_sent_at",
-                (agent.ref, rb.epoch, rb.seq, rb.sent_at),
+            refs = self._pair_refs(conn, newest_per_pair(rb), cache, fresh)
+            conn.executemany(
+                "INSERT INTO events(ts, pair, agent, host, detail) VALUES (?, ?, ?, ?, ?)",
+                event_rows(rb, refs, agent),
             )
-            conn.execute(
-                "INSERT INTO batches(agent_ref, epoch, seq, batch_id, received_ms, records) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                (agent.ref, rb.epoch, rb.seq, rb.batch_id, now_ms, rb.size()),
-            )
-            # Newest time per pair in this batch, then one statement per pair
-            # that is new to the cache or whose last_ts moves.
-            newest: dict[bytes, list[Any]] = {}
-            for ts, key, exe, path, _ in rb.events:
-                got = newest.get(key)
-                if got is None:
-                    newest[key] = [exe, path, ts]
-                elif ts > got[2]:
-                    got[2] = ts
-            for key, exe, path, times in rb.counts:
-                got = newest.get(key)
-                top = max(times)
-                if got is None:
-                    newest[key] = [exe, path, top]
-                elif top > got[2]:
-                    got[2] = top
-            refs: dict[bytes, int] = {}
-            moved: list[tuple[int, int]] = []
-            upsert = conn.execute
-            for key, (exe, path, top) in newest.items():
-                known = cache.get(key)
-                if known is None:
-                    ref = int(upsert(_PAIR_UPSERT_SQL, (order_key(exe, path), exe, path, top)).fetchone()[0])
-                    fresh[key] = (ref, top)
-                else:
-                    ref = known[0]
-                    if top > known[1]:
-                        moved.append((top, ref))
-                        fresh[key] = (ref, top)
-                refs[key] = ref
-            if moved:
-                conn.executemany("UPDATE pairs SET last_ts=max(last_ts, ?) WHERE ref=?", moved)
-            aref, href = agent.ref, agent.host_ref
-            rows: list[tuple[int, int, int, int, Optional[bytes]]] = [
-                (ts, refs[key], aref, href, detail) for ts, key, _, _, detail in rb.events
-            ]
-            for key, _, _, times in rb.counts:
-                ref = refs[key]
-                rows.extend((t, ref, aref, href, None) for t in times)
-            conn.executemany("INSERT INTO events(ts, pair, agent, host, detail) VALUES (?, ?, ?, ?, ?)", rows)
             if rb.gaps:
                 conn.executemany(
                     "INSERT INTO gaps(agent_ref, start_ms, end_ms, lost, reason, received_ms) "
@@ -578,6 +519,70 @@ class CollectorStore:
             cache.clear()
         cache.update(fresh)
         return "stored"
+
+    @staticmethod
+    def _claim(conn: sqlite3.Connection, agent: AgentRecord, rb: wire.RowBatch, now_ms: int) -> bool:
+        """Name the batch (agent, epoch, seq, batch id) in this transaction,
+        with the possible-loss gap its seq opens; False for a duplicate."""
+        seen = conn.execute(
+            "SELECT 1 FROM batches WHERE agent_ref=? AND batch_id=?", (agent.ref, rb.batch_id)
+        ).fetchone()
+        if seen:
+            return False
+        ep = conn.execute(
+            "SELECT last_seq, last_sent_at FROM epochs WHERE agent_ref=? AND epoch=?",
+            (agent.ref, rb.epoch),
+        ).fetchone()
+        if is_replayed(ep, rb.seq):
+            return False
+        gap = possible_loss(agent, ep, rb)
+        if gap is not None:
+            conn.execute(
+                "INSERT INTO gaps(agent_ref, start_ms, end_ms, lost, reason, received_ms) "
+                "VALUES (?, ?, ?, 0, 'possible_loss', ?)",
+                (agent.ref, *gap, now_ms),
+            )
+        conn.execute(
+            "INSERT INTO epochs(agent_ref, epoch, last_seq, last_sent_at) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT(agent_ref, epoch) DO UPDATE SET last_seq=excluded.last_seq, "
+            "last_sent_at=excluded.last_sent_at",
+            (agent.ref, rb.epoch, rb.seq, rb.sent_at),
+        )
+        conn.execute(
+            "INSERT INTO batches(agent_ref, epoch, seq, batch_id, received_ms, records) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (agent.ref, rb.epoch, rb.seq, rb.batch_id, now_ms, rb.size()),
+        )
+        return True
+
+    @staticmethod
+    def _pair_refs(
+        conn: sqlite3.Connection,
+        newest: dict[bytes, tuple[Optional[bytes], Optional[bytes], int]],
+        cache: dict[bytes, tuple[int, int]],
+        fresh: dict[bytes, tuple[int, int]],
+    ) -> dict[bytes, int]:
+        """Pair key -> ref for the batch's pairs: one statement per pair that
+        is new to the cache or whose last_ts moves. What the cache should
+        learn once the transaction commits goes into ``fresh``."""
+        refs: dict[bytes, int] = {}
+        moved: list[tuple[int, int]] = []
+        for key, (exe, path, top) in newest.items():
+            known = cache.get(key)
+            if known is None:
+                ref = int(
+                    conn.execute(_PAIR_UPSERT_SQL, (order_key(exe, path), exe, path, top)).fetchone()[0]
+                )
+                fresh[key] = (ref, top)
+            else:
+                ref = known[0]
+                if top > known[1]:
+                    moved.append((top, ref))
+                    fresh[key] = (ref, top)
+            refs[key] = ref
+        if moved:
+            conn.executemany("UPDATE pairs SET last_ts=max(last_ts, ?) WHERE ref=?", moved)
+        return refs
 
     def _pair_cache(self) -> dict[bytes, tuple[int, int]]:
         """This connection's pair key -> (ref, last_ts) of committed pairs (bounded)."""

@@ -143,21 +143,24 @@ def _detail(e: dict[str, Any], path: str) -> dict[str, Any]:
     if e.get("etype") is not None:
         out["etype"] = [_str(t, f"{path}.etype[{i}]", 32) for i, t in enumerate(_list(e["etype"], path))]
     if e.get("file") is not None:
-        f = _map(e["file"], f"{path}.file")
-        facts: dict[str, Any] = {}
-        for k in _FILE_INT:
-            if f.get(k) is not None:
-                facts[k] = _int(f[k], f"{path}.file.{k}", 0, MAX_TS)
-        if f.get("sha256") is not None:
-            facts["sha256"] = _str(f["sha256"], f"{path}.file.sha256", 64)
-        if f.get("sample") is not None:
-            facts["sample"] = _bin(f["sample"], f"{path}.file.sample")
-        if f.get("gone") is not None:
-            if not isinstance(f["gone"], bool):
-                raise WireError("must be a boolean", f"{path}.file.gone")
-            facts["gone"] = f["gone"]
-        out["file"] = facts
+        out["file"] = _file_facts(_map(e["file"], f"{path}.file"), f"{path}.file")
     return out
+
+
+def _file_facts(f: dict[str, Any], path: str) -> dict[str, Any]:
+    facts: dict[str, Any] = {}
+    for k in _FILE_INT:
+        if f.get(k) is not None:
+            facts[k] = _int(f[k], f"{path}.{k}", 0, MAX_TS)
+    if f.get("sha256") is not None:
+        facts["sha256"] = _str(f["sha256"], f"{path}.sha256", 64)
+    if f.get("sample") is not None:
+        facts["sample"] = _bin(f["sample"], f"{path}.sample")
+    if f.get("gone") is not None:
+        if not isinstance(f["gone"], bool):
+            raise WireError("must be a boolean", f"{path}.gone")
+        facts["gone"] = f["gone"]
+    return facts
 
 
 def rows_of(batch: Batch | RowBatch) -> RowBatch:
@@ -198,7 +201,7 @@ _FILE_KIND.update({"sha256": 1, "sample": 2, "gone": 3})
 _INT31 = (1 << 31) - 1
 
 
-def _event_fast(e: Any) -> Optional[_Ev]:
+def _event_fast(e: Any) -> Optional[_Ev]:  # noqa: PLR0912 - the decoder's hot path: one pass, few calls
     """One ``<event>``, validated with as few calls as possible; None when
     anything is not plainly valid (the slow path then names the error).
     Accepts exactly a subset of what :func:`_event_slow` accepts, with the same

@@ -394,7 +394,7 @@ class FanotifySource:
                     _close_quietly(fd)
         return out
 
-    def _convert_all(
+    def _convert_all(  # noqa: PLR0912 - the prefilter's fast path inline: it runs per kernel event
         self,
         events: list[abi.ParsedEvent],
         ts: int,

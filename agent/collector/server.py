@@ -62,8 +62,6 @@ security = logging.getLogger("rarewrite.collector.security")
 R = TypeVar("R")
 ENROLL_MAX_BODY = 64 << 10
 ENROLL_FAILURES_PER_S = 2.0  # wrong secrets per client address, burst 10
-PRUNE_EVERY_S = 60.0
-CONTINUOUS_EVERY_S = 1.0
 _PRINTABLE = re.compile(r"[^\x00-\x1f\x7f]{1,255}\Z")
 _LABEL = re.compile(r"[^A-Za-z0-9_.:-]")
 

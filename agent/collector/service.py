@@ -17,15 +17,18 @@ from aiohttp import web
 
 from agent.collector import evaluate as ev
 from agent.collector.outputs import build_outputs, emit_all
-from agent.collector.server import COLLECTOR, CONTINUOUS_EVERY_S, PRUNE_EVERY_S, Collector, make_app
+from agent.collector.server import COLLECTOR, Collector, make_app
 from agent.collector.storage import open_store
-from agent.collector.storage.sqlite import PRUNE_CHUNK
+from agent.collector.storage.base import PRUNE_CHUNK
 from agent.shared.clock import SystemClock
 from agent.shared.config.schema import Config
 from agent.shared.errors import StoreError
 from agent.shared.text import iso, redact
 
 log = logging.getLogger("rarewrite.collector.server")
+
+PRUNE_EVERY_S = 60.0
+CONTINUOUS_EVERY_S = 1.0
 
 
 async def schedule_loop(c: Collector) -> None:

@@ -196,7 +196,8 @@ class AgentStore:
     def _open(self) -> None:
         os.makedirs(os.path.dirname(self.path) or ".", mode=0o700, exist_ok=True)
         if os.path.exists(self.path) and not self._healthy():
-            aside = f"{self.path}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}"
+            stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(self.clock.now_ms() // 1000))
+            aside = f"{self.path}.corrupt-{stamp}"
             for suffix in ("", "-wal", "-shm"):
                 if os.path.exists(self.path + suffix):
                     os.replace(self.path + suffix, aside + suffix)

@@ -20,7 +20,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from agent.collector.outputs.base import Output
+from agent.collector.outputs.base import Dropping, Output
 from agent.collector.outputs.ndjson import NdjsonOutput
 from agent.collector.outputs.stdout import StdoutOutput
 from agent.collector.outputs.syslog import SyslogOutput
@@ -128,4 +128,4 @@ def emit_all(outputs: Sequence[Output], alerts: Sequence[dict[str, Any]]) -> Non
 def dropped_counts(outputs: Sequence[Output]) -> dict[str, int]:
     """output name -> alerts dropped by a full queue, for /metrics
     (``rarewrite_collector_output_dropped_total{output=...}``)."""
-    return {out.name: int(getattr(out, "dropped", 0)) for out in outputs if hasattr(out, "dropped")}
+    return {out.name: out.dropped for out in outputs if isinstance(out, Dropping)}

@@ -7,7 +7,7 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Sequence
-from typing import Any, Optional, Protocol
+from typing import Any, Optional, Protocol, runtime_checkable
 
 from agent.shared.backoff import Backoff
 from agent.shared.clock import Clock, SystemClock
@@ -25,6 +25,14 @@ class Output(Protocol):
         """Deliver one batch of alert documents; raise OSError on failure."""
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class Dropping(Protocol):
+    """An output that can drop alerts (a bounded queue) and counts them."""
+
+    name: str
+    dropped: int
 
 
 class Retry(Exception):

@@ -15,6 +15,7 @@ from agent.shared.rule import Row, Rule
 log = logging.getLogger("rarewrite.collector.store")
 
 Pair = tuple[Optional[bytes], Optional[bytes]]
+PRUNE_CHUNK = 5000  # Store.prune deletes up to this many events per chunk: fewer means done
 
 
 @dataclass(frozen=True)

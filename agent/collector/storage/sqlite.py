@@ -62,6 +62,7 @@ from urllib.parse import quote
 import msgpack
 
 from agent.collector.storage.base import (
+    PRUNE_CHUNK,
     AgentRecord,
     GapRow,
     Pair,
@@ -81,7 +82,6 @@ log = logging.getLogger("rarewrite.collector.store")
 
 SCHEMA_VERSION = 2
 BUSY_TIMEOUT_MS = 5000
-PRUNE_CHUNK = 5000
 PAIR_CACHE_MAX = 65_536  # pair refs the writer keeps in memory (about 10 MB at most)
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);

@@ -23,6 +23,7 @@ from agent.collector.storage.base import PRUNE_CHUNK
 from agent.shared.clock import SystemClock
 from agent.shared.config.schema import Config
 from agent.shared.errors import StoreError
+from agent.shared.systemd import Watchdog, notify
 from agent.shared.text import iso, redact
 
 log = logging.getLogger("rarewrite.collector.server")
@@ -77,6 +78,16 @@ async def prune_loop(c: Collector) -> None:
         except StoreError as e:
             c.error_log.log(log, logging.ERROR, "prune", "event=prune_failed error=%r", str(e))
         await asyncio.sleep(PRUNE_EVERY_S)
+
+
+async def watchdog_loop(c: Collector) -> None:
+    """WATCHDOG=1 while the event loop runs (a no-op without systemd's watchdog)."""
+    watchdog = Watchdog(c.clock)
+    if watchdog.interval_s is None:
+        return
+    while True:
+        watchdog.kick()
+        await asyncio.sleep(watchdog.interval_s)
 
 
 def ssl_context(cfg: Config) -> Optional[ssl.SSLContext]:
@@ -141,10 +152,12 @@ async def _serve(cfg: Config, secret: str) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    tasks = [asyncio.create_task(schedule_loop(c)), asyncio.create_task(prune_loop(c))]
+    tasks = [asyncio.create_task(t) for t in (schedule_loop(c), prune_loop(c), watchdog_loop(c))]
+    notify("READY=1")  # Type=notify: listening
     try:
         await stop.wait()
         log.info("event=stopping")
+        notify("STOPPING=1")
     finally:
         for t in tasks:
             t.cancel()

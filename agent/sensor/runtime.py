@@ -35,6 +35,7 @@ from agent.shared.config.schema import Config
 from agent.shared.errors import ConfigError, EnrollError, RarewriteError, StoreError
 from agent.shared.events import OVERFLOW, FileEvent, RawEvent
 from agent.shared.rule import matches
+from agent.shared.systemd import Watchdog, notify
 
 log = logging.getLogger("rarewrite.agent")
 FACTS_AT_EXIT = 1 << 30
@@ -110,6 +111,7 @@ class LiveAgent:
             ident.host_name,
             list(cfg.agent.watch),
         )
+        notify("READY=1")  # Type=notify: the marks are placed, the agent watches
 
     def _loop(self, fatal: list[BaseException]) -> None:
         """Read, resolve, store until told to stop; once a second the status,
@@ -117,7 +119,9 @@ class LiveAgent:
         store, resolver = self.store, self.resolver
         last_status = busy_until = last_event_s = 0.0
         released = True
+        watchdog = Watchdog(self.clock)
         while not self.stop.is_set():
+            watchdog.kick()  # this loop is what the watchdog vouches for
             raws = self._read(self.source, 0.25)
             if len(raws) >= BUSY_EVENTS:
                 busy_until = self.clock.monotonic() + 0.5
@@ -148,6 +152,7 @@ class LiveAgent:
         """A stop: store what the source read ahead, then ship what is left
         (a bounded wait)."""
         self.stop.set()
+        notify("STOPPING=1")
         store, source = self.store, self.source
         self.state.write_status(self._status("stopping", source))
         self._drain(source, store, self.resolver)

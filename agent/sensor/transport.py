@@ -9,15 +9,18 @@ import http.client
 import socket
 import ssl
 import threading
-import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Optional, Protocol
+from typing import Protocol, Union
+
+import requests
+import requests.adapters
 
 from agent import __version__
 from agent.shared.errors import ShipError
 
 MAX_RESPONSE = 64 << 10  # a collector reply larger than this is garbage
+USER_AGENT = f"rarewrite-agent/{__version__}"
 
 
 @dataclass(frozen=True)
@@ -34,8 +37,9 @@ class Transport(Protocol):
         """POST and return the reply; raise ShipError when no reply came."""
 
 
-# What a kept-alive connection the collector has closed meanwhile raises,
-# over plain TCP and over TLS (with or without a close_notify first).
+# What a kept-alive connection the collector has closed meanwhile raises
+# (under requests' ConnectionError), over plain TCP and over TLS (with or
+# without a close_notify first): the request is sent once more, on a new one.
 _STALE = (
     http.client.RemoteDisconnected,
     ConnectionResetError,
@@ -46,10 +50,11 @@ _STALE = (
 
 
 class HttpTransport:
-    """One kept-alive connection per collector through the standard library's
-    http.client: verified TLS, timeouts, a capped reply, no redirects and no
-    proxy or netrc from the environment. (requests and urllib3 cost the agent
-    7 MB of its RSS for one POST endpoint.)"""
+    """requests with one pooled Session: a kept-alive connection per collector,
+    TLS verified (the system store or ``ca_bundle``; a client certificate for
+    mutual TLS), no redirects, nothing taken from the environment (proxies,
+    netrc, CA bundles) except the explicit ``proxy``, and a reply capped at
+    MAX_RESPONSE bytes that must arrive whole within twice the timeout."""
 
     def __init__(
         self,
@@ -57,107 +62,111 @@ class HttpTransport:
         ca_bundle: str = "",
         client_cert: str = "",
         client_key: str = "",
+        proxy: str = "",
     ) -> None:
         self.timeout = timeout
-        self._ca_bundle = ca_bundle
-        self._client_cert = client_cert
-        self._client_key = client_key
-        self._ctx: Optional[ssl.SSLContext] = None
-        self._conn: Optional[http.client.HTTPConnection] = None
-        self._origin: Optional[tuple[str, str, int]] = None
-
-    def _context(self) -> ssl.SSLContext:
-        if self._ctx is None:
-            ctx = ssl.create_default_context(cafile=self._ca_bundle or None)  # verifies name and chain
-            if self._client_cert:
-                ctx.load_cert_chain(self._client_cert, self._client_key or None)
-            self._ctx = ctx
-        return self._ctx
-
-    def _connection(self, scheme: str, host: str, port: int) -> http.client.HTTPConnection:
-        origin = (scheme, host, port)
-        if self._conn is not None and self._origin == origin:
-            return self._conn
-        self.close()
-        if scheme == "https":
-            conn: http.client.HTTPConnection = http.client.HTTPSConnection(
-                host, port, timeout=self.timeout, context=self._context()
-            )
-        else:
-            conn = http.client.HTTPConnection(host, port, timeout=self.timeout)
-        self._conn, self._origin = conn, origin
-        return conn
+        self._verify: Union[str, bool] = ca_bundle or True
+        self._cert: Union[str, tuple[str, str], None] = (
+            (client_cert, client_key) if client_cert and client_key else client_cert or None
+        )
+        session = requests.Session()
+        session.trust_env = False  # no HTTP(S)_PROXY, netrc or REQUESTS_CA_BUNDLE behind the admin's back
+        session.proxies = {"http": proxy, "https": proxy} if proxy else {}
+        adapter = requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=1, max_retries=0)
+        session.mount("https://", adapter)
+        session.mount("http://", adapter)
+        session.headers.update({"Accept-Encoding": "identity", "User-Agent": USER_AGENT})
+        self._session = session
 
     def post(self, url: str, body: bytes, headers: Mapping[str, str]) -> Response:
-        parts = urllib.parse.urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ShipError(f"not an http(s) URL: {url!r}")
-        try:
-            port = parts.port or (443 if parts.scheme == "https" else 80)
-        except ValueError as e:
-            raise ShipError(f"bad port in {url!r}: {e}") from None
-        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         for attempt in (1, 2):
-            conn = self._connection(parts.scheme, parts.hostname, port)
-            reused = conn.sock is not None
             try:
-                conn.request("POST", path, body=body, headers=dict(headers))
-                reply = conn.getresponse()
-            except _STALE as e:
-                self.close()
-                if reused and attempt == 1:
+                reply = self._session.post(
+                    url,
+                    data=body,
+                    headers=dict(headers),
+                    timeout=self.timeout,
+                    verify=self._verify,
+                    cert=self._cert,
+                    allow_redirects=False,
+                    stream=True,
+                )
+            except requests.ConnectionError as e:
+                if attempt == 1 and isinstance(_root(e), _STALE):
                     continue  # the collector closed a kept-alive connection: once more on a new one
-                raise ShipError(f"{type(e).__name__}: {_short(e)}") from None
-            except (OSError, http.client.HTTPException, ValueError) as e:
-                self.close()
-                raise ShipError(f"{type(e).__name__}: {_short(e)}") from None
-            return self._read(url, conn, reply)
+                raise ShipError(_describe(e)) from None
+            except (requests.RequestException, OSError, ValueError) as e:
+                raise ShipError(_describe(e)) from None
+            with reply:
+                return self._read(url, reply)
         raise ShipError(f"no reply from {url}")  # not reached: the second attempt returns or raises
 
-    def _read(self, url: str, conn: http.client.HTTPConnection, reply: http.client.HTTPResponse) -> Response:
+    def _read(self, url: str, reply: requests.Response) -> Response:
         limit = 2 * self.timeout  # a reply that trickles is a failure too: whole reply, not per read
         late = threading.Event()
-        sock = conn.sock
+        raw = reply.raw
 
         def give_up() -> None:
             late.set()
+            sock = getattr(getattr(raw, "connection", None), "sock", None)
             if sock is not None:  # wakes the blocked read (a close alone would not)
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
 
         timer = threading.Timer(limit, give_up)
         timer.start()
+        chunks: list[bytes] = []
+        got = 0
         try:
-            data = reply.read(MAX_RESPONSE + 1)
+            while got <= MAX_RESPONSE:
+                chunk = raw.read(MAX_RESPONSE + 1 - got)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                got += len(chunk)
         except Exception as e:  # noqa: BLE001 - whatever the shut socket raises
-            self.close()
+            raw.close()
             if late.is_set():
                 raise ShipError(f"reply from {url} took longer than {limit:.0f} s") from None
-            raise ShipError(f"reading the reply from {url}: {type(e).__name__}: {_short(e)}") from None
+            raise ShipError(f"reading the reply from {url}: {_describe(e)}") from None
         finally:
             timer.cancel()
         if late.is_set():
-            self.close()
+            raw.close()
             raise ShipError(f"reply from {url} took longer than {limit:.0f} s")
-        if len(data) > MAX_RESPONSE:
-            self.close()
+        if got > MAX_RESPONSE:
+            raw.close()  # not reusable: the rest of the body is still on the wire
             raise ShipError(f"reply from {url} larger than {MAX_RESPONSE} bytes")
-        if not reply.isclosed() or reply.will_close:
-            self.close()  # body left unread or no length, or the collector said close: not reusable
-        return Response(reply.status, dict(reply.getheaders()), data)
+        return Response(reply.status_code, dict(reply.headers), b"".join(chunks))
 
     def close(self) -> None:
-        if self._conn is not None:
-            with contextlib.suppress(OSError):
-                self._conn.close()
-        self._conn, self._origin = None, None
+        self._session.close()
+
+
+def _root(e: BaseException) -> BaseException:
+    """The innermost cause of ``e`` (requests wraps urllib3, which wraps the OSError)."""
+    seen = {id(e)}
+    while True:
+        nxt = e.__cause__ or e.__context__
+        if nxt is None and e.args and isinstance(e.args[0], BaseException):
+            nxt = e.args[0]
+        reason = getattr(e, "reason", None)
+        if nxt is None and isinstance(reason, BaseException):
+            nxt = reason
+        if nxt is None or id(nxt) in seen:
+            return e
+        seen.add(id(nxt))
+        e = nxt
+
+
+def _describe(e: BaseException) -> str:
+    root = _root(e)
+    name = type(e).__name__ if root is e else f"{type(e).__name__} ({type(root).__name__})"
+    return f"{name}: {_short(e)}"
 
 
 def _short(e: BaseException) -> str:
     return " ".join(str(e).split())[:300]
-
-
-USER_AGENT = f"rarewrite-agent/{__version__}"
 
 
 class FakeTransport:

@@ -27,7 +27,7 @@ def build_shipper(
     a = cfg.agent
     if not a.collector:
         raise RarewriteError("no collector URL: give --collector or [agent] collector")
-    transport = HttpTransport(a.request_timeout_ms / 1000, a.ca_bundle, a.client_cert, a.client_key)
+    transport = HttpTransport(a.request_timeout_ms / 1000, a.ca_bundle, a.client_cert, a.client_key, a.proxy)
     return Shipper(
         store, transport, a.collector, state.path, ident, _secret_ok(secret), clock,
         a.batch_max_records, a.backoff_max_ms / 1000,

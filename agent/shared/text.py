@@ -85,7 +85,15 @@ def redact(db: str) -> str:
     """``db`` for logs: a URL's password (userinfo or ``password=``) replaced by ``***``."""
     if not is_postgres(db):
         return db
-    scheme, _, rest = db.partition("://")
+    return redact_url(db)
+
+
+def redact_url(url: str) -> str:
+    """``url`` for logs and ``config check``: the password of its userinfo
+    and any ``password=`` query value replaced by ``***``."""
+    if "://" not in url:
+        return url
+    scheme, _, rest = url.partition("://")
     netloc, sep, tail = rest.partition("/")
     if "@" in netloc:
         userinfo, _, hostpart = netloc.rpartition("@")

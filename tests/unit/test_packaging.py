@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import subprocess
+import time
+import urllib.request
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -15,6 +18,7 @@ import pytest
 import agent
 from agent.shared.config.load import load
 from agent.shared.config.schema import AGENT_KEYS, COLLECTOR_KEYS, RULE_KEYS, Config
+from tests.support import procs
 
 TOP = Path(__file__).resolve().parents[2]
 UNITS = TOP / "systemd"
@@ -92,7 +96,8 @@ def test_agent_unit_least_privilege() -> None:
     assert u["ReadWritePaths"] == "/var/lib/rarewrite/agent"
     assert set(u["RestrictAddressFamilies"].split()) == {"AF_UNIX", "AF_INET", "AF_INET6"}
     assert u["SystemCallArchitectures"] == "native"
-    assert (u["CPUQuota"], u["MemoryMax"], u["Restart"], u["Type"]) == ("20%", "200M", "on-failure", "simple")
+    assert (u["CPUQuota"], u["MemoryMax"], u["Restart"], u["Type"]) == ("20%", "200M", "on-failure", "notify")
+    assert (u["NotifyAccess"], u["WatchdogSec"]) == ("main", "60s")
     # the agent must see the real /tmp and /home
     assert "PrivateTmp" not in u
     assert "ProtectHome" not in u
@@ -108,6 +113,8 @@ def test_collector_unit_hardening() -> None:
     for key in ("PrivateTmp", "ProtectHome", "PrivateDevices", "NoNewPrivileges", "MemoryDenyWriteExecute"):
         assert u[key] == "yes", key
     assert u["ProtectSystem"] == "strict"
+    assert (u["Type"], u["NotifyAccess"], u["WatchdogSec"]) == ("notify", "main", "60s")
+    assert int(u["LimitNOFILE"]) >= 65536  # a connection per agent, and slow clients hold theirs
 
 
 def test_no_secret_value_in_units() -> None:
@@ -232,11 +239,79 @@ def test_build_deb(tmp_path: Path) -> None:
             ["dpkg-deb", "-e", str(tmp_path / f"rarewrite-{pkg}_{v}_all.deb"), str(ctl)], check=True
         )
         assert (ctl / "conffiles").read_text().split() == [f"/etc/rarewrite/{pkg}.conf"]
-        assert "deb-systemd-helper enable" in (ctl / "postinst").read_text()
+        postinst = (ctl / "postinst").read_text()
+        assert "deb-systemd-helper enable" in postinst
+        # an upgrade restarts what ran: nothing stops it for the upgrade, the postinst try-restarts it
+        assert f"deb-systemd-invoke try-restart rarewrite-{pkg}.service" in postinst
+        prerm = (ctl / "prerm").read_text()
+        stops = [line.strip() for line in prerm.splitlines() if "deb-systemd-invoke stop" in line]
+        assert stops == [f"deb-systemd-invoke stop rarewrite-{pkg}.service >/dev/null || true"], prerm
+        assert 'if [ "$1" = "remove" ]' in prerm  # the only stop is for a removal
 
 
 def _can_apt() -> bool:
     return os.geteuid() == 0 and shutil.which("apt-get") is not None
+
+
+def _serve_and_replay_through_the_installed_command(tmp: Path, env: dict[str, str]) -> None:
+    """``/usr/bin/rarewrite collector serve`` (its decoding worker started with
+    spawn, which runs the wrapper again) takes a batch from ``/usr/bin/rarewrite
+    agent replay``: the worker must decode it, not die re-running the command."""
+    port = procs.free_port()
+    env = {**env, "RAREWRITE_ENROLLMENT_SECRET": procs.SECRET}
+    now = time.time()
+    events = tmp / "events.ndjson"
+    doc = {
+        "@timestamp": time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(now - 5)),
+        "event": {"action": "creation", "type": ["creation"]},
+        "host": {"os": {"type": "linux"}, "name": "web-1"},
+        "user": {"name": "www-data", "id": "33"},
+        "process": {"name": "nginx", "executable": "/usr/sbin/nginx", "pid": 4242},
+        "file": {"path": "/var/www/html/shell.php"},
+    }
+    events.write_text(json.dumps(doc) + "\n")
+    log = open(tmp / "serve.log", "wb")
+    serve = subprocess.Popen(
+        [
+            "/usr/bin/rarewrite",
+            "collector",
+            "serve",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--db",
+            str(tmp / "c.db"),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
+    log.close()
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.2)
+        replay = subprocess.run(
+            ["/usr/bin/rarewrite", "agent", "replay", "--events", str(events), "--state-dir", str(tmp / "agent"),
+             "--collector", f"http://127.0.0.1:{port}", "--agent-id", "pkg-test", "--host-name", "web-1"],
+            capture_output=True, text=True, check=False, env=env, timeout=120,
+        )  # fmt: skip
+        assert replay.returncode == 0, replay.stderr[-2000:]
+    finally:
+        procs.stop(serve)
+    text = (tmp / "serve.log").read_text(errors="replace")
+    assert "decoder_died" not in text and "Traceback" not in text, text[-3000:]
+    rows = subprocess.run(
+        ["/usr/bin/rarewrite", "collector", "evaluate", "--db", str(tmp / "c.db"), "--at",
+         time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now + 1))],
+        capture_output=True, text=True, check=True, env=env, timeout=60,
+    ).stdout  # fmt: skip
+    assert [json.loads(line)["file.path"] for line in rows.splitlines()] == ["/var/www/html/shell.php"]
 
 
 @pytest.mark.slow
@@ -300,6 +375,7 @@ def test_deb_installs_runs_and_purges(tmp_path: Path) -> None:
             )
             assert check.returncode == 0, check.stderr
         assert (os.stat("/etc/rarewrite/enrollment.secret").st_mode & 0o077) == 0
+        _serve_and_replay_through_the_installed_command(tmp_path, clean_env)
     finally:
         purge = subprocess.run(
             ["apt-get", "-o", "DPkg::Lock::Timeout=300", "purge", "-y", "-q", *pkgs],

@@ -183,7 +183,12 @@ def describe(cfg: Config) -> dict[str, Any]:
             return {k: plain(v) for k, v in obj.items()}
         return obj
 
-    from agent.shared.text import redact  # a database URL may carry a password
+    from agent.shared.text import redact, redact_url  # a database or proxy URL may carry a password
 
-    safe = replace(cfg, files=(), collector=replace(cfg.collector, db=redact(cfg.collector.db)))
+    safe = replace(
+        cfg,
+        files=(),
+        agent=replace(cfg.agent, proxy=redact_url(cfg.agent.proxy)),
+        collector=replace(cfg.collector, db=redact(cfg.collector.db)),
+    )
     return {"files": list(cfg.files), **plain(safe)}

@@ -51,6 +51,7 @@ class AgentConfig:
     ca_bundle: str = ""  # empty: the system's trust store
     client_cert: str = ""
     client_key: str = ""
+    proxy: str = ""  # empty: straight to the collector (environment proxies are never used)
     ship_interval_ms: int = 1000
     batch_max_records: int = 5000
     outbox_max_records: int = 2_000_000
@@ -138,6 +139,7 @@ AGENT_KEYS: Spec = {
     "ca_bundle": ("ca_bundle", path),
     "client_cert": ("client_cert", path),
     "client_key": ("client_key", path),
+    "proxy": ("proxy", url),
     "ship_interval": ("ship_interval_ms", duration_ms),
     "batch_max_records": ("batch_max_records", integer(1, 20_000)),
     "outbox_max_records": ("outbox_max_records", integer(1000, 1_000_000_000)),

@@ -371,35 +371,72 @@ def _rss() -> int:
         return 0
 
 
+METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # Prometheus' text exposition format
+
+
+def _metric(lines: list[str], name: str, kind: str, help_: str, samples: list[tuple[str, object]]) -> None:
+    """One metric family: HELP, TYPE, then ``name{labels} value`` per sample."""
+    lines += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}"]
+    lines += [f"{name}{labels} {value}" for labels, value in samples]
+
+
 async def metrics(request: web.Request) -> web.Response:
     c = _c(request)
     counts = await c.read(c.store.counts)
-    lines = ["# TYPE rarewrite_collector_batches_total counter"]
-    for status in ("stored", "duplicate"):
-        lines.append(f'rarewrite_collector_batches_total{{status="{status}"}} {c.batches[status]}')
-    lines += [
-        "# TYPE rarewrite_collector_events_total counter",
-        f"rarewrite_collector_events_total {c.events}",
-    ]
-    lines.append("# TYPE rarewrite_collector_rejects_total counter")
-    for code in sorted(c.rejects):
-        lines.append(f'rarewrite_collector_rejects_total{{code="{code}"}} {c.rejects[code]}')
-    lines += ["# TYPE rarewrite_collector_agents gauge", f"rarewrite_collector_agents {counts['agents']}"]
-    lines.append("# TYPE rarewrite_collector_gaps_total gauge")
     gaps: Counter[str] = Counter()
     for reason, n in counts["gaps"].items():
         gaps[_LABEL.sub("_", reason)[:64]] += n
-    for reason, n in sorted(gaps.items())[:100]:
-        lines.append(f'rarewrite_collector_gaps_total{{reason="{reason}"}} {n}')
-    lines += [
-        "# TYPE rarewrite_collector_alerts_total gauge",
-        f"rarewrite_collector_alerts_total {counts['alerts']}",
-        "# TYPE rarewrite_collector_output_dropped_total counter",
-    ]
-    for name, n in sorted(dropped_counts(c.outputs).items()):  # names are [A-Za-z0-9_.-]: safe labels
-        lines.append(f'rarewrite_collector_output_dropped_total{{output="{name}"}} {n}')
-    lines += ["# TYPE process_resident_memory_bytes gauge", f"process_resident_memory_bytes {_rss()}"]
-    return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+    out: list[str] = []
+    _metric(
+        out,
+        "rarewrite_collector_batches_total",
+        "counter",
+        "Batches accepted since start, by result.",
+        [(f'{{status="{s}"}}', c.batches[s]) for s in ("stored", "duplicate")],
+    )
+    _metric(
+        out,
+        "rarewrite_collector_events_total",
+        "counter",
+        "Events stored since start (each count time is one event).",
+        [("", c.events)],
+    )
+    _metric(
+        out,
+        "rarewrite_collector_rejects_total",
+        "counter",
+        "Requests refused since start, by HTTP status.",
+        [(f'{{code="{code}"}}', c.rejects[code]) for code in sorted(c.rejects)],
+    )
+    _metric(out, "rarewrite_collector_agents", "gauge", "Agents enrolled.", [("", counts["agents"])])
+    _metric(
+        out,
+        "rarewrite_collector_gaps",
+        "gauge",
+        "Reported losses kept in the database, by reason.",
+        [(f'{{reason="{r}"}}', n) for r, n in sorted(gaps.items())[:100]],
+    )
+    _metric(
+        out, "rarewrite_collector_alerts", "gauge", "Alerts kept in the database.", [("", counts["alerts"])]
+    )
+    _metric(
+        out,
+        "rarewrite_collector_alerts_total",
+        "counter",
+        "Alerts raised by this collector since start.",
+        [("", c.alerts_emitted)],
+    )
+    _metric(
+        out,
+        "rarewrite_collector_output_dropped_total",
+        "counter",
+        "Alerts an output dropped since start (its queue was full).",
+        # names are [A-Za-z0-9_.-]: safe labels
+        [(f'{{output="{name}"}}', n) for name, n in sorted(dropped_counts(c.outputs).items())],
+    )
+    _metric(out, "process_resident_memory_bytes", "gauge", "Resident memory of this process in bytes.",
+            [("", _rss())])  # fmt: skip
+    return web.Response(body=("\n".join(out) + "\n").encode(), headers={"Content-Type": METRICS_TYPE})
 
 
 def make_app(

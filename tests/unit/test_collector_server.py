@@ -8,8 +8,10 @@ import http.client
 import json
 import logging
 import os
+import shutil
 import socket
 import struct
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -411,6 +413,27 @@ def test_metrics(keyed: tuple[Server, str]) -> None:
         "process_resident_memory_bytes",
     ):
         assert name in text
+
+
+def test_metrics_are_what_promtool_accepts(keyed: tuple[Server, str]) -> None:
+    """Prometheus' own linter (Debian's prometheus package; .ci/run installs
+    it) has nothing to say: every family has HELP and TYPE, counters end in
+    _total and only counters do, the content type names the format version."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed (apt-get install prometheus)")
+    srv, key = keyed
+    srv.post_batch(key, b"\xc1")  # a reject, so the labelled families have samples
+    st, headers, body = srv.request("GET", "/metrics")
+    assert st == 200
+    assert headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+    lint = subprocess.run(
+        [promtool, "check", "metrics"], input=body, capture_output=True, timeout=60, check=False
+    )
+    assert (lint.returncode, lint.stdout + lint.stderr) == (0, b"")
+    names = {line.split()[2] for line in body.decode().splitlines() if line.startswith("# HELP")}
+    types = {line.split()[2] for line in body.decode().splitlines() if line.startswith("# TYPE")}
+    assert names == types and "rarewrite_collector_alerts_total" in names
 
 
 class DroppingOutput:

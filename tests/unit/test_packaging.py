@@ -247,6 +247,21 @@ def test_build_deb(tmp_path: Path) -> None:
         stops = [line.strip() for line in prerm.splitlines() if "deb-systemd-invoke stop" in line]
         assert stops == [f"deb-systemd-invoke stop rarewrite-{pkg}.service >/dev/null || true"], prerm
         assert 'if [ "$1" = "remove" ]' in prerm  # the only stop is for a removal
+    assert "./usr/share/man/man1/rarewrite.1.gz" in contents("common")
+    lintian = shutil.which("lintian")
+    if lintian is None:
+        pytest.skip("lintian not installed (.ci/run installs it)")
+    debs = [str(p) for p in sorted(tmp_path.glob("*.deb"))]
+    lint = subprocess.run(
+        [lintian, "--allow-root", "--pedantic", "--info", *debs],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    # nothing at any level: every tag fixed, or overridden with its reason in debian/*.lintian-overrides
+    tags = [line for line in lint.stdout.splitlines() if line[:2] in ("E:", "W:", "I:", "P:", "X:")]
+    assert (lint.returncode, tags) == (0, []), lint.stdout[-3000:] + lint.stderr[-1000:]
 
 
 def _can_apt() -> bool:
@@ -395,7 +410,7 @@ def test_build_rpm(tmp_path: Path) -> None:
     if not shutil.which("rpmbuild") and not _can_apt():
         pytest.skip("rpmbuild missing and not root with apt-get to install it (build-rpm.sh would)")
     r = subprocess.run(
-        [str(TOP / "packaging" / "build-rpm.sh")],
+        [str(TOP / "packaging" / "build-rpm.sh"), "--worktree"],
         check=False,
         capture_output=True,
         text=True,
@@ -416,3 +431,34 @@ def test_build_rpm(tmp_path: Path) -> None:
         check=True,
     ).stdout
     assert "/etc/rarewrite/agent.conf" in listing and "rarewrite-agent.service" in listing
+    common = subprocess.run(
+        ["rpm", "-qlp", str(next(tmp_path.glob("rarewrite-common-*.noarch.rpm")))],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert "/usr/share/man/man1/rarewrite.1.gz" in common
+    assert any(p.endswith("/LICENSE") for p in common)
+    collector = subprocess.run(
+        ["rpm", "-qlp", str(next(tmp_path.glob("rarewrite-collector-*.noarch.rpm")))],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert "/etc/rarewrite/enrollment.secret" in collector  # made by %post, owned by the package
+    rpmlint = shutil.which("rpmlint")
+    if rpmlint is None:
+        pytest.skip("rpmlint not installed (.ci/run installs it)")
+    lint = subprocess.run(
+        [
+            rpmlint,
+            "-c",
+            str(TOP / "packaging" / "rpm" / "rpmlint.toml"),
+            *map(str, tmp_path.glob("*.noarch.rpm")),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    assert "0 errors, 0 warnings" in lint.stdout, lint.stdout[-3000:]

@@ -462,3 +462,26 @@ def test_build_rpm(tmp_path: Path) -> None:
         timeout=120,
     )
     assert "0 errors, 0 warnings" in lint.stdout, lint.stdout[-3000:]
+
+
+@pytest.mark.parametrize(
+    ("name", "most"), [("rarewrite-collector.service", 2.0), ("rarewrite-agent.service", 4.9)]
+)
+def test_systemd_analyze_security_exposure(name: str, most: float) -> None:
+    """The units' exposure as systemd scores it (README's packaging section
+    says what the agent's is made of): no change may raise it."""
+    exe = shutil.which("systemd-analyze")
+    if exe is None:
+        pytest.skip("systemd-analyze not installed")
+    r = subprocess.run(
+        [exe, "security", "--offline=yes", str(TOP / "systemd" / name)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    if "--offline" in r.stderr and "unrecognized" in r.stderr:
+        pytest.skip("systemd-analyze too old for --offline (systemd < 250)")
+    found = re.search(r"Overall exposure level for \S+: (\d+\.\d)", r.stdout)
+    assert found is not None, r.stdout[-2000:] + r.stderr[-2000:]
+    assert float(found.group(1)) <= most, r.stdout[-3000:]

@@ -79,6 +79,7 @@ def build_one(name: str, kind: str, options: Any) -> Output:
             o["timeout"] / 1000.0,
             o["queue_max"],
             o["backoff_max"] / 1000.0,
+            o["max_message"],
         )
     raise ValueError(f"{kind!r} is not an output type")
 

@@ -34,6 +34,18 @@ def size_bytes(text: str) -> int:
     return int(m.group(1)) * {"B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[unit]
 
 
+def size_between(lo: int, hi: int) -> Callable[[str], int]:
+    """A size (as :func:`size_bytes`) within [lo, hi] bytes."""
+
+    def convert(text: str) -> int:
+        value = size_bytes(text)
+        if not lo <= value <= hi:
+            raise ValueError(f"{text.strip()} is out of range (allowed {lo} to {hi} bytes)")
+        return value
+
+    return convert
+
+
 def integer(lo: int, hi: int) -> Callable[[str], int]:
     def convert(text: str) -> int:
         try:

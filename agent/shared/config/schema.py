@@ -24,6 +24,7 @@ from agent.shared.config.converters import (
     path,
     required_path,
     required_url,
+    size_between,
     size_bytes,
     subset,
     syslog_address,
@@ -205,5 +206,6 @@ OUTPUT_KEYS: Mapping[str, Mapping[str, tuple[Callable[[str], Any], Any]]] = {
         "timeout": (duration_ms, 5_000),
         "queue_max": (integer(1, 10_000_000), 10_000),
         "backoff_max": (duration_ms, 30_000),
+        "max_message": (size_between(1024, 1 << 20), 8192),
     },
 }

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import os
 
+from agent.sensor.libc import libc
+
 
 def trim_memory() -> None:
     """Return freed heap to the kernel after a burst (glibc keeps it otherwise)."""
     try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        libc().malloc_trim(0)
     except (OSError, AttributeError):
         pass
 
@@ -36,10 +36,8 @@ def tune_malloc() -> None:
       110,100-event burst: 56-59 MB without it, 47-49 MB with it.
     """
     try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-8, 2)  # M_ARENA_MAX
-        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+        lib = libc()
+        lib.mallopt(-8, 2)  # M_ARENA_MAX
+        lib.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):
         pass

@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import array
 import ctypes
-import ctypes.util
 import errno
 import fcntl
 import logging
@@ -57,6 +56,7 @@ import termios
 from collections.abc import Iterator, Sequence
 from typing import Any, Optional
 
+from agent.sensor.libc import libc as c_library
 from agent.sensor.sources.base import Refused, in_scope
 from agent.shared.clock import Clock, SystemClock
 from agent.shared.errors import SourceError
@@ -109,7 +109,7 @@ class _AddWatch:
     """
 
     def __init__(self) -> None:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        libc = c_library()
         self._add = libc.inotify_add_watch
         self._add.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
         self._add.restype = ctypes.c_int

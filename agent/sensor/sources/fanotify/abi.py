@@ -9,10 +9,11 @@ Layouts follow ``include/uapi/linux/fanotify.h``.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import struct
 from typing import Any, Callable, NamedTuple, Optional
+
+from agent.sensor.libc import libc
 
 # fanotify_init() flags
 FAN_CLOEXEC = 0x00000001
@@ -258,8 +259,7 @@ class _Libc:
     """Lazily bound libc functions; ``None`` members where libc lacks them."""
 
     def __init__(self) -> None:
-        path = ctypes.util.find_library("c")
-        self.lib = ctypes.CDLL(path, use_errno=True)
+        self.lib = libc()
         self.fanotify_init = self._bind("fanotify_init", [ctypes.c_uint, ctypes.c_uint])
         self.fanotify_mark = self._bind(
             "fanotify_mark", [ctypes.c_int, ctypes.c_uint, ctypes.c_uint64, ctypes.c_int, ctypes.c_char_p]

@@ -26,9 +26,10 @@ from typing import Any
 import psutil
 import pytest
 
+from tests.support import packages
+
 TOP = Path(__file__).resolve().parents[2]
 NSPAWN = shutil.which("systemd-nspawn")
-PKGS = ["rarewrite-common", "rarewrite-agent", "rarewrite-collector"]
 DROPINS = {
     "/etc/rarewrite/agent.d/zz-boot-test.conf": "[agent]\ncollector = http://127.0.0.1:8787\nwatch = /srv/www\n"
     "ship_interval = 500ms\n",
@@ -45,36 +46,13 @@ pytestmark = [
 ]
 
 
-def _apt(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    return subprocess.run(
-        ["apt-get", "-o", "DPkg::Lock::Timeout=300", *args],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=600,
-        env=env,
-    )
-
-
 @pytest.fixture
 def installed(tmp_path: Path) -> Iterator[None]:
     if os.path.exists("/usr/bin/rarewrite"):
         pytest.skip("rarewrite is already installed system-wide; not touching it")
-    env = {**os.environ, "RAREWRITE_DIST": str(tmp_path)}
-    build = subprocess.run(
-        [str(TOP / "packaging" / "build-deb.sh"), "--worktree"],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=400,
-        env=env,
-    )
-    assert build.returncode == 0, build.stdout[-2000:] + build.stderr[-2000:]
-    debs = sorted(str(p) for p in tmp_path.glob("*.deb"))
+    debs = packages.build_debs(tmp_path)
     try:
-        inst = _apt("install", "-y", "-q", "--no-install-recommends", *debs)
-        assert inst.returncode == 0, inst.stdout[-2000:] + inst.stderr[-2000:]
+        packages.install(debs)
         for path, text in DROPINS.items():
             Path(path).write_text(text)
         yield
@@ -82,8 +60,7 @@ def installed(tmp_path: Path) -> Iterator[None]:
         for path in DROPINS:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
-        purge = _apt("purge", "-y", "-q", *PKGS)
-        assert purge.returncode == 0, purge.stderr[-2000:]
+        packages.purge()
 
 
 class Booted:

@@ -18,7 +18,7 @@ import pytest
 import agent
 from agent.shared.config.load import load
 from agent.shared.config.schema import AGENT_KEYS, COLLECTOR_KEYS, RULE_KEYS, Config
-from tests.support import procs
+from tests.support import packages, procs
 
 TOP = Path(__file__).resolve().parents[2]
 UNITS = TOP / "systemd"
@@ -340,37 +340,9 @@ def test_deb_installs_runs_and_purges(tmp_path: Path) -> None:
         pytest.skip("needs root and apt-get (a Debian-family machine)")
     if os.path.exists("/usr/bin/rarewrite"):
         pytest.skip("rarewrite is already installed system-wide; not touching it")
-    env = {**os.environ, "RAREWRITE_DIST": str(tmp_path), "DEBIAN_FRONTEND": "noninteractive"}
-    build = subprocess.run(
-        [str(TOP / "packaging" / "build-deb.sh"), "--worktree"],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=400,
-        env=env,
-    )
-    assert build.returncode == 0, build.stdout[-2000:] + build.stderr[-2000:]
-    debs = sorted(str(p) for p in tmp_path.glob("*.deb"))
-    pkgs = ["rarewrite-common", "rarewrite-agent", "rarewrite-collector"]
+    debs = packages.build_debs(tmp_path)
     try:
-        inst = subprocess.run(
-            [
-                "apt-get",
-                "-o",
-                "DPkg::Lock::Timeout=300",
-                "install",
-                "-y",
-                "-q",
-                "--no-install-recommends",
-                *debs,
-            ],
-            check=False,
-            capture_output=True,
-            text=True,
-            timeout=400,
-            env=env,
-        )
-        assert inst.returncode == 0, inst.stdout[-2000:] + inst.stderr[-2000:]
+        packages.install(debs)
         clean_env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}  # no venv, no PYTHONPATH
         version = subprocess.run(
             ["/usr/bin/rarewrite", "--version"],
@@ -394,15 +366,7 @@ def test_deb_installs_runs_and_purges(tmp_path: Path) -> None:
         assert (os.stat("/etc/rarewrite/enrollment.secret").st_mode & 0o077) == 0
         _serve_and_replay_through_the_installed_command(tmp_path, clean_env)
     finally:
-        purge = subprocess.run(
-            ["apt-get", "-o", "DPkg::Lock::Timeout=300", "purge", "-y", "-q", *pkgs],
-            check=False,
-            capture_output=True,
-            text=True,
-            timeout=300,
-            env=env,
-        )
-    assert purge.returncode == 0, purge.stderr[-2000:]
+        packages.purge()
     assert not os.path.exists("/usr/bin/rarewrite") and not os.path.exists("/usr/lib/rarewrite")
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any, Optional
@@ -24,6 +25,7 @@ from agent.shared.rule import Row, Rule
 from agent.shared.text import dumps, iso, render
 
 SEVERITY_NUMBER = {"low": 1, "medium": 2, "high": 3, "critical": 4}
+ECS_VERSION = "8.17.0"  # the ECS release the alert documents follow (tests/data/ecs_fields.json)
 
 
 def evaluate(store: Store, rule: Rule, at_ms: int) -> list[Row]:
@@ -117,8 +119,8 @@ _DETAIL_FIELDS: tuple[tuple[str, str, Callable[[Any], Any]], ...] = (
 )
 _FACT_FIELDS: tuple[tuple[str, str, Callable[[Any], Any]], ...] = (
     ("size", "file.size", _same),
-    ("uid", "file.uid", _same),
-    ("gid", "file.gid", _same),
+    ("uid", "file.uid", str),  # ECS: keyword
+    ("gid", "file.gid", str),
     ("mode", "file.mode", _octal_mode),
     ("sha256", "file.hash.sha256", _same),
     ("sample", "rarewrite.file.sample_base64", _base64),
@@ -171,62 +173,113 @@ def _alert_doc(
     lo = at_ms - rule.window_ms
     pair = (row.executable, row.path)
     bucket = f"h:{at_ms // rule.schedule_ms}" if schedule == "hourly" else f"c:{ranked.first_ts}"
+    exe, path, host = render(row.executable), render(row.path), ", ".join(row.host_names)
+    # creation -> "creation", rename -> "change", as the original events say
+    kinds = sorted({t for e in events if e.detail for t in e.detail.get("etype") or ()}) or ["creation"]
     return {
         "@timestamp": iso(at_ms),
-        "alert": {"id": alert_id(rule.rule_id, pair, bucket)},
+        "ecs": {"version": ECS_VERSION},
         "event": {
-            "kind": "alert",
+            "kind": "signal",  # what Elastic's own detection alerts carry
             "category": ["file"],
-            "type": ["creation"],
+            "type": kinds,
             "module": "rarewrite",
             "severity": SEVERITY_NUMBER.get(rule.severity, 2),
             "risk_score": rule.risk_score,
         },
         "kibana": {
-            "alert": {
-                "rule": {"name": rule.name, "uuid": rule.rule_id},
-                "severity": rule.severity,
-                "risk_score": rule.risk_score,
-            }
+            "alert": _kibana_alert(
+                rule, alert_id(rule.rule_id, pair, bucket), ranked.first_ts, exe, path, host
+            )
         },
-        "rule": {"name": rule.name, "id": rule.rule_id, "description": rule.description},
+        "rule": {
+            "name": rule.name,
+            "id": rule.rule_id,
+            "uuid": rule_uuid(rule),
+            "description": rule.description,
+        },
         "tags": list(rule.tags),
         "threat": _threat(rule),
-        "process": {"executable": render(row.executable)},
-        "file": {"path": render(row.path)},
-        "cc": row.cc,
-        "agent_count": row.agent_count,
+        "process": {"executable": exe},
+        "file": {"path": path},
         "host": {"name": list(row.host_names)},
         "agent": {"id": list(row.agent_ids)},
-        "rarewrite": {
-            "schedule": schedule,
-            "window": {"start": iso(lo), "end": iso(at_ms)},
-            "first_seen": iso(ranked.first_ts),
-            "events": [_event_doc(e) for e in events],
-            "gap_on_other_agents": any(g.agent_id not in row.agent_ids for g in gaps),
-            "gaps": [
-                {
-                    "agent.id": g.agent_id,
-                    "start": iso(g.start_ms),
-                    "end": iso(g.end_ms),
-                    "lost": g.lost,
-                    "reason": g.reason,
-                }
-                for g in gaps
-            ],
+        "rarewrite": _rarewrite_doc(ranked, at_ms, lo, schedule, events, gaps),
+    }
+
+
+def _rarewrite_doc(
+    ranked: RankedRow,
+    at_ms: int,
+    lo: int,
+    schedule: str,
+    events: Sequence[StoredEvent],
+    gaps: Sequence[GapRow],
+) -> dict[str, Any]:
+    """What the ES|QL alert lacks: the rule's row, the original events, the gaps."""
+    row = ranked.row
+    return {
+        "cc": row.cc,
+        "agent_count": row.agent_count,
+        "schedule": schedule,
+        "window": {"start": iso(lo), "end": iso(at_ms)},
+        "first_seen": iso(ranked.first_ts),
+        "events": [_event_doc(e) for e in events],
+        "gap_on_other_agents": any(g.agent_id not in row.agent_ids for g in gaps),
+        "gaps": [
+            {
+                "agent.id": g.agent_id,
+                "start": iso(g.start_ms),
+                "end": iso(g.end_ms),
+                "lost": g.lost,
+                "reason": g.reason,
+            }
+            for g in gaps
+        ],
+    }
+
+
+def rule_uuid(rule: Rule) -> str:
+    """A stable UUID for the rule (Kibana's ``kibana.alert.rule.uuid`` is a
+    saved object's id; the rule's own id is ``rule_id``)."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, "rarewrite:rule:" + rule.rule_id))
+
+
+def _kibana_alert(
+    rule: Rule, alert_uuid: str, first_ms: int, exe: Optional[str], path: Optional[str], host: str
+) -> dict[str, Any]:
+    """The ``kibana.alert.*`` fields of Elastic's detection alerts that apply here."""
+    doc: dict[str, Any] = {
+        "uuid": alert_uuid,
+        "status": "active",
+        "workflow_status": "open",
+        "original_time": iso(first_ms),
+        "reason": f"file event with process {exe}, file {path}, on {host} created {rule.severity} alert "
+        f"{rule.name}.",
+        "severity": rule.severity,
+        "risk_score": rule.risk_score,
+        "rule": {
+            "name": rule.name,
+            "rule_id": rule.rule_id,
+            "uuid": rule_uuid(rule),
+            "description": rule.description,
+            "tags": list(rule.tags),
         },
     }
+    if rule.building_block:
+        doc["building_block_type"] = "default"
+    return doc
 
 
 def _record(
     store: Store, rule: Rule, ranked: Sequence[RankedRow], docs: list[dict[str, Any]], at_ms: int
 ) -> list[dict[str, Any]]:
     items = [
-        (str(doc["alert"]["id"]), (r.row.executable, r.row.path), at_ms, r.first_ts, dumps(doc))
+        (str(doc["kibana"]["alert"]["uuid"]), (r.row.executable, r.row.path), at_ms, r.first_ts, dumps(doc))
         for r, doc in zip(ranked, docs)
     ]
     new = set(store.record_alerts(rule.rule_id, items))
-    return [doc for doc in docs if doc["alert"]["id"] in new]
+    return [doc for doc in docs if doc["kibana"]["alert"]["uuid"] in new]
 
 
 def _pick(

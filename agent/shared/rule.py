@@ -128,6 +128,7 @@ class Rule:
     agent_count: int = 1  # rows need agent_count == this
     limit: int = 100
     schedule_ms: int = 3_600_000
+    building_block: bool = True  # "Rule Type: BBR": its alerts are hidden by default in Kibana
     severity: str = "medium"
     risk_score: int = 47
     tags: tuple[str, ...] = TAGS

@@ -92,7 +92,7 @@ def sha(data: bytes) -> str:
 
 def the_event(doc: dict[str, Any]) -> dict[str, Any]:
     assert doc["rarewrite"]["schedule"] == "continuous"
-    assert doc["cc"] == 1 and doc["agent_count"] == 1
+    assert doc["rarewrite"]["cc"] == 1 and doc["rarewrite"]["agent_count"] == 1
     assert doc["kibana"]["alert"]["severity"] == "medium"
     [ev] = doc["rarewrite"]["events"]
     assert ev["user.name"] == "www-data" and str(ev["user.id"]) == "33", ev

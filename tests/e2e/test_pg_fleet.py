@@ -214,7 +214,7 @@ def test_continuous_schedule_on_two_replicas_alerts_each_pair_once(db: str, tmp_
                 if p.exists():
                     for line in p.read_text().splitlines():
                         doc = json.loads(line)
-                        ids.append(doc["alert"]["id"])
+                        ids.append(doc["kibana"]["alert"]["uuid"])
                         pairs.add((doc["process"]["executable"], doc["file"]["path"]))
             if want <= pairs or time.monotonic() > deadline:
                 break
@@ -223,5 +223,5 @@ def test_continuous_schedule_on_two_replicas_alerts_each_pair_once(db: str, tmp_
     assert len(ids) == len(set(ids)) == len(pairs)  # no alert twice, whichever replica wrote it
     r = procs.run(["collector", "alerts", "--db", db, "--json"])
     assert r.returncode == 0, r.stderr
-    stored = [json.loads(x)["alert"]["id"] for x in r.stdout.splitlines() if x.strip()]
+    stored = [json.loads(x)["kibana"]["alert"]["uuid"] for x in r.stdout.splitlines() if x.strip()]
     assert sorted(stored) == sorted(ids)

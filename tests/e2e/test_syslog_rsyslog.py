@@ -53,8 +53,7 @@ def alert(n: int, severity: str = "medium", events: int = 1) -> dict[str, Any]:
     ev = {"process.command_line": "nginx -c 'x\ny\x1b[31m'", "file.path": "/var/www/\udcff.php"}
     return {
         "@timestamp": "2026-12-02T10:00:00.000Z",
-        "alert": {"id": f"id-{n}"},
-        "kibana": {"alert": {"severity": severity}},
+        "kibana": {"alert": {"uuid": f"id-{n}", "severity": severity}},
         "rule": {"name": "Unusual File Creation by Web Server"},
         "file": {"path": "/var/www/html/shell.php"},
         "rarewrite": {"schedule": "continuous", "events": [dict(ev, n=i) for i in range(events)]},
@@ -133,7 +132,7 @@ def test_rsyslog_parses_every_field_and_the_json_over_udp_tcp_and_the_local_sock
         assert len(lines) == 2, (name, lines)  # no bogus extra message from a cut frame
         small, big = (json.loads(line["msg"].strip()) for line in lines)
         assert small == json.loads(json.dumps(alert(1)))  # the whole alert, intact
-        assert big["alert"]["id"] == "id-2" and big["rarewrite"]["truncated"] is True
+        assert big["kibana"]["alert"]["uuid"] == "id-2" and big["rarewrite"]["truncated"] is True
         assert [line["severity"] for line in lines] == ["warning", "err"]
         assert {line["facility"] for line in lines} == {facility[name]}
         assert {line["app"] for line in lines} == {"rarewrite"}

@@ -214,7 +214,7 @@ def test_alerts_hourly_once_per_overlapping_window(store: Store) -> None:
     alerts = ev.run_hourly(store, rule, T)
     assert len(alerts) == 1
     doc = alerts[0]
-    assert doc["event"]["kind"] == "alert" and doc["rarewrite"]["gap_on_other_agents"] is True
+    assert doc["event"]["kind"] == "signal" and doc["rarewrite"]["gap_on_other_agents"] is True
     assert doc["threat"][0]["tactic"]["reference"] == "https://attack.mitre.org/tactics/TA0003/"
     assert doc["rarewrite"]["events"][0]["process.pid"] == 42
     text = ev.dumps(doc)
@@ -224,7 +224,7 @@ def test_alerts_hourly_once_per_overlapping_window(store: Store) -> None:
     again = ev.run_hourly(store, rule, T + H + 20)  # the event left the window
     assert again == []
     assert len(store.list_alerts(0)) == 1
-    assert json.loads(text)["alert"]["id"] == store.list_alerts(0)[0]["alert"]["id"]
+    assert json.loads(text)["kibana"]["alert"]["uuid"] == store.list_alerts(0)[0]["kibana"]["alert"]["uuid"]
 
 
 def test_continuous_settle(store: Store) -> None:

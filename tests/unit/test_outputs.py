@@ -33,8 +33,7 @@ SECRET = "s3cret-token-value"
 def alert(i: int, severity: str = "medium", **extra: Any) -> dict[str, Any]:
     return {
         "@timestamp": "2026-01-01T00:00:00.000Z",
-        "alert": {"id": f"id-{i}"},
-        "kibana": {"alert": {"severity": severity}},
+        "kibana": {"alert": {"uuid": f"id-{i}", "severity": severity}},
         "rule": {"name": "Unusual File Creation by Web Server"},
         "file": {"path": f"/srv/www/f{i}.php"},
         "process": {"executable": "/usr/sbin/nginx"},
@@ -68,7 +67,10 @@ def test_ndjson_rotates_before_a_write_would_pass_the_bound(tmp_path: Path) -> N
         out.emit([alert(i) for i in range(4, 10)])  # one batch across two more rotations
     finally:
         out.close()
-    ids = [[json.loads(x)["alert"]["id"] for x in p.read_text().splitlines()] for p in (f, Path(f"{f}.1"))]
+    ids = [
+        [json.loads(x)["kibana"]["alert"]["uuid"] for x in p.read_text().splitlines()]
+        for p in (f, Path(f"{f}.1"))
+    ]
     assert ids == [["id-9"], ["id-6", "id-7", "id-8"]]
     assert (tmp_path / "alerts.ndjson.2").exists() and not (tmp_path / "alerts.ndjson.3").exists()
     assert all(p.stat().st_size <= 3 * line_len for p in tmp_path.iterdir())
@@ -82,7 +84,7 @@ def test_ndjson_reopens_an_existing_file_and_counts_its_size(tmp_path: Path) -> 
     out.emit([alert(1)])
     out.close()
     assert (tmp_path / "a.ndjson.1").read_bytes() == b"x" * 100 + b"\n"
-    assert json.loads(f.read_text())["alert"]["id"] == "id-1"
+    assert json.loads(f.read_text())["kibana"]["alert"]["uuid"] == "id-1"
 
 
 def test_alerts_file_is_bounded_with_the_defaults(tmp_path: Path) -> None:
@@ -100,7 +102,7 @@ def test_alerts_file_is_bounded_with_the_defaults(tmp_path: Path) -> None:
 def test_stdout_json_format() -> None:
     buf = io.StringIO()
     StdoutOutput(buf, fmt="json").emit([alert(1)])
-    assert json.loads(buf.getvalue())["alert"]["id"] == "id-1"
+    assert json.loads(buf.getvalue())["kibana"]["alert"]["uuid"] == "id-1"
     buf = io.StringIO()
     StdoutOutput(buf).emit([alert(1)])
     assert buf.getvalue().startswith("ALERT ") and buf.getvalue().count("\n") == 1
@@ -173,7 +175,7 @@ def test_webhook_posts_one_json_alert_with_the_secret_header() -> None:
             assert wait_for(lambda: out.sent == 2)
         finally:
             out.close()
-    assert [json.loads(b)["alert"]["id"] for _, b in r.requests] == ["id-1", "id-2"]
+    assert [json.loads(b)["kibana"]["alert"]["uuid"] for _, b in r.requests] == ["id-1", "id-2"]
     headers = {k.lower(): v for k, v in r.requests[0][0].items()}
     assert headers["x-rarewrite-token"] == SECRET
     assert headers["content-type"] == "application/json"
@@ -222,7 +224,7 @@ def test_webhook_queue_drops_the_oldest_when_the_receiver_is_down() -> None:
         assert dropped_counts([out]) == {"hook": out.dropped}
         with receiver(port) as r:
             assert wait_for(lambda: out.sent + out.dropped == 10)
-            ids = [json.loads(b)["alert"]["id"] for _, b in r.requests]
+            ids = [json.loads(b)["kibana"]["alert"]["uuid"] for _, b in r.requests]
     finally:
         out.close()
     assert ids[-3:] == ["id-7", "id-8", "id-9"]
@@ -279,7 +281,7 @@ def parse_local(msg: bytes) -> dict[str, Any]:
 
 def check_frames(frames: list[bytes], facility: int, local: bool = False) -> None:
     got = [parse_local(f) if local else parse5424(f) for f in frames]
-    assert [g["doc"]["alert"]["id"] for g in got] == ["id-1", "id-2"]
+    assert [g["doc"]["kibana"]["alert"]["uuid"] for g in got] == ["id-1", "id-2"]
     assert [g["pri"] for g in got] == [facility * 8 + 4, facility * 8 + 3]  # medium warning, high err
     assert {(g["app"], g["procid"], g["msgid"]) for g in got} == {("rarewrite", os.getpid(), "alert")}
     cmd = got[0]["doc"]["rarewrite"]["events"][0]["process.command_line"]
@@ -350,7 +352,7 @@ def test_syslog_tcp_octet_counting_and_reconnect() -> None:
         out.emit([alert(3)])
         conn2, _ = srv.accept()
         conn2.settimeout(5)
-        assert parse5424(read_octet_counted(conn2, 1)[0])["doc"]["alert"]["id"] == "id-3"
+        assert parse5424(read_octet_counted(conn2, 1)[0])["doc"]["kibana"]["alert"]["uuid"] == "id-3"
         conn2.close()
     finally:
         out.close()
@@ -366,7 +368,7 @@ def test_syslog_retries_until_the_socket_appears(tmp_path: Path) -> None:
         rx = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         rx.bind(path)
         rx.settimeout(5)
-        assert parse_local(rx.recv(65536))["doc"]["alert"]["id"] == "id-1"
+        assert parse_local(rx.recv(65536))["doc"]["kibana"]["alert"]["uuid"] == "id-1"
         rx.close()
     finally:
         out.close()

@@ -39,9 +39,9 @@ class StdoutOutput:
                 ("agent", alert_field(a, "agent", "id")),
                 ("exe", alert_field(a, "process", "executable")),
                 ("path", alert_field(a, "file", "path")),
-                ("cc", a.get("cc")),
+                ("cc", alert_field(a, "rarewrite", "cc")),
                 ("gap_on_other_agents", alert_field(a, "rarewrite", "gap_on_other_agents")),
-                ("id", alert_field(a, "alert", "id")),
+                ("id", alert_field(a, "kibana", "alert", "uuid")),
             )
             self.stream.write("ALERT " + " ".join(f"{k}={dumps(v)}" for k, v in fields) + "\n")
         self.stream.flush()

@@ -54,7 +54,7 @@ class WebhookOutput(QueuedOutput):
 
     def deliver(self, alert: dict[str, Any]) -> None:
         body = dumps(alert).encode("ascii")
-        alert_id = alert_field(alert, "alert", "id")
+        alert_id = alert_field(alert, "kibana", "alert", "uuid")
         headers = {"X-Rarewrite-Alert-Id": str(alert_id)} if alert_id else {}
         try:
             r = self._session.post(

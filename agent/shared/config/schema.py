@@ -123,6 +123,7 @@ RULE_KEYS: Spec = {
     "limit": ("limit", integer(1, 100_000)),
     "schedule": ("schedule_ms", duration_ms),
     "severity": ("severity", choice("low", "medium", "high", "critical")),
+    "building_block": ("building_block", boolean),
     "risk_score": ("risk_score", integer(0, 100)),
     "tags": ("tags", words),
 }

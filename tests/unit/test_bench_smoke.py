@@ -124,3 +124,13 @@ def test_kernel_floor_quick() -> None:
     assert doc["bench"] == "kernel_floor"
     assert set(doc["summary"]) == {"noread", "read-eager", "read-batched", "read+parse"}
     assert all(s["ratio_median"] > 0 for s in doc["summary"].values())
+
+
+def test_import_rss_quick() -> None:
+    doc = _run("import_rss.py")
+    assert doc["bench"] == "import_rss"
+    rss = doc["rss_mb"]
+    assert (
+        rss["requests"] > rss["interpreter"] > 0
+        and rss["the agent's modules (runtime)"] >= rss["requests"] - 1
+    )

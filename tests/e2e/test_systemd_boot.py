@@ -164,6 +164,20 @@ def test_the_installed_services_run_under_a_booted_systemd(installed: None, tmp_
             "journalctl", "--no-pager", "-o", "cat"
         ).stdout[-3000:]
 
+        # idle after the write: the memory release (malloc_trim through ctypes) ran, and
+        # nothing the system call filter refused, nothing broke
+        # (every command run in the container is an exec the agent sees: look rarely)
+        journal = ""
+        for _ in range(8):
+            time.sleep(4)
+            journal = box.run("journalctl", "-u", "rarewrite-agent", "--no-pager", "-o", "cat").stdout
+            if "event=memory_released" in journal:
+                break
+        assert "event=memory_released" in journal, journal[-3000:]
+        assert not any(s in journal for s in ("EPERM", "Operation not permitted", "Traceback")), journal[
+            -3000:
+        ]
+
         # SIGKILL: systemd restarts it (Restart=on-failure), and it watches again
         main = box.show("rarewrite-agent", "MainPID")["MainPID"]
         assert box.run("kill", "-9", main).returncode == 0
@@ -182,6 +196,6 @@ def test_the_installed_services_run_under_a_booted_systemd(installed: None, tmp_
         scores = {
             m.group(1): float(m.group(2)) for m in re.finditer(r"(rarewrite-\w+)\.service\s+(\d+\.\d)", sec)
         }
-        assert scores["rarewrite-collector"] <= 2.0 and scores["rarewrite-agent"] <= 4.9, sec
+        assert scores["rarewrite-collector"] <= 2.0 and scores["rarewrite-agent"] <= 3.3, sec
     finally:
         box.close()

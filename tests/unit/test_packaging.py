@@ -431,7 +431,7 @@ def test_build_rpm(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("name", "most"), [("rarewrite-collector.service", 2.0), ("rarewrite-agent.service", 4.9)]
+    ("name", "most"), [("rarewrite-collector.service", 2.0), ("rarewrite-agent.service", 3.3)]
 )
 def test_systemd_analyze_security_exposure(name: str, most: float) -> None:
     """The units' exposure as systemd scores it (README's packaging section

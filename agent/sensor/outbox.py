@@ -547,12 +547,24 @@ class AgentStore:
             self._newest = newest
 
     def release_memory(self) -> None:
-        """Drop what memory holds only to go faster (the recent pairs' times,
-        read again from ``win`` when needed) and shrink SQLite's page caches:
-        called when the agent falls idle after a burst."""
+        """Drop what memory holds only to go faster, called from the writer's
+        thread when the agent falls idle after a burst: the recent pairs'
+        times (read again from ``win`` when needed) and the writer's SQLite
+        connection itself, with its page cache and its prepared statements
+        (a burst's lookups of new pairs prepare one per chunk size: SQLite's
+        own memory, which ``PRAGMA shrink_memory`` keeps). The next use
+        connects again."""
         with self._lock:
             self._recent.clear()
-        self.shrink_connection()
+            db: Optional[sqlite3.Connection] = getattr(self._local, "db", None)
+            if db is None or db.in_transaction:
+                self.shrink_connection()
+                return
+            try:
+                db.close()
+            except sqlite3.Error:
+                pass
+            self._local.db = None
 
     def shrink_connection(self) -> None:
         """Free the calling thread's SQLite page cache (each thread has its

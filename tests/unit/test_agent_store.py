@@ -446,3 +446,14 @@ def test_a_failed_ack_or_split_leaves_no_open_transaction(store: AgentStore, ans
     assert store.lease("a", "h", 100) == lease  # still in flight, unchanged
     store.ack(lease)
     assert store.depth() == 1
+
+
+def test_the_idle_release_closes_the_writers_connection_and_the_store_goes_on(store: AgentStore) -> None:
+    assert store.record([ev(path=b"/var/www/%d.php" % i, ts=T0 + i) for i in range(600)]) == 600
+    first = store._local.db
+    store.release_memory()
+    assert store._local.db is None  # its statements and page cache are gone with it
+    # the hour it remembers is in the file: the same pair is counted across the reconnect
+    assert store.record([ev(path=b"/var/www/1.php", ts=T0 + 700 + i) for i in range(4)]) == 3
+    assert store._local.db is not None and store._local.db is not first
+    assert store.depth() == 604

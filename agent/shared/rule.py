@@ -135,8 +135,10 @@ class Rule:
     threat: tuple[Technique, ...] = field(default=THREAT)
 
     @cached_property
-    def _users(self) -> NameSet:
-        return NameSet(self.user_names)
+    def _users(self) -> frozenset[str]:
+        # ES|QL's `user.name in (...)` compares exactly: a `*` in a user name is just a `*`
+        # (only process.name has LIKE patterns in the query)
+        return frozenset(self.user_names)
 
     @cached_property
     def _processes(self) -> NameSet:

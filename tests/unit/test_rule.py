@@ -271,3 +271,11 @@ def test_replay_reads_a_field_however_the_document_splits_it(doc: dict[str, obje
     from agent.sensor.sources.recorded import get, scalar
 
     assert scalar(get(doc, "host.os.type")) == value
+
+
+def test_user_names_are_exact_like_the_querys_in_list() -> None:
+    """`user.name in (...)` in ES|QL is exact: an entry with `*` or `?` is not a pattern."""
+    rule = Rule(user_names=("www*", "ng?nx"), user_ids=())
+    assert rule.user_matches("www*", None) and rule.user_matches("ng?nx", None)
+    assert not rule.user_matches("www-data", None) and not rule.user_matches("nginx", None)
+    assert Rule(process_names=("php-*",)).process_matches("php-fpm8.2")  # process names keep LIKE

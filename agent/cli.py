@@ -299,11 +299,12 @@ def _evaluate(cfg: Config, db: str, at: str) -> int:
 
 
 def _config_check(files: Optional[list[str]]) -> int:
+    # a passed expiry is an error here, where an admin is looking
     if files:
-        cfg = load(files, required=True)
+        cfg = load(files, required=True, strict_expiry=True)
     else:
         present = [f for f in (AGENT_CONF, COLLECTOR_CONF) if os.path.exists(f)]
-        cfg = load(present, required=False)
+        cfg = load(present, required=False, strict_expiry=True)
     doc: dict[str, Any] = describe(cfg)
     print(json.dumps(doc, indent=1, default=str))
     print(f"config ok: {len(cfg.files)} file(s) read", file=sys.stderr)

@@ -14,23 +14,30 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import logging
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any, Optional
 
+from agent.collector import excepted, suppress
 from agent.collector.storage import open_store
 from agent.collector.storage.base import GapRow, Pair, RankedRow, Store, StoredEvent
 from agent.shared.rule import Row, Rule
 from agent.shared.text import dumps, iso, render
 
+log = logging.getLogger("rarewrite.collector.evaluate")
+
 SEVERITY_NUMBER = {"low": 1, "medium": 2, "high": 3, "critical": 4}
+CUT_COUNT_MAX = 10_000_000  # rows ranked to count what the limit cut
+RunStats = dict[str, int]  # "cut": rows over the limit, "suppressed": rows folded
 ECS_VERSION = "8.17.0"  # the ECS release the alert documents follow (tests/data/ecs_fields.json)
 
 
 def evaluate(store: Store, rule: Rule, at_ms: int) -> list[Row]:
-    """The rule's rows at T (window at_ms - window < ts <= at_ms)."""
-    return store.rows(rule, at_ms)
+    """The rule's rows at T (window at_ms - window < ts <= at_ms), its
+    exceptions active at T applied."""
+    return excepted.rows(store, rule, at_ms)
 
 
 def evaluate_db(db_path: str, rule: Rule, at_ms: int) -> list[Row]:
@@ -156,7 +163,7 @@ def alert_documents(
     docs = []
     for ranked in rows:
         row = ranked.row
-        events = store.pair_events((row.executable, row.path), lo, at_ms, rule.count_below)
+        events = excepted.row_events(store, rule, row, lo, at_ms)
         docs.append(_alert_doc(rule, ranked, at_ms, schedule, events, gaps))
     return docs
 
@@ -272,18 +279,47 @@ def _kibana_alert(
 
 
 def _record(
-    store: Store, rule: Rule, ranked: Sequence[RankedRow], docs: list[dict[str, Any]], at_ms: int
+    store: Store,
+    rule: Rule,
+    ranked: Sequence[RankedRow],
+    docs: list[dict[str, Any]],
+    at_ms: int,
+    stats: RunStats,
 ) -> list[dict[str, Any]]:
+    """Record the run's alerts; return what goes to the outputs: the alerts
+    raised, then suppressed alerts that grew (see agent.collector.suppress)."""
+    if rule.suppress_by:
+        raised, folded = suppress.record(store, rule, ranked, docs, at_ms)
+        stats["suppressed"] = stats.get("suppressed", 0) + folded
+        return raised + suppress.due_updates(store, rule, at_ms)
     items = [
-        (str(doc["kibana"]["alert"]["uuid"]), (r.row.executable, r.row.path), at_ms, r.first_ts, dumps(doc))
+        (
+            str(doc["kibana"]["alert"]["uuid"]),
+            (r.row.executable, r.row.path),
+            at_ms,
+            r.first_ts,
+            dumps(doc),
+            None,
+        )
         for r, doc in zip(ranked, docs)
     ]
     new = set(store.record_alerts(rule.rule_id, items))
     return [doc for doc in docs if doc["kibana"]["alert"]["uuid"] in new]
 
 
+def _fresh(
+    ranked: Sequence[RankedRow], alerted: set[Pair], at_ms: int, settle_ms: Optional[int]
+) -> list[RankedRow]:
+    return [
+        r
+        for r in ranked
+        if (r.row.executable, r.row.path) not in alerted
+        and (settle_ms is None or r.first_ts <= at_ms - settle_ms)
+    ]
+
+
 def _pick(
-    store: Store, rule: Rule, at_ms: int, settle_ms: Optional[int]
+    store: Store, rule: Rule, at_ms: int, settle_ms: Optional[int], stats: RunStats
 ) -> tuple[list[RankedRow], list[dict[str, Any]]]:
     with store.read():
         # The limit caps new alerts per run, so it applies after the pairs
@@ -296,39 +332,54 @@ def _pick(
         alerted = store.alerted_pairs(rule.rule_id, at_ms - rule.window_ms)
         want = rule.limit + len(alerted)
         while True:
-            ranked = store.ranked_rows(replace(rule, limit=want), at_ms)
-            fresh = [
-                r
-                for r in ranked
-                if (r.row.executable, r.row.path) not in alerted
-                and (settle_ms is None or r.first_ts <= at_ms - settle_ms)
-            ][: rule.limit]
-            if len(fresh) >= rule.limit or len(ranked) < want:
+            ranked = excepted.ranked_rows(store, replace(rule, limit=want), at_ms)
+            fresh = _fresh(ranked, alerted, at_ms, settle_ms)
+            if len(fresh) > rule.limit or len(ranked) < want:
                 break
             want *= 2
+        cut = 0
+        if len(fresh) > rule.limit:  # rows over the limit: count them (the next tick alerts them)
+            every = excepted.ranked_rows(store, replace(rule, limit=CUT_COUNT_MAX), at_ms)
+            cut = len(_fresh(every, alerted, at_ms, settle_ms)) - rule.limit
+            fresh = fresh[: rule.limit]
         docs = alert_documents(rule, fresh, at_ms, store, "hourly" if settle_ms is None else "continuous")
+    if cut:
+        stats["cut"] = stats.get("cut", 0) + cut
+        log.warning(
+            "event=rows_cut rule_id=%s at=%s limit=%d cut=%d", rule.rule_id, iso(at_ms), rule.limit, cut
+        )
+        for doc in docs:
+            doc["rarewrite"]["rows_cut"] = cut
     return fresh, docs
 
 
-def run_hourly(store: Store, rule: Rule, at_ms: int) -> list[dict[str, Any]]:
+def run_hourly(
+    store: Store, rule: Rule, at_ms: int, stats: Optional[RunStats] = None
+) -> list[dict[str, Any]]:
     """One run of the rule's own schedule at T: alert every row whose pair was
     not alerted in an overlapping window (T - window, T]; return the new alerts.
 
     With several collectors on one database only one of them does a given
-    run (the others get []), and its alerts commit all together or not at all."""
+    run (the others get []), and its alerts commit all together or not at all.
+    ``stats`` (if given) counts rows cut by the limit and rows suppressed."""
+    stats = {} if stats is None else stats
     with store.schedule_run(rule.rule_id, "hourly", at_ms) as mine:
         if not mine:
             return []
-        fresh, docs = _pick(store, rule, at_ms, None)
-        return _record(store, rule, fresh, docs, at_ms)
+        fresh, docs = _pick(store, rule, at_ms, None, stats)
+        return _record(store, rule, fresh, docs, at_ms, stats)
 
 
-def run_continuous(store: Store, rule: Rule, at_ms: int, settle_ms: int) -> list[dict[str, Any]]:
+def run_continuous(
+    store: Store, rule: Rule, at_ms: int, settle_ms: int, stats: Optional[RunStats] = None
+) -> list[dict[str, Any]]:
     """One tick of the continuous schedule: alert a row at T once its pair's
     first event in the window is at least ``settle_ms`` old, once per window.
-    A tick another collector is running at the same moment is skipped."""
+    A tick another collector is running at the same moment is skipped. Rows
+    the limit cut are alerted by the next ticks."""
+    stats = {} if stats is None else stats
     with store.schedule_run(rule.rule_id, "continuous", at_ms) as mine:
         if not mine:
             return []
-        fresh, docs = _pick(store, rule, at_ms, settle_ms)
-        return _record(store, rule, fresh, docs, at_ms)
+        fresh, docs = _pick(store, rule, at_ms, settle_ms, stats)
+        return _record(store, rule, fresh, docs, at_ms, stats)

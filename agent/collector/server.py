@@ -101,6 +101,8 @@ class Collector:
         self.rejects: Counter[int] = Counter()
         self.events = 0
         self.alerts_emitted = 0
+        self.run_stats: dict[str, int] = {}  # evaluate.RunStats of every run since start
+        self.expired_reported: set[str] = set()  # exceptions whose expiry was logged
 
     async def read(self, fn: Callable[..., R], *args: Any) -> R:
         return await asyncio.get_running_loop().run_in_executor(self.reads, partial(fn, *args))
@@ -380,6 +382,40 @@ def _metric(lines: list[str], name: str, kind: str, help_: str, samples: list[tu
     lines += [f"{name}{labels} {value}" for labels, value in samples]
 
 
+def _evaluation_metrics(out: list[str], c: Collector, counts: dict[str, Any]) -> None:
+    _metric(
+        out, "rarewrite_collector_alerts", "gauge", "Alerts kept in the database.", [("", counts["alerts"])]
+    )
+    _metric(
+        out,
+        "rarewrite_collector_alerts_total",
+        "counter",
+        "Alerts raised by this collector since start.",
+        [("", c.alerts_emitted)],
+    )
+    _metric(
+        out,
+        "rarewrite_collector_rows_cut_total",
+        "counter",
+        "Rows over the rule's limit in a run since start (the continuous schedule alerts them next).",
+        [("", c.run_stats.get("cut", 0))],
+    )
+    _metric(
+        out,
+        "rarewrite_collector_rows_suppressed_total",
+        "counter",
+        "Rows folded into an earlier alert by suppression since start.",
+        [("", c.run_stats.get("suppressed", 0))],
+    )
+    _metric(
+        out,
+        "rarewrite_collector_exceptions_expired",
+        "gauge",
+        "Exceptions of the rule whose expiry has passed (they no longer apply).",
+        [("", len(c.expired_reported))],
+    )
+
+
 async def metrics(request: web.Request) -> web.Response:
     c = _c(request)
     counts = await c.read(c.store.counts)
@@ -416,16 +452,7 @@ async def metrics(request: web.Request) -> web.Response:
         "Reported losses kept in the database, by reason.",
         [(f'{{reason="{r}"}}', n) for r, n in sorted(gaps.items())[:100]],
     )
-    _metric(
-        out, "rarewrite_collector_alerts", "gauge", "Alerts kept in the database.", [("", counts["alerts"])]
-    )
-    _metric(
-        out,
-        "rarewrite_collector_alerts_total",
-        "counter",
-        "Alerts raised by this collector since start.",
-        [("", c.alerts_emitted)],
-    )
+    _evaluation_metrics(out, c, counts)
     _metric(
         out,
         "rarewrite_collector_output_dropped_total",

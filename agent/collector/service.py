@@ -41,11 +41,12 @@ async def schedule_loop(c: Collector) -> None:
         if continuous:
             await asyncio.sleep(CONTINUOUS_EVERY_S)
             at = c.clock.now_ms()
-            run = partial(ev.run_continuous, c.store, rule, at, c.cfg.collector.settle_ms)
+            run = partial(ev.run_continuous, c.store, rule, at, c.cfg.collector.settle_ms, c.run_stats)
         else:
             at = (now // rule.schedule_ms + 1) * rule.schedule_ms
             await asyncio.sleep((at - now) / 1000.0)
-            run = partial(ev.run_hourly, c.store, rule, at)
+            run = partial(ev.run_hourly, c.store, rule, at, c.run_stats)
+        report_expired(c, at)
         try:
             started = c.clock.monotonic()
             alerts = await c.read(run)
@@ -59,6 +60,38 @@ async def schedule_loop(c: Collector) -> None:
                 await asyncio.sleep(took)  # never spend more than half the time evaluating
         except StoreError as e:
             c.error_log.log(log, logging.ERROR, "schedule", "event=evaluation_failed error=%r", str(e))
+
+
+def _log_start(cfg: Config, tls: bool) -> None:
+    log.info(
+        "event=listening address=%r tls=%s client_certs=%s db=%r schedule=%s",
+        cfg.collector.listen,
+        "yes" if tls else "no",
+        "required" if cfg.collector.tls_client_ca else "no",
+        redact(cfg.collector.db),
+        cfg.collector.schedule,
+    )
+    rule = cfg.rule
+    log.info(
+        "event=rule name=%r exceptions=%d suppress_by=%s suppress_for_s=%d",
+        rule.name,
+        len(rule.exceptions),
+        ",".join(rule.suppress_by) or "-",
+        rule.suppress_for_ms // 1000,
+    )
+
+
+def report_expired(c: Collector, at_ms: int) -> None:
+    """Log each exception once, when it stops applying (its expires has passed)."""
+    for x in c.cfg.rule.exceptions:
+        if not x.active_at(at_ms) and x.name not in c.expired_reported:
+            c.expired_reported.add(x.name)
+            log.warning(
+                "event=exception_expired name=%s expired_at=%s comment=%r",
+                x.name,
+                iso(x.expires_ms or 0),
+                x.comment,
+            )
 
 
 async def prune_loop(c: Collector) -> None:
@@ -140,14 +173,7 @@ async def _serve(cfg: Config, secret: str) -> int:
         await runner.cleanup()
         store.close()
         return 1
-    log.info(
-        "event=listening address=%r tls=%s client_certs=%s db=%r schedule=%s",
-        cfg.collector.listen,
-        "yes" if ctx else "no",
-        "required" if cfg.collector.tls_client_ca else "no",
-        redact(cfg.collector.db),
-        cfg.collector.schedule,
-    )
+    _log_start(cfg, ctx is not None)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -7,13 +7,16 @@ Schema version 2 (``meta.schema_version``)::
                                            one index, on (pair, ts)
     outbox(id INTEGER PRIMARY KEY AUTOINCREMENT, kind INTEGER, ts INTEGER, body BLOB)
                                            kind 0: an <event> map (msgpack)
-                                           kind 1: a count time; body = the pair
+                                           kind 1: a count time; body = its count key
                                            kind 2: a <gap> map (msgpack)
     lease(seq INTEGER PRIMARY KEY, batch_id TEXT, hi INTEGER, n INTEGER, body BLOB)
                                            the one batch in flight, bytes frozen
     quarantine(id, at, reason, body)       records the collector refused (400)
 
-A pair is ``msgpack([exe, path])``. An event goes into ``win`` and ``outbox``
+A pair is ``msgpack([exe, path])``; a count key is ``msgpack([exe, path,
+pname, uname, uid])``, the pair and who wrote it (the collector applies
+exceptions on those to bare times too; a key of schema 2 may be a bare pair).
+An event goes into ``win`` and ``outbox``
 in the same transaction, and the detail decision is made there: every event
 is sent (no agent can decide rarity alone), with full detail while its pair
 has fewer than ``count_below`` events in the agent's hour ending at the
@@ -60,11 +63,10 @@ import msgpack
 from agent.shared import wire
 from agent.shared.clock import Clock
 from agent.shared.errors import StoreError
-from agent.shared.events import FileEvent, FileFacts
+from agent.shared.events import Actor, FileEvent, FileFacts
 from agent.shared.migrations import Migration, pending
 from agent.shared.rule import Rule
 from agent.shared.wire.encode import pack_batch
-from agent.shared.wire.format import pair_key
 
 log = logging.getLogger("rarewrite.store")
 
@@ -112,10 +114,21 @@ _FILL_SQL = "UPDATE outbox SET body=CAST(? || substr(body, ?) || ? AS BLOB) WHER
 _COUNT_SQL = "SELECT count(*) FROM (SELECT 1 FROM win WHERE pair=? AND ts>? AND ts<=? LIMIT ?)"
 
 
-def pair_of(key: bytes) -> tuple[Optional[bytes], Optional[bytes]]:
-    """The (exe, path) of a :func:`~agent.shared.wire.format.pair_key`."""
-    exe, path = msgpack.unpackb(key, raw=False)
-    return exe, path
+def count_of(key: bytes) -> tuple[Optional[bytes], Optional[bytes], Optional[Actor]]:
+    """The (exe, path, actor) of a count key (or of a bare pair key: no actor)."""
+    got = msgpack.unpackb(key, raw=False)
+    if len(got) == 2:
+        return got[0], got[1], None
+    return got[0], got[1], (got[2], got[3], got[4])
+
+
+def count_key_of_map(e: dict[str, Any]) -> bytes:
+    """The count key of an ``<event>`` map that loses its detail."""
+    return bytes(
+        msgpack.packb(
+            [e.get("exe"), e.get("path"), e.get("pname"), e.get("uname"), e.get("uid")], use_bin_type=True
+        )
+    )
 
 
 @dataclass(frozen=True)
@@ -366,6 +379,7 @@ class AgentStore:
         times. Returns the outbox rows, (row index, path, map keys, ts) of
         those that wait for facts, and how many are detailed."""
         recent, pack_event, horizon = self._recent, self._events.pack, self._horizon
+        pack_count = self._packer.pack
         window, below = self.rule.window_ms, self.rule.count_below
         with_facts = self.facts is not None and len(self._pending) < FACTS_PENDING_MAX
         win_rows: list[tuple[bytes, int]] = []
@@ -399,7 +413,14 @@ class AgentStore:
                 out_rows.append((EVENT, ts, body))
                 detailed += 1
             else:
-                out_rows.append((COUNT, ts, key))
+                p, u = ev.process, ev.user
+                out_rows.append(
+                    (
+                        COUNT,
+                        ts,
+                        pack_count([ev.process.executable or None, ev.path or None, p.name, u.name, u.id]),
+                    )
+                )
         if win_rows:
             win_rows.sort()  # in key order: the index takes them page by page, not all over
             db.executemany("INSERT INTO win VALUES (?, ?)", win_rows)
@@ -609,9 +630,7 @@ class AgentStore:
         ).fetchall()
         for rid, body in rows:
             e = msgpack.unpackb(body, raw=False)
-            db.execute(
-                "UPDATE outbox SET kind=1, body=? WHERE id=?", (pair_key(e.get("exe"), e.get("path")), rid)
-            )
+            db.execute("UPDATE outbox SET kind=1, body=? WHERE id=?", (count_key_of_map(e), rid))
         # Bytes shrink but rows do not: drop the oldest times and say so.
         old = db.execute(
             "SELECT min(ts), max(ts), count(*) FROM (SELECT ts FROM outbox WHERE kind=1 AND id>? "
@@ -668,7 +687,7 @@ class AgentStore:
                     gaps.append(body)
             seq = int(self._meta(db, "next_seq"))
             batch_id = uuid.uuid4().hex
-            head = {
+            head: dict[str, Any] = {
                 "v": wire.VERSION,
                 "batch_id": batch_id,
                 "epoch": self.epoch,
@@ -676,8 +695,11 @@ class AgentStore:
                 "agent_id": agent_id,
                 "host_name": host_name,
                 "sent_at": self.clock.now_ms(),
-                "counts": [[*pair_of(k), wire.encode_times(t)] for k, t in times.items()],
             }
+            counts = [(count_of(k), t) for k, t in times.items()]
+            head["counts"] = [[exe, path, wire.encode_times(t)] for (exe, path, _), t in counts]
+            if any(actor is not None for (_, _, actor), _ in counts):
+                head["actors"] = [None if actor is None else list(actor) for (_, _, actor), _ in counts]
             n = len(events) + sum(len(t) for t in times.values()) + len(gaps)
             body = pack_batch(head, events, gaps)
             db.execute("INSERT INTO lease VALUES (?, ?, ?, ?, ?)", (seq, batch_id, hi, n, body))
@@ -731,9 +753,7 @@ class AgentStore:
         self.counters["quarantined"] += 1
         if kind == EVENT:
             e = msgpack.unpackb(body, raw=False)
-            db.execute(
-                "UPDATE outbox SET kind=1, body=? WHERE id=?", (pair_key(e.get("exe"), e.get("path")), rid)
-            )
+            db.execute("UPDATE outbox SET kind=1, body=? WHERE id=?", (count_key_of_map(e), rid))
             change = 0
         else:
             db.execute("DELETE FROM outbox WHERE id=?", (rid,))

@@ -64,6 +64,10 @@ class UserInfo:
     name: Optional[str] = None
 
 
+# Who wrote an event, as exceptions see it: (process.name, user.name, user.id)
+Actor = tuple[Optional[str], Optional[str], Optional[str]]
+
+
 @dataclass(frozen=True)
 class FileFacts:
     """What the agent read of the file when it recorded the event."""

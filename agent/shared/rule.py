@@ -15,13 +15,14 @@ multi-valued field in an equality test is null, so it never matches.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Optional
 
 from agent.shared.events import FileEvent, UserInfo
+from agent.shared.exceptions import ExceptionSet, RuleException
+from agent.shared.like import is_pattern, like_regex
 from agent.shared.text import render
 
 RULE_NAME = "Unusual File Creation by Web Server"
@@ -62,24 +63,6 @@ THREAT = (
     Technique("TA0002", "Execution", "T1059", "Command and Scripting Interpreter", "T1059.004", "Unix Shell"),
     Technique("TA0011", "Command and Control", "T1071", "Application Layer Protocol"),
 )
-
-
-def like_regex(pattern: str) -> re.Pattern[str]:
-    """ES|QL LIKE: ``*`` any run, ``?`` one character, ``\\`` escapes the next."""
-    out, i = [], 0
-    while i < len(pattern):
-        ch = pattern[i]
-        if ch == "\\" and i + 1 < len(pattern):
-            out.append(re.escape(pattern[i + 1]))
-            i += 2
-            continue
-        out.append(".*" if ch == "*" else "." if ch == "?" else re.escape(ch))
-        i += 1
-    return re.compile("".join(out) + r"\Z", re.DOTALL)
-
-
-def is_pattern(name: str) -> bool:
-    return "*" in name or "?" in name
 
 
 class NameSet:
@@ -133,6 +116,14 @@ class Rule:
     risk_score: int = 47
     tags: tuple[str, ...] = TAGS
     threat: tuple[Technique, ...] = field(default=THREAT)
+    # Exceptions (agent.shared.exceptions): none by default, the rule as published
+    exceptions: tuple[RuleException, ...] = ()
+    # Alert suppression: rows whose suppress_by values equal an alert's within
+    # suppress_for of it are folded into it ("suppress": a missing value is one
+    # more value; "do_not_suppress": a row missing one is never folded)
+    suppress_by: tuple[str, ...] = ()
+    suppress_for_ms: int = 3_600_000
+    suppress_missing: str = "suppress"
 
     @cached_property
     def _users(self) -> frozenset[str]:
@@ -201,11 +192,19 @@ def sort_rows(rows: Iterable[Row], limit: int) -> list[Row]:
 
 
 def reference_rows(rule: Rule, sightings: Iterable[Sighting], at_ms: int) -> list[Row]:
-    """The rule's rows at T over the union of every agent's events."""
+    """The rule's rows at T over the union of every agent's events, the
+    events an exception active at T matches left out."""
     groups: dict[tuple[Optional[bytes], Optional[bytes]], list[Sighting]] = {}
+    excepted = ExceptionSet(rule.exceptions, at_ms)
     for s in sightings:
-        if in_window(rule, s.event.ts_ms, at_ms) and matches(rule, s.event):
-            groups.setdefault((s.event.process.executable, s.event.path), []).append(s)
+        ev = s.event
+        if not (in_window(rule, ev.ts_ms, at_ms) and matches(rule, ev)):
+            continue
+        actor = (ev.process.name, ev.user.name, ev.user.id)
+        exe = ev.process.executable
+        if excepted and excepted.removes_event(exe, ev.path, s.host_name, s.agent_id, actor):
+            continue
+        groups.setdefault((ev.process.executable, ev.path), []).append(s)
     rows = []
     for (exe, path), group in groups.items():
         agents = sorted({s.agent_id for s in group})

@@ -52,7 +52,7 @@ def db(pg_server: pg.Server, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
 def two(db: str, pg_server: pg.Server, tmp_path: Path) -> Iterator[Pair]:
     r = procs.run(["collector", "migrate", "--db", db])
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout) == {"backend": "postgresql", "db": db, "from": 0, "to": 1}
+    assert json.loads(r.stdout) == {"backend": "postgresql", "db": db, "from": 0, "to": 2}
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     with procs.collector(str(tmp_path / "a"), db=db) as a, procs.collector(str(tmp_path / "b"), db=db) as b:

@@ -48,6 +48,27 @@ def test_detail_while_locally_rare_then_counts(store: AgentStore) -> None:
     assert batch.events[0].detail["pid"] == 42 and batch.events[0].detail["cmd"] == "nginx -g x"
 
 
+def test_count_times_carry_who_wrote_them(store: AgentStore) -> None:
+    """Bare times keep their actor (process name, user), grouped per actor:
+    the collector's exceptions on process.name and user.* apply to them."""
+    php = FileEvent(
+        T0 + 9,
+        "creation",
+        b"/var/www/a.php",
+        ProcessInfo(7, "php-fpm8.2", b"/usr/sbin/nginx"),
+        UserInfo("33", None),
+    )
+    store.record([ev(ts=T0 + i) for i in range(6)] + [php])
+    lease = store.lease("a1", "h1", 100)
+    assert lease is not None
+    batch = wire.decode_batch(lease.body)
+    assert {(c.actor, c.times) for c in batch.counts} == {
+        (("nginx", "www-data", "33"), (T0 + 4, T0 + 5)),
+        (("php-fpm8.2", None, "33"), (T0 + 9,)),
+    }
+    assert batch.size() == 7
+
+
 def test_a_pair_becomes_rare_again_after_an_hour(store: AgentStore) -> None:
     store.record([ev(ts=T0 + i) for i in range(5)])
     assert store.record([ev(ts=T0 + 3_600_000 + 10)]) == 1

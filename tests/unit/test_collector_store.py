@@ -326,8 +326,8 @@ def test_migrate_sqlite(tmp_path: Path) -> None:
     from agent.collector.storage import migrate
 
     p = str(tmp_path / "m.db")
-    assert migrate(p) == {"backend": "sqlite", "db": p, "from": 0, "to": 2}
-    assert migrate(p)["from"] == 2
+    assert migrate(p) == {"backend": "sqlite", "db": p, "from": 0, "to": 3}
+    assert migrate(p)["from"] == 3
 
 
 NAMES = st.one_of(st.none(), st.binary(min_size=1, max_size=6).map(lambda b: b.replace(b"\x02", b"\xff")))
@@ -344,10 +344,21 @@ def test_order_key_sorts_like_order_by_exe_path(pairs: list[tuple[bytes | None, 
     assert len({order_key(*p) for p in pairs}) == len(set(pairs))
 
 
+def _as_version_2(c: sqlite3.Connection) -> None:
+    """Undo schema 3: no actors, no suppression columns."""
+    c.execute("DROP INDEX alerts_skey")
+    for column in ("skey", "folded_into", "dirty", "emitted_ms"):
+        c.execute(f"ALTER TABLE alerts DROP COLUMN {column}")
+    c.execute("ALTER TABLE events DROP COLUMN actor")
+    c.execute("DROP TABLE actors")
+    c.execute("UPDATE meta SET value='2' WHERE key='schema_version'")
+
+
 def _as_version_1(path: str) -> None:
     """Turn a new collector file into what schema version 1 looked like:
     pairs keyed by msgpack([exe, path]), events indexed by (ts, pair, agent, host)."""
     with contextlib.closing(sqlite3.connect(path)) as c, c:
+        _as_version_2(c)
         c.create_function("v1_key", 2, wire.pair_key)
         c.execute("DROP INDEX events_pair")
         c.execute("DROP INDEX events_ts")
@@ -370,7 +381,7 @@ def test_version_1_file_is_migrated_in_place(tmp_path: Path) -> None:
     _as_version_1(p)
     with pytest.raises(StoreError, match=r"older than this rarewrite.s.*collector migrate"):
         ev.evaluate_db(p, Rule(), T)
-    assert migrate(p) == {"backend": "sqlite", "db": p, "from": 1, "to": 2}
+    assert migrate(p) == {"backend": "sqlite", "db": p, "from": 1, "to": 3}
     assert ev.evaluate_db(p, Rule(), T) == before
     store = CollectorStore(p)
     try:
@@ -397,6 +408,6 @@ def test_version_1_file_is_migrated_by_a_writer_that_opens_it(tmp_path: Path) ->
     finally:
         store.close()
     with contextlib.closing(sqlite3.connect(p)) as c:
-        assert c.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("2",)
+        assert c.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("3",)
         indexes = {n for (n,) in c.execute("SELECT name FROM sqlite_master WHERE tbl_name='events'")}
         assert indexes == {"events", "events_pair", "events_ts"}

@@ -122,3 +122,57 @@ def test_an_agent_id_or_host_name_the_collector_would_refuse_stops_the_agent_at_
     with pytest.raises(ConfigError) as e:
         config.load([], overrides={"agent": {"agent_id": "web 01", "host_name": "h" * 300}})
     assert len(e.value.problems) == 2
+
+
+def test_exceptions_and_suppression_config(tmp_path: Path) -> None:
+    from agent.shared.recommended import RECOMMENDED
+
+    f = tmp_path / "collector.conf"
+    f.write_text(
+        "[rule]\nexceptions = recommended, thumbs\nsuppress_by = host.name, file.extension\n"
+        "suppress_for = 30m\nsuppress_missing = do_not_suppress\n"
+        "[exception.thumbs]\nfile.path = /srv/*/thumbs/*\n    /srv/cache/*\nprocess.name = php-fpm*\n"
+        "expires = 2099-01-01T00:00:00Z\ncomment = the CMS renders thumbnails\n"
+        "[exception.unused]\nuser.id = 33\n"
+    )
+    rule = config.load([str(f)], strict_expiry=True).rule
+    assert rule.exceptions[: len(RECOMMENDED)] == RECOMMENDED
+    own = rule.exceptions[-1]
+    assert own.name == "thumbs" and own.comment == "the CMS renders thumbnails"
+    assert own.fields() == {"file.path": ("/srv/*/thumbs/*", "/srv/cache/*"), "process.name": ("php-fpm*",)}
+    assert own.expires_ms == 4_070_908_800_000
+    assert len(rule.exceptions) == len(RECOMMENDED) + 1  # a section not named in [rule] exceptions is off
+    assert (rule.suppress_by, rule.suppress_for_ms, rule.suppress_missing) == (
+        ("host.name", "file.extension"), 1_800_000, "do_not_suppress",
+    )  # fmt: skip
+    f.write_text("[rule]\nexceptions = none\n")
+    assert config.load([str(f)]).rule.exceptions == ()
+    assert config.load([str(tmp_path / "missing.conf")], required=False).rule.exceptions == ()
+
+
+def test_every_exception_mistake_is_listed_at_once(tmp_path: Path) -> None:
+    f = tmp_path / "collector.conf"
+    f.write_text(
+        "[rule]\nexceptions = mine, none, nosuch\nsuppress_by = user.name\nsuppress_missing = maybe\n"
+        "[exception.mine]\nfile.colour = red\nfile.path = /a\\\\b\\x\n    \nexpires = someday\n"
+        "[exception.old]\nfile.path = /x\nexpires = 2020-01-01T00:00:00Z\n"
+        "[exception.bad name!]\nfile.path = /y\n"
+        "[exception.empty]\ncomment = names no field\n"
+    )
+    with pytest.raises(ConfigError) as e:
+        config.load([str(f)], strict_expiry=True)
+    text = "\n".join(e.value.problems)
+    for needle in (
+        "file.colour: unknown field", "bad glob", "someday", "2020-01-01T00:00:00.000Z has passed",
+        "[exception.bad name!]", "[exception.empty]: names no field", "none alone", "suppress_by",
+        "suppress_missing",
+    ):  # fmt: skip
+        assert needle in text, needle
+    assert len(e.value.problems) == 9, text
+    # a running collector only stops applying a passed expiry: no error without strict_expiry
+    f.write_text(
+        "[rule]\nexceptions = old\n[exception.old]\nfile.path = /x\nexpires = 2020-01-01T00:00:00Z\n"
+    )
+    assert config.load([str(f)]).rule.exceptions[0].expires_ms == 1_577_836_800_000
+    with pytest.raises(ConfigError, match="has passed"):
+        config.load([str(f)], strict_expiry=True)

@@ -18,6 +18,8 @@ import pytest
 import agent
 from agent.shared.config.load import load
 from agent.shared.config.schema import AGENT_KEYS, COLLECTOR_KEYS, RULE_KEYS, Config
+from agent.shared.recommended import RECOMMENDED
+from agent.shared.rule import Rule
 from tests.support import packages, procs
 
 TOP = Path(__file__).resolve().parents[2]
@@ -136,10 +138,22 @@ def commented_keys(path: Path) -> dict[str, set[str]]:
         m = re.match(r"^\[([^\]]+)\]$", line)
         if m:
             section = m.group(1)
-        m = re.match(r"^#([a-z_]+) =", line)
+        m = re.match(r"^#?([a-z_]+) =", line)
         if m and section:
             keys.setdefault(section, set()).add(m.group(1))
     return keys
+
+
+# What the packaged collector.conf sets on purpose: the shipped exception list
+# and the suppression documented as recommended (an installed collector is quiet).
+PACKAGED_RULE = {
+    "collector.conf": replace(
+        Rule(),
+        exceptions=RECOMMENDED,
+        suppress_by=("host.name", "process.executable", "file.directory", "file.extension"),
+    ),
+    "agent.conf": Rule(),
+}
 
 
 def uncommented(path: Path, dest: Path) -> Path:
@@ -163,7 +177,7 @@ def test_reference_config_documents_every_key(name: str, section: str, spec: Map
     assert f"{name[:-5]}.d/*.conf" in text
     keys = commented_keys(path)
     assert keys[section] == set(spec)
-    assert keys["rule"] == set(RULE_KEYS)
+    assert keys["rule"] == set(RULE_KEYS) | ({"exceptions"} if name == "collector.conf" else set())
 
 
 @pytest.mark.parametrize("name", ["agent.conf", "collector.conf"])
@@ -171,10 +185,10 @@ def test_reference_config_parses_and_documents_the_defaults(name: str, tmp_path:
     path = ETC / name
     # as shipped (everything commented): the built-in defaults
     cfg = load([str(path)])
-    assert replace(cfg, files=()) == Config()
+    assert replace(cfg, files=()) == Config(rule=PACKAGED_RULE[name])
     # every documented value switched on: still exactly the defaults
     on = load([str(uncommented(path, tmp_path / name))])
-    assert replace(on, files=()) == Config()
+    assert replace(on, files=()) == Config(rule=PACKAGED_RULE[name])
 
 
 # ------------------------------------------------------------- Debian

@@ -75,7 +75,7 @@ def test_redact_and_scheme() -> None:
 def test_migrate_is_versioned_and_idempotent(pg_url: str) -> None:
     assert migrate(pg_url)["from"] == 0
     again = migrate(pg_url)
-    assert (again["from"], again["to"]) == (1, 1)
+    assert (again["from"], again["to"]) == (2, 2)
     password = pg_url.split("@", maxsplit=1)[0].rsplit(":", 1)[1]
     assert again["db"] == pg_url.replace(password, "***") and password not in again["db"]
 
@@ -111,8 +111,8 @@ def test_hourly_run_happens_once_across_replicas(stores: tuple[Store, Store]) ->
     def slow_run() -> None:
         with a.schedule_run(rule.rule_id, "hourly", T) as mine:
             assert mine
-            fresh, docs = ev._pick(a, rule, T, None)
-            result.append(ev._record(a, rule, fresh, docs, T))
+            fresh, docs = ev._pick(a, rule, T, None, {})
+            result.append(ev._record(a, rule, fresh, docs, T, {}))
             started.set()
             release.wait(10)
 
@@ -137,8 +137,8 @@ def test_a_replica_dying_mid_run_leaves_nothing_and_another_redoes_it(stores: tu
     rule = Rule()
     with pytest.raises(RuntimeError), a.schedule_run(rule.rule_id, "hourly", T) as mine:
         assert mine
-        fresh, docs = ev._pick(a, rule, T, None)
-        assert ev._record(a, rule, fresh, docs, T)
+        fresh, docs = ev._pick(a, rule, T, None, {})
+        assert ev._record(a, rule, fresh, docs, T, {})
         raise RuntimeError("killed mid-run")
     assert b.list_alerts(0) == []
     assert len(ev.run_hourly(b, rule, T)) == 1

@@ -9,12 +9,18 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional, Protocol
 
+import msgpack
+
 from agent.shared import wire
+from agent.shared.events import Actor
+from agent.shared.exceptions import NO_ACTOR
 from agent.shared.rule import Row, Rule
 
 log = logging.getLogger("rarewrite.collector.store")
 
 Pair = tuple[Optional[bytes], Optional[bytes]]
+# An alert as stored: (alert id, pair, T, first event time, document JSON, suppression key or None)
+AlertItem = tuple[str, Pair, int, int, str, Optional[bytes]]
 PRUNE_CHUNK = 5000  # Store.prune deletes up to this many events per chunk: fewer means done
 
 
@@ -46,6 +52,25 @@ class StoredEvent:
     agent_id: str
     host_name: str
     detail: Optional[dict[str, Any]]  # None for an event sent as a count time
+    actor: Actor = NO_ACTOR  # (process.name, user.name, user.id), known for count times too
+
+
+@dataclass(frozen=True)
+class WindowEvent:
+    """One event of a pair in a window, as exceptions need it."""
+
+    pair: int  # the pair's ref
+    ts: int
+    agent_id: str
+    host_name: str
+    actor: Actor
+
+
+@dataclass(frozen=True)
+class PairRef:
+    ref: int
+    exe: Optional[bytes]
+    path: Optional[bytes]
 
 
 @dataclass(frozen=True)
@@ -71,8 +96,14 @@ class Store(Protocol):
     def rows(self, rule: Rule, at_ms: int) -> list[Row]: ...
     def ranked_rows(self, rule: Rule, at_ms: int) -> list[RankedRow]: ...
     def pair_events(self, pair: Pair, lo_ms: int, hi_ms: int, limit: int) -> list[StoredEvent]: ...
+    def pairs_since(self, lo_ms: int) -> list[PairRef]: ...
+    def window_events(self, refs: Sequence[int], lo_ms: int, hi_ms: int) -> list[WindowEvent]: ...
     def gaps_overlapping(self, start_ms: int, end_ms: int) -> list[GapRow]: ...
-    def record_alerts(self, rule_id: str, alerts: Sequence[tuple[str, Pair, int, int, str]]) -> list[str]: ...
+    def record_alerts(self, rule_id: str, alerts: Sequence[AlertItem]) -> list[str]: ...
+    def suppression_parent(self, rule_id: str, skey: bytes, since_ms: int) -> Optional[tuple[str, str]]: ...
+    def fold_alert(self, rule_id: str, item: AlertItem, parent_id: str, parent_doc: str) -> bool: ...
+    def suppressed_due(self, rule_id: str, before_ms: int) -> list[tuple[str, str]]: ...
+    def mark_emitted(self, alert_ids: Sequence[str], now_ms: int) -> None: ...
     def alerted_pairs(self, rule_id: str, since_ms: int) -> set[Pair]: ...
     def list_alerts(self, since_ms: int) -> list[dict[str, Any]]: ...
     def prune(self, before_ms: int, max_chunks: Optional[int] = None) -> int: ...
@@ -87,8 +118,8 @@ class Store(Protocol):
 
 # ------------------------------------------------------ ingest, shared by the stores
 
-# A row of the events table: (ts, pair ref, agent ref, host ref, detail or None).
-EventRow = tuple[int, int, int, int, Optional[bytes]]
+# A row of the events table: (ts, pair ref, agent ref, host ref, detail or None, actor ref or None).
+EventRow = tuple[int, int, int, int, Optional[bytes], Optional[int]]
 # What the stores keep of an agent's epoch: (last seq, sent_at of that batch).
 EpochState = Optional[tuple[int, int]]
 
@@ -118,11 +149,11 @@ def possible_loss(agent: AgentRecord, epoch: EpochState, batch: wire.RowBatch) -
 def newest_per_pair(batch: wire.RowBatch) -> dict[bytes, tuple[Optional[bytes], Optional[bytes], int]]:
     """Pair key -> (exe, path, newest time in the batch), for the pairs table."""
     out: dict[bytes, tuple[Optional[bytes], Optional[bytes], int]] = {}
-    for ts, key, exe, path, _ in batch.events:
+    for ts, key, exe, path, _, _ in batch.events:
         got = out.get(key)
         if got is None or ts > got[2]:
             out[key] = (exe, path, ts)
-    for key, exe, path, times in batch.counts:
+    for key, exe, path, times, _ in batch.counts:
         top = max(times)
         got = out.get(key)
         if got is None or top > got[2]:
@@ -130,12 +161,30 @@ def newest_per_pair(batch: wire.RowBatch) -> dict[bytes, tuple[Optional[bytes], 
     return out
 
 
-def event_rows(batch: wire.RowBatch, refs: dict[bytes, int], agent: AgentRecord) -> Iterator[EventRow]:
+def actor_keys(batch: wire.RowBatch) -> set[bytes]:
+    """The actor keys a batch names (see wire.actor_key)."""
+    keys = {e[5] for e in batch.events if e[5] is not None}
+    keys.update(c[4] for c in batch.counts if c[4] is not None)
+    return keys
+
+
+def event_rows(
+    batch: wire.RowBatch, refs: dict[bytes, int], agent: AgentRecord, actors: dict[bytes, int]
+) -> Iterator[EventRow]:
     """The batch's rows of the events table: one per event and per count time."""
     aref, href = agent.ref, agent.host_ref
-    for ts, key, _, _, detail in batch.events:
-        yield (ts, refs[key], aref, href, detail)
-    for key, _, _, times in batch.counts:
+    for ts, key, _, _, detail, actor in batch.events:
+        yield (ts, refs[key], aref, href, detail, None if actor is None else actors[actor])
+    for key, _, _, times, actor in batch.counts:
         ref = refs[key]
+        who = None if actor is None else actors[actor]
         for t in times:
-            yield (t, ref, aref, href, None)
+            yield (t, ref, aref, href, None, who)
+
+
+def actor_of_key(key: Optional[bytes]) -> Actor:
+    """(pname, uname, uid) of a stored actor key."""
+    if key is None:
+        return NO_ACTOR
+    v = msgpack.unpackb(key, raw=False)
+    return (v[0], v[1], v[2])

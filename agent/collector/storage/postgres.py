@@ -50,10 +50,15 @@ import msgpack
 
 from agent.collector.storage.base import (
     AgentRecord,
+    AlertItem,
     GapRow,
     Pair,
+    PairRef,
     RankedRow,
     StoredEvent,
+    WindowEvent,
+    actor_keys,
+    actor_of_key,
     event_rows,
     is_replayed,
     newest_per_pair,
@@ -61,10 +66,17 @@ from agent.collector.storage.base import (
 )
 from agent.shared import wire
 from agent.shared.errors import StoreError
+from agent.shared.events import Actor
+from agent.shared.exceptions import NO_ACTOR
 from agent.shared.migrations import Migration, pending
 from agent.shared.rule import Row, Rule
 from agent.shared.text import redact
 from agent.shared.wire.format import pair_key
+
+
+def _b(v: Any) -> Optional[bytes]:
+    return None if v is None else bytes(v)
+
 
 log = logging.getLogger("rarewrite.collector.pgstore")
 
@@ -78,7 +90,7 @@ except ImportError as e:  # pragma: no cover - depends on the install
     ) from e
 
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 HOUR_MS = 3_600_000
 AHEAD_HOURS = 3  # partitions kept ready past the current hour
 BAND_BACK_HOURS = 7 * 24  # older timestamps go to the DEFAULT partition
@@ -185,8 +197,22 @@ def _v1(conn: psycopg.Connection[Any]) -> None:
     conn.execute(_V1.encode())
 
 
+_V2 = """
+CREATE TABLE actors (ref bigserial PRIMARY KEY, key bytea NOT NULL UNIQUE);
+ALTER TABLE events ADD COLUMN actor bigint;
+ALTER TABLE alerts ADD COLUMN skey bytea, ADD COLUMN folded_into text,
+    ADD COLUMN dirty boolean NOT NULL DEFAULT false, ADD COLUMN emitted_ms bigint;
+CREATE INDEX alerts_skey ON alerts (rule_id, skey, at_ms);
+"""
+
+
+def _v2(conn: psycopg.Connection[Any]) -> None:
+    conn.execute(_V2.encode())
+
+
 MIGRATIONS: tuple[Migration[psycopg.Connection[Any]], ...] = (
     Migration(1, "initial schema, events partitioned by hour", _v1),
+    Migration(2, "who wrote each event (actors) for exceptions; alert suppression", _v2),
 )
 
 # One statement, one snapshot. The window is a range on ts (partition pruning,
@@ -314,6 +340,7 @@ class PgStore:
         self._lock = threading.Lock()
         self._agent_names: dict[int, str] = {}
         self._host_names: dict[int, str] = {}
+        self._actor_by_ref: dict[int, Actor] = {}
         self._parts: Optional[set[int]] = None
         self._parts_lock = threading.Lock()
         self._owner = f"{socket.gethostname()}:{os.getpid()}"
@@ -599,10 +626,12 @@ class PgStore:
         )
         want = newest_per_pair(batch)
         refs = self._intern(conn, want) if want else {}
+        actors = self._actor_refs(conn, actor_keys(batch))
         with conn.cursor() as cur:
-            with cur.copy("COPY events (ts, pair, agent, host, detail) FROM STDIN (FORMAT BINARY)") as cp:
-                cp.set_types(["int8", "int8", "int8", "int8", "bytea"])
-                for row in event_rows(batch, refs, agent):
+            sql = "COPY events (ts, pair, agent, host, detail, actor) FROM STDIN (FORMAT BINARY)"
+            with cur.copy(sql) as cp:
+                cp.set_types(["int8", "int8", "int8", "int8", "bytea", "int8"])
+                for row in event_rows(batch, refs, agent, actors):
                     cp.write_row(row)
         if batch.gaps:
             with conn.cursor() as cur:
@@ -655,6 +684,51 @@ class PgStore:
                 raise _Retry()
         return refs
 
+    @staticmethod
+    def _actor_refs(conn: psycopg.Connection[Any], keys: set[bytes]) -> dict[bytes, int]:
+        """Actor key -> ref, creating new actors (a host has a handful)."""
+        if not keys:
+            return {}
+        want = sorted(keys)
+        conn.execute(
+            "INSERT INTO actors(key) SELECT k FROM unnest(%s::bytea[]) AS u(k) ORDER BY k "
+            "ON CONFLICT (key) DO NOTHING",
+            (want,),
+        )
+        got = conn.execute("SELECT key, ref FROM actors WHERE key = ANY(%s)", (want,)).fetchall()
+        return {bytes(k): int(r) for k, r in got}
+
+    def _actor_names(self, conn: psycopg.Connection[Any], refs: set[int]) -> dict[int, Actor]:
+        if not refs <= self._actor_by_ref.keys():
+            self._actor_by_ref.update(
+                (int(r), actor_of_key(bytes(k)))
+                for r, k in conn.execute("SELECT ref, key FROM actors").fetchall()
+            )
+        return self._actor_by_ref
+
+    def pairs_since(self, lo_ms: int) -> list[PairRef]:
+        # last_ts may lag a pair's newest event by up to LAST_TS_LAG_MS (see _intern)
+        with self._errors("reading pairs"):
+            sql = "SELECT ref, exe, path FROM pairs WHERE last_ts > %s"
+            got = self._conn().execute(sql, (lo_ms - LAST_TS_LAG_MS,)).fetchall()
+        return [PairRef(int(r), _b(e), _b(p)) for r, e, p in got]
+
+    def window_events(self, refs: Sequence[int], lo_ms: int, hi_ms: int) -> list[WindowEvent]:
+        conn = self._conn()
+        with self.read(), self._errors("reading events"):
+            got = conn.execute(
+                "SELECT pair, ts, agent, host, actor FROM events "
+                "WHERE pair = ANY(%s) AND ts > %s AND ts <= %s",
+                (list(refs), lo_ms, hi_ms),
+            ).fetchall()
+            agents = self._names(conn, {int(r[2]) for r in got}, "agents")
+            hosts = self._names(conn, {int(r[3]) for r in got}, "hosts")
+            who = self._actor_names(conn, {int(r[4]) for r in got if r[4] is not None})
+        return [
+            WindowEvent(int(p), int(t), agents[int(a)], hosts[int(h)], NO_ACTOR if w is None else who[int(w)])
+            for p, t, a, h, w in got
+        ]
+
     # ------------------------------------------------------------ evaluation
 
     def _names(self, conn: psycopg.Connection[Any], refs: set[int], table: str) -> dict[int, str]:
@@ -699,16 +773,18 @@ class PgStore:
         conn = self._conn()
         with self._errors("reading events"):
             got = conn.execute(
-                "SELECT e.ts, a.agent_id, h.name, e.detail FROM pairs p "
+                "SELECT e.ts, a.agent_id, h.name, e.detail, e.actor FROM pairs p "
                 "JOIN events e ON e.pair = p.ref "
                 "JOIN agents a ON a.ref = e.agent JOIN hosts h ON h.ref = e.host "
                 "WHERE p.key = %s AND e.ts > %s AND e.ts <= %s ORDER BY e.ts, e.id LIMIT %s",
                 (pair_key(*pair), lo_ms, hi_ms, limit),
             ).fetchall()
+            who = self._actor_names(conn, {int(r[4]) for r in got if r[4] is not None})
         out = []
-        for ts, agent_id, host, detail in got:
+        for ts, agent_id, host, detail, actor in got:
             d = None if detail is None else msgpack.unpackb(bytes(detail), raw=False, strict_map_key=True)
-            out.append(StoredEvent(int(ts), str(agent_id), str(host), d))
+            w = NO_ACTOR if actor is None else who[int(actor)]
+            out.append(StoredEvent(int(ts), str(agent_id), str(host), d, w))
         return out
 
     def gaps_overlapping(self, start_ms: int, end_ms: int) -> list[GapRow]:
@@ -727,18 +803,67 @@ class PgStore:
 
     # ------------------------------------------------------------ alerts
 
-    def record_alerts(self, rule_id: str, alerts: Sequence[tuple[str, Pair, int, int, str]]) -> list[str]:
+    def record_alerts(self, rule_id: str, alerts: Sequence[AlertItem]) -> list[str]:
         new = []
         with self._write("recording alerts") as conn:
-            for alert_id, (exe, path), at_ms, first_ts, doc in alerts:
+            for alert_id, (exe, path), at_ms, first_ts, doc, skey in alerts:
                 got = conn.execute(
-                    "INSERT INTO alerts(alert_id, rule_id, exe, path, at_ms, first_ts, doc) "
-                    "VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (alert_id) DO NOTHING RETURNING 1",
-                    (alert_id, rule_id, exe, path, at_ms, first_ts, doc),
+                    "INSERT INTO alerts(alert_id, rule_id, exe, path, at_ms, first_ts, doc, skey, "
+                    "emitted_ms) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) "
+                    "ON CONFLICT (alert_id) DO NOTHING RETURNING 1",
+                    (alert_id, rule_id, exe, path, at_ms, first_ts, doc, skey, at_ms),
                 ).fetchone()
                 if got is not None:
                     new.append(alert_id)
         return new
+
+    def suppression_parent(self, rule_id: str, skey: bytes, since_ms: int) -> Optional[tuple[str, str]]:
+        with self._errors("reading alerts"):
+            got = (
+                self._conn()
+                .execute(
+                    "SELECT alert_id, doc FROM alerts WHERE rule_id = %s AND skey = %s "
+                    "AND folded_into IS NULL AND at_ms > %s ORDER BY at_ms DESC LIMIT 1",
+                    (rule_id, skey, since_ms),
+                )
+                .fetchone()
+            )
+        return None if got is None else (str(got[0]), str(got[1]))
+
+    def fold_alert(self, rule_id: str, item: AlertItem, parent_id: str, parent_doc: str) -> bool:
+        alert_id, (exe, path), at_ms, first_ts, doc, skey = item
+        with self._write("folding an alert") as conn:
+            got = conn.execute(
+                "INSERT INTO alerts(alert_id, rule_id, exe, path, at_ms, first_ts, doc, skey, folded_into) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (alert_id) DO NOTHING RETURNING 1",
+                (alert_id, rule_id, exe, path, at_ms, first_ts, doc, skey, parent_id),
+            ).fetchone()
+            if got is None:
+                return False
+            conn.execute(
+                "UPDATE alerts SET doc = %s, dirty = true WHERE alert_id = %s", (parent_doc, parent_id)
+            )
+        return True
+
+    def suppressed_due(self, rule_id: str, before_ms: int) -> list[tuple[str, str]]:
+        with self._errors("reading alerts"):
+            got = (
+                self._conn()
+                .execute(
+                    "SELECT alert_id, doc FROM alerts WHERE rule_id = %s AND dirty "
+                    "AND coalesce(emitted_ms, 0) <= %s ORDER BY at_ms, alert_id",
+                    (rule_id, before_ms),
+                )
+                .fetchall()
+            )
+        return [(str(a), str(d)) for a, d in got]
+
+    def mark_emitted(self, alert_ids: Sequence[str], now_ms: int) -> None:
+        with self._write("marking alerts sent") as conn, conn.cursor() as cur:
+            cur.executemany(
+                "UPDATE alerts SET dirty = false, emitted_ms = %s WHERE alert_id = %s",
+                [(now_ms, a) for a in alert_ids],
+            )
 
     def alerted_pairs(self, rule_id: str, since_ms: int) -> set[Pair]:
         with self._errors("reading alerts"):
@@ -755,7 +880,11 @@ class PgStore:
         with self._errors("reading alerts"):
             got = (
                 self._conn()
-                .execute("SELECT doc FROM alerts WHERE at_ms > %s ORDER BY at_ms, alert_id", (since_ms,))
+                .execute(
+                    "SELECT doc FROM alerts WHERE at_ms > %s AND folded_into IS NULL "
+                    "ORDER BY at_ms, alert_id",
+                    (since_ms,),
+                )
                 .fetchall()
             )
         return [json.loads(d) for (d,) in got]
@@ -812,7 +941,7 @@ class PgStore:
         with self._errors("counting"):
             agents = conn.execute("SELECT count(*) FROM agents WHERE NOT revoked").fetchone()
             gaps = conn.execute("SELECT reason, count(*) FROM gaps GROUP BY reason").fetchall()
-            alerts = conn.execute("SELECT count(*) FROM alerts").fetchone()
+            alerts = conn.execute("SELECT count(*) FROM alerts WHERE folded_into IS NULL").fetchone()
         return {
             "agents": int(agents[0]) if agents else 0,
             "gaps": {str(k): int(v) for k, v in gaps},

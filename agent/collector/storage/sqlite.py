@@ -64,10 +64,15 @@ import msgpack
 from agent.collector.storage.base import (
     PRUNE_CHUNK,
     AgentRecord,
+    AlertItem,
     GapRow,
     Pair,
+    PairRef,
     RankedRow,
     StoredEvent,
+    WindowEvent,
+    actor_keys,
+    actor_of_key,
     event_rows,
     is_replayed,
     newest_per_pair,
@@ -75,12 +80,14 @@ from agent.collector.storage.base import (
 )
 from agent.shared import wire
 from agent.shared.errors import StoreError
+from agent.shared.events import Actor
+from agent.shared.exceptions import NO_ACTOR
 from agent.shared.migrations import Migration, pending
 from agent.shared.rule import Row, Rule
 
 log = logging.getLogger("rarewrite.collector.store")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 BUSY_TIMEOUT_MS = 5000
 PAIR_CACHE_MAX = 65_536  # pair refs the writer keeps in memory (about 10 MB at most)
 _SCHEMA = """
@@ -127,8 +134,10 @@ CREATE TABLE IF NOT EXISTS events (
     pair INTEGER NOT NULL,
     agent INTEGER NOT NULL,
     host INTEGER NOT NULL,
-    detail BLOB
+    detail BLOB,
+    actor INTEGER
 );
+CREATE TABLE IF NOT EXISTS actors (ref INTEGER PRIMARY KEY, key BLOB NOT NULL UNIQUE);
 CREATE INDEX IF NOT EXISTS events_ts ON events(ts);
 CREATE INDEX IF NOT EXISTS events_pair ON events(pair, ts, agent, host);
 CREATE TABLE IF NOT EXISTS gaps (
@@ -148,9 +157,14 @@ CREATE TABLE IF NOT EXISTS alerts (
     path BLOB,
     at_ms INTEGER NOT NULL,
     first_ts INTEGER NOT NULL,
-    doc TEXT NOT NULL
+    doc TEXT NOT NULL,
+    skey BLOB,
+    folded_into TEXT,
+    dirty INTEGER NOT NULL DEFAULT 0,
+    emitted_ms INTEGER
 );
 CREATE INDEX IF NOT EXISTS alerts_at ON alerts(at_ms);
+CREATE INDEX IF NOT EXISTS alerts_skey ON alerts(rule_id, skey, at_ms);
 """
 
 _META_SQL = f"INSERT OR REPLACE INTO meta(key, value) VALUES ('schema_version', '{SCHEMA_VERSION}');"  # noqa: S608
@@ -159,6 +173,10 @@ _PAIR_UPSERT_SQL = (
     "INSERT INTO pairs(key, exe, path, last_ts) VALUES (?, ?, ?, ?) "
     "ON CONFLICT(key) DO UPDATE SET last_ts=max(last_ts, excluded.last_ts) RETURNING ref"
 )
+
+
+def _b(v: Any) -> Optional[bytes]:
+    return None if v is None else bytes(v)
 
 
 def order_key(exe: Optional[bytes], path: Optional[bytes]) -> bytes:
@@ -188,8 +206,17 @@ def _migrate_v2(conn: sqlite3.Connection) -> None:
     conn.execute("DROP INDEX IF EXISTS events_window")
 
 
+def _migrate_v3(conn: sqlite3.Connection) -> None:
+    conn.execute("ALTER TABLE events ADD COLUMN actor INTEGER")
+    conn.execute("CREATE TABLE IF NOT EXISTS actors (ref INTEGER PRIMARY KEY, key BLOB NOT NULL UNIQUE)")
+    for column in ("skey BLOB", "folded_into TEXT", "dirty INTEGER NOT NULL DEFAULT 0", "emitted_ms INTEGER"):
+        conn.execute(f"ALTER TABLE alerts ADD COLUMN {column}")
+    conn.execute("CREATE INDEX IF NOT EXISTS alerts_skey ON alerts(rule_id, skey, at_ms)")
+
+
 MIGRATIONS: tuple[Migration[sqlite3.Connection], ...] = (
     Migration(2, "pairs keyed in (exe, path) order; events indexed by (pair, ts) and (ts)", _migrate_v2),
+    Migration(3, "who wrote each event (actors) for exceptions; alert suppression", _migrate_v3),
 )
 
 # The rule's rows at T in two statements, both ranking pairs by
@@ -285,6 +312,7 @@ class CollectorStore:
         self._lock = threading.Lock()
         self._agent_names: dict[int, str] = {}
         self._host_names: dict[int, str] = {}
+        self._actor_by_ref: dict[int, Actor] = {}
         self.walk_pairs = WALK_PAIRS  # see _WALK_SQL; tests lower it to cut the walk short
         if readonly and not os.path.exists(path):
             raise StoreError(f"no collector database at {path!r}")
@@ -503,9 +531,11 @@ class CollectorStore:
             if not self._claim(conn, agent, rb, now_ms):
                 return "duplicate"
             refs = self._pair_refs(conn, newest_per_pair(rb), cache, fresh)
+            new_actors: dict[bytes, int] = {}
+            actors = self._actor_refs(conn, actor_keys(rb), new_actors)
             conn.executemany(
-                "INSERT INTO events(ts, pair, agent, host, detail) VALUES (?, ?, ?, ?, ?)",
-                event_rows(rb, refs, agent),
+                "INSERT INTO events(ts, pair, agent, host, detail, actor) VALUES (?, ?, ?, ?, ?, ?)",
+                event_rows(rb, refs, agent, actors),
             )
             if rb.gaps:
                 conn.executemany(
@@ -514,7 +544,8 @@ class CollectorStore:
                     [(agent.ref, g.start, g.end, g.lost, g.reason, now_ms) for g in rb.gaps],
                 )
             conn.execute("UPDATE agents SET last_seen_ms=? WHERE ref=?", (now_ms, agent.ref))
-        # Committed: what this batch learnt about its pairs is now true.
+        # Committed: what this batch learnt about its pairs and actors is now true.
+        self._local.actors.update(new_actors)
         if len(cache) + len(fresh) > PAIR_CACHE_MAX:
             cache.clear()
         cache.update(fresh)
@@ -584,11 +615,62 @@ class CollectorStore:
             conn.executemany("UPDATE pairs SET last_ts=max(last_ts, ?) WHERE ref=?", moved)
         return refs
 
+    def _actor_refs(
+        self, conn: sqlite3.Connection, keys: set[bytes], fresh: dict[bytes, int]
+    ) -> dict[bytes, int]:
+        """Actor key -> ref (actors are never deleted: a host has a handful).
+        Refs new to this connection go into ``fresh``, cached once committed."""
+        known: dict[bytes, int] = self._local.actors
+        for key in keys - known.keys():
+            conn.execute("INSERT OR IGNORE INTO actors(key) VALUES (?)", (key,))
+            fresh[key] = int(conn.execute("SELECT ref FROM actors WHERE key=?", (key,)).fetchone()[0])
+        return {**known, **fresh} if fresh else known
+
+    def _actor_names(self, conn: sqlite3.Connection, refs: set[int]) -> dict[int, Actor]:
+        if not refs <= self._actor_by_ref.keys():
+            self._actor_by_ref.update(
+                (int(r), actor_of_key(bytes(k))) for r, k in conn.execute("SELECT ref, key FROM actors")
+            )
+        return self._actor_by_ref
+
+    def pairs_since(self, lo_ms: int) -> list[PairRef]:
+        """Every pair with an event after ``lo_ms`` (by its newest time)."""
+        with _db_errors("reading pairs"):
+            got = (
+                self._conn()
+                .execute("SELECT ref, exe, path FROM pairs WHERE last_ts > ?", (lo_ms,))
+                .fetchall()
+            )
+        return [PairRef(int(r), _b(e), _b(p)) for r, e, p in got]
+
+    def window_events(self, refs: Sequence[int], lo_ms: int, hi_ms: int) -> list[WindowEvent]:
+        """The events of the pairs ``refs`` with lo < ts <= hi, with their actors."""
+        conn = self._conn()
+        out: list[WindowEvent] = []
+        with _db_errors("reading events"), self.read():
+            for i in range(0, len(refs), 500):
+                chunk = list(refs[i : i + 500])
+                marks = ",".join("?" * len(chunk))
+                got = conn.execute(
+                    "SELECT pair, ts, agent, host, actor FROM events INDEXED BY events_pair "  # noqa: S608
+                    f"WHERE pair IN ({marks}) AND ts > ? AND ts <= ?",
+                    (*chunk, lo_ms, hi_ms),
+                ).fetchall()
+                agents = self._names(conn, {r[2] for r in got}, "agents")
+                hosts = self._names(conn, {r[3] for r in got}, "hosts")
+                who = self._actor_names(conn, {r[4] for r in got if r[4] is not None})
+                out.extend(
+                    WindowEvent(int(p), int(t), agents[a], hosts[h], NO_ACTOR if w is None else who[w])
+                    for p, t, a, h, w in got
+                )
+        return out
+
     def _pair_cache(self) -> dict[bytes, tuple[int, int]]:
         """This connection's pair key -> (ref, last_ts) of committed pairs (bounded)."""
         cache: Optional[dict[bytes, tuple[int, int]]] = getattr(self._local, "pairs", None)
         if cache is None:
             cache = self._local.pairs = {}
+            self._local.actors = {}
             self._local.data_version = None
         return cache
 
@@ -657,17 +739,20 @@ class CollectorStore:
             if ref is None:
                 return []
             got = conn.execute(
-                "SELECT e.ts, a.agent_id, h.name, e.detail FROM events e "
+                "SELECT e.ts, a.agent_id, h.name, e.detail, e.actor FROM events e "
                 "JOIN agents a ON a.ref = e.agent JOIN hosts h ON h.ref = e.host "
                 "WHERE e.ts > ? AND e.ts <= ? AND e.pair = ? ORDER BY e.ts, e.id LIMIT ?",
                 (lo_ms, hi_ms, ref[0], limit),
             ).fetchall()
+            who = self._actor_names(conn, {r[4] for r in got if r[4] is not None})
         out = []
-        for ts, agent_id, host, detail in got:
+        for ts, agent_id, host, detail, actor in got:
             d = None
             if detail is not None:
                 d = msgpack.unpackb(detail, raw=False, strict_map_key=True)
-            out.append(StoredEvent(int(ts), str(agent_id), str(host), d))
+            out.append(
+                StoredEvent(int(ts), str(agent_id), str(host), d, NO_ACTOR if actor is None else who[actor])
+            )
         return out
 
     def gaps_overlapping(self, start_ms: int, end_ms: int) -> list[GapRow]:
@@ -687,19 +772,69 @@ class CollectorStore:
 
     # ------------------------------------------------------------ alerts
 
-    def record_alerts(self, rule_id: str, alerts: Sequence[tuple[str, Pair, int, int, str]]) -> list[str]:
-        """Store (alert_id, pair, at_ms, first_ts, doc_json) tuples; return the ids that were new."""
+    def record_alerts(self, rule_id: str, alerts: Sequence[AlertItem]) -> list[str]:
+        """Store (alert_id, pair, at_ms, first_ts, doc_json, suppression key)
+        tuples as raised alerts; return the ids that were new."""
         new = []
         with self._write("recording alerts") as conn:
-            for alert_id, (exe, path), at_ms, first_ts, doc in alerts:
+            for alert_id, (exe, path), at_ms, first_ts, doc, skey in alerts:
                 cur = conn.execute(
-                    "INSERT OR IGNORE INTO alerts(alert_id, rule_id, exe, path, at_ms, first_ts, doc) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (alert_id, rule_id, exe, path, at_ms, first_ts, doc),
+                    "INSERT OR IGNORE INTO alerts(alert_id, rule_id, exe, path, at_ms, first_ts, doc, skey, "
+                    "emitted_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (alert_id, rule_id, exe, path, at_ms, first_ts, doc, skey, at_ms),
                 )
                 if cur.rowcount:
                     new.append(alert_id)
         return new
+
+    def suppression_parent(self, rule_id: str, skey: bytes, since_ms: int) -> Optional[tuple[str, str]]:
+        """(alert_id, doc) of the newest raised alert with this suppression key after since_ms."""
+        with _db_errors("reading alerts"):
+            got = (
+                self._conn()
+                .execute(
+                    "SELECT alert_id, doc FROM alerts WHERE rule_id=? AND skey=? AND folded_into IS NULL "
+                    "AND at_ms > ? ORDER BY at_ms DESC LIMIT 1",
+                    (rule_id, skey, since_ms),
+                )
+                .fetchone()
+            )
+        return None if got is None else (str(got[0]), str(got[1]))
+
+    def fold_alert(self, rule_id: str, item: AlertItem, parent_id: str, parent_doc: str) -> bool:
+        """Record a suppressed alert as folded into ``parent_id``, whose updated
+        document waits to be sent again; False when it was recorded before."""
+        alert_id, (exe, path), at_ms, first_ts, doc, skey = item
+        with self._write("folding an alert") as conn:
+            cur = conn.execute(
+                "INSERT OR IGNORE INTO alerts(alert_id, rule_id, exe, path, at_ms, first_ts, doc, skey, "
+                "folded_into) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (alert_id, rule_id, exe, path, at_ms, first_ts, doc, skey, parent_id),
+            )
+            if not cur.rowcount:
+                return False
+            conn.execute("UPDATE alerts SET doc=?, dirty=1 WHERE alert_id=?", (parent_doc, parent_id))
+        return True
+
+    def suppressed_due(self, rule_id: str, before_ms: int) -> list[tuple[str, str]]:
+        """(alert_id, doc) of alerts that grew since they were last sent at or before ``before_ms``."""
+        with _db_errors("reading alerts"):
+            got = (
+                self._conn()
+                .execute(
+                    "SELECT alert_id, doc FROM alerts WHERE rule_id=? AND dirty=1 "
+                    "AND coalesce(emitted_ms, 0) <= ? ORDER BY at_ms, alert_id",
+                    (rule_id, before_ms),
+                )
+                .fetchall()
+            )
+        return [(str(a), str(d)) for a, d in got]
+
+    def mark_emitted(self, alert_ids: Sequence[str], now_ms: int) -> None:
+        with self._write("marking alerts sent") as conn:
+            conn.executemany(
+                "UPDATE alerts SET dirty=0, emitted_ms=? WHERE alert_id=?", [(now_ms, a) for a in alert_ids]
+            )
 
     def alerted_pairs(self, rule_id: str, since_ms: int) -> set[Pair]:
         """Pairs alerted by ``rule_id`` at a time T' > since_ms."""
@@ -715,7 +850,10 @@ class CollectorStore:
         with _db_errors("reading alerts"):
             got = (
                 self._conn()
-                .execute("SELECT doc FROM alerts WHERE at_ms > ? ORDER BY at_ms, alert_id", (since_ms,))
+                .execute(
+                    "SELECT doc FROM alerts WHERE at_ms > ? AND folded_into IS NULL ORDER BY at_ms, alert_id",
+                    (since_ms,),
+                )
                 .fetchall()
             )
         return [json.loads(d) for (d,) in got]
@@ -758,7 +896,7 @@ class CollectorStore:
         with _db_errors("counting"):
             agents = conn.execute("SELECT count(*) FROM agents WHERE revoked=0").fetchone()[0]
             gaps = dict(conn.execute("SELECT reason, count(*) FROM gaps GROUP BY reason").fetchall())
-            alerts = conn.execute("SELECT count(*) FROM alerts").fetchone()[0]
+            alerts = conn.execute("SELECT count(*) FROM alerts WHERE folded_into IS NULL").fetchone()[0]
         return {
             "agents": int(agents),
             "gaps": {str(k): int(v) for k, v in gaps.items()},

@@ -15,10 +15,13 @@ import configparser
 import glob
 import os
 import re
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import fields, replace
 from typing import Any, Optional, TypeVar
 
+from agent.shared.config.converters import words
+from agent.shared.config.exception_sections import PREFIX, exception_section, resolve
 from agent.shared.config.schema import (
     AGENT_KEYS,
     COLLECTOR_KEYS,
@@ -49,10 +52,16 @@ def load(
     main_files: Iterable[str],
     required: bool = True,
     overrides: Optional[Mapping[str, Mapping[str, str]]] = None,
+    strict_expiry: bool = False,
+    now_ms: Optional[int] = None,
 ) -> Config:
     """Read the layered files behind each of ``main_files`` plus command-line
     ``overrides`` ({section: {key: raw value}}); raise ConfigError with every
-    problem. A missing main file is an error only when ``required``."""
+    problem. A missing main file is an error only when ``required``.
+
+    An exception whose ``expires`` has passed is an error when
+    ``strict_expiry`` (``config check``); a running collector only stops
+    applying it (an unattended restart must not fail on a date)."""
     problems: list[str] = []
     # (section, key) -> (raw value, where it came from)
     raw: dict[str, dict[str, tuple[str, str]]] = {}
@@ -79,7 +88,7 @@ def load(
         for key, value in keys.items():
             raw.setdefault(section, {})[key] = (value, f"command line: [{section}] {key}")
 
-    rule = _build(Rule(), RULE_KEYS, raw.pop("rule", {}), problems)
+    rule = _rule(raw, problems, now_ms, strict_expiry)
     agent = _build(AgentConfig(), AGENT_KEYS, raw.pop("agent", {}), problems)
     collector = _build(CollectorConfig(), COLLECTOR_KEYS, raw.pop("collector", {}), problems)
     outputs = []
@@ -90,12 +99,39 @@ def load(
         else:
             where = next(iter(entries.values()))[1].split(":")[0] if entries else ""
             problems.append(
-                f"{where}: [{section}] is not a known section (rule, agent, collector, output.NAME)"
+                f"{where}: [{section}] is not a known section "
+                "(rule, agent, collector, output.NAME, exception.NAME)"
             )
     problems.extend(_cross_checks(rule, agent, collector))
     if problems:
         raise ConfigError(problems)
     return Config(rule, agent, collector, tuple(outputs), tuple(read))
+
+
+def _rule(
+    raw: dict[str, dict[str, tuple[str, str]]],
+    problems: list[str],
+    now_ms: Optional[int],
+    strict_expiry: bool,
+) -> Rule:
+    """The ``[rule]`` section, with the exceptions its ``exceptions`` names;
+    the ``[exception.NAME]`` sections are taken out of ``raw``."""
+    keys = dict(raw.pop("rule", {}))
+    wanted = keys.pop("exceptions", None)
+    rule = _build(Rule(), RULE_KEYS, keys, problems)
+    now = int(time.time() * 1000) if now_ms is None else now_ms
+    own = {
+        section[len(PREFIX) :]: exception_section(section, raw.pop(section), problems, now, strict_expiry)
+        for section in sorted(raw)
+        if section.startswith(PREFIX)
+    }
+    if wanted is None:
+        return rule
+    names = words(wanted[0])
+    if not names or ("none" in names and len(names) > 1):
+        problems.append(f"{wanted[1]}: list exception names, or none alone")
+        return rule
+    return replace(rule, exceptions=resolve(names, own, wanted[1], problems))
 
 
 def _output(section: str, entries: Mapping[str, tuple[str, str]], problems: list[str]) -> OutputConfig:

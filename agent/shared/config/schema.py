@@ -104,6 +104,13 @@ class Config:
     files: tuple[str, ...] = ()
 
 
+# What suppression may group by: the fields of a row (an alert's own fields)
+SUPPRESS_FIELDS = (
+    "host.name", "agent.id", "process.executable", "file.path", "file.name", "file.directory",
+    "file.extension",
+)  # fmt: skip
+
+
 # key -> (dataclass field, converter)
 Spec = Mapping[str, tuple[str, Callable[[str], Any]]]
 RULE_KEYS: Spec = {
@@ -126,6 +133,10 @@ RULE_KEYS: Spec = {
     "building_block": ("building_block", boolean),
     "risk_score": ("risk_score", integer(0, 100)),
     "tags": ("tags", words),
+    # "exceptions" (names of lists and [exception.NAME] sections) is resolved by the loader
+    "suppress_by": ("suppress_by", lambda t: subset(t, SUPPRESS_FIELDS) if words(t) else ()),
+    "suppress_for": ("suppress_for_ms", duration_ms),
+    "suppress_missing": ("suppress_missing", choice("suppress", "do_not_suppress")),
 }
 
 

@@ -9,6 +9,7 @@ from typing import Any, Optional
 import msgpack
 
 from agent.shared.errors import VersionError, WireError
+from agent.shared.events import Actor
 from agent.shared.wire.format import (
     _HEX32,
     ACTIONS,
@@ -24,6 +25,7 @@ from agent.shared.wire.format import (
     EventRecord,
     GapRecord,
     RowBatch,
+    actor_key,
     valid_agent_id,
 )
 
@@ -177,18 +179,51 @@ def rows_of(batch: Batch | RowBatch) -> RowBatch:
         batch.host_name,
         batch.sent_at,
         tuple(
-            (e.ts, pack([e.exe, e.path]), e.exe, e.path, pack({"action": e.action, **e.detail}))
+            (
+                e.ts,
+                pack([e.exe, e.path]),
+                e.exe,
+                e.path,
+                pack({"action": e.action, **e.detail}),
+                _actor(e.detail),
+            )
             for e in batch.events
         ),
-        tuple((pack([c.exe, c.path]), c.exe, c.path, c.times) for c in batch.counts),
+        tuple((pack([c.exe, c.path]), c.exe, c.path, c.times, actor_key(c.actor)) for c in batch.counts),
         batch.gaps,
         batch.version,
     )
 
 
+def _actor(detail: dict[str, Any]) -> Optional[bytes]:
+    """The actor key of an event's detail (see :func:`actor_key`)."""
+    return actor_key((detail.get("pname"), detail.get("uname"), detail.get("uid")))
+
+
+def _actors(raw: Any, n_counts: int) -> list[Optional[Actor]]:
+    """The optional ``actors`` list: one nil or [pname, uname, uid] per count."""
+    if raw is None:
+        return [None] * n_counts
+    items = _list(raw, "actors")
+    if len(items) != n_counts:
+        raise WireError(f"must hold one entry per count ({n_counts}), got {len(items)}", "actors")
+    out: list[Optional[Actor]] = []
+    for i, raw_actor in enumerate(items):
+        if raw_actor is None:
+            out.append(None)
+            continue
+        a = _list(raw_actor, f"actors[{i}]")
+        if len(a) != 3:
+            raise WireError("must be [pname, uname, uid]", f"actors[{i}]")
+        v = [None if x is None else _str(x, f"actors[{i}][{j}]") for j, x in enumerate(a)]
+        out.append((v[0], v[1], v[2]))
+    return out
+
+
 _HDR = tuple[int, str, str, int, str, str, int]
 _Ev = tuple[int, str, Optional[bytes], Optional[bytes], dict[str, Any]]
 _Ct = tuple[Optional[bytes], Optional[bytes], tuple[int, ...]]
+_CtA = tuple[Optional[bytes], Optional[bytes], tuple[int, ...], Optional[Actor]]
 
 # Detail fields by kind, for the fast path (one dict lookup per field present).
 _K_INT31, _K_STR, _K_BIN, _K_ETYPE, _K_FILE = range(5)
@@ -319,7 +354,7 @@ def _count_slow(raw: Any, i: int) -> _Ct:
     return _bin(c[0], f"{p}[0]"), _bin(c[1], f"{p}[1]"), tuple(times)
 
 
-def _decode(body: bytes) -> tuple[_HDR, list[_Ev], list[_Ct], list[GapRecord]]:
+def _decode(body: bytes) -> tuple[_HDR, list[_Ev], list[_CtA], list[GapRecord]]:
     """Validate a batch body completely; raise WireError naming the field."""
     doc = _map(unpack(body), "batch")
     v = doc.get("v")
@@ -352,6 +387,7 @@ def _decode(body: bytes) -> tuple[_HDR, list[_Ev], list[_Ct], list[GapRecord]]:
             ct = _count_slow(raw, i)
         n_times += len(ct[2])
         counts.append(ct)
+    actors = _actors(doc.get("actors"), len(counts))
     gaps = []
     for i, raw in enumerate(_list(doc.get("gaps", []), "gaps")):
         p = f"gaps[{i}]"
@@ -368,7 +404,8 @@ def _decode(body: bytes) -> tuple[_HDR, list[_Ev], list[_Ct], list[GapRecord]]:
         raise WireError(f"more than {MAX_RECORDS} records", "batch")
     if not events and not counts and not gaps:
         raise WireError("holds no record", "batch")
-    return (v, batch_id, epoch, seq, agent_id, host_name, sent_at), events, counts, gaps
+    with_actors = [(exe, path, times, a) for (exe, path, times), a in zip(counts, actors)]
+    return (v, batch_id, epoch, seq, agent_id, host_name, sent_at), events, with_actors, gaps
 
 
 def decode_batch(body: bytes) -> Batch:
@@ -382,7 +419,7 @@ def decode_batch(body: bytes) -> Batch:
         host_name,
         sent_at,
         tuple(EventRecord(ts, action, exe, path, detail) for ts, action, exe, path, detail in events),
-        tuple(CountRecord(exe, path, times) for exe, path, times in counts),
+        tuple(CountRecord(exe, path, times, actor) for exe, path, times, actor in counts),
         tuple(gaps),
         v,
     )
@@ -402,10 +439,10 @@ def decode_rows(body: bytes) -> RowBatch:
         host_name,
         sent_at,
         tuple(
-            (ts, pack([exe, path]), exe, path, pack({"action": action, **detail}))
+            (ts, pack([exe, path]), exe, path, pack({"action": action, **detail}), _actor(detail))
             for ts, action, exe, path, detail in events
         ),
-        tuple((pack([exe, path]), exe, path, times) for exe, path, times in counts),
+        tuple((pack([exe, path]), exe, path, times, actor_key(actor)) for exe, path, times, actor in counts),
         tuple(gaps),
         v,
     )

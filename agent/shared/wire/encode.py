@@ -22,7 +22,7 @@ def encode_times(times: list[int]) -> list[int]:
 
 
 def encode_batch(batch: Batch) -> bytes:
-    doc = {
+    doc: dict[str, Any] = {
         "v": batch.version,
         "batch_id": batch.batch_id,
         "epoch": batch.epoch,
@@ -34,6 +34,8 @@ def encode_batch(batch: Batch) -> bytes:
         "counts": [[c.exe, c.path, encode_times(list(c.times))] for c in batch.counts],
         "gaps": [{"start": g.start, "end": g.end, "lost": g.lost, "reason": g.reason} for g in batch.gaps],
     }
+    if any(c.actor is not None for c in batch.counts):
+        doc["actors"] = [None if c.actor is None else list(c.actor) for c in batch.counts]
     return bytes(msgpack.packb(doc, use_bin_type=True))
 
 

@@ -29,6 +29,12 @@ Each time is one event, exactly like an ``<event>`` without detail; a pair
 whose count in the agent's own hour reaches the rule's threshold goes on as
 counts, so ``cc`` and ``agent_count`` stay exact for any evaluation time.
 
+``"actors"`` (optional, same length as ``counts``): for each count, nil or
+``[pname, uname, uid]`` (str or nil each), the process name and user that
+wrote those times, so the collector can apply an exception on them to bare
+times too. An agent groups a pair's times by actor; a collector that does not
+know the field ignores it and counts the times the same.
+
 ``<gap>`` is a map: ``start``, ``end`` (ms), ``lost`` (int, 0 = unknown)
 and ``reason`` (str: "overflow", "outbox_full", "disk_full", ...).
 
@@ -49,6 +55,8 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import msgpack
+
+from agent.shared.events import Actor
 
 VERSION = 1
 SUPPORTED_VERSIONS = (1,)
@@ -80,6 +88,7 @@ class CountRecord:
     exe: Optional[bytes]
     path: Optional[bytes]
     times: tuple[int, ...]
+    actor: Optional[Actor] = None
 
 
 @dataclass(frozen=True)
@@ -117,9 +126,10 @@ class RowBatch:
     """A validated batch in the collector's storage form (what
     :func:`decode_rows` returns, small to pickle between processes).
 
-    ``events``: ``(ts, key, exe, path, detail)``, ``detail`` already msgpack of
-    ``{"action": ..., **detail}``; ``counts``: ``(key, exe, path, times)``;
-    ``key`` is :func:`pair_key` of (exe, path)."""
+    ``events``: ``(ts, key, exe, path, detail, actor)``, ``detail`` already
+    msgpack of ``{"action": ..., **detail}``; ``counts``: ``(key, exe, path,
+    times, actor)``; ``key`` is :func:`pair_key` of (exe, path), ``actor``
+    :func:`actor_key` of who wrote it (None when nothing is known)."""
 
     batch_id: str
     epoch: str
@@ -127,8 +137,8 @@ class RowBatch:
     agent_id: str
     host_name: str
     sent_at: int
-    events: tuple[tuple[int, bytes, Optional[bytes], Optional[bytes], bytes], ...] = ()
-    counts: tuple[tuple[bytes, Optional[bytes], Optional[bytes], tuple[int, ...]], ...] = ()
+    events: tuple[tuple[int, bytes, Optional[bytes], Optional[bytes], bytes, Optional[bytes]], ...] = ()
+    counts: tuple[tuple[bytes, Optional[bytes], Optional[bytes], tuple[int, ...], Optional[bytes]], ...] = ()
     gaps: tuple[GapRecord, ...] = ()
     version: int = VERSION
 
@@ -142,6 +152,14 @@ class RowBatch:
 
     def times(self) -> list[int]:
         return [e[0] for e in self.events] + [t for c in self.counts for t in c[3]]
+
+
+def actor_key(actor: Optional[Actor]) -> Optional[bytes]:
+    """The collector's key of an actor: msgpack of ``[pname, uname, uid]``,
+    None when none of them is known."""
+    if actor is None or actor == (None, None, None):
+        return None
+    return bytes(msgpack.packb(list(actor), use_bin_type=True))
 
 
 def pair_key(exe: Optional[bytes], path: Optional[bytes]) -> bytes:

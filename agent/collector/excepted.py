@@ -1,0 +1,90 @@
+"""The rule's rows with its exceptions applied: the query with each active
+exception's ``and not (...)`` in its ``where`` (see agent.shared.exceptions).
+
+Only pairs an exception could touch (its file and executable conditions
+match the pair) are counted here, event by event; every other pair is
+counted by the store's own ranked walk, exactly as without exceptions. The
+two lists merge in the rule's order (cc, then exe, then path).
+
+Who wrote an event (process.name, user.*) is stored with it from schema 3
+on (SQLite) / 2 (PostgreSQL); events stored before have none, so an
+exception on those fields does not remove them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from agent.collector.storage.base import PairRef, RankedRow, Store, StoredEvent
+from agent.shared.exceptions import ExceptionSet
+from agent.shared.rule import Row, Rule
+
+# A pair of a row has fewer than count_below events left; it may have had
+# many excepted ones, so its events are read up to this many.
+EVENTS_READ_MAX = 100_000
+
+
+def _order(r: RankedRow) -> tuple[int, bytes, bytes]:
+    # exe and path are never b"" (the wire refuses empty names): None sorts first as in SQL
+    return (r.row.cc, r.row.executable or b"", r.row.path or b"")
+
+
+def ranked_rows(store: Store, rule: Rule, at_ms: int) -> list[RankedRow]:
+    """The rule's rows at T, exceptions applied, each with its first event time."""
+    excepted = ExceptionSet(rule.exceptions, at_ms)
+    if not excepted:
+        return store.ranked_rows(rule, at_ms)
+    lo = at_ms - rule.window_ms
+    touched: dict[int, tuple[PairRef, tuple[int, ...]]] = {}
+    for p in store.pairs_since(lo):
+        candidates = excepted.pair_candidates(p.exe, p.path)
+        if candidates:
+            touched[p.ref] = (p, candidates)
+    keys = {(p.exe, p.path) for p, _ in touched.values()}
+    # At most len(touched) of the first limit + len(touched) rows are touched
+    # pairs: the rest hold the first `limit` untouched rows (or all of them).
+    plain = store.ranked_rows(replace(rule, limit=rule.limit + len(touched)), at_ms)
+    rows = [r for r in plain if (r.row.executable, r.row.path) not in keys][: rule.limit]
+    rows.extend(_touched_rows(store, rule, excepted, touched, lo, at_ms))
+    rows.sort(key=_order)
+    return rows[: rule.limit]
+
+
+def _touched_rows(
+    store: Store,
+    rule: Rule,
+    excepted: ExceptionSet,
+    touched: dict[int, tuple[PairRef, tuple[int, ...]]],
+    lo: int,
+    at_ms: int,
+) -> list[RankedRow]:
+    kept: dict[int, list[tuple[int, str, str]]] = {}
+    for ev in store.window_events(list(touched), lo, at_ms):
+        if not excepted.removes(touched[ev.pair][1], ev.host_name, ev.agent_id, ev.actor):
+            kept.setdefault(ev.pair, []).append((ev.ts, ev.agent_id, ev.host_name))
+    out = []
+    for ref, events in kept.items():
+        agents = sorted({a for _, a, _ in events})
+        if len(agents) != rule.agent_count or len(events) >= rule.count_below:
+            continue
+        p = touched[ref][0]
+        hosts = tuple(sorted({h for _, _, h in events}))
+        row = Row(len(events), len(agents), hosts, tuple(agents), p.exe, p.path)
+        out.append(RankedRow(row, min(t for t, _, _ in events)))
+    return out
+
+
+def rows(store: Store, rule: Rule, at_ms: int) -> list[Row]:
+    return [r.row for r in ranked_rows(store, rule, at_ms)]
+
+
+def row_events(store: Store, rule: Rule, row: Row, lo_ms: int, at_ms: int) -> list[StoredEvent]:
+    """The events of a row (up to count_below, oldest first), excepted ones left out."""
+    pair = (row.executable, row.path)
+    excepted = ExceptionSet(rule.exceptions, at_ms)
+    candidates = excepted.pair_candidates(*pair) if excepted else ()
+    if not candidates:
+        return store.pair_events(pair, lo_ms, at_ms, rule.count_below)
+    got = store.pair_events(pair, lo_ms, at_ms, EVENTS_READ_MAX)
+    kept = [e for e in got if not excepted.removes(candidates, e.host_name, e.agent_id, e.actor)]
+    return kept[: rule.count_below]

@@ -16,12 +16,26 @@ from __future__ import annotations
 from dataclasses import replace
 
 from agent.collector.storage.base import PairRef, RankedRow, Store, StoredEvent
-from agent.shared.exceptions import ExceptionSet
+from agent.shared.exceptions import ExceptionSet, RuleException
 from agent.shared.rule import Row, Rule
 
 # A pair of a row has fewer than count_below events left; it may have had
 # many excepted ones, so its events are read up to this many.
 EVENTS_READ_MAX = 100_000
+_SETS: dict[tuple[RuleException, ...], ExceptionSet] = {}  # kept across ticks: its pair cache too
+
+
+def exception_set(rule: Rule, at_ms: int) -> ExceptionSet:
+    """The compiled exceptions active at T, the same object while they are
+    the same (the continuous schedule asks every second about mostly the
+    same pairs: each pair's glob matching is done once)."""
+    active = tuple(x for x in rule.exceptions if x.active_at(at_ms))
+    got = _SETS.get(active)
+    if got is None:
+        if len(_SETS) >= 8:
+            _SETS.clear()
+        got = _SETS[active] = ExceptionSet(active, at_ms)
+    return got
 
 
 def _order(r: RankedRow) -> tuple[int, bytes, bytes]:
@@ -31,7 +45,7 @@ def _order(r: RankedRow) -> tuple[int, bytes, bytes]:
 
 def ranked_rows(store: Store, rule: Rule, at_ms: int) -> list[RankedRow]:
     """The rule's rows at T, exceptions applied, each with its first event time."""
-    excepted = ExceptionSet(rule.exceptions, at_ms)
+    excepted = exception_set(rule, at_ms)
     if not excepted:
         return store.ranked_rows(rule, at_ms)
     lo = at_ms - rule.window_ms
@@ -81,7 +95,7 @@ def rows(store: Store, rule: Rule, at_ms: int) -> list[Row]:
 def row_events(store: Store, rule: Rule, row: Row, lo_ms: int, at_ms: int) -> list[StoredEvent]:
     """The events of a row (up to count_below, oldest first), excepted ones left out."""
     pair = (row.executable, row.path)
-    excepted = ExceptionSet(rule.exceptions, at_ms)
+    excepted = exception_set(rule, at_ms)
     candidates = excepted.pair_candidates(*pair) if excepted else ()
     if not candidates:
         return store.pair_events(pair, lo_ms, at_ms, rule.count_below)

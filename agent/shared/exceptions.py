@@ -36,6 +36,7 @@ FIELDS = PAIR_FIELDS + AGENT_FIELDS + ACTOR_FIELDS
 
 # Actor: (process.name, user.name, user.id) of an event; None where unknown
 NO_ACTOR: Actor = (None, None, None)
+PAIR_CACHE_MAX = 1 << 18  # pairs whose candidates are remembered (about 60 MB at most)
 
 
 @dataclass(frozen=True)
@@ -133,7 +134,7 @@ class ExceptionSet:
         if got is None:
             values: Mapping[object, Optional[str]] = pair_values(exe, path)  # type: ignore[assignment]
             got = tuple(i for i, c in enumerate(self._all) if c._all(c.pair, values))
-            if len(self._seen) >= 65_536:
+            if len(self._seen) >= PAIR_CACHE_MAX:
                 self._seen.clear()
             self._seen[key] = got
         return got

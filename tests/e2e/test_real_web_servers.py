@@ -18,41 +18,16 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.test_live_agent import start_agent, wait_rows
-from tests.support import procs
+from tests.support import php_site, procs
 from tests.support.writers import www_tempdir
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
-PHP_FPM = "/usr/sbin/php-fpm8.2"
-NGINX = "/usr/sbin/nginx"
-
-
-def _install() -> str:
-    """Empty when nginx and php-fpm are here (installing them if we may)."""
-    if os.geteuid() != 0:
-        return "needs root"
-    if os.path.exists(NGINX) and os.path.exists(PHP_FPM):
-        return ""
-    if not shutil.which("apt-get"):
-        return "nginx and php8.2-fpm missing and no apt-get to install them"
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    apt = ["apt-get", "-o", "DPkg::Lock::Timeout=300"]
-    subprocess.run([*apt, "update", "-q"], check=False, capture_output=True, env=env, timeout=300)
-    r = subprocess.run(
-        [*apt, "install", "-y", "-q", "--no-install-recommends", "nginx-light", "php8.2-fpm"],
-        check=False,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    if r.returncode != 0 or not (os.path.exists(NGINX) and os.path.exists(PHP_FPM)):
-        return "could not install nginx-light and php8.2-fpm: " + r.stderr[-300:]
-    return ""
+PHP_FPM, NGINX = php_site.PHP_FPM, php_site.NGINX
 
 
 @pytest.fixture
 def servers() -> Iterator[tuple[str, int]]:
-    why = _install()
+    why = php_site.installed()
     if why:
         pytest.skip(why)
     with www_tempdir("rw-real-") as base:

@@ -398,8 +398,13 @@ def _exact(db: str, t0: int, t_end: int, settle_ms: int, attack_files: set[str])
     try:
         rows = ev.evaluate(store, replace(Rule(), limit=100_000), t_end)
         alerts: list[dict[str, Any]] = []
-        for at in range(t0, t_end + 1, 1000):
-            alerts.extend(ev.run_continuous(store, Rule(), at, settle_ms))
+        at = t0
+        while True:  # the ticks of the run, then on until the rows the limit cut are alerted too
+            got = ev.run_continuous(store, Rule(), at, settle_ms)
+            alerts.extend(got)
+            if at > t_end and not got:
+                break
+            at += 1000
     finally:
         store.close()
     row_paths = [render(r.path) for r in rows]

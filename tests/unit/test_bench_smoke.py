@@ -134,3 +134,10 @@ def test_import_rss_quick() -> None:
         rss["requests"] > rss["interpreter"] > 0
         and rss["the agent's modules (runtime)"] >= rss["requests"] - 1
     )
+
+
+def test_exceptions_cost_quick() -> None:
+    doc = _run("exceptions_cost.py")
+    assert doc["bench"] == "exceptions_cost"
+    [size] = doc["sizes"]
+    assert size["pairs"] == 1000 and size["rows"] == [100, 100]

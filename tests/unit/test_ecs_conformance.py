@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,13 @@ KIBANA = {
     "kibana.alert.rule.uuid": "keyword",
     "kibana.alert.rule.description": "keyword",
     "kibana.alert.rule.tags": "keyword",
+    # alert suppression (Elastic's fields, kept by suppressed alerts)
+    "kibana.alert.suppression.terms.field": "keyword",
+    "kibana.alert.suppression.terms.value": "keyword",
+    "kibana.alert.suppression.start": "date",
+    "kibana.alert.suppression.end": "date",
+    "kibana.alert.suppression.docs_count": "long",
+    "kibana.alert.last_detected": "date",
 }
 T = 1_790_000_000_000
 
@@ -144,6 +152,27 @@ def alert_doc(tmp_path: Path) -> dict[str, Any]:
 def test_every_field_is_ecs_or_elastic_alert_or_rarewrite(alert_doc: dict[str, Any]) -> None:
     assert violations(alert_doc) == []
     assert alert_doc["ecs"]["version"] == DATA["ecs_version"]
+
+
+def test_a_suppressed_alert_that_grew_is_ecs_too(tmp_path: Path) -> None:
+    store = CollectorStore(str(tmp_path / "c.db"))
+    try:
+        store.enroll("a", "web-01", "h", T)
+        agent = store.agent_for_key("h")
+        assert agent is not None
+        exe = b"/usr/sbin/php-fpm8.2"
+        events = tuple(
+            wire.EventRecord(T - 9000 + i, "creation", exe, b"/srv/up/%d.jpg" % i, {}) for i in range(3)
+        )
+        store.ingest(agent, wire.Batch(os.urandom(16).hex(), "e" * 32, 1, "a", "web-01", T, events), T)
+        rule = replace(
+            Rule(), suppress_by=("host.name", "process.executable", "file.directory", "file.extension")
+        )
+        [doc] = ev.run_continuous(store, rule, T, 1000)
+        assert doc["kibana"]["alert"]["suppression"]["docs_count"] == 2
+        assert violations(doc) == []
+    finally:
+        store.close()
 
 
 def test_the_original_events_are_ecs_too(alert_doc: dict[str, Any]) -> None:

@@ -116,18 +116,25 @@ def _derived(path: Optional[bytes]) -> tuple[Optional[str], Optional[str], Optio
     return text, name or None, directory, (ext or None) if dot else None
 
 
+def _fields(e: Flat) -> dict[str, Optional[str]]:
+    """The ECS fields of one flat event, as the oracle derives them."""
+    agent, host, exe, path, _, pname, uname, uid = e
+    p, name, directory, ext = _derived(path)
+    return {
+        "process.executable": None if exe is None else exe.decode("utf-8", "surrogateescape"),
+        "file.path": p, "file.name": name, "file.directory": directory, "file.extension": ext,
+        "host.name": host, "agent.id": agent, "process.name": pname, "user.name": uname, "user.id": uid,
+    }  # fmt: skip
+
+
 def oracle(events: list[Flat], rule: Rule, at_ms: int) -> list[Row]:
     with contextlib.closing(sqlite3.connect(":memory:")) as db:
         db.create_function("glob_like", 2, _like)
         cols = [c.replace(".", "_") for c in FIELDS]
         db.execute(f"CREATE TABLE e (ts INTEGER, exe_b BLOB, path_b BLOB, {', '.join(cols)})")
-        for agent, host, exe, path, ts, pname, uname, uid in events:
-            p, name, directory, ext = _derived(path)
-            values = {
-                "process.executable": None if exe is None else exe.decode("utf-8", "surrogateescape"),
-                "file.path": p, "file.name": name, "file.directory": directory, "file.extension": ext,
-                "host.name": host, "agent.id": agent, "process.name": pname, "user.name": uname, "user.id": uid,
-            }  # fmt: skip
+        for e in events:
+            values = _fields(e)
+            ts, exe, path = e[4], e[2], e[3]
             db.execute(
                 f"INSERT INTO e VALUES (?, ?, ?, {', '.join('?' * len(cols))})",
                 (ts, exe, path, *[_sqlable(values[f]) for f in FIELDS]),
@@ -183,16 +190,7 @@ def sightings(events: list[Flat]) -> list[Sighting]:
 
 
 def _values(events: list[Flat], field: str) -> list[str]:
-    out = set()
-    for agent, host, exe, path, _, pname, uname, uid in events:
-        p, name, directory, ext = _derived(path)
-        v = {
-            "process.executable": None if exe is None else exe.decode("utf-8", "surrogateescape"),
-            "file.path": p, "file.name": name, "file.directory": directory, "file.extension": ext,
-            "host.name": host, "agent.id": agent, "process.name": pname, "user.name": uname, "user.id": uid,
-        }[field]  # fmt: skip
-        if v:
-            out.add(v)
+    out = {v for v in (_fields(e)[field] for e in events) if v}
     return sorted(out) or ["nothing"]
 
 

@@ -1,10 +1,12 @@
 """The rule's rows with its exceptions applied: the query with each active
 exception's ``and not (...)`` in its ``where`` (see agent.shared.exceptions).
 
-Only pairs an exception could touch (its file and executable conditions
-match the pair) are counted here, event by event; every other pair is
-counted by the store's own ranked walk, exactly as without exceptions. The
-two lists merge in the rule's order (cc, then exe, then path).
+Pairs an exception could touch (its file and executable conditions match
+the pair) are left out of the store's own ranked walk, which counts every
+other pair exactly as without exceptions. Of those, a pair an exception
+names by pair fields only has no event left; the rest are counted here,
+event by event, by who wrote each event. The two lists merge in the rule's
+order (cc, then exe, then path).
 
 Who wrote an event (process.name, user.*) is stored with it from schema 3
 on (SQLite) / 2 (PostgreSQL); events stored before have none, so an
@@ -12,8 +14,6 @@ exception on those fields does not remove them.
 """
 
 from __future__ import annotations
-
-from dataclasses import replace
 
 from agent.collector.storage.base import PairRef, RankedRow, Store, StoredEvent
 from agent.shared.exceptions import ExceptionSet, RuleException
@@ -49,17 +49,16 @@ def ranked_rows(store: Store, rule: Rule, at_ms: int) -> list[RankedRow]:
     if not excepted:
         return store.ranked_rows(rule, at_ms)
     lo = at_ms - rule.window_ms
-    touched: dict[int, tuple[PairRef, tuple[int, ...]]] = {}
+    touched: list[int] = []  # pairs the store's walk leaves out
+    partial: dict[int, tuple[PairRef, tuple[int, ...]]] = {}  # of those, pairs counted event by event
     for p in store.pairs_since(lo):
-        candidates = excepted.pair_candidates(p.exe, p.path)
+        candidates = excepted.pair_candidates(p[1], p[2])
         if candidates:
-            touched[p.ref] = (p, candidates)
-    keys = {(p.exe, p.path) for p, _ in touched.values()}
-    # At most len(touched) of the first limit + len(touched) rows are touched
-    # pairs: the rest hold the first `limit` untouched rows (or all of them).
-    plain = store.ranked_rows(replace(rule, limit=rule.limit + len(touched)), at_ms)
-    rows = [r for r in plain if (r.row.executable, r.row.path) not in keys][: rule.limit]
-    rows.extend(_touched_rows(store, rule, excepted, touched, lo, at_ms))
+            touched.append(p[0])
+            if not excepted.removes_all(candidates):  # who wrote each event decides
+                partial[p[0]] = (p, candidates)
+    rows = store.ranked_rows(rule, at_ms, skip=touched)
+    rows.extend(_touched_rows(store, rule, excepted, partial, lo, at_ms))
     rows.sort(key=_order)
     return rows[: rule.limit]
 
@@ -72,6 +71,8 @@ def _touched_rows(
     lo: int,
     at_ms: int,
 ) -> list[RankedRow]:
+    if not touched:
+        return []
     kept: dict[int, list[tuple[int, str, str]]] = {}
     for ev in store.window_events(list(touched), lo, at_ms):
         if not excepted.removes(touched[ev.pair][1], ev.host_name, ev.agent_id, ev.actor):
@@ -81,9 +82,9 @@ def _touched_rows(
         agents = sorted({a for _, a, _ in events})
         if len(agents) != rule.agent_count or len(events) >= rule.count_below:
             continue
-        p = touched[ref][0]
+        _, exe, path = touched[ref][0]
         hosts = tuple(sorted({h for _, _, h in events}))
-        row = Row(len(events), len(agents), hosts, tuple(agents), p.exe, p.path)
+        row = Row(len(events), len(agents), hosts, tuple(agents), exe, path)
         out.append(RankedRow(row, min(t for t, _, _ in events)))
     return out
 

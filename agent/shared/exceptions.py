@@ -73,10 +73,12 @@ def file_directory(path: Optional[str]) -> Optional[str]:
 
 
 def file_extension(path: Optional[str]) -> Optional[str]:
-    """What follows the name's last dot, without it (ECS); a leading dot
-    (``.htaccess``) starts a name, not an extension."""
+    """What follows the name's last dot, without it (ECS; ``a.tar.gz``: ``gz``).
+    A dot file has one too, as Beats and Go's filepath.Ext say (``.htaccess``:
+    ``htaccess``), so it never shares a suppression key with the
+    extensionless files of its folder."""
     name = file_name(path)
-    if name is None or "." not in name[1:]:
+    if name is None or "." not in name:
         return None
     return name.rsplit(".", 1)[1] or None
 
@@ -138,6 +140,11 @@ class ExceptionSet:
                 self._seen.clear()
             self._seen[key] = got
         return got
+
+    def removes_all(self, candidates: Sequence[int]) -> bool:
+        """Does one of ``candidates`` name only pair fields (so it removes
+        every event of the pair, whoever wrote it)?"""
+        return any(not self._all[i].agent and not self._all[i].actor for i in candidates)
 
     def removes(self, candidates: Sequence[int], host_name: str, agent_id: str, actor: Actor) -> bool:
         """Does one of ``candidates`` match the rest of the event?"""

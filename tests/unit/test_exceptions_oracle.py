@@ -52,6 +52,7 @@ PATHS: list[Optional[bytes]] = [
     b"/var/www/caf\xc3\xa9.php",
     b"/var/www/\xff.ph",
     b"/noext",
+    b"/var/www/html/uploads/.htaccess",
     None,
 ]  # fmt: skip
 
@@ -112,7 +113,7 @@ def _derived(path: Optional[bytes]) -> tuple[Optional[str], Optional[str], Optio
     text = path.decode("utf-8", "surrogateescape")
     head, _, name = text.rpartition("/")
     directory = (head or "/") if "/" in text else None
-    _stem, dot, ext = name[1:].rpartition(".")
+    _stem, dot, ext = name.rpartition(".")
     return text, name or None, directory, (ext or None) if dot else None
 
 

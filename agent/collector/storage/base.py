@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional, Protocol
 
@@ -66,11 +66,9 @@ class WindowEvent:
     actor: Actor
 
 
-@dataclass(frozen=True)
-class PairRef:
-    ref: int
-    exe: Optional[bytes]
-    path: Optional[bytes]
+# A pair as exceptions need it: (ref, exe, path); plain tuples, as the
+# database hands them out (every pair of the window, every tick).
+PairRef = tuple[int, Optional[bytes], Optional[bytes]]
 
 
 @dataclass(frozen=True)
@@ -94,7 +92,7 @@ class Store(Protocol):
     def list_agents(self) -> list[AgentRecord]: ...
     def ingest(self, agent: AgentRecord, batch: wire.Batch | wire.RowBatch, now_ms: int) -> str: ...
     def rows(self, rule: Rule, at_ms: int) -> list[Row]: ...
-    def ranked_rows(self, rule: Rule, at_ms: int) -> list[RankedRow]: ...
+    def ranked_rows(self, rule: Rule, at_ms: int, skip: Collection[int] = ()) -> list[RankedRow]: ...
     def pair_events(self, pair: Pair, lo_ms: int, hi_ms: int, limit: int) -> list[StoredEvent]: ...
     def pairs_since(self, lo_ms: int) -> list[PairRef]: ...
     def window_events(self, refs: Sequence[int], lo_ms: int, hi_ms: int) -> list[WindowEvent]: ...

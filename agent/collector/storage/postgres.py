@@ -43,7 +43,7 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from typing import Any, Optional
 
 import msgpack
@@ -233,6 +233,7 @@ SELECT g.cc, 1, ARRAY[g.a1],
                   WHERE e.pair = g.pair AND e.ts > %(lo)s AND e.ts <= %(hi)s) END,
        p.exe, p.path, g.first_ts
 FROM g JOIN pairs AS p ON p.ref = g.pair
+WHERE NOT (g.pair = ANY(%(skip)s::bigint[]))
 ORDER BY g.cc, p.exe NULLS FIRST, p.path NULLS FIRST
 LIMIT %(limit)s
 """
@@ -247,6 +248,7 @@ FROM (
     HAVING count(*) < %(below)s AND count(DISTINCT agent) = %(agents)s
 ) AS g
 JOIN pairs AS p ON p.ref = g.pair
+WHERE NOT (g.pair = ANY(%(skip)s::bigint[]))
 ORDER BY g.cc, p.exe NULLS FIRST, p.path NULLS FIRST
 LIMIT %(limit)s
 """
@@ -711,7 +713,7 @@ class PgStore:
         with self._errors("reading pairs"):
             sql = "SELECT ref, exe, path FROM pairs WHERE last_ts > %s"
             got = self._conn().execute(sql, (lo_ms - LAST_TS_LAG_MS,)).fetchall()
-        return [PairRef(int(r), _b(e), _b(p)) for r, e, p in got]
+        return [(int(r), _b(e), _b(p)) for r, e, p in got]
 
     def window_events(self, refs: Sequence[int], lo_ms: int, hi_ms: int) -> list[WindowEvent]:
         conn = self._conn()
@@ -738,7 +740,9 @@ class PgStore:
             cache.update((int(r), str(n)) for r, n in conn.execute(sql).fetchall())
         return cache
 
-    def ranked_rows(self, rule: Rule, at_ms: int) -> list[RankedRow]:
+    def ranked_rows(self, rule: Rule, at_ms: int, skip: Collection[int] = ()) -> list[RankedRow]:
+        """The rule's rows at T, each with its first event time; pairs in
+        ``skip`` (refs) left out (exceptions count those themselves)."""
         conn = self._conn()
         params = {
             "lo": at_ms - rule.window_ms,
@@ -746,6 +750,7 @@ class PgStore:
             "below": rule.count_below,
             "agents": rule.agent_count,
             "limit": min(rule.limit, (1 << 63) - 1),
+            "skip": list(skip),
         }
         with self.read(), self._errors("evaluating"):
             conn.execute(f"SET LOCAL work_mem = '{EVAL_WORK_MEM}'")

@@ -55,7 +55,7 @@ import logging
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from typing import Any, Optional
 from urllib.parse import quote
 
@@ -175,10 +175,6 @@ _PAIR_UPSERT_SQL = (
 )
 
 
-def _b(v: Any) -> Optional[bytes]:
-    return None if v is None else bytes(v)
-
-
 def order_key(exe: Optional[bytes], path: Optional[bytes]) -> bytes:
     """``pairs.key`` of (exe, path): one byte string per pair whose bytewise
     order (SQLite compares BLOBs with memcmp, the shorter first on a tie) is
@@ -250,16 +246,18 @@ _V_SQL = """(
 _WALK_SQL = """
 SELECT v, ref, key FROM (
     SELECT p.ref, p.key, {v} AS v
-    FROM pairs AS p INDEXED BY sqlite_autoindex_pairs_1 ORDER BY p.key LIMIT :budget
+    FROM pairs AS p INDEXED BY sqlite_autoindex_pairs_1 {skip_where} ORDER BY p.key LIMIT :budget
 ) WHERE v = :vmin AND v < 2 * :below LIMIT :limit
 """
 _FULL_SQL = """
 SELECT v, ref, key FROM (
     SELECT p.ref, p.key, {v} AS v
-    FROM pairs AS p NOT INDEXED WHERE p.last_ts > :lo LIMIT -1
+    FROM pairs AS p NOT INDEXED WHERE p.last_ts > :lo {skip_and} LIMIT -1
 ) WHERE v % 2 = 1 AND v >= 3 AND v < 2 * :below
 ORDER BY v, key LIMIT :limit
 """
+# Pairs an evaluation leaves to the exceptions (refs), one temp table per connection
+_SKIP = "p.ref NOT IN (SELECT ref FROM temp.rw_skip)"
 _DETAIL_SQL = """
 WITH ranked(v, ref, key) AS MATERIALIZED ({ranked})
 SELECT count(*), min(e.agent), max(e.agent), min(e.host), max(e.host), min(e.ts), p.exe, p.path, r.ref
@@ -269,11 +267,16 @@ GROUP BY r.ref
 ORDER BY r.v, r.key
 """
 _ROWS_SQL = {
-    (walk, one): _DETAIL_SQL.format(
-        ranked=(_WALK_SQL if walk else _FULL_SQL).format(v=_V_SQL.format(ok=_V_ONE if one else _V_ANY))
+    (walk, one, skip): _DETAIL_SQL.format(
+        ranked=(_WALK_SQL if walk else _FULL_SQL).format(
+            v=_V_SQL.format(ok=_V_ONE if one else _V_ANY),
+            skip_where=f"WHERE {_SKIP}" if skip else "",
+            skip_and=f"AND {_SKIP}" if skip else "",
+        )
     )
     for walk in (True, False)
     for one in (True, False)
+    for skip in (True, False)
 }
 WALK_PAIRS = 100_000  # walk for limits up to this, through at most max(WALK_PAIRS, 10 * limit) pairs
 
@@ -641,7 +644,7 @@ class CollectorStore:
                 .execute("SELECT ref, exe, path FROM pairs WHERE last_ts > ?", (lo_ms,))
                 .fetchall()
             )
-        return [PairRef(int(r), _b(e), _b(p)) for r, e, p in got]
+        return got  # INTEGER and BLOB come out as int and bytes
 
     def window_events(self, refs: Sequence[int], lo_ms: int, hi_ms: int) -> list[WindowEvent]:
         """The events of the pairs ``refs`` with lo < ts <= hi, with their actors."""
@@ -683,8 +686,9 @@ class CollectorStore:
             cache.update((int(r), str(n)) for r, n in conn.execute(sql))
         return cache
 
-    def ranked_rows(self, rule: Rule, at_ms: int) -> list[RankedRow]:
-        """The rule's rows at T, each with its pair's first event time in the window."""
+    def ranked_rows(self, rule: Rule, at_ms: int, skip: Collection[int] = ()) -> list[RankedRow]:
+        """The rule's rows at T, each with its pair's first event time in the
+        window; pairs in ``skip`` (refs) left out (exceptions count those themselves)."""
         low = max(1, rule.agent_count)  # the fewest events a row can have
         if rule.agent_count < 1 or low >= rule.count_below or rule.limit <= 0:
             return []
@@ -700,9 +704,14 @@ class CollectorStore:
             "budget": max(self.walk_pairs, 10 * rule.limit),
         }
         with _db_errors("evaluating"), self.read():
-            got = conn.execute(_ROWS_SQL[True, one], args).fetchall() if rule.limit <= WALK_PAIRS else []
+            if skip:
+                conn.execute("CREATE TEMP TABLE IF NOT EXISTS rw_skip (ref INTEGER PRIMARY KEY)")
+                conn.execute("DELETE FROM temp.rw_skip")
+                conn.executemany("INSERT INTO temp.rw_skip VALUES (?)", ((r,) for r in skip))
+            sk = bool(skip)
+            got = conn.execute(_ROWS_SQL[True, one, sk], args).fetchall() if rule.limit <= WALK_PAIRS else []
             if len(got) < rule.limit:  # too few rows with the fewest events: rank them all
-                got = conn.execute(_ROWS_SQL[False, one], args).fetchall()
+                got = conn.execute(_ROWS_SQL[False, one, sk], args).fetchall()
             agent_names = self._names(conn, {r[1] for r in got} | {r[2] for r in got}, "agents")
             host_names = self._names(conn, {r[3] for r in got} | {r[4] for r in got}, "hosts")
             single_agent: dict[int, tuple[str, ...]] = {}

@@ -86,6 +86,13 @@ RECOMMENDED: tuple[RuleException, ...] = (
         file__extension=("html", "htm", "gz", "br", "json", "cache", "tmp", "txt", "ser"),
     ),
     _entry(
+        "app-logs",
+        "applications' own log files, one a day or a rotation (a log is not run by the server)",
+        "https://www.php-fig.org/psr/psr-3/",
+        file__path=("*/log/*", "*/logs/*", "*/var/log/*"),
+        file__extension=("log",),
+    ),
+    _entry(
         "dpkg-files",
         "dpkg unpacks a package's files as NAME.dpkg-new (and keeps .dpkg-old/.dpkg-dist) "
         "before renaming them into place",

@@ -169,3 +169,39 @@ def test_partitions_hourly_ahead_default_and_retention(stores: tuple[Store, Stor
     assert a.rows(Rule(), T) == [Row(1, 1, ("host-x",), ("x",), EXE, b"/new")]
     # The other replica's partition cache is stale now: it still ingests.
     assert a.ingest(rec, _batch(rec, 4, (T - 2 * H + 1, b"/late")), T) == "stored"
+
+
+def test_a_version_1_database_is_migrated_with_its_data(pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Schema 2 adds who wrote each event and the suppression columns to a
+    database that already holds events and alerts: nothing of them is lost."""
+    import psycopg
+
+    from agent.collector.storage import postgres
+
+    monkeypatch.setattr(postgres, "MIGRATIONS", postgres.MIGRATIONS[:1])
+    monkeypatch.setattr(postgres, "SCHEMA_VERSION", 1)
+    assert migrate(pg_url)["to"] == 1
+    with psycopg.connect(pg_url, autocommit=True) as c:
+        c.execute("INSERT INTO hosts(name) VALUES ('web-01')")
+        c.execute(
+            "INSERT INTO agents(agent_id, host_ref, key_hash, enrolled_ms) VALUES ('a', 1, 'k', %s)", (T,)
+        )
+        c.execute(
+            "INSERT INTO pairs(key, exe, path, last_ts) VALUES (%s, %s, %s, %s)",
+            (wire.pair_key(b"/usr/sbin/nginx", b"/w/s.php"), b"/usr/sbin/nginx", b"/w/s.php", T - 5),
+        )
+        c.execute("INSERT INTO events(ts, pair, agent, host, detail) VALUES (%s, 1, 1, 1, NULL)", (T - 5,))
+        c.execute("INSERT INTO alerts(alert_id, rule_id, exe, path, at_ms, first_ts, doc) "
+                  "VALUES ('x', 'r', NULL, NULL, %s, %s, '{\"old\": 1}')", (T - 1, T - 5))  # fmt: skip
+    monkeypatch.undo()
+    first, again = migrate(pg_url), migrate(pg_url)
+    assert (first["from"], first["to"], again["from"], again["to"]) == (1, 2, 2, 2)
+    store = open_store(pg_url)
+    try:
+        [row] = store.rows(Rule(), T)
+        assert (row.path, row.cc, row.host_names) == (b"/w/s.php", 1, ("web-01",))
+        [e] = store.pair_events((b"/usr/sbin/nginx", b"/w/s.php"), T - 3_600_000, T, 5)
+        assert e.actor == (None, None, None)
+        assert store.list_alerts(0) == [{"old": 1}]
+    finally:
+        store.close()

@@ -162,6 +162,8 @@ def test_actors_round_trip_and_bad_actors_are_refused() -> None:
         (b"/var/www/app/storage/framework/sessions/Zx9", "php-fpm8.2", True),
         (b"/usr/share/x/a.py.dpkg-new", "dpkg", True),
         (b"/srv/app/__pycache__/m.cpython-311.pyc", "python3", True),
+        (b"/var/www/app/storage/logs/laravel-2026-12-02.log", "php-fpm8.2", True),
+        (b"/var/www/app/storage/logs/x.php", "php-fpm8.2", False),
         (b"/dev/shm/x", "php-fpm8.2", False),
         (b"/tmp/x.sh", "php-fpm8.2", False),
         (b"/etc/cron.d/x", "php-fpm8.2", False),

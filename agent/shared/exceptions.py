@@ -3,11 +3,12 @@ that take the event out of the rule before it is counted.
 
 An exception matches an event when every field it names matches (AND), and
 a field matches when any of its globs does (OR; globs are ES|QL LIKE, see
-:mod:`agent.shared.like`). A field the event lacks matches nothing, so an
-exception naming it does not apply to that event. An event that an active
+:mod:`agent.shared.like`). A field the event lacks matches no glob, so an
+exception naming it does not apply to that event; a field listed under
+``missing`` matches only when the event lacks it. An event that an active
 exception matches is removed before the aggregation: the rule's query with
 
-    and not ((f1 is not null and (f1 like g1 or f1 like g2)) and f2 ...)
+    and not ((f1 is not null and (f1 like g1 or f1 like g2)) and f2 ... and f3 is null)
 
 added to its ``where`` for each exception. An exception with ``expires`` is
 active for evaluation times before that instant.
@@ -48,6 +49,7 @@ class RuleException:
     expires_ms: Optional[int] = None
     comment: str = ""
     source: str = ""  # where the noise it removes is documented (shipped lists)
+    missing: tuple[str, ...] = ()  # fields the event must lack ("f is null")
 
     def active_at(self, at_ms: int) -> bool:
         return self.expires_ms is None or at_ms < self.expires_ms
@@ -98,19 +100,26 @@ def _field_regex(globs: Sequence[str]) -> re.Pattern[str]:
     return re.compile("|".join(f"(?:{like_regex(g).pattern})" for g in globs), re.DOTALL)
 
 
+Test = tuple[object, Optional[re.Pattern[str]]]  # (field key, its globs; None: must be missing)
+
+
 class _Compiled:
     def __init__(self, exc: RuleException) -> None:
-        conds = exc.fields()
+        conds: dict[str, Optional[re.Pattern[str]]] = {f: _field_regex(g) for f, g in exc.conditions}
+        conds.update((f, None) for f in exc.missing)
         self.name = exc.name
-        self.pair = [(f, _field_regex(conds[f])) for f in PAIR_FIELDS if f in conds]
-        self.agent = [(f, _field_regex(conds[f])) for f in AGENT_FIELDS if f in conds]
-        self.actor = [(i, _field_regex(conds[f])) for i, f in enumerate(ACTOR_FIELDS) if f in conds]
+        self.pair: list[Test] = [(f, conds[f]) for f in PAIR_FIELDS if f in conds]
+        self.agent: list[Test] = [(f, conds[f]) for f in AGENT_FIELDS if f in conds]
+        self.actor: list[Test] = [(i, conds[f]) for i, f in enumerate(ACTOR_FIELDS) if f in conds]
 
     @staticmethod
-    def _all(tests: Iterable[tuple[object, re.Pattern[str]]], get: Mapping[object, Optional[str]]) -> bool:
+    def _all(tests: Iterable[Test], get: Mapping[object, Optional[str]]) -> bool:
         for key, rx in tests:
             v = get.get(key)
-            if v is None or not rx.match(v):
+            if rx is None:
+                if v is not None:
+                    return False
+            elif v is None or not rx.match(v):
                 return False
         return True
 

@@ -20,9 +20,11 @@ IMAGE_EXTENSIONS = (
 )  # fmt: skip
 
 
-def _entry(name: str, comment: str, source: str, **conditions: tuple[str, ...]) -> RuleException:
+def _entry(
+    name: str, comment: str, source: str, missing: tuple[str, ...] = (), **conditions: tuple[str, ...]
+) -> RuleException:
     fields = tuple((k.replace("__", "."), v) for k, v in conditions.items())
-    return RuleException(f"recommended.{name}", fields, None, comment, source)
+    return RuleException(f"recommended.{name}", fields, None, comment, source, missing)
 
 
 RECOMMENDED: tuple[RuleException, ...] = (
@@ -30,20 +32,18 @@ RECOMMENDED: tuple[RuleException, ...] = (
         "php-sessions",
         "PHP's files session handler writes sess_<id> per visitor into session.save_path",
         "https://www.php.net/manual/en/session.configuration.php#ini.session.save-path",
-        file__path=(
-            "/var/lib/php/sessions/sess_*",  # Debian, Ubuntu
-            "/var/lib/php/session/sess_*",  # RHEL, Fedora
-            "/var/lib/php/*/sessions/sess_*",
-            "/var/opt/remi/php*/lib/php/session/sess_*",
-            "*/tmp/sess_*",  # an empty save_path: the system's temp dir (PrivateTmp included)
-        ),
+        # sess_<id> (the id has no dot) wherever save_path points: Debian's
+        # /var/lib/php/sessions, RHEL's /var/lib/php/session, a temp dir, an app's own
+        file__name=("sess_*",),
+        missing=("file.extension",),
     ),
     _entry(
         "php-upload-temp",
         "PHP stores each uploaded file as php<6 random characters> in upload_tmp_dir "
         "before the script moves it",
         "https://www.php.net/manual/en/features.file-upload.post-method.php",
-        file__path=("*/tmp/php??????",),  # php + 6 characters: no dot, so never a script name
+        file__path=("*/tmp/php??????",),
+        missing=("file.extension",),  # php + 6 letters and digits: never a script name
     ),
     _entry(
         "laravel-framework",

@@ -145,6 +145,15 @@ def test_exceptions_and_suppression_config(tmp_path: Path) -> None:
     assert (rule.suppress_by, rule.suppress_for_ms, rule.suppress_missing) == (
         ("host.name", "file.extension"), 1_800_000, "do_not_suppress",
     )  # fmt: skip
+    f.write_text(
+        "[rule]\nexceptions = tmp\n[exception.tmp]\nfile.path = /tmp/*\nmissing = file.extension\n"
+        "[exception.bad]\nfile.path = /x\nmissing = file.path, colour\n"
+    )
+    with pytest.raises(ConfigError) as e:
+        config.load([str(f)])
+    assert len(e.value.problems) == 2 and "can never be missing" in e.value.problems[0] + e.value.problems[1]
+    f.write_text("[rule]\nexceptions = tmp\n[exception.tmp]\nfile.path = /tmp/*\nmissing = file.extension\n")
+    assert config.load([str(f)]).rule.exceptions[0].missing == ("file.extension",)
     f.write_text("[rule]\nexceptions = none\n")
     assert config.load([str(f)]).rule.exceptions == ()
     assert config.load([str(tmp_path / "missing.conf")], required=False).rule.exceptions == ()

@@ -145,7 +145,7 @@ def oracle(events: list[Flat], rule: Rule, at_ms: int) -> list[Row]:
         for x in rule.exceptions:
             if x.expires_ms is not None and at_ms >= x.expires_ms:
                 continue
-            parts = []
+            parts = [f"{f.replace('.', '_')} IS NULL" for f in x.missing]
             for f, globs in x.conditions:
                 c = f.replace(".", "_")
                 parts.append(
@@ -219,7 +219,9 @@ def exceptions(rng: random.Random, events: list[Flat]) -> tuple[RuleException, .
             for f in sorted(fields)
         )
         expires = rng.choice([None, None, T, T + 1, T - H // 2])
-        out.append(RuleException(f"x{i}", conds, expires))
+        others = [f for f in FIELDS if f not in fields]
+        missing = tuple(rng.sample(others, rng.choice([0, 0, 1]))) if others else ()
+        out.append(RuleException(f"x{i}", conds, expires, missing=missing))
     return tuple(out)
 
 

@@ -3,7 +3,8 @@ exceptions and the shipped lists, resolved to the rule's tuple of
 :class:`~agent.shared.exceptions.RuleException`.
 
 A section's keys are ECS field names (one glob a line, commas also
-separate), plus ``expires`` (an ISO 8601 instant) and ``comment``.
+separate), plus ``missing`` (fields the event must lack), ``expires`` (an
+ISO 8601 instant) and ``comment``.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ def exception_section(
             f"{where0}: the name must be 1 to 64 of A-Z a-z 0-9 _ . - and not a shipped list or none"
         )
     conditions: list[tuple[str, tuple[str, ...]]] = []
+    missing: tuple[str, ...] = ()
     expires: Optional[int] = None
     comment = ""
     for key, (value, where) in entries.items():
@@ -48,15 +50,33 @@ def exception_section(
             comment = value.strip()
         elif key == "expires":
             expires = _expires(value.strip(), where, problems, now_ms if strict_expiry else None)
+        elif key == "missing":
+            missing = _missing(
+                value, where, problems, {f for f, _ in conditions} | set(entries) & set(FIELDS)
+            )
         elif key in FIELDS:
             conditions.append((key, _globs(value, where, problems)))
         else:
-            problems.append(f"{where}: unknown field (known: {', '.join([*FIELDS, 'expires', 'comment'])})")
-    if not conditions and len(problems) == before:
+            known = ", ".join([*FIELDS, "missing", "expires", "comment"])
+            problems.append(f"{where}: unknown field (known: {known})")
+    if not conditions and not missing and len(problems) == before:
         problems.append(f"{where0}: names no field, so it would remove every event")
     if len(problems) > before:
         return None
-    return RuleException(name, tuple(sorted(conditions)), expires, comment)
+    return RuleException(name, tuple(sorted(conditions)), expires, comment, missing=tuple(sorted(missing)))
+
+
+def _missing(value: str, where: str, problems: list[str], with_globs: set[str]) -> tuple[str, ...]:
+    """``missing = FIELD, ...``: fields the event must lack."""
+    fields = words(value)
+    if not fields:
+        problems.append(f"{where}: must list at least one field")
+    for f in fields:
+        if f not in FIELDS:
+            problems.append(f"{where}: {f!r} is not a field (known: {', '.join(FIELDS)})")
+        elif f in with_globs:
+            problems.append(f"{where}: {f} has globs in this section too, so it can never be missing")
+    return fields
 
 
 def _expires(value: str, where: str, problems: list[str], now_ms: Optional[int]) -> Optional[int]:

@@ -24,7 +24,7 @@ from agent.collector import excepted, suppress
 from agent.collector.storage import open_store
 from agent.collector.storage.base import GapRow, Pair, RankedRow, Store, StoredEvent
 from agent.shared.rule import Row, Rule
-from agent.shared.text import dumps, iso, render
+from agent.shared.text import dumps, iso, raw_base64, visible
 
 log = logging.getLogger("rarewrite.collector.evaluate")
 
@@ -118,11 +118,11 @@ _DETAIL_FIELDS: tuple[tuple[str, str, Callable[[Any], Any]], ...] = (
     ("cmd", "process.command_line", _same),
     ("ppid", "process.parent.pid", _same),
     ("ppname", "process.parent.name", _same),
-    ("ppexe", "process.parent.executable", render),
+    ("ppexe", "process.parent.executable", visible),
     ("uname", "user.name", _same),
     ("uid", "user.id", _same),
     ("attr", "rarewrite.attribution", _same),
-    ("orig", "file.Ext.original.path", render),
+    ("orig", "file.Ext.original.path", visible),
 )
 _FACT_FIELDS: tuple[tuple[str, str, Callable[[Any], Any]], ...] = (
     ("size", "file.size", _same),
@@ -144,6 +144,10 @@ def _event_doc(ev: StoredEvent) -> dict[str, Any]:
         return doc
     doc["event.action"] = d.get("action")
     doc.update((dst, conv(d[src])) for src, dst, conv in _DETAIL_FIELDS if d.get(src) is not None)
+    for src, dst in (("ppexe", "process.parent.executable"), ("orig", "file.Ext.original.path")):
+        raw = raw_base64(d.get(src))
+        if raw is not None:
+            doc[f"rarewrite.raw_base64.{dst}"] = raw
     facts = d.get("file")
     if isinstance(facts, dict):
         doc.update((dst, conv(facts[src])) for src, dst, conv in _FACT_FIELDS if facts.get(src) is not None)
@@ -180,10 +184,10 @@ def _alert_doc(
     lo = at_ms - rule.window_ms
     pair = (row.executable, row.path)
     bucket = f"h:{at_ms // rule.schedule_ms}" if schedule == "hourly" else f"c:{ranked.first_ts}"
-    exe, path, host = render(row.executable), render(row.path), ", ".join(row.host_names)
+    exe, path, host = visible(row.executable), visible(row.path), ", ".join(row.host_names)
     # creation -> "creation", rename -> "change", as the original events say
     kinds = sorted({t for e in events if e.detail for t in e.detail.get("etype") or ()}) or ["creation"]
-    return {
+    doc: dict[str, Any] = {
         "@timestamp": iso(at_ms),
         "ecs": {"version": ECS_VERSION},
         "event": {
@@ -213,6 +217,11 @@ def _alert_doc(
         "agent": {"id": list(row.agent_ids)},
         "rarewrite": _rarewrite_doc(ranked, at_ms, lo, schedule, events, gaps),
     }
+    raw = {k: v for k, v in (("process.executable", raw_base64(row.executable)),
+                             ("file.path", raw_base64(row.path))) if v is not None}  # fmt: skip
+    if raw:  # names that are not UTF-8: the text escapes them (\xNN), these are the bytes
+        doc["rarewrite"]["raw_base64"] = raw
+    return doc
 
 
 def _rarewrite_doc(

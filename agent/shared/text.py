@@ -4,6 +4,7 @@ hidden."""
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import json
 import math
@@ -20,6 +21,30 @@ def render(value: Optional[bytes]) -> Optional[str]:
     trips through ``fsencode`` and no raw control byte reaches a log or alert.
     """
     return None if value is None else os.fsdecode(value)
+
+
+def visible(value: Optional[bytes]) -> Optional[str]:
+    """Bytes from the file system as valid Unicode for alert outputs: UTF-8 as
+    it is, each undecodable byte written ``\\xNN`` (visible; a strict JSON
+    decoder takes it, where a lone surrogate is refused). Not lossless on its
+    own: :func:`raw_base64` gives the exact bytes beside it."""
+    if value is None:
+        return None
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        return value.decode("utf-8", "backslashreplace")
+
+
+def raw_base64(value: Optional[bytes]) -> Optional[str]:
+    """The exact bytes, base64, when :func:`visible` had to escape some; else None."""
+    if value is None:
+        return None
+    try:
+        value.decode("utf-8")
+        return None
+    except UnicodeDecodeError:
+        return base64.b64encode(value).decode("ascii")
 
 
 def to_bytes(value: Optional[str]) -> Optional[bytes]:

@@ -129,6 +129,18 @@ def redact_url(url: str) -> str:
     return f"{scheme}://{netloc}{sep}{tail}"
 
 
+def url_for_logs(url: str) -> str:
+    """``url`` for logs and ``config check``: :func:`redact_url`, and its path
+    and query cut to ``/***`` (a webhook's token often lives there)."""
+    safe = redact_url(url)
+    if "://" not in safe:
+        return safe
+    scheme, _, rest = safe.partition("://")
+    netloc, sep, tail = rest.partition("/")
+    netloc, qsep, _ = netloc.partition("?")
+    return f"{scheme}://{netloc}/***" if (tail.strip("/") or qsep) else f"{scheme}://{netloc}{sep}"
+
+
 def iso(ms: int) -> str:
     """Milliseconds since the epoch as ISO 8601 UTC with milliseconds."""
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms // 1000)) + f".{ms % 1000:03d}Z"

@@ -185,3 +185,49 @@ def test_every_exception_mistake_is_listed_at_once(tmp_path: Path) -> None:
     assert config.load([str(f)]).rule.exceptions[0].expires_ms == 1_577_836_800_000
     with pytest.raises(ConfigError, match="has passed"):
         config.load([str(f)], strict_expiry=True)
+
+
+def test_plain_http_to_another_host_is_refused_unless_allowed(tmp_path: Path) -> None:
+    f = tmp_path / "a.conf"
+    for url, ok in (
+        ("http://127.0.0.1:8787", True), ("http://[::1]:8787", True), ("http://localhost:8787", True),
+        ("https://collector.example:8787", True), ("http://10.0.0.5:8787", False),
+        ("http://collector.example", False),
+    ):  # fmt: skip
+        f.write_text(f"[agent]\ncollector = {url}\n")
+        if ok:
+            config.load([str(f)])
+        else:
+            with pytest.raises(ConfigError, match="plain http:// to another host"):
+                config.load([str(f)])
+            f.write_text(f"[agent]\ncollector = {url}\nallow_plain_http = yes\n")
+            assert config.load([str(f)]).agent.collector == url
+    f.write_text("[output.soc]\ntype = webhook\nurl = http://hooks.example/services/T0/B0/s3cr3t\n")
+    with pytest.raises(ConfigError) as e:
+        config.load([str(f)])
+    assert "plain http://" in str(e.value.problems) and "s3cr3t" not in str(e.value.problems)
+    f.write_text("[output.soc]\ntype = webhook\nurl = http://hooks.example/x\nallow_plain_http = yes\n")
+    config.load([str(f)])
+
+
+def test_url_paths_and_queries_never_reach_config_check_or_logs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    from agent.collector.outputs import build_outputs
+
+    f = tmp_path / "c.conf"
+    f.write_text(
+        "[agent]\ncollector = https://rw:pw@collector.example:8787/x?token=agent-t0ken\n"
+        "[output.soc]\ntype = webhook\nurl = https://hooks.example/services/T0/B0/s3cr3t?key=k3y\n"
+    )
+    assert cli.main(["config", "check", "--config", str(f)]) == 0
+    out = capsys.readouterr().out
+    for secret in ("s3cr3t", "k3y", "agent-t0ken", ":pw@"):
+        assert secret not in out
+    assert "https://hooks.example/***" in out
+    with caplog.at_level("INFO"):
+        outputs = build_outputs(config.load([str(f)]))
+    assert "s3cr3t" not in caplog.text and "hooks.example/***" in caplog.text
+    assert "s3cr3t" not in repr(outputs[0])
+    for o in outputs:
+        o.close()

@@ -421,6 +421,7 @@ facility = local0
         "queue_max": 10_000,
         "backoff_max": 60_000,
         "ca_bundle": "",
+        "allow_plain_http": False,
     }
     assert opts["local"][1]["facility"] == "local0" and opts["local"][1]["app_name"] == "rarewrite"
     assert SECRET not in json.dumps(opts)

@@ -26,6 +26,7 @@ from agent.collector.outputs.stdout import StdoutOutput
 from agent.collector.outputs.syslog import SyslogOutput
 from agent.collector.outputs.webhook import WebhookOutput
 from agent.shared.config.schema import OUTPUT_KEYS, REQUIRED, Config
+from agent.shared.text import url_for_logs
 
 log = logging.getLogger("rarewrite.collector.outputs")
 
@@ -111,7 +112,7 @@ def _describe(out: Output) -> str:
     if isinstance(out, NdjsonOutput):
         return f"type=ndjson path={out.path!r} max_bytes={out.max_bytes} keep={out.keep}"
     if isinstance(out, WebhookOutput):
-        return f"type=webhook url={out.url!r} queue_max={out.queue_max}"
+        return f"type=webhook url={url_for_logs(out.url)!r} queue_max={out.queue_max}"
     if isinstance(out, SyslogOutput):
         return f"type=syslog address={out.address!r} facility={out.facility}"
     return f"type={type(out).__name__}"

@@ -10,7 +10,7 @@ from agent import __version__
 from agent.collector.outputs.base import Permanent, QueuedOutput, Retry
 from agent.collector.outputs.stdout import alert_field
 from agent.shared.backoff import retry_after
-from agent.shared.text import dumps
+from agent.shared.text import dumps, url_for_logs
 
 
 class WebhookOutput(QueuedOutput):
@@ -50,7 +50,7 @@ class WebhookOutput(QueuedOutput):
         super().__init__(name, queue_max, backoff_max_s)
 
     def __repr__(self) -> str:  # never the headers: one holds the secret
-        return f"WebhookOutput(name={self.name!r}, url={self.url!r})"
+        return f"WebhookOutput(name={self.name!r}, url={url_for_logs(self.url)!r})"
 
     def deliver(self, alert: dict[str, Any]) -> None:
         body = dumps(alert).encode("ascii")

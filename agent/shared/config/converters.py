@@ -4,6 +4,7 @@ message, which the loader prefixes with file, section and key."""
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Callable, Sequence
@@ -124,6 +125,21 @@ def url(text_: str) -> str:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"{t!r} is not an http:// or https:// URL")
     return t.rstrip("/")
+
+
+def plain_http_elsewhere(url_: str) -> bool:
+    """Is ``url_`` plain http:// to a host other than this one? (Alerts, keys
+    and file names would cross the network in clear.)"""
+    parts = urlsplit(url_)
+    if parts.scheme != "http":
+        return False
+    host = (parts.hostname or "").lower()
+    if host in {"localhost", "::1"}:
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return True  # a name: it may resolve anywhere
 
 
 def agent_id(text_: str) -> str:

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import fields, replace
 from typing import Any, Optional, TypeVar
 
-from agent.shared.config.converters import words
+from agent.shared.config.converters import plain_http_elsewhere, words
 from agent.shared.config.exception_sections import PREFIX, exception_section, resolve
 from agent.shared.config.schema import (
     AGENT_KEYS,
@@ -37,6 +37,7 @@ from agent.shared.config.schema import (
 )
 from agent.shared.errors import ConfigError
 from agent.shared.rule import Rule
+from agent.shared.text import url_for_logs
 
 T = TypeVar("T")
 _OUTPUT_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
@@ -167,6 +168,11 @@ def _output(section: str, entries: Mapping[str, tuple[str, str]], problems: list
                 problems.append(f"{file_part}[{section}] {key}: missing (required for type = {kind})")
         else:
             opts[key] = default
+    if kind == "webhook" and plain_http_elsewhere(opts.get("url", "")) and not opts.get("allow_plain_http"):
+        problems.append(
+            f"{file_part}[{section}] url: {url_for_logs(opts['url'])} is plain http:// to another host "
+            "(alerts and the secret header in clear): use https://, or set allow_plain_http = yes"
+        )
     if kind == "webhook" and bool(opts.get("secret_header")) != bool(opts.get("secret_file")):
         problems.append(f"{file_part}[{section}] secret_header and secret_file: give both or neither")
     return OutputConfig(name, kind, opts)
@@ -196,6 +202,11 @@ def _cross_checks(rule: Rule, agent: AgentConfig, collector: CollectorConfig) ->
         )
     if bool(collector.tls_cert) != bool(collector.tls_key):
         problems.append("[collector] tls_cert and tls_key: give both or neither")
+    if agent.collector and plain_http_elsewhere(agent.collector) and not agent.allow_plain_http:
+        problems.append(
+            f"[agent] collector: {url_for_logs(agent.collector)} is plain http:// to another host "
+            "(keys and events in clear): use https://, or set allow_plain_http = yes"
+        )
     if bool(agent.client_cert) != bool(agent.client_key):
         problems.append("[agent] client_cert and client_key: give both or neither")
     if not rule.user_names and not rule.user_ids and rule.combinator == "and":
@@ -224,7 +235,15 @@ def describe(cfg: Config) -> dict[str, Any]:
     safe = replace(
         cfg,
         files=(),
-        agent=replace(cfg.agent, proxy=redact_url(cfg.agent.proxy)),
+        agent=replace(
+            cfg.agent, proxy=redact_url(cfg.agent.proxy), collector=url_for_logs(cfg.agent.collector)
+        ),
         collector=replace(cfg.collector, db=redact(cfg.collector.db)),
+        outputs=tuple(
+            replace(o, options={**o.options, "url": url_for_logs(o.options["url"])})
+            if "url" in o.options
+            else o
+            for o in cfg.outputs
+        ),
     )
     return {"files": list(cfg.files), **plain(safe)}

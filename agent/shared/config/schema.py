@@ -53,6 +53,7 @@ class AgentConfig:
     client_cert: str = ""
     client_key: str = ""
     proxy: str = ""  # empty: straight to the collector (environment proxies are never used)
+    allow_plain_http: bool = False  # http:// to a collector on another host is refused unless yes
     ship_interval_ms: int = 1000
     batch_max_records: int = 5000
     outbox_max_records: int = 2_000_000
@@ -153,6 +154,7 @@ AGENT_KEYS: Spec = {
     "client_cert": ("client_cert", path),
     "client_key": ("client_key", path),
     "proxy": ("proxy", url),
+    "allow_plain_http": ("allow_plain_http", boolean),
     "ship_interval": ("ship_interval_ms", duration_ms),
     "batch_max_records": ("batch_max_records", integer(1, 20_000)),
     "outbox_max_records": ("outbox_max_records", integer(1000, 1_000_000_000)),
@@ -210,6 +212,7 @@ OUTPUT_KEYS: Mapping[str, Mapping[str, tuple[Callable[[str], Any], Any]]] = {
         "queue_max": (integer(1, 10_000_000), 10_000),
         "backoff_max": (duration_ms, 60_000),
         "ca_bundle": (required_path, ""),
+        "allow_plain_http": (boolean, False),
     },
     "syslog": {
         "address": (syslog_address, "/dev/log"),

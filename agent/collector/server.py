@@ -15,6 +15,8 @@ Status codes of ``POST /api/v1/batches``, checked in this order:
   agent_id is not the key's agent (nothing stored under either id);
 - 503 when the store raises StoreError (nothing of the batch is stored);
 - 200 ``{"status": "stored" | "duplicate"}`` after the durable commit.
+- 409 when the batch's seq was already used in its epoch by another batch
+  id (nothing stored): the agent starts a new epoch and sends it again.
 
 Database work runs in threads: one writer thread (ingest, enroll, prune) so
 writes never contend inside the process, and a small pool for reads, so the
@@ -310,6 +312,19 @@ async def batches(request: web.Request) -> web.Response:
         )
         raise Reject(403, "agent_id does not match the API key's agent")
     status = await c.write(c.store.ingest, agent, batch, c.clock.now_ms())
+    if status == "conflict":  # nothing stored: the agent must start a new epoch, not count it as sent
+        c.auth_log.log(
+            security,
+            logging.WARNING,
+            f"seq:{agent.agent_id}",
+            "event=batch_seq_conflict agent_id=%r epoch=%s seq=%d (a restored snapshot or state dir?)",
+            agent.agent_id,
+            batch.epoch,
+            batch.seq,
+        )
+        raise Reject(
+            409, f"seq {batch.seq} of epoch {batch.epoch} was used by another batch: start a new epoch"
+        )
     c.batches[status] += 1
     if status == "stored":
         c.events += batch.events_total()

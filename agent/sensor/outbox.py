@@ -723,6 +723,20 @@ class AgentStore:
                 )
         self._depth -= removed
 
+    def new_epoch(self, lease: Lease, reason: str) -> str:
+        """The collector holds this epoch's seq from another batch (409: a
+        restored snapshot or state dir numbered it again): drop the lease
+        (nothing of it was stored) and go on under a new epoch from seq 1;
+        the lease's rows go again in the next batch. Returns the new epoch."""
+        db = self._db()
+        epoch = uuid.uuid4().hex
+        with self._lock, _transaction(db):
+            db.execute("DELETE FROM lease WHERE seq=? AND batch_id=?", (lease.seq, lease.batch_id))
+            db.execute("UPDATE meta SET v=? WHERE k='epoch'", (epoch,))
+            db.execute("UPDATE meta SET v=1 WHERE k='next_seq'")
+        log.warning("event=epoch_reset seq=%d new_epoch=%s reason=%r", lease.seq, epoch, reason[:200])
+        return epoch
+
     def split(self, lease: Lease, reason: str) -> None:
         """The collector refused the batch as a whole (400/413): nothing of it
         was stored, so it may be re-formed. Halve it; a single refused record

@@ -61,7 +61,14 @@ class Shipper:
         self.reachable: Optional[bool] = None
         self.last_success_ms: Optional[int] = None
         self.last_error: Optional[str] = None
-        self.counters = {"batches_sent": 0, "records_sent": 0, "duplicates": 0, "refused": 0, "failures": 0}
+        self.counters = {
+            "batches_sent": 0,
+            "records_sent": 0,
+            "duplicates": 0,
+            "refused": 0,
+            "failures": 0,
+            "epoch_resets": 0,
+        }
         self._key: Optional[str] = None
         self._sending = threading.Lock()
 
@@ -175,6 +182,9 @@ class Shipper:
             except FileNotFoundError:
                 pass
             self._failed("collector does not know our key; enrolling again", None)
+        elif r.status == 409:  # our seq was used by another batch: a new epoch, the same rows again
+            self.counters["epoch_resets"] += 1
+            self.store.new_epoch(lease, r.body[:300].decode("utf-8", "replace"))
         elif r.status in (400, 413):
             reason = r.body[:300].decode("utf-8", "replace")
             self.counters["refused"] += 1

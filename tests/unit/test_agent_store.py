@@ -227,6 +227,30 @@ def test_enroll_once_keep_key_private_and_ship(store: AgentStore, tmp_path: Path
     assert [u.rsplit("/", 1)[1] for u, _, _ in t.sent] == ["enroll", "batches", "batches"]
 
 
+def test_a_409_starts_a_new_epoch_and_sends_the_same_rows_again(store: AgentStore, tmp_path: Path) -> None:
+    """The collector already holds this epoch's seq from another batch (a
+    restored snapshot or state dir): nothing was stored, nothing is acked."""
+    store.record([ev(path=b"/p%d" % i, ts=T0 + i) for i in range(3)])
+    answers = [
+        Response(409, {}, b'{"error": "seq 1 ... start a new epoch"}'),
+        Response(200, {}, b'{"status": "stored"}'),
+    ]
+
+    def handler(url: str, data: bytes, hdrs: Mapping[str, str]) -> Response:
+        return Response(200, {}, b'{"api_key": "k-1"}') if url.endswith("/enroll") else answers.pop(0)
+
+    t = FakeTransport(handler)
+    sh = build_shipper(store, t, tmp_path)
+    old_epoch = store.epoch
+    assert not sh.ship_once()
+    assert store.depth() == 3 and store.epoch != old_epoch and sh.counters["epoch_resets"] == 1
+    assert sh.ship_once()
+    refused, sent = (wire.decode_batch(b) for _, b, _ in t.sent[1:])
+    assert (refused.epoch, refused.seq) == (old_epoch, 1) and (sent.epoch, sent.seq) == (store.epoch, 1)
+    assert [e.path for e in sent.events] == [e.path for e in refused.events]
+    assert store.depth() == 0
+
+
 def test_wrong_secret_is_fatal(store: AgentStore, tmp_path: Path) -> None:
     store.record([ev()])
     with pytest.raises(EnrollError, match="secret"):

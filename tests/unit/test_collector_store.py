@@ -96,10 +96,25 @@ def test_duplicate_batch_changes_nothing(store: Store) -> None:
     b1 = s.batch(a, (ev_(T - 10, b"/x"),))
     assert store.ingest(a, b1, T) == "stored"
     assert store.ingest(a, b1, T) == "duplicate"  # same name, same id
-    assert store.ingest(a, replace(b1, batch_id="f" * 32), T) == "duplicate"  # seq <= last
+    # a new batch with a used seq (a restored snapshot): not stored, and not called a duplicate
+    other = replace(b1, batch_id="f" * 32, events=(ev_(T - 9, b"/other"),))
+    assert store.ingest(a, other, T) == "conflict"
     assert store.ingest(a, replace(b1, seq=9), T) == "duplicate"  # batch id seen
     assert store.rows(Rule(), T) == [Row(1, 1, ("host-a",), ("a",), EXE, b"/x")]
     assert store.gaps_overlapping(0, T + H) == []
+
+
+def test_a_restored_agent_starts_a_new_epoch_and_loses_nothing(store: Store) -> None:
+    a = agent(store, "a")
+    first = Seq()
+    for i in range(3):
+        assert store.ingest(a, first.batch(a, (ev_(T - 100 + i, b"/before-%d" % i),)), T) == "stored"
+    restored = Seq()  # the snapshot numbered from 1 again, same epoch
+    again = restored.batch(a, (ev_(T - 50, b"/after"),))
+    assert store.ingest(a, again, T) == "conflict"
+    assert b"/after" not in {r.path for r in store.rows(Rule(), T)}
+    assert store.ingest(a, replace(again, epoch="1" * 32, seq=1), T) == "stored"  # what the agent does then
+    assert b"/after" in {r.path for r in store.rows(Rule(), T)}
 
 
 def test_seq_gap_recorded(store: Store) -> None:

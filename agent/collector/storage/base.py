@@ -124,7 +124,10 @@ EpochState = Optional[tuple[int, int]]
 
 def is_replayed(epoch: EpochState, seq: int) -> bool:
     """The sequence rule: a batch whose seq is not past the last one stored
-    of its epoch is a duplicate (nothing of it is stored again)."""
+    of its epoch is not stored. The same batch id again is a duplicate (a
+    resend); a new batch id is a conflict (a restored snapshot or state dir
+    reused the numbers): answered 409, so the agent starts a new epoch and
+    nothing is acknowledged that was not stored."""
     return epoch is not None and seq <= epoch[0]
 
 

@@ -579,8 +579,8 @@ class PgStore:
                     status = "stored"
                     try:
                         with conn.transaction():
-                            if not self._ingest_tx(conn, agent, batch, now_ms):
-                                status = "duplicate"
+                            status = self._ingest_tx(conn, agent, batch, now_ms)
+                            if status != "stored":
                                 raise psycopg.Rollback()
                     except (pg_errors.DeadlockDetected, pg_errors.SerializationFailure, _Retry):
                         if attempt == RETRIES - 1:
@@ -597,7 +597,9 @@ class PgStore:
         agent: AgentRecord,
         batch: wire.RowBatch,
         now_ms: int,
-    ) -> bool:
+    ) -> str:
+        """ "stored", "duplicate" (its batch id was stored) or "conflict" (a new
+        batch id with a used seq); only "stored" may commit."""
         # The name first: a concurrent copy of this batch (another collector)
         # waits here for ours, then finds the conflict.
         named = conn.execute(
@@ -606,13 +608,16 @@ class PgStore:
             (agent.ref, batch.epoch, batch.seq, batch.batch_id, now_ms, batch.size()),
         ).fetchone()
         if named is None:
-            return False
+            same = conn.execute(
+                "SELECT 1 FROM batches WHERE agent_ref = %s AND batch_id = %s", (agent.ref, batch.batch_id)
+            ).fetchone()
+            return "duplicate" if same else "conflict"
         ep = conn.execute(
             "SELECT last_seq, last_sent_at FROM epochs WHERE agent_ref = %s AND epoch = %s FOR UPDATE",
             (agent.ref, batch.epoch),
         ).fetchone()
         if is_replayed(ep, batch.seq):
-            return False
+            return "conflict"
         gap = possible_loss(agent, ep, batch)
         if gap is not None:
             conn.execute(
@@ -643,7 +648,7 @@ class PgStore:
                     [(agent.ref, g.start, g.end, g.lost, g.reason, now_ms) for g in batch.gaps],
                 )
         conn.execute("UPDATE agents SET last_seen_ms = %s WHERE ref = %s", (now_ms, agent.ref))
-        return True
+        return "stored"
 
     @staticmethod
     def _intern(

@@ -518,10 +518,10 @@ class CollectorStore:
 
         ``batch`` is a :class:`wire.Batch` or, from the server's decoder, a
         :class:`wire.RowBatch` (details already packed: stored as they are).
-        Returns "duplicate" (nothing changed) when the batch was stored before
-        by name (agent, epoch, seq), by batch id, or when its seq is not past
-        the last one of its epoch; else "stored". A seq gap records a
-        "possible_loss" gap for the agent.
+        Returns "duplicate" (nothing changed) when its batch id was stored
+        before, "conflict" (nothing changed) when its seq is not past the last
+        one of its epoch under another batch id, else "stored". A seq gap
+        records a "possible_loss" gap for the agent.
         """
         rb = wire.rows_of(batch)
         cache = self._pair_cache()
@@ -531,8 +531,9 @@ class CollectorStore:
             if dv != self._local.data_version:
                 cache.clear()  # another connection committed: a cached pair may be gone
                 self._local.data_version = dv
-            if not self._claim(conn, agent, rb, now_ms):
-                return "duplicate"
+            claimed = self._claim(conn, agent, rb, now_ms)
+            if claimed != "stored":
+                return claimed
             refs = self._pair_refs(conn, newest_per_pair(rb), cache, fresh)
             new_actors: dict[bytes, int] = {}
             actors = self._actor_refs(conn, actor_keys(rb), new_actors)
@@ -555,20 +556,21 @@ class CollectorStore:
         return "stored"
 
     @staticmethod
-    def _claim(conn: sqlite3.Connection, agent: AgentRecord, rb: wire.RowBatch, now_ms: int) -> bool:
+    def _claim(conn: sqlite3.Connection, agent: AgentRecord, rb: wire.RowBatch, now_ms: int) -> str:
         """Name the batch (agent, epoch, seq, batch id) in this transaction,
-        with the possible-loss gap its seq opens; False for a duplicate."""
+        with the possible-loss gap its seq opens: "stored", or "duplicate" (its
+        batch id was stored) or "conflict" (a new batch id with a used seq)."""
         seen = conn.execute(
             "SELECT 1 FROM batches WHERE agent_ref=? AND batch_id=?", (agent.ref, rb.batch_id)
         ).fetchone()
         if seen:
-            return False
+            return "duplicate"
         ep = conn.execute(
             "SELECT last_seq, last_sent_at FROM epochs WHERE agent_ref=? AND epoch=?",
             (agent.ref, rb.epoch),
         ).fetchone()
         if is_replayed(ep, rb.seq):
-            return False
+            return "conflict"
         gap = possible_loss(agent, ep, rb)
         if gap is not None:
             conn.execute(
@@ -587,7 +589,7 @@ class CollectorStore:
             "VALUES (?, ?, ?, ?, ?, ?)",
             (agent.ref, rb.epoch, rb.seq, rb.batch_id, now_ms, rb.size()),
         )
-        return True
+        return "stored"
 
     @staticmethod
     def _pair_refs(

@@ -208,13 +208,11 @@ class AgentStore:
 
     def _open(self) -> None:
         os.makedirs(os.path.dirname(self.path) or ".", mode=0o700, exist_ok=True)
-        if os.path.exists(self.path) and not self._healthy():
-            stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(self.clock.now_ms() // 1000))
-            aside = f"{self.path}.corrupt-{stamp}"
-            for suffix in ("", "-wal", "-shm"):
-                if os.path.exists(self.path + suffix):
-                    os.replace(self.path + suffix, aside + suffix)
-            log.error("event=state_corrupt action=moved_aside path=%r aside=%r", self.path, aside)
+        reset_since: Optional[int] = None
+        if os.path.exists(self.path):
+            why = "corrupt" if not self._healthy() else self._foreign()
+            if why:
+                reset_since = self._move_aside(why)
         db = self._db()
         version = self._meta(db, "schema_version")
         if version is not None and int(version) > SCHEMA_VERSION:
@@ -243,6 +241,65 @@ class AgentStore:
             self._newest = newest
             self._horizon = newest - self.rule.window_ms  # as if pruned now (the horizon is not saved)
         os.chmod(self.path, 0o600)
+        if reset_since is not None:  # the collector must know what the old file may have held
+            self.record_gap(reset_since, self.clock.now_ms(), 0, "state_reset")
+
+    def _move_aside(self, why: str) -> int:
+        """Move the unusable state file (and its WAL) aside; return where the
+        state_reset gap starts: a window before the file's last change, since
+        its outbox may have held events of that hour not yet shipped."""
+        try:
+            changed = int(os.stat(self.path).st_mtime * 1000)
+        except OSError:
+            changed = self.clock.now_ms()
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(self.clock.now_ms() // 1000))
+        aside = f"{self.path}.{why}-{stamp}"
+        for suffix in ("", "-wal", "-shm"):
+            if os.path.exists(self.path + suffix):
+                os.replace(self.path + suffix, aside + suffix)
+        log.error(
+            "event=state_%s action=moved_aside path=%r aside=%r detail='a new state file is made; "
+            "the collector is told with a state_reset gap'",
+            why,
+            self.path,
+            aside,
+        )
+        return min(changed, self.clock.now_ms()) - self.rule.window_ms
+
+    def _foreign(self) -> str:
+        """ "foreign" when the file is SQLite but not an agent state file of a
+        version this agent reads (its tables or columns are not ours), else ""."""
+        want = {
+            "meta": ["k", "v"],
+            "win": ["pair", "ts"],
+            "outbox": ["id", "kind", "ts", "body"],
+            "lease": ["seq", "batch_id", "hi", "n", "body"],
+            "quarantine": ["id", "at", "reason", "kind", "body"],
+        }
+        try:
+            db = sqlite3.connect(self.path, timeout=10)
+            try:
+                tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+                if not tables:
+                    return ""  # empty: made fresh below
+                for t in tables:
+                    cols = [r[1] for r in db.execute(f"PRAGMA table_info({t!r})")]
+                    if want.get(t) != cols and not t.startswith("sqlite_"):
+                        log.error("event=state_foreign table=%r columns=%r", t, cols)
+                        return "foreign"
+                version = (
+                    db.execute("SELECT v FROM meta WHERE k='schema_version'").fetchone()
+                    if "meta" in tables
+                    else None
+                )
+                if version is None:
+                    return "foreign"
+            finally:
+                db.close()
+        except sqlite3.DatabaseError as e:
+            log.error("event=state_check_failed path=%r error=%r", self.path, str(e))
+            return "foreign"
+        return ""
 
     def _healthy(self) -> bool:
         try:

@@ -13,6 +13,7 @@ import glob
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import time
 import urllib.request
@@ -300,6 +301,10 @@ def test_corrupt_state_is_moved_aside_and_the_agent_starts_fresh(w: writers.Writ
             assert "state_corrupt" in agent.log.read_text()
             want |= burst(w, "new")
             assert_exactly_once(wait_rows(c.db, want), want)
+            # the collector was told the old file may have held unshipped events
+            with contextlib.closing(sqlite3.connect(c.db)) as conn:
+                reasons = {r for (r,) in conn.execute("SELECT reason FROM gaps")}
+            assert "state_reset" in reasons, reasons
         finally:
             agent.stop()
 

@@ -122,13 +122,47 @@ def test_split_then_quarantine_the_poison_record(store: AgentStore) -> None:
     assert len(rest_batch.events) == 3 and store.quarantined() == 2
 
 
-def test_corrupt_state_file_is_moved_aside(tmp_path: Path) -> None:
+def _reset_gap(s: AgentStore) -> wire.GapRecord:
+    lease = s.lease("a", "h", 100)
+    assert lease is not None
+    [gap] = wire.decode_batch(lease.body).gaps
+    return gap
+
+
+def test_corrupt_state_file_is_moved_aside_and_the_collector_told(tmp_path: Path) -> None:
     path = tmp_path / "agent.db"
     path.write_bytes(b"SQLite format 3\x00" + os.urandom(4000))
     s = AgentStore(str(path), Rule(), FakeClock(T0))
     s.record([ev()])
-    assert s.depth() == 1
+    assert s.depth() == 2  # the event and the state_reset gap
     assert any(p.name.startswith("agent.db.corrupt-") for p in tmp_path.iterdir())
+    gap = _reset_gap(s)
+    assert gap.reason == "state_reset" and gap.end == T0 and gap.start <= T0 - 3_600_000
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        "CREATE TABLE outbox (x TEXT); CREATE TABLE meta (k TEXT PRIMARY KEY, v)",  # our names, not our columns
+        "CREATE TABLE accounts (id INTEGER, name TEXT)",  # someone else's database
+        "CREATE TABLE meta (k TEXT PRIMARY KEY, v)",  # ours in shape, never initialised
+    ],
+)
+def test_a_foreign_state_file_is_moved_aside_not_a_crash_loop(tmp_path: Path, schema: str) -> None:
+    import sqlite3
+
+    path = tmp_path / "agent.db"
+    with sqlite3.connect(path) as db:
+        db.executescript(schema)
+    db.close()
+    s = AgentStore(str(path), Rule(), FakeClock(T0))  # today: "table outbox has no column named kind"
+    s.record([ev()])
+    assert any(p.name.startswith("agent.db.foreign-") for p in tmp_path.iterdir())
+    assert _reset_gap(s).reason == "state_reset"
+    s.close()
+    again = AgentStore(str(path), Rule(), FakeClock(T0 + 1000))  # the new file is ours: kept
+    assert again.depth() == 2
+    assert sum(p.name.startswith("agent.db.foreign-") for p in tmp_path.iterdir()) == 1
 
 
 def test_newer_schema_is_refused(tmp_path: Path) -> None:

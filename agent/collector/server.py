@@ -48,6 +48,7 @@ from typing import Any, Optional, TypeVar
 
 from aiohttp import web
 
+from agent.collector import batch_time
 from agent.collector.auth import TokenBuckets, bearer, key_hash, new_api_key, secret_ok
 from agent.collector.outputs import dropped_counts
 from agent.collector.outputs.base import Output
@@ -57,6 +58,7 @@ from agent.shared.clock import Clock
 from agent.shared.config.schema import Config
 from agent.shared.errors import StoreError, VersionError, WireError
 from agent.shared.ratelimit import RateLimiter
+from agent.shared.text import iso
 
 log = logging.getLogger("rarewrite.collector.server")
 security = logging.getLogger("rarewrite.collector.security")
@@ -311,7 +313,20 @@ async def batches(request: web.Request) -> web.Response:
             peer,
         )
         raise Reject(403, "agent_id does not match the API key's agent")
-    status = await c.write(c.store.ingest, agent, batch, c.clock.now_ms())
+    now = c.clock.now_ms()
+    batch, dropped, skewed = batch_time.checked(batch, now, c.cfg.collector.retention_ms)
+    if skewed or dropped:
+        c.error_log.log(
+            log,
+            logging.WARNING,
+            f"skew:{agent.agent_id}",
+            "event=agent_clock_skew agent_id=%r sent_at=%s now=%s dropped_times=%d",
+            agent.agent_id,
+            iso(batch.sent_at),
+            iso(now),
+            dropped,
+        )
+    status = await c.write(c.store.ingest, agent, batch, now)
     if status == "conflict":  # nothing stored: the agent must start a new epoch, not count it as sent
         c.auth_log.log(
             security,

@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import ssl
+from collections.abc import Callable
 from functools import partial
 from typing import Any, Optional
 
@@ -23,6 +24,7 @@ from agent.collector.storage.base import PRUNE_CHUNK
 from agent.shared.clock import SystemClock
 from agent.shared.config.schema import Config
 from agent.shared.errors import StoreError
+from agent.shared.rule import Rule
 from agent.shared.systemd import Watchdog, notify
 from agent.shared.text import iso, redact
 
@@ -33,33 +35,54 @@ CONTINUOUS_EVERY_S = 1.0
 
 
 async def schedule_loop(c: Collector) -> None:
-    """Run the rule on its schedule until cancelled."""
+    """Run the rule on its schedule until cancelled. The hourly run for T
+    waits ``grace`` after T for events still on their way (ship interval,
+    facts delay, a retry); at start it first runs every T it missed that is
+    still inside the retention (runs are idempotent: nothing is alerted twice)."""
     rule = c.cfg.rule
-    continuous = c.cfg.collector.schedule == "continuous"
-    while True:
-        now = c.clock.now_ms()
-        if continuous:
+    if c.cfg.collector.schedule == "continuous":
+        while True:
             await asyncio.sleep(CONTINUOUS_EVERY_S)
             at = c.clock.now_ms()
-            run = partial(ev.run_continuous, c.store, rule, at, c.cfg.collector.settle_ms, c.run_stats)
-        else:
-            at = (now // rule.schedule_ms + 1) * rule.schedule_ms
-            await asyncio.sleep((at - now) / 1000.0)
-            run = partial(ev.run_hourly, c.store, rule, at, c.run_stats)
-        report_expired(c, at)
-        try:
-            started = c.clock.monotonic()
-            alerts = await c.read(run)
-            if alerts:
-                await c.read(emit_all, c.outputs, alerts)
-                c.alerts_emitted += len(alerts)
-            took = c.clock.monotonic() - started
-            if not continuous or alerts:
-                log.info("event=evaluated at=%s alerts=%d seconds=%.3f", iso(at), len(alerts), took)
-            if continuous and took > CONTINUOUS_EVERY_S:
+            tick = partial(ev.run_continuous, c.store, rule, at, c.cfg.collector.settle_ms, c.run_stats)
+            took = await _run(c, tick, at, True)
+            if took > CONTINUOUS_EVERY_S:
                 await asyncio.sleep(took)  # never spend more than half the time evaluating
-        except StoreError as e:
-            c.error_log.log(log, logging.ERROR, "schedule", "event=evaluation_failed error=%r", str(e))
+    grace = c.cfg.collector.grace_ms
+    for at in missed_runs(rule, c.clock.now_ms(), grace, c.cfg.collector.retention_ms):
+        await _run(c, partial(ev.run_hourly, c.store, rule, at, c.run_stats), at, False)
+    while True:
+        now = c.clock.now_ms()
+        at = ((now - grace) // rule.schedule_ms + 1) * rule.schedule_ms
+        await asyncio.sleep((at + grace - now) / 1000.0)
+        await _run(c, partial(ev.run_hourly, c.store, rule, at, c.run_stats), at, False)
+
+
+def missed_runs(rule: Rule, now_ms: int, grace_ms: int, retention_ms: int) -> list[int]:
+    """Every hourly T whose run is due (T + grace <= now) and whose window
+    lies inside the retention (so its run is still exact), oldest first."""
+    every = rule.schedule_ms
+    last = (now_ms - grace_ms) // every * every
+    first = -(-(now_ms - retention_ms + rule.window_ms) // every) * every  # ceil
+    return list(range(first, last + 1, every))
+
+
+async def _run(c: Collector, run: Callable[[], list[dict[str, Any]]], at: int, continuous: bool) -> float:
+    """One evaluation and its alerts to every output; seconds it took."""
+    report_expired(c, at)
+    started = c.clock.monotonic()
+    try:
+        alerts = await c.read(run)
+        if alerts:
+            await c.read(emit_all, c.outputs, alerts)
+            c.alerts_emitted += len(alerts)
+        took = c.clock.monotonic() - started
+        if not continuous or alerts:
+            log.info("event=evaluated at=%s alerts=%d seconds=%.3f", iso(at), len(alerts), took)
+        return took
+    except StoreError as e:
+        c.error_log.log(log, logging.ERROR, "schedule", "event=evaluation_failed error=%r", str(e))
+        return c.clock.monotonic() - started
 
 
 def _log_start(cfg: Config, tls: bool) -> None:

@@ -72,6 +72,7 @@ class CollectorConfig:
     retention_ms: int = 4 * 3_600_000
     schedule: str = "hourly"
     settle_ms: int = 30_000
+    grace_ms: int = 60_000  # the hourly run for T waits this after T for events on their way
     alerts_file: str = ""
     alerts_stdout: bool = False
     max_body: int = 8 << 20
@@ -173,6 +174,7 @@ COLLECTOR_KEYS: Spec = {
     "retention": ("retention_ms", duration_ms),
     "schedule": ("schedule", choice("hourly", "continuous")),
     "settle": ("settle_ms", duration_ms),
+    "grace": ("grace_ms", duration_ms),
     "alerts_file": ("alerts_file", path),
     "alerts_stdout": ("alerts_stdout", boolean),
     "max_body": ("max_body", size_bytes),

@@ -1,0 +1,41 @@
+"""What the collector does with an agent's clock: a batch's ``sent_at`` far
+from the collector's own time is a ``clock_skew`` gap (the agent's events
+may sit outside the windows they belong to), and event times more than
+FUTURE_MS ahead of the collector are not stored: counted, and reported as a
+``clock_skew`` gap with the number lost (they would otherwise be kept past
+every prune and count in windows they were never in). Times older than the
+retention are stored as they come and pruned with the rest (a replay of
+recorded data is evaluated at its own T before the prune runs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from agent.shared import wire
+
+SKEW_MS = 300_000  # |sent_at - now| beyond this: a clock_skew gap
+FUTURE_MS = 300_000  # event times up to this far ahead are kept
+
+
+def checked(batch: wire.RowBatch, now_ms: int, retention_ms: int) -> tuple[wire.RowBatch, int, bool]:
+    """The batch with out-of-range event times taken out and clock_skew
+    gaps added; how many event times were taken out; whether sent_at is skewed."""
+    lo, hi = now_ms - retention_ms, now_ms + FUTURE_MS
+    events = tuple(e for e in batch.events if e[0] <= hi)
+    counts = []
+    for key, exe, path, stamped, actor in batch.counts:
+        kept = tuple(t for t in stamped if t <= hi)
+        if kept:
+            counts.append((key, exe, path, kept, actor))
+    dropped = batch.events_total() - len(events) - sum(len(c[3]) for c in counts)
+    gaps = list(batch.gaps)
+    sent = batch.times()  # the times as the agent stamped them, dropped ones included
+    skewed = abs(batch.sent_at - now_ms) > SKEW_MS
+    if skewed and sent:
+        gaps.append(wire.GapRecord(max(0, min(sent)), max(0, *sent), 0, "clock_skew"))
+    if dropped:
+        gaps.append(wire.GapRecord(max(0, lo), now_ms, dropped, "clock_skew"))  # when: unknown, recently
+    if len(gaps) == len(batch.gaps):
+        return batch, 0, skewed
+    return replace(batch, events=events, counts=tuple(counts), gaps=tuple(gaps)), dropped, skewed

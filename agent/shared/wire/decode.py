@@ -16,6 +16,7 @@ from agent.shared.wire.format import (
     MAX_BIN,
     MAX_BODY,
     MAX_ID,
+    MAX_OBJECTS,
     MAX_RECORDS,
     MAX_STR,
     MAX_TS,
@@ -55,22 +56,46 @@ def _pairs(pairs: list[tuple[Any, Any]]) -> dict[str, Any]:
     return out
 
 
+def _bounded() -> tuple[Any, Any]:
+    """Hooks for one body that count every object the unpacker builds inside
+    a container and stop it past MAX_OBJECTS: a body of one-byte empty maps
+    would otherwise cost some 70 times its size before any schema check."""
+    left = [MAX_OBJECTS]
+
+    def pairs(items: list[tuple[Any, Any]]) -> dict[str, Any]:
+        left[0] -= 2 * len(items)
+        if left[0] < 0:
+            raise WireError(f"more than {MAX_OBJECTS} objects in the body")
+        return _pairs(items)
+
+    def array(items: list[Any]) -> list[Any]:
+        left[0] -= len(items)
+        if left[0] < 0:
+            raise WireError(f"more than {MAX_OBJECTS} objects in the body")
+        return items
+
+    return pairs, array
+
+
 def unpack(body: bytes) -> Any:
     """msgpack bytes to Python objects, with every limit explicit.
 
     Raises WireError for anything that is not one well-formed, bounded
     msgpack object: truncation, trailing bytes, reserved bytes, ext types,
-    non-string or duplicate map keys, excessive nesting or lengths.
+    non-string or duplicate map keys, excessive nesting or lengths, more than
+    MAX_OBJECTS objects in all.
     """
     if len(body) > MAX_BODY:
         raise WireError(f"body of {len(body)} bytes exceeds {MAX_BODY}")
+    pairs, array = _bounded()
     try:
         return msgpack.unpackb(
             body,
             raw=False,
             use_list=True,
             strict_map_key=True,
-            object_pairs_hook=_pairs,
+            object_pairs_hook=pairs,
+            list_hook=array,
             ext_hook=_no_ext,
             max_str_len=MAX_STR,
             max_bin_len=MAX_BIN,

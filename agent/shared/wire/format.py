@@ -65,6 +65,10 @@ SUPPORTED_VERSIONS = (1,)
 # allocate (msgpack < 1.2.4 preallocates from the header).
 MAX_BODY = 8 << 20  # bytes of one batch
 MAX_RECORDS = 20_000  # events + count times + gaps in one batch
+# Objects the decoder builds for one body, every map key and value and array
+# item counted: a batch of MAX_RECORDS events with full detail and facts has
+# about 1,000,000; the bound keeps a hostile body under ~80 MB of objects.
+MAX_OBJECTS = 1_200_000
 MAX_BIN = 16 << 10  # a path (PATH_MAX is 4096) or a file sample
 MAX_STR = 16 << 10  # a command line is capped by the agent before this
 MAX_ID = 128

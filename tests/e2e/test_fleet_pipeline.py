@@ -90,7 +90,8 @@ def test_a_resent_batch_changes_no_count_and_late_events_count(tmp_path: Path) -
         assert r.returncode == 0, r.stderr
         only_first = fleet.Fleet(f.at_ms, f.agents[:1], f.hosts[:1], f.docs[:1])
         assert {fleet.row_tuple(x) for x in _got(c, f.at_ms)} == fleet.oracle_rows(only_first)
-        # Resend every batch the agent sent: the collector must call them duplicates.
+        # Batches under every (epoch, seq) the agent used, new ids and bodies (a restored
+        # snapshot): the collector stores none of them and says so (409: start a new epoch).
         key = json.loads((tmp_path / "s0" / "api_key").read_text())["api_key"]
         before = _got(c, f.at_ms)
         sent = _sent_batches(tmp_path / "s0")
@@ -101,7 +102,7 @@ def test_a_resent_batch_changes_no_count_and_late_events_count(tmp_path: Path) -
                 timeout=10,
                 headers={"Authorization": f"Bearer {key}", "Content-Type": "application/msgpack"},
             )
-            assert resp.status_code == 200 and "duplicate" in resp.text
+            assert resp.status_code == 409 and "new epoch" in resp.text, resp.text
         assert _got(c, f.at_ms) == before
         # The second agent was offline; its events count when they arrive.
         r = procs.replay(paths[1], c.url, str(tmp_path / "s1"), f.agents[1], f.hosts[1])
@@ -111,8 +112,9 @@ def test_a_resent_batch_changes_no_count_and_late_events_count(tmp_path: Path) -
 
 def _sent_batches(state: Path) -> list[bytes]:
     """Batches named like the ones the agent sent (same epoch, every seq it
-    used, new bodies): the collector must take them as duplicates by name,
-    so a resend after a crash can never count twice, whatever it holds."""
+    used, new batch ids and bodies): the collector must store none of them
+    (a used seq never counts twice) and answer 409, never "stored" or
+    "duplicate" (which the agent would take as delivered)."""
     import sqlite3
 
     db = sqlite3.connect(state / "agent.db")

@@ -102,7 +102,7 @@ def test_generated_fleet_split_over_two_collectors_equals_the_query(
     assert _rows(two.db, f.at_ms) == fleet.oracle_rows(f)
     earlier = f.at_ms - 20 * 60_000
     assert _rows(two.db, earlier) == fleet.oracle_rows(f, earlier)
-    # Every batch of agent 0, resent to both collectors: duplicates, nothing changes.
+    # Agent 0's (epoch, seq) names under new batch ids, to both collectors: 409, nothing changes.
     key = json.loads((tmp_path / "state-0" / "api_key").read_text())["api_key"]
     for body in _sent_batches(tmp_path / "state-0"):
         for c in (two.a, two.b):
@@ -112,7 +112,7 @@ def test_generated_fleet_split_over_two_collectors_equals_the_query(
                 timeout=10,
                 headers={"Authorization": f"Bearer {key}", "Content-Type": "application/msgpack"},
             )
-            assert resp.status_code == 200 and resp.json()["status"] == "duplicate", resp.text
+            assert resp.status_code == 409 and "new epoch" in resp.text, resp.text
     assert _rows(two.db, f.at_ms) == fleet.oracle_rows(f)
 
 

@@ -123,7 +123,7 @@ def doc(agent_id: str, seq: int = 1, **over: Any) -> dict[str, Any]:
         "seq": seq,
         "agent_id": agent_id,
         "host_name": "h",
-        "sent_at": NOW,
+        "sent_at": int(time.time() * 1000),  # now, not at import: a stale sent_at is a clock_skew gap
         "events": [
             {"ts": NOW - 1000, "action": "creation", "exe": b"/usr/sbin/nginx", "path": b"/var/www/a.php"}
         ],

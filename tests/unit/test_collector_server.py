@@ -297,7 +297,9 @@ def test_c5_c6_duplicates_and_gaps(keyed: tuple[Server, str]) -> None:
     assert [r.cc for r in rows(srv)] == [1, 1]
     out = srv.post_batch(key, pack(doc("good-1", seq=7)))[2]
     assert json.loads(out) == {"status": "stored"}
-    assert [g.reason for g in srv.store.gaps_overlapping(0, int(time.time() * 1000) + 10_000)] == ["possible_loss"]
+    assert [g.reason for g in srv.store.gaps_overlapping(0, int(time.time() * 1000) + 10_000)] == [
+        "possible_loss"
+    ]
 
 
 def test_c14_hostile_strings_stored_as_bytes(

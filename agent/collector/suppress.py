@@ -83,23 +83,22 @@ def record(
     parents: dict[bytes, tuple[str, dict[str, Any]]] = {}
     folded = 0
     for r, doc in zip(ranked, docs):
+        alert_id = str(doc["kibana"]["alert"]["uuid"])
         row_terms = terms(rule, r.row)
         skey = key(rule, row_terms)
-        item: AlertItem = (
-            str(doc["kibana"]["alert"]["uuid"]), (r.row.executable, r.row.path), at_ms, r.first_ts, "", skey
-        )  # fmt: skip
         parent = _parent(store, rule, skey, at_ms, parents)
         if parent is None:
             if skey is not None:
                 _start(doc, row_terms, r.first_ts)
-            if store.record_alerts(rule.rule_id, [(*item[:4], dumps(doc), skey)]):
+        else:
+            _fold(parent[1], doc, r, at_ms)
+        item: AlertItem = (alert_id, (r.row.executable, r.row.path), at_ms, r.first_ts, dumps(doc), skey)
+        if parent is None:
+            if store.record_alerts(rule.rule_id, [item]):
                 raised.append(doc)
                 if skey is not None:
-                    parents[skey] = (item[0], doc)
-            continue
-        parent_id, parent_doc = parent
-        _fold(parent_doc, doc, r, at_ms)
-        if store.fold_alert(rule.rule_id, (*item[:4], dumps(doc), skey), parent_id, dumps(parent_doc)):
+                    parents[skey] = (alert_id, doc)
+        elif store.fold_alert(rule.rule_id, item, parent[0], dumps(parent[1])):
             folded += 1
     return raised, folded
 

@@ -25,7 +25,8 @@ PREFIX = "exception."
 Entries = Mapping[str, tuple[str, str]]  # key -> (raw value, where)
 
 
-def _file_part(section: str, entries: Entries) -> str:
+def file_part(section: str, entries: Entries) -> str:
+    """``FILE: `` of a section's first key (for problems about the section as a whole)."""
     first = next(iter(entries.values()))[1] if entries else f"[{section}]"
     return first.rsplit(": [", 1)[0] + ": " if ": [" in first else ""
 
@@ -35,7 +36,7 @@ def exception_section(
 ) -> Optional[RuleException]:
     """One ``[exception.NAME]`` section, or None when it has problems (listed)."""
     name = section[len(PREFIX) :]
-    where0 = f"{_file_part(section, entries)}[{section}]"
+    where0 = f"{file_part(section, entries)}[{section}]"
     before = len(problems)
     if not _NAME.match(name) or name in LISTS or name == "none":
         problems.append(

@@ -21,7 +21,7 @@ from dataclasses import fields, replace
 from typing import Any, Optional, TypeVar
 
 from agent.shared.config.converters import plain_http_elsewhere, words
-from agent.shared.config.exception_sections import PREFIX, exception_section, resolve
+from agent.shared.config.exception_sections import PREFIX, exception_section, file_part, resolve
 from agent.shared.config.schema import (
     AGENT_KEYS,
     COLLECTOR_KEYS,
@@ -138,13 +138,12 @@ def _rule(
 def _output(section: str, entries: Mapping[str, tuple[str, str]], problems: list[str]) -> OutputConfig:
     """One ``[output.NAME]`` section: its type's keys converted, defaults filled in."""
     name = section[len("output.") :]
-    first = next(iter(entries.values()))[1] if entries else f"[{section}]"
-    file_part = first.rsplit(": [", 1)[0] + ": " if ": [" in first else ""
+    prefix = file_part(section, entries)
     if not _OUTPUT_NAME.match(name):
-        problems.append(f"{file_part}[{section}]: the output name must be 1 to 64 of A-Z a-z 0-9 _ . -")
+        problems.append(f"{prefix}[{section}]: the output name must be 1 to 64 of A-Z a-z 0-9 _ . -")
     kind = entries.get("type", ("", ""))[0].strip()
     if kind not in OUTPUT_TYPES:
-        where = entries["type"][1] if "type" in entries else f"{file_part}[{section}] type"
+        where = entries["type"][1] if "type" in entries else f"{prefix}[{section}] type"
         problems.append(f"{where}: {kind!r} is not an output type (choose one of: {', '.join(OUTPUT_TYPES)})")
         return OutputConfig(name, kind, {})
     spec = OUTPUT_KEYS[kind]
@@ -165,16 +164,16 @@ def _output(section: str, entries: Mapping[str, tuple[str, str]], problems: list
             continue
         if default is REQUIRED:
             if key not in entries:  # present but bad: already reported
-                problems.append(f"{file_part}[{section}] {key}: missing (required for type = {kind})")
+                problems.append(f"{prefix}[{section}] {key}: missing (required for type = {kind})")
         else:
             opts[key] = default
     if kind == "webhook" and plain_http_elsewhere(opts.get("url", "")) and not opts.get("allow_plain_http"):
         problems.append(
-            f"{file_part}[{section}] url: {url_for_logs(opts['url'])} is plain http:// to another host "
+            f"{prefix}[{section}] url: {url_for_logs(opts['url'])} is plain http:// to another host "
             "(alerts and the secret header in clear): use https://, or set allow_plain_http = yes"
         )
     if kind == "webhook" and bool(opts.get("secret_header")) != bool(opts.get("secret_file")):
-        problems.append(f"{file_part}[{section}] secret_header and secret_file: give both or neither")
+        problems.append(f"{prefix}[{section}] secret_header and secret_file: give both or neither")
     return OutputConfig(name, kind, opts)
 
 

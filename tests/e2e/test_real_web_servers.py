@@ -5,12 +5,8 @@ come from Debian (installed here when missing, as root)."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import signal
-import subprocess
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -75,15 +71,8 @@ pm.max_children = 1
         Path(f"{www}/up.php").write_text(
             f'<?php file_put_contents("{www}/uploads/" . basename($_GET["n"]), "<?php system($_GET[1]); ?>");\n'
         )
-        subprocess.run([PHP_FPM, "-y", f"{base}/php-fpm.conf"], check=True, capture_output=True, timeout=30)
-        subprocess.run([NGINX, "-c", f"{base}/nginx.conf"], check=True, capture_output=True, timeout=30)
-        try:
+        with php_site.serving(base, run):
             yield www, port
-        finally:
-            for pidfile in (f"{run}/nginx.pid", f"{run}/php-fpm.pid"):
-                with contextlib.suppress(OSError, ValueError):
-                    os.kill(int(Path(pidfile).read_text().split()[0]), signal.SIGQUIT)
-            time.sleep(0.5)
 
 
 def http(method: str, url: str, body: bytes | None = None) -> int:

@@ -173,17 +173,25 @@ def running_site() -> Iterator[Site]:
             Path(f"{root}/{name}").write_text(text)
         port = procs.free_port()
         _configs(base, root, run, port)
-        subprocess.run([PHP_FPM, "-y", f"{base}/php-fpm.conf"], check=True, capture_output=True, timeout=30)
-        subprocess.run([NGINX, "-c", f"{base}/nginx.conf"], check=True, capture_output=True, timeout=30)
-        try:
+        with serving(base, run):
             site = Site(root, port, run)
             _wait_up(site)
             yield site
-        finally:
-            for pidfile in (f"{run}/nginx.pid", f"{run}/php-fpm.pid"):
-                with contextlib.suppress(OSError, ValueError):
-                    os.kill(int(Path(pidfile).read_text().split()[0]), signal.SIGQUIT)
-            time.sleep(0.5)
+
+
+@contextlib.contextmanager
+def serving(base: str, run: str) -> Iterator[None]:
+    """php-fpm and nginx started from ``base``/php-fpm.conf and nginx.conf
+    (whose pid files are in ``run``), stopped gracefully afterwards."""
+    subprocess.run([PHP_FPM, "-y", f"{base}/php-fpm.conf"], check=True, capture_output=True, timeout=30)
+    subprocess.run([NGINX, "-c", f"{base}/nginx.conf"], check=True, capture_output=True, timeout=30)
+    try:
+        yield
+    finally:
+        for pidfile in (f"{run}/nginx.pid", f"{run}/php-fpm.pid"):
+            with contextlib.suppress(OSError, ValueError):
+                os.kill(int(Path(pidfile).read_text().split()[0]), signal.SIGQUIT)
+        time.sleep(0.5)
 
 
 def _wait_up(site: Site) -> None:

@@ -22,6 +22,10 @@ def checked(batch: wire.RowBatch, now_ms: int, retention_ms: int) -> tuple[wire.
     """The batch with out-of-range event times taken out and clock_skew
     gaps added; how many event times were taken out; whether sent_at is skewed."""
     lo, hi = now_ms - retention_ms, now_ms + FUTURE_MS
+    sent = batch.times()  # the times as the agent stamped them
+    skewed = abs(batch.sent_at - now_ms) > SKEW_MS
+    if not skewed and (not sent or max(sent) <= hi):
+        return batch, 0, False  # the usual batch: nothing to take out, nothing to add
     events = tuple(e for e in batch.events if e[0] <= hi)
     counts = []
     for key, exe, path, stamped, actor in batch.counts:
@@ -30,8 +34,6 @@ def checked(batch: wire.RowBatch, now_ms: int, retention_ms: int) -> tuple[wire.
             counts.append((key, exe, path, kept, actor))
     dropped = batch.events_total() - len(events) - sum(len(c[3]) for c in counts)
     gaps = list(batch.gaps)
-    sent = batch.times()  # the times as the agent stamped them, dropped ones included
-    skewed = abs(batch.sent_at - now_ms) > SKEW_MS
     if skewed and sent:
         gaps.append(wire.GapRecord(max(0, min(sent)), max(0, *sent), 0, "clock_skew"))
     if dropped:

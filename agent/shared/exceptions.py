@@ -167,21 +167,7 @@ class ExceptionSet:
                 return True
         return False
 
-    def name_of(self, i: int) -> str:
-        return self._all[i].name
-
     def removes_event(
         self, exe: Optional[bytes], path: Optional[bytes], host_name: str, agent_id: str, actor: Actor
     ) -> bool:
         return self.removes(self.pair_candidates(exe, path), host_name, agent_id, actor)
-
-
-def actor_of(detail: Optional[Mapping[str, object]]) -> Actor:
-    """The actor fields of a stored event's detail map (wire names)."""
-    if not detail:
-        return NO_ACTOR
-    out = []
-    for k in ("pname", "uname", "uid"):
-        v = detail.get(k)
-        out.append(v if isinstance(v, str) else None)
-    return (out[0], out[1], out[2])

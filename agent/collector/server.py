@@ -50,6 +50,7 @@ from aiohttp import web
 
 from agent.collector import batch_time
 from agent.collector.auth import TokenBuckets, bearer, key_hash, new_api_key, secret_ok
+from agent.collector.guard import ConnectionGuard
 from agent.collector.outputs import dropped_counts
 from agent.collector.outputs.base import Output
 from agent.collector.storage.base import AgentRecord, Store
@@ -107,6 +108,7 @@ class Collector:
         self.alerts_emitted = 0
         self.run_stats: dict[str, int] = {}  # evaluate.RunStats of every run since start
         self.expired_reported: set[str] = set()  # exceptions whose expiry was logged
+        self.guard: Optional[ConnectionGuard] = None  # set by serve: the connection caps
 
     async def read(self, fn: Callable[..., R], *args: Any) -> R:
         return await asyncio.get_running_loop().run_in_executor(self.reads, partial(fn, *args))
@@ -446,6 +448,25 @@ def _evaluation_metrics(out: list[str], c: Collector, counts: dict[str, Any]) ->
     )
 
 
+def _connection_metrics(out: list[str], c: Collector) -> None:
+    guard = c.guard
+    if guard is None:
+        return
+    _metric(out, "rarewrite_collector_connections", "gauge", "Client connections held.",
+            [("", len(guard.live))])  # fmt: skip
+    _metric(
+        out,
+        "rarewrite_collector_connections_closed_total",
+        "counter",
+        "Connections closed by the collector since start: header_timeout, evicted (room at a cap), "
+        "peer_cap or total_cap (refused).",
+        [
+            (f'{{reason="{r}"}}', guard.closed[r])
+            for r in ("header_timeout", "evicted", "peer_cap", "total_cap")
+        ],
+    )
+
+
 async def metrics(request: web.Request) -> web.Response:
     c = _c(request)
     counts = await c.read(c.store.counts)
@@ -483,6 +504,7 @@ async def metrics(request: web.Request) -> web.Response:
         [(f'{{reason="{r}"}}', n) for r, n in sorted(gaps.items())[:100]],
     )
     _evaluation_metrics(out, c, counts)
+    _connection_metrics(out, c)
     _metric(
         out,
         "rarewrite_collector_output_dropped_total",

@@ -8,6 +8,7 @@ import contextlib
 import inspect
 import logging
 import os
+import resource
 import signal
 import ssl
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from typing import Any, Optional
 from aiohttp import web
 
 from agent.collector import evaluate as ev
+from agent.collector.guard import ConnectionGuard, Limits
 from agent.collector.outputs import build_outputs, emit_all
 from agent.collector.server import COLLECTOR, Collector, make_app
 from agent.collector.storage import open_store
@@ -159,9 +161,53 @@ def ssl_context(cfg: Config) -> Optional[ssl.SSLContext]:
     return ctx
 
 
+NOFILE_SPARE = 256  # descriptors besides connections: the database, outputs, the decoder's pipes
+
+
+def limits_of(cfg: Config) -> Limits:
+    cc = cfg.collector
+    return Limits(cc.max_connections, cc.max_connections_per_peer, cc.header_timeout_ms / 1000.0)
+
+
+def raise_nofile(want: int) -> None:
+    """Raise the soft descriptor limit towards ``want`` (never past the hard
+    limit, never down): 1024, the usual soft default, is a few hundred
+    slow clients. Logged when the hard limit is lower than the caps need."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    if target > soft:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    if target < want:
+        log.warning(
+            "event=nofile_low hard_limit=%d needed=%d (lower max_connections or raise LimitNOFILE)",
+            hard,
+            want,
+        )
+
+
 def _host_port(listen: str) -> tuple[str, int]:
     host, _, port = listen.rpartition(":")
     return host.strip("[]"), int(port)
+
+
+def _runner(app: web.Application, cfg: Config) -> web.AppRunner:
+    # auto_decompress off: gzip is decompressed by us, with an output cap.
+    # shutdown_timeout is the runner's since aiohttp 3.9 (3.8: the site's, and we have none).
+    on_runner = "shutdown_timeout" in inspect.signature(web.BaseRunner.__init__).parameters
+    runner_kw: dict[str, Any] = {"shutdown_timeout": 5.0} if on_runner else {}
+    keepalive = cfg.collector.idle_timeout_ms / 1000.0
+    return web.AppRunner(
+        app, access_log=None, auto_decompress=False, keepalive_timeout=keepalive, **runner_kw
+    )
+
+
+async def _listen(cfg: Config, guard: ConnectionGuard, ctx: Optional[ssl.SSLContext]) -> asyncio.Server:
+    """Our own listener rather than web.TCPSite: every connection passes the guard."""
+    raise_nofile(cfg.collector.max_connections + NOFILE_SPARE)
+    host, port = _host_port(cfg.collector.listen)
+    loop = asyncio.get_running_loop()
+    return await loop.create_server(guard, host or None, port, ssl=ctx, backlog=512, reuse_address=True)
 
 
 async def _serve(cfg: Config, secret: str) -> int:
@@ -180,17 +226,16 @@ async def _serve(cfg: Config, secret: str) -> int:
             c.start_decoder()
         except OSError as e:
             log.warning("event=decoder_unavailable error=%r", str(e))
-    # auto_decompress off: gzip is decompressed by us, with an output cap.
-    # shutdown_timeout moved from TCPSite (aiohttp 3.8) to the runner (3.9+).
-    on_runner = "shutdown_timeout" in inspect.signature(web.BaseRunner.__init__).parameters
-    runner_kw: dict[str, Any] = {"shutdown_timeout": 5.0} if on_runner else {}
-    site_kw: dict[str, Any] = {} if on_runner else {"shutdown_timeout": 5.0}
-    runner = web.AppRunner(app, access_log=None, auto_decompress=False, keepalive_timeout=75, **runner_kw)
+    runner = _runner(app, cfg)
     await runner.setup()
-    host, port = _host_port(cfg.collector.listen)
-    site = web.TCPSite(runner, host, port, ssl_context=ctx, backlog=512, **site_kw)
+    server = runner.server
+    if server is None:  # setup() sets it
+        raise RuntimeError("aiohttp runner has no server after setup")
+    guard = ConnectionGuard(server, limits_of(cfg), c.error_log)
+    c.guard = guard
+    loop = asyncio.get_running_loop()
     try:
-        await site.start()
+        listener = await _listen(cfg, guard, ctx)
     except OSError as e:
         log.error("event=listen_failed address=%r error=%r", cfg.collector.listen, str(e))
         await runner.cleanup()
@@ -198,10 +243,10 @@ async def _serve(cfg: Config, secret: str) -> int:
         return 1
     _log_start(cfg, ctx is not None)
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    tasks = [asyncio.create_task(t) for t in (schedule_loop(c), prune_loop(c), watchdog_loop(c))]
+    loops = (schedule_loop(c), prune_loop(c), watchdog_loop(c), guard.run())
+    tasks = [asyncio.create_task(t) for t in loops]
     notify("READY=1")  # Type=notify: listening
     try:
         await stop.wait()
@@ -213,6 +258,8 @@ async def _serve(cfg: Config, secret: str) -> int:
         for t in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
+        listener.close()
+        await server.shutdown(5.0)  # open connections; aiohttp 3.8's cleanup leaves them to a site
         await runner.cleanup()
         store.close()
     log.info("event=stopped")

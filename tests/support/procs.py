@@ -49,14 +49,18 @@ class Collector:
 
 
 @contextlib.contextmanager
-def collector(tmp: str, *extra: str, port: int | None = None, db: str | None = None) -> Iterator[Collector]:
+def collector(
+    tmp: str, *extra: str, port: int | None = None, db: str | None = None, nofile: int | None = None
+) -> Iterator[Collector]:
+    """``collector serve`` on loopback; ``nofile``: its soft descriptor limit at start."""
     port = port or free_port()
     db = db or os.path.join(tmp, "collector.db")
     log = os.path.join(tmp, f"collector-{port}.log")
     env = {**os.environ, "RAREWRITE_ENROLLMENT_SECRET": SECRET}
+    limit = [] if nofile is None else ["prlimit", f"--nofile={nofile}:"]  # util-linux: the soft limit only
     with open(log, "ab") as out:
         p = subprocess.Popen(
-            [*RAREWRITE, "collector", "serve", "--listen", f"127.0.0.1:{port}", "--db", db, *extra],
+            [*limit, *RAREWRITE, "collector", "serve", "--listen", f"127.0.0.1:{port}", "--db", db, *extra],
             stdout=out,
             stderr=subprocess.STDOUT,
             env=env,

@@ -77,6 +77,10 @@ class CollectorConfig:
     alerts_stdout: bool = False
     max_body: int = 8 << 20
     read_timeout_ms: int = 30_000
+    header_timeout_ms: int = 10_000
+    idle_timeout_ms: int = 75_000
+    max_connections: int = 10_000
+    max_connections_per_peer: int = 1_000
     rate_limit: int = 200  # batches per agent per second, with a burst of the same
     tls_cert: str = ""
     tls_key: str = ""
@@ -179,6 +183,10 @@ COLLECTOR_KEYS: Spec = {
     "alerts_stdout": ("alerts_stdout", boolean),
     "max_body": ("max_body", size_bytes),
     "read_timeout": ("read_timeout_ms", duration_ms),
+    "header_timeout": ("header_timeout_ms", duration_ms),
+    "idle_timeout": ("idle_timeout_ms", duration_ms),
+    "max_connections": ("max_connections", integer(16, 1_000_000)),
+    "max_connections_per_peer": ("max_connections_per_peer", integer(1, 1_000_000)),
     "rate_limit": ("rate_limit", integer(1, 1_000_000)),
     "tls_cert": ("tls_cert", path),
     "tls_key": ("tls_key", path),

@@ -81,11 +81,7 @@ def _collector_commands(group: argparse.ArgumentParser) -> None:
         "--at", metavar="ISO8601", required=True, help="evaluation time T; the window is (T-1h, T]"
     )
 
-    agents = col.add_parser("agents", help="list enrolled agents, revoke one, or restore a revoked one")
-    _config_opt(agents, COLLECTOR_CONF)
-    agents.add_argument("action", choices=("list", "revoke", "restore"))
-    agents.add_argument("agent_id", nargs="?", help="the agent to revoke (or to let enroll again: restore)")
-    agents.add_argument("--db", metavar="PATH|URL", help=_DB_HELP + " ([collector] db)")
+    _fleet_commands(col)
 
     alerts = col.add_parser("alerts", help="list stored alerts")
     _config_opt(alerts, COLLECTOR_CONF)
@@ -96,6 +92,32 @@ def _collector_commands(group: argparse.ArgumentParser) -> None:
     mig = col.add_parser("migrate", help="create or upgrade the collector's database schema, then exit")
     _config_opt(mig, COLLECTOR_CONF)
     mig.add_argument("--db", metavar="PATH|URL", help=_DB_HELP + " ([collector] db)")
+
+
+def _fleet_commands(col: Any) -> None:
+    """``collector agents`` and ``collector tokens``."""
+    agents = col.add_parser(
+        "agents",
+        help="list enrolled agents and their health, revoke one, or reset one so it may enroll again",
+    )
+    _config_opt(agents, COLLECTOR_CONF)
+    agents.add_argument("action", choices=("list", "revoke", "reset", "restore"))
+    agents.add_argument(
+        "agent_id", nargs="?", help="the agent to revoke, or to let enroll again with the secret (reset)"
+    )
+    agents.add_argument("--db", metavar="PATH|URL", help=_DB_HELP + " ([collector] db)")
+
+    tokens = col.add_parser("tokens", help="per-host enrollment tokens: create one, list them, revoke one")
+    _config_opt(tokens, COLLECTOR_CONF)
+    tokens.add_argument("action", choices=("create", "list", "revoke"))
+    tokens.add_argument("token_id", nargs="?", help="the token to revoke (its id, as list shows it)")
+    tokens.add_argument(
+        "--agent-id", metavar="ID", help="the only agent id the token enrolls (and may re-key)"
+    )
+    tokens.add_argument("--uses", type=int, default=1, help="enrollments the token allows (default 1)")
+    tokens.add_argument("--expires", metavar="DURATION", default="24h", help="valid for this long (24h)")
+    tokens.add_argument("--comment", default="", help="a note kept with the token")
+    tokens.add_argument("--db", metavar="PATH|URL", help=_DB_HELP + " ([collector] db)")
 
 
 def _agent_commands(group: argparse.ArgumentParser) -> None:
@@ -258,7 +280,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         from agent.collector.service import serve
 
         secret = _secret(args, cfg.collector.enrollment_secret_file)
-        if not secret:
+        if not secret and cfg.collector.enroll_with_secret:
             raise RarewriteError(
                 f"no enrollment secret: set ${SECRET_ENV}, --enrollment-secret "
                 "or [collector] enrollment_secret_file"
@@ -270,6 +292,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from agent.collector import admin
 
         return admin.agents(args.db or cfg.collector.db, args.action, args.agent_id)
+    if cmd == "tokens":
+        from agent.collector import admin
+
+        return admin.tokens(args.db or cfg.collector.db, args)
     if cmd == "alerts":
         from agent.collector import admin
 

@@ -117,7 +117,8 @@ class CountingProxy:
 
 def make_fleet(kind: str, at_ms: int, pairs: int, per_pair: int, unique: int, seed: int) -> fl.Fleet:
     rng = random.Random(seed)  # noqa: S311 - test data, not secrets
-    agent = str(uuid.UUID(int=rng.getrandbits(128)))
+    # one agent id per fleet: both fleets ship to one collector, and an id is enrolled once
+    agent = str(uuid.uuid5(uuid.UUID(int=rng.getrandbits(128)), kind))
     host = f"web-{kind}"
     docs: list[dict[str, Any]] = []
 

@@ -15,10 +15,23 @@ from collections import OrderedDict
 from typing import Optional
 
 _TOKEN = re.compile(r"[A-Za-z0-9_-]{16,256}\Z")
+_ENROLL_TOKEN = re.compile(r"rwe_([0-9a-f]{8})_[A-Za-z0-9_-]{32}\Z")
+ENROLL_TOKEN_PREFIX = "rwe_"  # noqa: S105 - the prefix, not a token
 
 
 def new_api_key() -> str:
     return secrets.token_urlsafe(32)
+
+
+def new_enroll_token() -> tuple[str, str]:
+    """(token id, token): ``rwe_<id>_<secret>``. The id names the token in
+    ``collector tokens list`` and logs; the whole token is shown once."""
+    token_id = secrets.token_hex(4)
+    return token_id, f"{ENROLL_TOKEN_PREFIX}{token_id}_{secrets.token_urlsafe(24)}"
+
+
+def is_enroll_token(given: object) -> bool:
+    return isinstance(given, str) and _ENROLL_TOKEN.match(given) is not None
 
 
 def key_hash(key: str) -> str:

@@ -18,6 +18,13 @@ Status codes of ``POST /api/v1/batches``, checked in this order:
 - 409 when the batch's seq was already used in its epoch by another batch
   id (nothing stored): the agent starts a new epoch and sends it again.
 
+``POST /api/v1/enroll`` answers 200 with a key, 401 for a wrong secret or an
+unusable token (rate-limited per address), 403 for a revoked id, and 409 when
+the id is enrolled and the request proves nothing (its current key as
+``Authorization: Bearer``, an admin's reset, a token bound to the id): a
+stolen fleet secret cannot take over an agent. ``POST /api/v1/heartbeat``
+(the agent's key, JSON) keeps an agent from being reported silent.
+
 Database work runs in threads: one writer thread (ingest, enroll, prune) so
 writes never contend inside the process, and a small pool for reads, so the
 event loop never blocks. Batch bodies are decoded and validated in one worker
@@ -48,12 +55,18 @@ from typing import Any, Optional, TypeVar
 
 from aiohttp import web
 
-from agent.collector import batch_time
-from agent.collector.auth import TokenBuckets, bearer, key_hash, new_api_key, secret_ok
+from agent.collector import batch_time, health
+from agent.collector.auth import TokenBuckets, bearer, is_enroll_token, key_hash, new_api_key, secret_ok
 from agent.collector.guard import ConnectionGuard
-from agent.collector.outputs import dropped_counts
+from agent.collector.outputs import dropped_counts, emit_all
 from agent.collector.outputs.base import Output
-from agent.collector.storage.base import AgentRecord, Store
+from agent.collector.storage.base import (
+    ENROLL_BAD_TOKEN,
+    ENROLL_REVOKED,
+    ENROLL_TAKEN,
+    AgentRecord,
+    Store,
+)
 from agent.shared import wire
 from agent.shared.clock import Clock
 from agent.shared.config.schema import Config
@@ -109,6 +122,44 @@ class Collector:
         self.run_stats: dict[str, int] = {}  # evaluate.RunStats of every run since start
         self.expired_reported: set[str] = set()  # exceptions whose expiry was logged
         self.guard: Optional[ConnectionGuard] = None  # set by serve: the connection caps
+        self.started_ms = clock.now_ms()
+        self.beats: dict[int, tuple[int, str]] = {}  # agent ref -> (time, health JSON), not yet stored
+        self.beat_rates = TokenBuckets(1.0, 5)
+        self.health_alerts: Counter[str] = Counter()  # kind -> sent since start
+        self.health_raised: set[str] = set()  # health alert ids already recorded by this process
+        self._emitting: Optional[asyncio.Lock] = None
+
+    def emitting(self) -> asyncio.Lock:
+        """One emission at a time: the outputs are not made for two threads."""
+        if self._emitting is None:
+            self._emitting = asyncio.Lock()
+        return self._emitting
+
+    async def raise_health(self, docs: list[dict[str, Any]]) -> None:
+        """Record health alerts and send the new ones to every output; a
+        database error is logged (the alert is tried again with the next
+        occasion, its id unchanged)."""
+        docs = [d for d in docs if d["kibana"]["alert"]["uuid"] not in self.health_raised]
+        if not docs or not self.cfg.collector.health_alerts:
+            return
+        try:
+            new = set(await self.write(self.store.record_alerts, health.HEALTH_RULE_ID, health.items(docs)))
+        except StoreError as e:
+            self.error_log.log(log, logging.ERROR, "health", "event=health_alert_failed error=%r", str(e))
+            return
+        self.health_raised.update(d["kibana"]["alert"]["uuid"] for d in docs)
+        fresh = [d for d in docs if d["kibana"]["alert"]["uuid"] in new]
+        if fresh:
+            async with self.emitting():
+                await self.read(emit_all, self.outputs, fresh)
+            for d in fresh:
+                self.health_alerts[d["rarewrite"]["health"]["kind"]] += 1
+                security.warning("event=health_alert %s", d["message"])
+
+    async def store_heartbeats(self) -> None:
+        beats, self.beats = self.beats, {}
+        if beats:
+            await self.write(self.store.heartbeats, [(ref, t, h) for ref, (t, h) in beats.items()])
 
     async def read(self, fn: Callable[..., R], *args: Any) -> R:
         return await asyncio.get_running_loop().run_in_executor(self.reads, partial(fn, *args))
@@ -252,30 +303,87 @@ async def enroll(request: web.Request) -> web.Response:
     if not isinstance(doc, dict):
         raise Reject(400, "body must be a JSON object")
     peer = _peer(request)
-    if not secret_ok(doc.get("enrollment_secret"), c.secret):
-        c.auth_log.log(
-            security,
-            logging.WARNING,
-            f"enroll:{peer}",
-            "event=enroll_denied peer=%r reason=%r",
-            peer,
-            "wrong secret",
-        )
-        wait = c.enroll_failures.take(peer, c.clock.monotonic())
-        if wait > 0:
-            raise Reject(429, "too many failed enrollments", headers={"Retry-After": str(math.ceil(wait))})
-        raise Reject(401, "wrong enrollment secret")
+    given = doc.get("enrollment_secret")
+    token_hash = None
+    if not (c.cfg.collector.enroll_with_secret and secret_ok(given, c.secret)):
+        if not is_enroll_token(given):
+            _deny_enrollment(c, peer, "wrong secret")
+        token_hash = key_hash(str(given))
     agent_id, host_name = doc.get("agent_id"), doc.get("host_name")
     if not isinstance(agent_id, str) or not wire.valid_agent_id(agent_id):
         raise Reject(400, "agent_id: must be 1-128 of A-Z a-z 0-9 . _ : @ -")
     if not isinstance(host_name, str) or not _PRINTABLE.match(host_name) or not _utf8(host_name):
         raise Reject(400, "host_name: must be 1-255 printable characters")
-    key = new_api_key()
-    if not await c.write(c.store.enroll, agent_id, host_name, key_hash(key), c.clock.now_ms()):
+    proof = bearer(request.headers.get("Authorization"))
+    key, now = new_api_key(), c.clock.now_ms()
+    status = await c.write(
+        c.store.enroll, agent_id, host_name, key_hash(key), now, proof and key_hash(proof), token_hash
+    )
+    if status == ENROLL_BAD_TOKEN:
+        _deny_enrollment(c, peer, "unknown, used up or expired token")
+    if status == ENROLL_REVOKED:
         security.warning("event=enroll_revoked agent_id=%r peer=%r", agent_id, peer)
         raise Reject(403, "this agent id was revoked; an admin must restore it")
-    log.info("event=enrolled agent_id=%r host_name=%r peer=%r", agent_id, host_name, peer)
+    how = "its current key" if proof else "an admin's reset or a token bound to the id"
+    alert = health.enrollment(status, agent_id, host_name, now, peer, how)
+    await c.raise_health([alert] if alert else [])
+    if status == ENROLL_TAKEN:
+        c.auth_log.log(
+            security,
+            logging.WARNING,
+            f"taken:{agent_id}",
+            "event=reenroll_refused agent_id=%r host_name=%r peer=%r",
+            agent_id,
+            host_name,
+            peer,
+        )
+        raise Reject(
+            409,
+            f"agent id {agent_id!r} is enrolled with another key: send its current key, or have an admin "
+            f"run 'rarewrite collector agents reset {agent_id}' (or give a token bound to it)",
+        )
+    event = "agent_enrolled" if status == "new" else "agent_key_replaced"
+    security.warning(
+        "event=%s agent_id=%r host_name=%r peer=%r token=%s",
+        event,
+        agent_id,
+        host_name,
+        peer,
+        "yes" if token_hash else "no",
+    )
     return web.json_response({"api_key": key})
+
+
+def _deny_enrollment(c: Collector, peer: str, why: str) -> None:
+    """Raise 401 (429 past the per-address rate of failures), logged rate-limited."""
+    c.auth_log.log(
+        security, logging.WARNING, f"enroll:{peer}", "event=enroll_denied peer=%r reason=%r", peer, why
+    )
+    wait = c.enroll_failures.take(peer, c.clock.monotonic())
+    if wait > 0:
+        raise Reject(429, "too many failed enrollments", headers={"Retry-After": str(math.ceil(wait))})
+    raise Reject(401, "wrong enrollment secret or token")
+
+
+async def heartbeat(request: web.Request) -> web.Response:
+    """An agent's heartbeat: its health, kept (batched: see store_heartbeats)."""
+    c = _c(request)
+    agent = await _authenticated(c, request, _peer(request))
+    wait = c.beat_rates.take(agent.agent_id, c.clock.monotonic())
+    if wait > 0:
+        raise Reject(429, "heartbeats too often", headers={"Retry-After": str(max(1, math.ceil(wait)))})
+    body = await _read_body(request, health.HEARTBEAT_MAX_BODY, c.read_timeout)
+    now = c.clock.now_ms()
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError):
+        raise Reject(400, "body is not valid JSON") from None
+    try:
+        beat = health.heartbeat_health(doc, now)
+    except ValueError as e:
+        raise Reject(400, str(e)) from None
+    c.beats[agent.ref] = (now, json.dumps(beat))
+    return web.json_response({"status": "ok"})
 
 
 def _utf8(s: str) -> bool:
@@ -330,22 +438,26 @@ async def batches(request: web.Request) -> web.Response:
         )
     status = await c.write(c.store.ingest, agent, batch, now)
     if status == "conflict":  # nothing stored: the agent must start a new epoch, not count it as sent
-        c.auth_log.log(
-            security,
-            logging.WARNING,
-            f"seq:{agent.agent_id}",
-            "event=batch_seq_conflict agent_id=%r epoch=%s seq=%d (a restored snapshot or state dir?)",
-            agent.agent_id,
-            batch.epoch,
-            batch.seq,
-        )
-        raise Reject(
-            409, f"seq {batch.seq} of epoch {batch.epoch} was used by another batch: start a new epoch"
-        )
+        _seq_conflict(c, agent, batch)
     c.batches[status] += 1
     if status == "stored":
         c.events += batch.events_total()
+        if batch.gaps:
+            await c.raise_health(health.losses(agent, batch.gaps, now))
     return web.json_response({"status": status})
+
+
+def _seq_conflict(c: Collector, agent: AgentRecord, batch: wire.RowBatch) -> None:
+    c.auth_log.log(
+        security,
+        logging.WARNING,
+        f"seq:{agent.agent_id}",
+        "event=batch_seq_conflict agent_id=%r epoch=%s seq=%d (a restored snapshot or state dir?)",
+        agent.agent_id,
+        batch.epoch,
+        batch.seq,
+    )
+    raise Reject(409, f"seq {batch.seq} of epoch {batch.epoch} was used by another batch: start a new epoch")
 
 
 async def _authenticated(c: Collector, request: web.Request, peer: str) -> AgentRecord:
@@ -424,6 +536,13 @@ def _evaluation_metrics(out: list[str], c: Collector, counts: dict[str, Any]) ->
         "counter",
         "Alerts raised by this collector since start.",
         [("", c.alerts_emitted)],
+    )
+    _metric(
+        out,
+        "rarewrite_collector_health_alerts_total",
+        "counter",
+        "Sensor-health alerts raised by this collector since start, by kind.",
+        [(f'{{kind="{k}"}}', c.health_alerts[k]) for k in health.KINDS],
     )
     _metric(
         out,
@@ -527,6 +646,7 @@ def make_app(
     app[COLLECTOR] = c
     app.router.add_post("/api/v1/enroll", enroll)
     app.router.add_post("/api/v1/batches", batches)
+    app.router.add_post("/api/v1/heartbeat", heartbeat)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
 

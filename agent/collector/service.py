@@ -18,6 +18,7 @@ from typing import Any, Optional
 from aiohttp import web
 
 from agent.collector import evaluate as ev
+from agent.collector import health
 from agent.collector.guard import ConnectionGuard, Limits
 from agent.collector.outputs import build_outputs, emit_all
 from agent.collector.server import COLLECTOR, Collector, make_app
@@ -33,6 +34,7 @@ from agent.shared.text import iso, redact
 log = logging.getLogger("rarewrite.collector.server")
 
 PRUNE_EVERY_S = 60.0
+HEALTH_EVERY_S = 5.0
 CONTINUOUS_EVERY_S = 1.0
 
 
@@ -76,7 +78,8 @@ async def _run(c: Collector, run: Callable[[], list[dict[str, Any]]], at: int, c
     try:
         alerts = await c.read(run)
         if alerts:
-            await c.read(emit_all, c.outputs, alerts)
+            async with c.emitting():
+                await c.read(emit_all, c.outputs, alerts)
             c.alerts_emitted += len(alerts)
         took = c.clock.monotonic() - started
         if not continuous or alerts:
@@ -136,6 +139,22 @@ async def prune_loop(c: Collector) -> None:
         except StoreError as e:
             c.error_log.log(log, logging.ERROR, "prune", "event=prune_failed error=%r", str(e))
         await asyncio.sleep(PRUNE_EVERY_S)
+
+
+async def health_loop(c: Collector) -> None:
+    """Store the heartbeats received, and alert the agents gone silent."""
+    silent_after = c.cfg.collector.agent_silent_after_ms
+    every = min(HEALTH_EVERY_S, silent_after / 4000.0)
+    while True:
+        await asyncio.sleep(every)
+        try:
+            await c.store_heartbeats()
+            now = c.clock.now_ms()
+            if now - c.started_ms >= silent_after:
+                agents = await c.read(c.store.list_agents)
+                await c.raise_health(health.silent(agents, now, c.started_ms, silent_after))
+        except StoreError as e:
+            c.error_log.log(log, logging.ERROR, "health", "event=health_check_failed error=%r", str(e))
 
 
 async def watchdog_loop(c: Collector) -> None:
@@ -245,7 +264,7 @@ async def _serve(cfg: Config, secret: str) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loops = (schedule_loop(c), prune_loop(c), watchdog_loop(c), guard.run())
+    loops = (schedule_loop(c), prune_loop(c), health_loop(c), watchdog_loop(c), guard.run())
     tasks = [asyncio.create_task(t) for t in loops]
     notify("READY=1")  # Type=notify: listening
     try:
@@ -260,6 +279,8 @@ async def _serve(cfg: Config, secret: str) -> int:
                 await t
         listener.close()
         await server.shutdown(5.0)  # open connections; aiohttp 3.8's cleanup leaves them to a site
+        with contextlib.suppress(StoreError):
+            await c.store_heartbeats()
         await runner.cleanup()
         store.close()
     log.info("event=stopped")

@@ -9,6 +9,7 @@ acknowledged everything.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
@@ -63,7 +64,7 @@ class LiveAgent:
         self.stop = threading.Event()
         self.reload = threading.Event()
         self.busy = threading.Event()  # set while the reader is in a burst
-        self.counters = {"seen": 0, "matched": 0, "overflows": 0, "unknown": 0, "errors": 0}
+        self.counters = {"seen": 0, "matched": 0, "overflows": 0, "lost": 0, "unknown": 0, "errors": 0}
         self.started_ms = self.clock.now_ms()
         self._seen_unresolved = 0
         self._seen_refused: set[str] = set()
@@ -97,6 +98,8 @@ class LiveAgent:
             facts=FactsReader(self.clock, cfg.agent.hash_max_bytes) if cfg.agent.file_facts else None,
         )  # fmt: skip
         self.shipper = build_shipper(cfg, state, self.store, ident, self.secret, self.clock)
+        self.shipper.health = self._health
+        self.shipper.heartbeat_s = cfg.agent.heartbeat_interval_ms / 1000
         self._install_signals()
         state.write_status(self._status("starting", None))
         # late-bound on purpose: a SIGHUP reload swaps self.cfg
@@ -180,6 +183,7 @@ class LiveAgent:
         for raw in raws:
             if raw.kind == OVERFLOW:
                 self.counters["overflows"] += 1
+                self.counters["lost"] += raw.lost
                 now = self.clock.now_ms()
                 store.record_gap(now, now, raw.lost, "overflow")
                 log.warning("event=queue_overflow overflows_total=%d", self.counters["overflows"])
@@ -308,6 +312,21 @@ class LiveAgent:
         signal.signal(signal.SIGTERM, on_term)
         signal.signal(signal.SIGINT, on_term)
         signal.signal(signal.SIGHUP, on_hup)
+
+    def _health(self) -> dict[str, Any]:
+        """What a heartbeat reports: the counters, and "degraded" once anything was lost."""
+        st = self.store.counters
+        counters = {
+            **self.counters,
+            "dropped": st["dropped"] + st["not_stored"],
+            "stored": st["stored"],
+            "quarantined": st["quarantined"],
+            **{f"ship_{k}": v for k, v in self.shipper.counters.items()},
+        }
+        with contextlib.suppress(Exception):  # the depth is a nicety: never fail a heartbeat for it
+            counters["outbox_depth"] = max(0, self.store.depth())
+        lost = counters["overflows"] or counters["dropped"] or counters["errors"]
+        return {"status": "degraded" if lost else "ok", "version": __version__, "counters": counters}
 
     def _status(
         self, state: str, source: Optional[EventSource], stats: Optional[dict[str, Any]] = None

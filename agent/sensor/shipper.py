@@ -13,8 +13,9 @@ import json
 import logging
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 from agent.sensor.outbox import AgentStore
 from agent.sensor.transport import USER_AGENT, Transport
@@ -23,7 +24,8 @@ from agent.shared.clock import Clock
 from agent.shared.errors import EnrollError, ShipError
 
 log = logging.getLogger("rarewrite.shipper")
-BUSY_WAIT_S = 5.0  # the longest the shipper holds back for a busy reader before it sends one batch
+BUSY_WAIT_S = 1.0  # the longest the shipper holds back for a busy reader before it sends one batch
+# (a flood keeps the reader busy for as long as the attacker likes: the shell behind it must still leave)
 
 
 @dataclass(frozen=True)
@@ -68,9 +70,16 @@ class Shipper:
             "refused": 0,
             "failures": 0,
             "epoch_resets": 0,
+            "heartbeats": 0,
+            "heartbeat_failures": 0,
         }
         self._key: Optional[str] = None
+        self._proof: Optional[str] = None  # our last key: shown when enrolling again
         self._sending = threading.Lock()
+        # heartbeats: what to report (None: no heartbeats, e.g. a replay) and how often
+        self.health: Optional[Callable[[], dict[str, Any]]] = None
+        self.heartbeat_s = 30.0
+        self.next_beat = 0.0
 
     # -------------------------------------------------------------- enrollment
 
@@ -85,10 +94,15 @@ class Shipper:
                 doc = json.load(f)
         except (OSError, ValueError):
             return None
-        if doc.get("agent_id") != self.identity.agent_id or doc.get("host_name") != self.identity.host_name:
-            return None  # a new identity enrolls anew
         key = doc.get("api_key")
-        return key if isinstance(key, str) else None
+        if not isinstance(key, str):
+            return None
+        if doc.get("agent_id") != self.identity.agent_id:
+            return None  # a new identity enrolls anew
+        if doc.get("host_name") != self.identity.host_name:
+            self._proof = key  # the same agent renamed: enroll again, proving it is us
+            return None
+        return key
 
     def enroll(self) -> str:
         """POST /api/v1/enroll; the key is kept in the state dir, mode 0600."""
@@ -99,12 +113,11 @@ class Shipper:
                 "host_name": self.identity.host_name,
             }
         ).encode()
+        headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT}
+        if self._proof:  # replacing our own key needs it (a stolen fleet secret alone cannot)
+            headers["Authorization"] = f"Bearer {self._proof}"
         try:
-            r = self.transport.post(
-                self.url + "/api/v1/enroll",
-                body,
-                {"Content-Type": "application/json", "User-Agent": USER_AGENT},
-            )
+            r = self.transport.post(self.url + "/api/v1/enroll", body, headers)
         except ShipError:
             self.reachable = False
             raise
@@ -112,7 +125,15 @@ class Shipper:
         if r.status == 403:
             raise EnrollError("the collector refused enrollment (HTTP 403): this agent id was revoked")
         if r.status == 401:
-            raise EnrollError("the collector refused enrollment (HTTP 401): check the enrollment secret")
+            raise EnrollError(
+                "the collector refused enrollment (HTTP 401): check the enrollment secret or token"
+            )
+        if r.status == 409:
+            raise EnrollError(
+                f"the collector refused enrollment (HTTP 409): agent id {self.identity.agent_id!r} is "
+                "enrolled with another key and this state dir does not hold it; an admin must run "
+                f"'rarewrite collector agents reset {self.identity.agent_id}' (or give a token bound to it)"
+            )
         if r.status != 200:
             raise ShipError(f"enrollment failed: HTTP {r.status}")
         try:
@@ -130,6 +151,7 @@ class Shipper:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.key_path)
+        self._proof = None
         log.info("event=enrolled agent_id=%s host_name=%r", self.identity.agent_id, self.identity.host_name)
         return key
 
@@ -176,7 +198,7 @@ class Shipper:
             return True
         self.reachable = True
         if r.status == 401:  # key unknown or revoked: enroll again (osquery's node_invalid)
-            self._key = None
+            self._proof, self._key = self._key, None
             try:
                 os.unlink(self.key_path)
             except FileNotFoundError:
@@ -223,6 +245,7 @@ class Shipper:
         """
         held = 0.0
         while not stop.is_set():
+            self._maybe_beat()
             if busy is not None and busy.is_set() and held < BUSY_WAIT_S:
                 stop.wait(0.1)
                 held += 0.1
@@ -246,6 +269,31 @@ class Shipper:
                 log.exception("event=shipper_error error=%r", str(e))
                 self._failed(str(e), None)
             stop.wait(max(0.05, min(interval, self.not_before - self.clock.monotonic())))
+
+    def _maybe_beat(self) -> None:
+        """A heartbeat when one is due: the collector alerts an agent it does
+        not hear from, so a killed or stuck agent is noticed."""
+        now = self.clock.monotonic()
+        if self.health is None or self._key is None or now < self.next_beat:
+            return
+        self.next_beat = now + self.heartbeat_s
+        body = json.dumps({"sent_at": self.clock.now_ms(), **self.health()}).encode()
+        headers = {
+            "Content-Type": "application/json",
+            "Authorization": f"Bearer {self._key}",
+            "User-Agent": USER_AGENT,
+        }
+        try:
+            r = self.transport.post(self.url + "/api/v1/heartbeat", body, headers)
+        except ShipError as e:
+            self.counters["heartbeat_failures"] += 1
+            log.debug("event=heartbeat_failed error=%r", str(e))
+            return
+        if 200 <= r.status < 300:
+            self.counters["heartbeats"] += 1
+        else:
+            self.counters["heartbeat_failures"] += 1
+            log.debug("event=heartbeat_refused status=%d", r.status)
 
     def drain(self, deadline_s: float) -> bool:
         """Ship until the outbox is empty or the monotonic deadline passes."""

@@ -80,7 +80,7 @@ def wait_alert(alerts: Path, file_path: str, timeout: float) -> Optional[dict[st
         if alerts.exists():
             for line in alerts.read_text(encoding="ascii").splitlines():
                 doc = json.loads(line)
-                if doc["file"]["path"] == file_path:
+                if doc.get("file", {}).get("path") == file_path:  # health alerts have no file
                     return dict(doc)
         time.sleep(0.1)
     return None

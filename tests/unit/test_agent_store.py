@@ -285,6 +285,49 @@ def test_a_409_starts_a_new_epoch_and_sends_the_same_rows_again(store: AgentStor
     assert store.depth() == 0
 
 
+def test_enrolling_again_shows_the_current_key_and_a_refusal_is_fatal(
+    store: AgentStore, tmp_path: Path
+) -> None:
+    """A renamed host, or a key the collector stopped knowing, enrolls again
+    with its last key as proof; without one the collector answers 409 (the id
+    is another key's), which stops the agent with what the admin must do."""
+    answers = [Response(200, {}, b'{"api_key": "k-2"}'), Response(409, {}, b'{"error": "taken"}')]
+
+    def handler(url: str, data: bytes, hdrs: Mapping[str, str]) -> Response:
+        return answers.pop(0) if url.endswith("/enroll") else Response(200, {}, b'{"status": "stored"}')
+
+    (tmp_path / "api_key").write_text(
+        json.dumps({"agent_id": "a1", "host_name": "old-name", "api_key": "k-1"})
+    )
+    t = FakeTransport(handler)
+    sh = build_shipper(store, t, tmp_path)
+    assert sh.api_key() == "k-2"
+    assert t.sent[0][2]["Authorization"] == "Bearer k-1"
+    os.unlink(tmp_path / "api_key")
+    with pytest.raises(EnrollError, match=r"409.*agents reset a1"):
+        build_shipper(store, t, tmp_path).api_key()
+    assert "Authorization" not in t.sent[1][2]  # a fresh state dir has nothing to prove
+
+
+def test_heartbeats_go_out_on_their_interval_even_idle(store: AgentStore, tmp_path: Path) -> None:
+    t = _collector()
+    sh = build_shipper(store, t, tmp_path)
+    sh.health = lambda: {"status": "ok", "counters": {"seen": 3}}
+    sh.heartbeat_s = 30.0
+    clock = store.clock
+
+    def tick(n: int) -> None:  # one pass of the shipper loop per simulated 10 s
+        for _ in range(n):
+            sh._maybe_beat()
+            clock.advance(10.0)  # type: ignore[attr-defined]
+
+    sh.api_key()
+    tick(7)  # 0, 30 and 60 s
+    beats = [json.loads(b) for u, b, _ in t.sent if u.endswith("/heartbeat")]
+    assert len(beats) == 3 and beats[0]["counters"] == {"seen": 3} and "sent_at" in beats[0]
+    assert sh.counters["heartbeats"] == 3
+
+
 def test_wrong_secret_is_fatal(store: AgentStore, tmp_path: Path) -> None:
     store.record([ev()])
     with pytest.raises(EnrollError, match="secret"):

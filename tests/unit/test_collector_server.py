@@ -547,10 +547,13 @@ def test_serve_continuous_alerts_and_sigterm(tmp_path: Path) -> None:
         assert c.getresponse().status == 200
         alerts = tmp_path / "alerts.ndjson"
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and not (alerts.exists() and alerts.read_bytes()):
+        while time.monotonic() < deadline and not (alerts.exists() and b'"file"' in alerts.read_bytes()):
             time.sleep(0.2)
-        lines = alerts.read_text().splitlines()
-        assert len(lines) == 1 and json.loads(lines[0])["file"]["path"] == "/p\n"
+        docs = [json.loads(line) for line in alerts.read_text().splitlines()]
+        # the new agent's enrollment (a health alert), then the rule's alert
+        assert [d["rule"]["id"] for d in docs] == ["rarewrite-sensor-health", Rule().rule_id]
+        assert docs[0]["rarewrite"]["health"]["kind"] == "agent_enrolled"
+        assert docs[1]["file"]["path"] == "/p\n"
         c.close()
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from agent.collector import evaluate as ev
 from agent.collector.admin import agents_cli
 from agent.collector.storage import open_store
-from agent.collector.storage.base import AgentRecord, Store
+from agent.collector.storage.base import AgentRecord, EnrollToken, Store
 from agent.collector.storage.sqlite import CollectorStore, order_key
 from agent.shared import wire
 from agent.shared.errors import StoreError
@@ -41,7 +41,8 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
 
 
 def agent(store: Store, agent_id: str, host: str = "") -> AgentRecord:
-    store.enroll(agent_id, host or f"host-{agent_id}", f"hash-{agent_id}", T)
+    # enrolling again (a new host name) proves itself with the current key
+    store.enroll(agent_id, host or f"host-{agent_id}", f"hash-{agent_id}", T, proof_hash=f"hash-{agent_id}")
     rec = store.agent_for_key(f"hash-{agent_id}")
     assert rec is not None
     return rec
@@ -191,19 +192,55 @@ def test_one_agent_under_two_host_names_is_one_row_with_both(store: Store) -> No
 
 def test_enroll_revoke_restore_reenroll(store: Store) -> None:
     agent(store, "a")
-    assert store.enroll("a", "h1", "hash-a2", T)  # re-enrolling replaces the key
+    # the fleet secret alone cannot replace an enrolled agent's key ...
+    assert store.enroll("a", "h1", "stolen", T) == "taken"
+    assert store.enroll("a", "h1", "stolen", T, proof_hash="a wrong key's hash") == "taken"
+    assert store.agent_for_key("stolen") is None and store.agent_for_key("hash-a") is not None
+    # ... its current key can
+    assert store.enroll("a", "h1", "hash-a2", T, proof_hash="hash-a") == "rekeyed"
     assert store.agent_for_key("hash-a") is None
     assert store.revoke("a") and not store.revoke("nobody")
     rec = store.agent_for_key("hash-a2")
     assert rec is not None and rec.revoked
-    assert not store.enroll("a", "h2", "new-hash", T)  # a revoked id cannot enroll itself back
+    assert store.enroll("a", "h2", "new-hash", T, proof_hash="hash-a2") == "revoked"  # stays out
     assert store.agent_for_key("new-hash") is None
-    assert store.restore("a") and not store.restore("nobody")
+    assert store.restore("a") and not store.restore("nobody")  # an admin's reset
     assert store.agent_for_key("hash-a2") is None  # the old key stays dead
-    assert store.enroll("a", "h2", "new-hash", T)
+    assert store.enroll("a", "h2", "new-hash", T) == "rekeyed"  # the secret alone, once
     rec = store.agent_for_key("new-hash")
     assert rec is not None and not rec.revoked and rec.host_name == "h2"
+    assert store.enroll("a", "h3", "again", T) == "taken"
     assert [x.agent_id for x in store.list_agents()] == ["a"]
+    assert store.enroll("b", "hb", "hash-b", T) == "new"
+
+
+def test_enrollment_tokens_are_spent_only_on_success(store: Store) -> None:
+    agent(store, "taken")
+    store.add_token("tok-any", EnrollToken("t1", None, 2, T + H, T, "two hosts"))
+    store.add_token("tok-bound", EnrollToken("t2", "taken", 1, T + H, T))
+    store.add_token("tok-old", EnrollToken("t3", None, 5, T - 1, T - H))
+    assert store.enroll("x", "hx", "k-x", T, token_hash="nope") == "bad_token"
+    assert store.enroll("x", "hx", "k-x", T, token_hash="tok-old") == "bad_token"  # expired
+    assert store.enroll("y", "hy", "k-y", T, token_hash="tok-bound") == "bad_token"  # another id's
+    assert store.enroll("taken", "h", "k-t", T, token_hash="tok-any") == "taken"  # not spent
+    assert store.enroll("x", "hx", "k-x", T, token_hash="tok-any") == "new"
+    assert store.enroll("z", "hz", "k-z", T, token_hash="tok-any") == "new"
+    assert store.enroll("w", "hw", "k-w", T, token_hash="tok-any") == "bad_token"  # used up
+    # a token an admin bound to an id re-keys it (it is the admin's action), once
+    assert store.enroll("taken", "h", "k-t", T, token_hash="tok-bound") == "rekeyed"
+    assert store.agent_for_key("k-t") is not None and store.agent_for_key("hash-taken") is None
+    assert store.enroll("taken", "h", "k-t2", T, token_hash="tok-bound") == "bad_token"
+    assert [(t.token_id, t.uses_left) for t in store.list_tokens()] == [("t3", 5), ("t1", 0), ("t2", 0)]
+    assert store.revoke_token("t3") and not store.revoke_token("t9")
+    assert store.enroll("v", "hv", "k-v", T - 2 * H, token_hash="tok-old") == "bad_token"  # revoked
+
+
+def test_heartbeats_keep_health_and_never_move_last_seen_back(store: Store) -> None:
+    a = agent(store, "a")
+    store.heartbeats([(a.ref, T, '{"status": "ok"}')])
+    store.heartbeats([(a.ref, T - 5000, '{"status": "degraded"}')])
+    (got,) = store.list_agents()
+    assert (got.last_seen_ms, got.health) == (T, '{"status": "degraded"}')
 
 
 def test_prune(store: Store) -> None:
@@ -341,8 +378,8 @@ def test_migrate_sqlite(tmp_path: Path) -> None:
     from agent.collector.storage import migrate
 
     p = str(tmp_path / "m.db")
-    assert migrate(p) == {"backend": "sqlite", "db": p, "from": 0, "to": 3}
-    assert migrate(p)["from"] == 3
+    assert migrate(p) == {"backend": "sqlite", "db": p, "from": 0, "to": 4}
+    assert migrate(p)["from"] == 4
 
 
 NAMES = st.one_of(st.none(), st.binary(min_size=1, max_size=6).map(lambda b: b.replace(b"\x02", b"\xff")))
@@ -359,8 +396,16 @@ def test_order_key_sorts_like_order_by_exe_path(pairs: list[tuple[bytes | None, 
     assert len({order_key(*p) for p in pairs}) == len(set(pairs))
 
 
+def _as_version_3(c: sqlite3.Connection) -> None:
+    """Undo schema 4: no agent health, no enrollment tokens."""
+    c.execute("ALTER TABLE agents DROP COLUMN health")
+    c.execute("DROP TABLE enroll_tokens")
+    c.execute("UPDATE meta SET value='3' WHERE key='schema_version'")
+
+
 def _as_version_2(c: sqlite3.Connection) -> None:
     """Undo schema 3: no actors, no suppression columns."""
+    _as_version_3(c)
     c.execute("DROP INDEX alerts_skey")
     for column in ("skey", "folded_into", "dirty", "emitted_ms"):
         c.execute(f"ALTER TABLE alerts DROP COLUMN {column}")
@@ -396,7 +441,7 @@ def test_version_1_file_is_migrated_in_place(tmp_path: Path) -> None:
     _as_version_1(p)
     with pytest.raises(StoreError, match=r"older than this rarewrite.s.*collector migrate"):
         ev.evaluate_db(p, Rule(), T)
-    assert migrate(p) == {"backend": "sqlite", "db": p, "from": 1, "to": 3}
+    assert migrate(p) == {"backend": "sqlite", "db": p, "from": 1, "to": 4}
     assert ev.evaluate_db(p, Rule(), T) == before
     store = CollectorStore(p)
     try:
@@ -423,6 +468,6 @@ def test_version_1_file_is_migrated_by_a_writer_that_opens_it(tmp_path: Path) ->
     finally:
         store.close()
     with contextlib.closing(sqlite3.connect(p)) as c:
-        assert c.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("3",)
+        assert c.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("4",)
         indexes = {n for (n,) in c.execute("SELECT name FROM sqlite_master WHERE tbl_name='events'")}
         assert indexes == {"events", "events_pair", "events_ts"}

@@ -4,6 +4,7 @@ hands out, whatever the database."""
 from __future__ import annotations
 
 import contextlib
+import hmac
 import logging
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
@@ -33,6 +34,57 @@ class AgentRecord:
     host_ref: int = 0
     enrolled_ms: int = 0
     last_seen_ms: Optional[int] = None
+    health: Optional[str] = None  # the last heartbeat's health, JSON
+
+
+# What Store.enroll answers: a new agent, a key replaced (with the current
+# key as proof, an admin's reset or a token bound to the id), or refused:
+# the id is another agent's ("taken"), revoked, or the token is not valid.
+EnrollStatus = str
+ENROLL_NEW, ENROLL_REKEYED = "new", "rekeyed"
+ENROLL_TAKEN, ENROLL_REVOKED, ENROLL_BAD_TOKEN = "taken", "revoked", "bad_token"
+RESET_PREFIX = "restored:"  # agents.key_hash after an admin's reset: no key has it
+TOKENS_SQL = "SELECT token_id, agent_id, uses_left, expires_ms, created_ms, comment FROM enroll_tokens"
+
+
+@dataclass(frozen=True)
+class EnrollToken:
+    """A per-host enrollment token as stored (only its hash is kept)."""
+
+    token_id: str
+    agent_id: Optional[str]  # None: any id that is not enrolled yet
+    uses_left: int
+    expires_ms: int
+    created_ms: int
+    comment: str = ""
+
+
+def enroll_decision(
+    current: Optional[tuple[str, bool]], proof_hash: Optional[str], token_agent: Optional[str], agent_id: str
+) -> EnrollStatus:
+    """May ``agent_id`` get a new key? ``current`` is its (key_hash, revoked)
+    if it is enrolled. A secret (the fleet's or a token) enrolls a new id;
+    replacing the key of an enrolled one needs more: its current key, an
+    admin's reset, or a token an admin bound to that very id."""
+    if current is None:
+        return ENROLL_NEW
+    key, revoked = current
+    if revoked:
+        return ENROLL_REVOKED
+    if key.startswith(RESET_PREFIX) or token_agent == agent_id:
+        return ENROLL_REKEYED
+    if proof_hash is not None and hmac.compare_digest(proof_hash.encode(), key.encode()):
+        return ENROLL_REKEYED
+    return ENROLL_TAKEN
+
+
+def token_usable(token: Optional[EnrollToken], agent_id: str, now_ms: int) -> bool:
+    return (
+        token is not None
+        and token.uses_left > 0
+        and now_ms < token.expires_ms
+        and token.agent_id in (None, agent_id)
+    )
 
 
 @dataclass(frozen=True)
@@ -85,7 +137,19 @@ class Store(Protocol):
 
     path: str
 
-    def enroll(self, agent_id: str, host_name: str, key_hash: str, now_ms: int) -> bool: ...
+    def enroll(
+        self,
+        agent_id: str,
+        host_name: str,
+        key_hash: str,
+        now_ms: int,
+        proof_hash: Optional[str] = None,
+        token_hash: Optional[str] = None,
+    ) -> EnrollStatus: ...
+    def heartbeats(self, beats: Sequence[tuple[int, int, str]]) -> None: ...
+    def add_token(self, token_hash: str, token: EnrollToken) -> None: ...
+    def list_tokens(self) -> list[EnrollToken]: ...
+    def revoke_token(self, token_id: str) -> bool: ...
     def agent_for_key(self, key_hash: str) -> Optional[AgentRecord]: ...
     def revoke(self, agent_id: str) -> bool: ...
     def restore(self, agent_id: str) -> bool: ...

@@ -49,8 +49,16 @@ from typing import Any, Optional
 import msgpack
 
 from agent.collector.storage.base import (
+    ENROLL_BAD_TOKEN,
+    ENROLL_NEW,
+    ENROLL_REKEYED,
+    ENROLL_TAKEN,
+    RESET_PREFIX,
+    TOKENS_SQL,
     AgentRecord,
     AlertItem,
+    EnrollStatus,
+    EnrollToken,
     GapRow,
     Pair,
     PairRef,
@@ -59,10 +67,12 @@ from agent.collector.storage.base import (
     WindowEvent,
     actor_keys,
     actor_of_key,
+    enroll_decision,
     event_rows,
     is_replayed,
     newest_per_pair,
     possible_loss,
+    token_usable,
 )
 from agent.shared import wire
 from agent.shared.errors import StoreError
@@ -90,7 +100,7 @@ except ImportError as e:  # pragma: no cover - depends on the install
     ) from e
 
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 HOUR_MS = 3_600_000
 AHEAD_HOURS = 3  # partitions kept ready past the current hour
 BAND_BACK_HOURS = 7 * 24  # older timestamps go to the DEFAULT partition
@@ -210,9 +220,28 @@ def _v2(conn: psycopg.Connection[Any]) -> None:
     conn.execute(_V2.encode())
 
 
+_V3 = """
+ALTER TABLE agents ADD COLUMN health text;
+CREATE TABLE enroll_tokens (
+    token_hash text PRIMARY KEY,
+    token_id text NOT NULL UNIQUE,
+    agent_id text,
+    uses_left integer NOT NULL,
+    expires_ms bigint NOT NULL,
+    created_ms bigint NOT NULL,
+    comment text NOT NULL DEFAULT ''
+);
+"""
+
+
+def _v3(conn: psycopg.Connection[Any]) -> None:
+    conn.execute(_V3.encode())
+
+
 MIGRATIONS: tuple[Migration[psycopg.Connection[Any]], ...] = (
     Migration(1, "initial schema, events partitioned by hour", _v1),
     Migration(2, "who wrote each event (actors) for exceptions; alert suppression", _v2),
+    Migration(3, "agents' health from heartbeats; per-host enrollment tokens", _v3),
 )
 
 # One statement, one snapshot. The window is a range on ts (partition pruning,
@@ -509,18 +538,76 @@ class PgStore:
 
     # ------------------------------------------------------------ agents
 
-    def enroll(self, agent_id: str, host_name: str, key_hash: str, now_ms: int) -> bool:
+    def enroll(
+        self,
+        agent_id: str,
+        host_name: str,
+        key_hash: str,
+        now_ms: int,
+        proof_hash: Optional[str] = None,
+        token_hash: Optional[str] = None,
+    ) -> EnrollStatus:
+        """As the SQLite store's: the id's row and the token are locked for the decision."""
         with self._write("enroll") as conn:
+            token = None
+            if token_hash is not None:
+                r = conn.execute(TOKENS_SQL + " WHERE token_hash = %s FOR UPDATE", (token_hash,)).fetchone()
+                token = None if r is None else EnrollToken(*r)
+                if not token_usable(token, agent_id, now_ms):
+                    return ENROLL_BAD_TOKEN
+            got = conn.execute(
+                "SELECT key_hash, revoked FROM agents WHERE agent_id = %s FOR UPDATE", (agent_id,)
+            ).fetchone()
+            current = None if got is None else (str(got[0]), bool(got[1]))
+            status = enroll_decision(current, proof_hash, token.agent_id if token else None, agent_id)
+            if status not in (ENROLL_NEW, ENROLL_REKEYED):
+                return status
             host = self._host_ref(conn, host_name)
-            cur = conn.execute(
-                "INSERT INTO agents(agent_id, host_ref, key_hash, revoked, enrolled_ms) "
-                "VALUES (%s, %s, %s, false, %s) "
-                "ON CONFLICT (agent_id) DO UPDATE SET host_ref = excluded.host_ref, "
-                "key_hash = excluded.key_hash, enrolled_ms = excluded.enrolled_ms "
-                "WHERE agents.revoked = false",
-                (agent_id, host, key_hash, now_ms),
-            )
+            if status == ENROLL_NEW:  # another collector may enroll the same id this moment
+                cur = conn.execute(
+                    "INSERT INTO agents(agent_id, host_ref, key_hash, revoked, enrolled_ms) "
+                    "VALUES (%s, %s, %s, false, %s) ON CONFLICT (agent_id) DO NOTHING",
+                    (agent_id, host, key_hash, now_ms),
+                )
+                if not cur.rowcount:
+                    return ENROLL_TAKEN
+            else:
+                conn.execute(
+                    "UPDATE agents SET host_ref = %s, key_hash = %s, enrolled_ms = %s WHERE agent_id = %s",
+                    (host, key_hash, now_ms, agent_id),
+                )
+            if token_hash is not None:
+                conn.execute(
+                    "UPDATE enroll_tokens SET uses_left = uses_left - 1 WHERE token_hash = %s", (token_hash,)
+                )
+            return status
+
+    def add_token(self, token_hash: str, token: EnrollToken) -> None:
+        with self._write("adding a token") as conn:
+            conn.execute(
+                "INSERT INTO enroll_tokens(token_hash, token_id, agent_id, uses_left, expires_ms, "
+                "created_ms, comment) VALUES (%s, %s, %s, %s, %s, %s, %s)",
+                (token_hash, token.token_id, token.agent_id, token.uses_left, token.expires_ms,
+                 token.created_ms, token.comment),
+            )  # fmt: skip
+
+    def list_tokens(self) -> list[EnrollToken]:
+        with self._errors("listing tokens"):
+            rows = self._conn().execute(TOKENS_SQL + " ORDER BY created_ms, token_id").fetchall()
+        return [EnrollToken(*r) for r in rows]
+
+    def revoke_token(self, token_id: str) -> bool:
+        with self._write("revoking a token") as conn:
+            cur = conn.execute("UPDATE enroll_tokens SET uses_left = 0 WHERE token_id = %s", (token_id,))
             return cur.rowcount > 0
+
+    def heartbeats(self, beats: Sequence[tuple[int, int, str]]) -> None:
+        with self._write("heartbeats") as conn, conn.cursor() as cur:
+            cur.executemany(
+                "UPDATE agents SET last_seen_ms = greatest(coalesce(last_seen_ms, 0), %s), health = %s "
+                "WHERE ref = %s",
+                [(t, h, ref) for ref, t, h in beats],
+            )
 
     @staticmethod
     def _host_ref(conn: psycopg.Connection[Any], name: str) -> int:
@@ -530,13 +617,13 @@ class PgStore:
         return int(row[0])
 
     _AGENT_SQL = (
-        "SELECT a.agent_id, h.name, a.revoked, a.ref, a.host_ref, a.enrolled_ms, a.last_seen_ms "
+        "SELECT a.agent_id, h.name, a.revoked, a.ref, a.host_ref, a.enrolled_ms, a.last_seen_ms, a.health "
         "FROM agents a JOIN hosts h ON h.ref = a.host_ref"
     )
 
     @staticmethod
     def _agent(r: Sequence[Any]) -> AgentRecord:
-        return AgentRecord(str(r[0]), str(r[1]), bool(r[2]), int(r[3]), int(r[4]), int(r[5]), r[6])
+        return AgentRecord(str(r[0]), str(r[1]), bool(r[2]), int(r[3]), int(r[4]), int(r[5]), r[6], r[7])
 
     def agent_for_key(self, key_hash: str) -> Optional[AgentRecord]:
         with self._errors("key lookup"):
@@ -552,8 +639,8 @@ class PgStore:
     def restore(self, agent_id: str) -> bool:
         with self._write("restore") as conn:
             cur = conn.execute(
-                "UPDATE agents SET revoked = false, key_hash = 'restored:' || agent_id WHERE agent_id = %s",
-                (agent_id,),
+                "UPDATE agents SET revoked = false, key_hash = %s || agent_id WHERE agent_id = %s",
+                (RESET_PREFIX, agent_id),
             )
             return cur.rowcount > 0
 

@@ -9,11 +9,13 @@ Durability: the file runs in WAL mode with ``synchronous=FULL``, so a
 server sends a 2xx for a batch only after :meth:`CollectorStore.ingest`
 returned, i.e. after that durable commit.
 
-Schema (version 2)::
+Schema (version 4)::
 
     meta(key PK, value)                         schema_version
     agents(ref PK, agent_id UNIQUE, host_ref, key_hash UNIQUE, revoked,
-           enrolled_ms, last_seen_ms)
+           enrolled_ms, last_seen_ms, health)   health: the last heartbeat, JSON
+    enroll_tokens(token_hash PK, token_id UNIQUE, agent_id, uses_left,
+           expires_ms, created_ms, comment)     per-host enrollment tokens
     hosts(ref PK, name UNIQUE)                  interned host names
     pairs(ref PK, key UNIQUE, exe BLOB, path BLOB, last_ts)
                                                 interned (exe, path); key is
@@ -31,7 +33,9 @@ Schema (version 2)::
                                                 indexes (pair, ts, agent, host)
                                                 for the rule, (ts) for pruning
     gaps(id PK, agent_ref, start_ms, end_ms, lost, reason, received_ms)
-    alerts(alert_id PK, rule_id, exe, path, at_ms, first_ts, doc)
+    alerts(alert_id PK, rule_id, exe, path, at_ms, first_ts, doc, skey,
+           folded_into, dirty, emitted_ms)
+    actors(ref PK, key UNIQUE)                  who wrote an event (events.actor)
 
 Versions: a file with a newer version is refused; an older one is migrated
 in place, in one transaction, by any writer that opens it (``collector
@@ -62,9 +66,16 @@ from urllib.parse import quote
 import msgpack
 
 from agent.collector.storage.base import (
+    ENROLL_BAD_TOKEN,
+    ENROLL_NEW,
+    ENROLL_REKEYED,
     PRUNE_CHUNK,
+    RESET_PREFIX,
+    TOKENS_SQL,
     AgentRecord,
     AlertItem,
+    EnrollStatus,
+    EnrollToken,
     GapRow,
     Pair,
     PairRef,
@@ -73,10 +84,12 @@ from agent.collector.storage.base import (
     WindowEvent,
     actor_keys,
     actor_of_key,
+    enroll_decision,
     event_rows,
     is_replayed,
     newest_per_pair,
     possible_loss,
+    token_usable,
 )
 from agent.shared import wire
 from agent.shared.errors import StoreError
@@ -87,7 +100,7 @@ from agent.shared.rule import Row, Rule
 
 log = logging.getLogger("rarewrite.collector.store")
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 BUSY_TIMEOUT_MS = 5000
 PAIR_CACHE_MAX = 65_536  # pair refs the writer keeps in memory (about 10 MB at most)
 _SCHEMA = """
@@ -100,7 +113,17 @@ CREATE TABLE IF NOT EXISTS agents (
     key_hash TEXT NOT NULL UNIQUE,
     revoked INTEGER NOT NULL DEFAULT 0,
     enrolled_ms INTEGER NOT NULL,
-    last_seen_ms INTEGER
+    last_seen_ms INTEGER,
+    health TEXT
+);
+CREATE TABLE IF NOT EXISTS enroll_tokens (
+    token_hash TEXT PRIMARY KEY,
+    token_id TEXT NOT NULL UNIQUE,
+    agent_id TEXT,
+    uses_left INTEGER NOT NULL,
+    expires_ms INTEGER NOT NULL,
+    created_ms INTEGER NOT NULL,
+    comment TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS pairs (
     ref INTEGER PRIMARY KEY,
@@ -210,9 +233,22 @@ def _migrate_v3(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE INDEX IF NOT EXISTS alerts_skey ON alerts(rule_id, skey, at_ms)")
 
 
+_TOKENS_SQL = (
+    "CREATE TABLE IF NOT EXISTS enroll_tokens (token_hash TEXT PRIMARY KEY, token_id TEXT NOT NULL UNIQUE, "
+    "agent_id TEXT, uses_left INTEGER NOT NULL, expires_ms INTEGER NOT NULL, created_ms INTEGER NOT NULL, "
+    "comment TEXT NOT NULL DEFAULT '')"
+)
+
+
+def _migrate_v4(conn: sqlite3.Connection) -> None:
+    conn.execute("ALTER TABLE agents ADD COLUMN health TEXT")
+    conn.execute(_TOKENS_SQL)
+
+
 MIGRATIONS: tuple[Migration[sqlite3.Connection], ...] = (
     Migration(2, "pairs keyed in (exe, path) order; events indexed by (pair, ts) and (ts)", _migrate_v2),
     Migration(3, "who wrote each event (actors) for exceptions; alert suppression", _migrate_v3),
+    Migration(4, "agents' health from heartbeats; per-host enrollment tokens", _migrate_v4),
 )
 
 # The rule's rows at T in two statements, both ranking pairs by
@@ -465,28 +501,85 @@ class CollectorStore:
         conn.execute("INSERT OR IGNORE INTO hosts(name) VALUES (?)", (name,))
         return int(conn.execute("SELECT ref FROM hosts WHERE name=?", (name,)).fetchone()[0])
 
-    def enroll(self, agent_id: str, host_name: str, key_hash: str, now_ms: int) -> bool:
-        """Bind ``key_hash`` to ``agent_id`` (re-enrolling replaces the key);
-        False for a revoked id, which stays out until :meth:`restore`."""
+    def enroll(
+        self,
+        agent_id: str,
+        host_name: str,
+        key_hash: str,
+        now_ms: int,
+        proof_hash: Optional[str] = None,
+        token_hash: Optional[str] = None,
+    ) -> EnrollStatus:
+        """Bind ``key_hash`` to ``agent_id`` if :func:`enroll_decision` allows;
+        a token's use is spent in the same transaction, and only on success."""
         with self._write("enroll") as conn:
+            token = None
+            if token_hash is not None:
+                token = self._token(conn, token_hash)
+                if not token_usable(token, agent_id, now_ms):
+                    return ENROLL_BAD_TOKEN
+            got = conn.execute(
+                "SELECT key_hash, revoked FROM agents WHERE agent_id=?", (agent_id,)
+            ).fetchone()
+            current = None if got is None else (str(got[0]), bool(got[1]))
+            status = enroll_decision(current, proof_hash, token.agent_id if token else None, agent_id)
+            if status not in (ENROLL_NEW, ENROLL_REKEYED):
+                return status
             host = self._host_ref(conn, host_name)
-            cur = conn.execute(
+            conn.execute(
                 "INSERT INTO agents(agent_id, host_ref, key_hash, revoked, enrolled_ms) "
-                "VALUES (?, ?, ?, 0, ?) "
-                "ON CONFLICT(agent_id) DO UPDATE SET host_ref=excluded.host_ref, key_hash=excluded.key_hash, "
-                "enrolled_ms=excluded.enrolled_ms WHERE agents.revoked = 0",
+                "VALUES (?, ?, ?, 0, ?) ON CONFLICT(agent_id) DO UPDATE SET host_ref=excluded.host_ref, "
+                "key_hash=excluded.key_hash, enrolled_ms=excluded.enrolled_ms",
                 (agent_id, host, key_hash, now_ms),
             )
-            return cur.rowcount > 0
+            if token_hash is not None:
+                conn.execute(
+                    "UPDATE enroll_tokens SET uses_left=uses_left-1 WHERE token_hash=?", (token_hash,)
+                )
+            return status
+
+    @classmethod
+    def _token(cls, conn: sqlite3.Connection, token_hash: str) -> Optional[EnrollToken]:
+        r = conn.execute(TOKENS_SQL + " WHERE token_hash=?", (token_hash,)).fetchone()
+        return None if r is None else EnrollToken(*r)
+
+    def add_token(self, token_hash: str, token: EnrollToken) -> None:
+        with self._write("adding a token") as conn:
+            conn.execute(
+                "INSERT INTO enroll_tokens(token_hash, token_id, agent_id, uses_left, expires_ms, "
+                "created_ms, comment) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (token_hash, token.token_id, token.agent_id, token.uses_left, token.expires_ms,
+                 token.created_ms, token.comment),
+            )  # fmt: skip
+
+    def list_tokens(self) -> list[EnrollToken]:
+        with _db_errors("listing tokens"):
+            rows = self._conn().execute(TOKENS_SQL + " ORDER BY created_ms, token_id").fetchall()
+        return [EnrollToken(*r) for r in rows]
+
+    def revoke_token(self, token_id: str) -> bool:
+        with self._write("revoking a token") as conn:
+            return (
+                conn.execute("UPDATE enroll_tokens SET uses_left=0 WHERE token_id=?", (token_id,)).rowcount
+                > 0
+            )
+
+    def heartbeats(self, beats: Sequence[tuple[int, int, str]]) -> None:
+        """(agent ref, time, health JSON) of heartbeats, in one transaction."""
+        with self._write("heartbeats") as conn:
+            conn.executemany(
+                "UPDATE agents SET last_seen_ms=max(coalesce(last_seen_ms, 0), ?), health=? WHERE ref=?",
+                [(t, h, ref) for ref, t, h in beats],
+            )
 
     _AGENT_SQL = (
-        "SELECT a.agent_id, h.name, a.revoked, a.ref, a.host_ref, a.enrolled_ms, a.last_seen_ms "
+        "SELECT a.agent_id, h.name, a.revoked, a.ref, a.host_ref, a.enrolled_ms, a.last_seen_ms, a.health "
         "FROM agents a JOIN hosts h ON h.ref = a.host_ref"
     )
 
     @staticmethod
     def _agent(r: Sequence[Any]) -> AgentRecord:
-        return AgentRecord(str(r[0]), str(r[1]), bool(r[2]), int(r[3]), int(r[4]), int(r[5]), r[6])
+        return AgentRecord(str(r[0]), str(r[1]), bool(r[2]), int(r[3]), int(r[4]), int(r[5]), r[6], r[7])
 
     def agent_for_key(self, key_hash: str) -> Optional[AgentRecord]:
         with _db_errors("key lookup"):
@@ -499,10 +592,12 @@ class CollectorStore:
             return cur.rowcount > 0
 
     def restore(self, agent_id: str) -> bool:
-        """Let a revoked id enroll again (its old key stays dead: it must enroll)."""
+        """An admin's reset: the id may enroll again with the secret alone
+        (revoked or not); its old key stays dead."""
         with self._write("restore") as conn:
             cur = conn.execute(  # a key hash no key has: the old key stays dead
-                "UPDATE agents SET revoked=0, key_hash='restored:' || agent_id WHERE agent_id=?", (agent_id,)
+                "UPDATE agents SET revoked=0, key_hash=? || agent_id WHERE agent_id=?",
+                (RESET_PREFIX, agent_id),
             )
             return cur.rowcount > 0
 

@@ -208,6 +208,10 @@ def _cross_checks(rule: Rule, agent: AgentConfig, collector: CollectorConfig) ->
         )
     if bool(agent.client_cert) != bool(agent.client_key):
         problems.append("[agent] client_cert and client_key: give both or neither")
+    if not 1000 <= agent.heartbeat_interval_ms <= 3_600_000:
+        problems.append("[agent] heartbeat_interval: must be between 1s and 1h")
+    if collector.agent_silent_after_ms < 10_000:
+        problems.append("[collector] agent_silent_after: must be at least 10s (agents beat every 30s)")
     if not rule.user_names and not rule.user_ids and rule.combinator == "and":
         problems.append("[rule] user_names and user_ids: both empty, so nothing can ever match")
     return problems

@@ -55,6 +55,7 @@ class AgentConfig:
     proxy: str = ""  # empty: straight to the collector (environment proxies are never used)
     allow_plain_http: bool = False  # http:// to a collector on another host is refused unless yes
     ship_interval_ms: int = 1000
+    heartbeat_interval_ms: int = 30_000  # the longest the agent stays quiet, even idle
     batch_max_records: int = 5000
     outbox_max_records: int = 2_000_000
     request_timeout_ms: int = 30_000
@@ -82,6 +83,9 @@ class CollectorConfig:
     max_connections: int = 10_000
     max_connections_per_peer: int = 1_000
     rate_limit: int = 200  # batches per agent per second, with a burst of the same
+    agent_silent_after_ms: int = 120_000  # an agent unheard this long raises an agent_silent alert
+    health_alerts: bool = True  # sensor-health alerts (silent, loss, enrollments) to the outputs
+    enroll_with_secret: bool = True  # no: only per-host tokens (collector tokens create) enroll
     tls_cert: str = ""
     tls_key: str = ""
     tls_client_ca: str = ""
@@ -161,6 +165,7 @@ AGENT_KEYS: Spec = {
     "proxy": ("proxy", url),
     "allow_plain_http": ("allow_plain_http", boolean),
     "ship_interval": ("ship_interval_ms", duration_ms),
+    "heartbeat_interval": ("heartbeat_interval_ms", duration_ms),
     "batch_max_records": ("batch_max_records", integer(1, 20_000)),
     "outbox_max_records": ("outbox_max_records", integer(1000, 1_000_000_000)),
     "request_timeout": ("request_timeout_ms", duration_ms),
@@ -188,6 +193,9 @@ COLLECTOR_KEYS: Spec = {
     "max_connections": ("max_connections", integer(16, 1_000_000)),
     "max_connections_per_peer": ("max_connections_per_peer", integer(1, 1_000_000)),
     "rate_limit": ("rate_limit", integer(1, 1_000_000)),
+    "agent_silent_after": ("agent_silent_after_ms", duration_ms),
+    "health_alerts": ("health_alerts", boolean),
+    "enroll_with_secret": ("enroll_with_secret", boolean),
     "tls_cert": ("tls_cert", path),
     "tls_key": ("tls_key", path),
     "tls_client_ca": ("tls_client_ca", path),

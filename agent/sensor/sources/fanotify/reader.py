@@ -1,5 +1,15 @@
 """The read-ahead thread: empties the fanotify queue in batches as fast as
-the kernel fills it, and holds a burst until it eases."""
+the kernel fills it, and holds a burst until it eases.
+
+A flood (code running as the web user can create files faster than the
+agent resolves them) costs at most READ_AHEAD_BYTES here, and at most about
+MAX_BACKLOG_S of the consumer's work (its rate is measured): a shell written
+into a flood waits behind seconds of events, not minutes. Past the bound
+the thread stops reading and the kernel's bounded queue overflows: the
+kernel drops events in the writer's context, at no cost to the agent's CPU
+quota (reading events only to drop them would spend it), and queues one
+overflow record, which becomes an "overflow" gap and a sensor-blind alert.
+"""
 
 from __future__ import annotations
 
@@ -12,9 +22,13 @@ from typing import Optional
 from agent.shared.clock import Clock
 
 READ_BUFFER = 256 * 1024
-# Raw events read ahead of the consumer at most (~180,000): beyond it the reader
-# pauses and the kernel queue (unlimited, memcg-charged) holds the rest.
+# Raw events read ahead of the consumer at most (~180,000): beyond it the
+# reader pauses and the kernel's queue holds, then drops (see the module doc).
 READ_AHEAD_BYTES = 16 << 20
+# ... and at most this many seconds of the consumer's measured work, but
+# never less than MIN_AHEAD_BYTES (a short burst is never dropped).
+MAX_BACKLOG_S = 5.0
+MIN_AHEAD_BYTES = 1 << 20
 # A burst: this much waiting at once (~700 events). Its events are left to
 # gather until fewer than BURST_EASED_BYTES arrive in BURST_QUIET_S, for at
 # most DEFER_MAX_S or until DEFER_MAX_BYTES wait (see ReadAhead.take).
@@ -55,6 +69,9 @@ class ReadAhead:
         self._draining = False
         self.read_errors = 0
         self.last_error: Optional[OSError] = None
+        self.paused = 0  # times the read-ahead was full and reading paused
+        self._rate: Optional[float] = None  # bytes/s the consumer works through (EWMA)
+        self._handed = (0.0, 0)  # (monotonic end of the last take, bytes it handed on)
         self._thread = threading.Thread(target=self._run, name="fanotify-reader", daemon=True)
 
     def start(self) -> None:
@@ -79,33 +96,55 @@ class ReadAhead:
         ``DEFER_MAX_S`` after the oldest waiting event, or once the read-ahead
         holds ``DEFER_MAX_BYTES``.
         """
+        self._measure()
+        with self._cond:
+            out = self._take(timeout, max_bytes)
+        self._handed = (self._clock.monotonic(), sum(len(b) for _, b in out))
+        return out
+
+    def _measure(self) -> None:
+        """The consumer's rate: what the last take handed on, over the time
+        until this one (its work; the waits inside take do not count)."""
+        end, n = self._handed
+        busy = self._clock.monotonic() - end
+        if n and busy > 0:
+            now = n / busy
+            self._rate = now if self._rate is None else 0.8 * self._rate + 0.2 * now
+
+    def limit(self) -> int:
+        """Bytes the read-ahead may hold now (see MAX_BACKLOG_S)."""
+        if self._rate is None:
+            return self._max
+        return int(min(self._max, max(MIN_AHEAD_BYTES, self._rate * MAX_BACKLOG_S)))
+
+    def _take(self, timeout: float, max_bytes: int) -> list[tuple[int, bytes]]:
+        """take's work, with the lock held."""
         cond = self._cond
-        with cond:
-            if not self._bufs and timeout > 0:
-                cond.wait(timeout)
-            if not self._draining and self._bytes >= BURST_BYTES:
-                self._draining = True  # one wait per burst; then drain it in slices
-                deadline = self._clock.monotonic() + DEFER_MAX_S
-                while not self._stop and self._bytes < DEFER_MAX_BYTES:
-                    before = self._bytes
-                    left = deadline - self._clock.monotonic()
-                    if left <= 0:
-                        break
-                    cond.wait(min(BURST_QUIET_S, left))
-                    if self._bytes - before < BURST_EASED_BYTES:
-                        break
-            out: list[tuple[int, bytes]] = []
-            n = 0
-            while self._bufs and n < max_bytes:
-                item = self._bufs.popleft()
-                out.append(item)
-                n += len(item[1])
-            if n:
-                self._bytes -= n
-                cond.notify_all()  # the reader may be waiting for room
-            if self._bytes < BURST_BYTES:
-                self._draining = False
-            return out
+        if not self._bufs and timeout > 0:
+            cond.wait(timeout)
+        if not self._draining and self._bytes >= BURST_BYTES:
+            self._draining = True  # one wait per burst; then drain it in slices
+            deadline = self._clock.monotonic() + DEFER_MAX_S
+            while not self._stop and self._bytes < min(DEFER_MAX_BYTES, self.limit()):
+                before = self._bytes
+                left = deadline - self._clock.monotonic()
+                if left <= 0:
+                    break
+                cond.wait(min(BURST_QUIET_S, left))
+                if self._bytes - before < BURST_EASED_BYTES:
+                    break
+        out: list[tuple[int, bytes]] = []
+        n = 0
+        while self._bufs and n < max_bytes:
+            item = self._bufs.popleft()
+            out.append(item)
+            n += len(item[1])
+        if n:
+            self._bytes -= n
+            cond.notify_all()  # the reader may be waiting for room
+        if self._bytes < BURST_BYTES:
+            self._draining = False
+        return out
 
     def pending_bytes(self) -> int:
         return self._bytes
@@ -116,8 +155,10 @@ class ReadAhead:
         cond = self._cond
         while True:
             with cond:
-                while self._bytes >= self._max and not self._stop:
-                    cond.wait(0.5)
+                if self._bytes >= self.limit() and not self._stop:
+                    self.paused += 1
+                    while self._bytes >= self.limit() and not self._stop:
+                        cond.wait(0.5)
                 if self._stop:
                     return
             try:
@@ -141,10 +182,14 @@ class ReadAhead:
                 continue
             if not buf:
                 continue
-            ts = self._clock.now_ms()
-            with cond:
-                self._bufs.append((ts, buf))
-                self._bytes += len(buf)
-                cond.notify_all()
+            self._keep(buf)
             if len(buf) < READ_BUFFER // 2:
                 self._clock.sleep(READ_BATCH_WAIT_S)
+
+    def _keep(self, buf: bytes) -> None:
+        """Queue a read for the consumer."""
+        ts = self._clock.now_ms()
+        with self._cond:
+            self._bufs.append((ts, buf))
+            self._bytes += len(buf)
+            self._cond.notify_all()

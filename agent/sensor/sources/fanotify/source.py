@@ -141,12 +141,16 @@ class FanotifySource:
         )
 
     def _init_group(self) -> int:
-        # An unlimited queue: a burst waits in (memcg-charged) kernel memory
-        # instead of overflowing; the unit's MemoryMax still bounds it.
+        # A bounded kernel queue (fs.fanotify.max_queued_events, 16384 by
+        # default): an unlimited one allocates its events __GFP_NOFAIL, so a
+        # flood would drive the agent's cgroup to MemoryMax and the OOM
+        # killer to the agent. Bounded, the kernel drops events instead
+        # (one overflow record) and the agent's memory stays bounded
+        # (the read-ahead's bound: reader.py).
         # No FAN_REPORT_PIDFD: the pid and start time already guard against
         # reuse, and a pidfd made and closed per event costs two syscalls.
         # (Its records, if a kernel sent them, are skipped by length.)
-        base = abi.FAN_CLASS_NOTIF | abi.FAN_CLOEXEC | abi.FAN_NONBLOCK | abi.FAN_UNLIMITED_QUEUE
+        base = abi.FAN_CLASS_NOTIF | abi.FAN_CLOEXEC | abi.FAN_NONBLOCK
         event_flags = os.O_RDONLY | abi.O_LARGEFILE | os.O_CLOEXEC
         attempts = ((abi.FAN_REPORT_DFID_NAME_TARGET, True), (abi.FAN_REPORT_DFID_NAME, False))
         last: Optional[OSError] = None
@@ -197,6 +201,7 @@ class FanotifySource:
             os.fsdecode(m.mount_point) for m in self._marked.values() if m.mask & abi.FAN_CREATE
         )
         out["exec_marked"] = sorted(os.fsdecode(m.mount_point) for m in self._marked.values())
+        out["read_ahead_paused"] = self._ahead.paused if self._ahead is not None else 0
         out["refused"] = [Refused(path=os.fsdecode(k), reason=v) for k, v in sorted(self._refused.items())]
         out["target_fid"] = self._target_fid
         out["merge_possible"] = not self._target_fid
@@ -464,8 +469,9 @@ class FanotifySource:
         mask = ev.mask
         if mask & abi.FAN_Q_OVERFLOW:
             self._counters["overflows"] += 1
+            # the kernel does not say how many it dropped: lost 0 is "unknown"
             self._rl.log(log, logging.WARNING, "overflow", "fanotify queue overflow: events lost")
-            out.append(RawEvent(kind=OVERFLOW, ts_ms=ts, path=None, lost=1))
+            out.append(RawEvent(kind=OVERFLOW, ts_ms=ts, path=None, lost=0))
             return
         pid = ev.pid if ev.pid > 0 else None
         if mask & abi.FAN_OPEN_EXEC:

@@ -141,3 +141,21 @@ def test_exceptions_cost_quick() -> None:
     assert doc["bench"] == "exceptions_cost"
     [size] = doc["sizes"]
     assert size["pairs"] == 1000 and size["rows"] == [100, 100]
+
+
+@needs_root
+def test_flood_quick() -> None:
+    """Under the unit's limits a flood never OOM-kills the agent; it reports
+    the loss (not timed: only that the agent lives and says what it lost)."""
+    doc = _run("flood.py")
+    assert doc["bench"] == "flood"
+    res = doc["results"]["agent"]
+    assert {
+        "flood_rate_per_s",
+        "agent_cpu_share",
+        "agent_rss_max_mb",
+        "cgroup_mem_max_mb",
+        "shell_alert_s",
+    } <= set(res)
+    assert res["agent_alive"] is True and res["oom_kills"] == 0
+    assert res["overflows"] == 0 or res["loss_alert"] is True

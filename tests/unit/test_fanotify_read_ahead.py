@@ -190,3 +190,32 @@ def test_a_trickle_is_handed_on_at_once() -> None:
         ahead.stop()
         os.close(r)
         os.close(w)
+
+
+def test_the_read_ahead_holds_only_seconds_of_the_consumers_work() -> None:
+    """A slow consumer (an agent under its CPU quota) shrinks the bound to
+    MAX_BACKLOG_S of its measured rate: a shell behind a flood waits seconds."""
+
+    class Clock(SystemClock):
+        t = 1000.0
+
+        def monotonic(self) -> float:
+            return self.t
+
+    clock = Clock()
+    ahead = reader.ReadAhead(-1, clock, max_bytes=64 << 20)
+    assert ahead.limit() == 64 << 20  # nothing measured yet: the byte bound
+    with ahead._cond:
+        for _ in range(8):
+            ahead._bufs.append((0, b"x" * (256 << 10)))
+            ahead._bytes += 256 << 10
+    for _ in range(8):  # 256 KiB taken, then 1 s of work on it: 256 KiB/s
+        assert ahead.take(0, 256 << 10)
+        clock.t += 1.0
+    ahead._measure()
+    assert ahead.limit() == int(256 * 1024 * reader.MAX_BACKLOG_S)
+    clock.t += 0.001  # a fast consumer: the bound grows back to the byte bound
+    ahead._handed = (clock.t - 0.001, 256 << 10)
+    for _ in range(30):
+        ahead._measure()
+    assert ahead.limit() == 64 << 20

@@ -21,16 +21,19 @@ cgroup, whether the agent survived, events lost (the agent's ``lost``
 counter and overflow records), whether an ``agent_loss`` (sensor-blind)
 alert came, and seconds from the shell's write until its alert was in the
 alerts file (``shell_alert_s``; None if it never came within
-``--wait``). ``--against DIR`` runs another checkout's agent the same way in
+``--wait``), and until its event was in the collector's database
+(``shell_stored_s``). ``--against DIR`` runs another checkout's agent the same way in
 the same run (e.g. ``git worktree add /tmp/rw-old HEAD~1``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -174,6 +177,18 @@ def _alerts(path: str) -> list[dict[str, Any]]:
         return []
 
 
+def _stored(db: str, path: str) -> bool:
+    """The shell's pair is in the collector's database (read-only look)."""
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1)) as conn:
+            return (
+                conn.execute("SELECT 1 FROM pairs WHERE path = ?", (os.fsencode(path),)).fetchone()
+                is not None
+            )
+    except sqlite3.Error:
+        return False
+
+
 def _writer(tmp: str) -> list[str]:
     exe = os.path.join(tmp, "php-fpm8.2")
     py = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
@@ -205,15 +220,20 @@ def run_one(mode: str, checkout: Optional[str], target: str, a: argparse.Namespa
                 tmp, col.url, state, root, tag=mode, command=cg.wrap(c.rarewrite_of(checkout))
             )
             try:
-                return _measure(agent, cg, state, alerts, flood, shell_dir, tmp, a)
+                return _measure(col.db, agent, cg, state, alerts, flood, shell_dir, tmp, a)
             finally:
                 procs.stop(agent)
+                if a.verbose:
+                    with open(os.path.join(tmp, f"{mode}.log"), encoding="utf-8", errors="replace") as f:
+                        print(f.read()[-3000:])
+                    print(col.log_text()[-3000:])
     finally:
         cg.close()
         shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _measure(
+    db: str,
     agent: subprocess.Popen[bytes],
     cg: Cgroup,
     state: str,
@@ -226,30 +246,37 @@ def _measure(
     sampler = Sampler(agent.pid, cg)
     sampler.start()
     cpu0 = c.proc_cpu_s(agent.pid)
-    r = subprocess.run(
-        [*_writer(tmp), flood, shell_dir, str(a.seconds), str(a.shell_at)],
-        check=True, capture_output=True, text=True,
-    )  # fmt: skip
-    w = json.loads(r.stdout)
-    alive_after_flood = agent.poll() is None
-    cpu_flood = c.proc_cpu_s(agent.pid) - cpu0 if alive_after_flood else None
     shell = os.path.join(shell_dir, "shell.php")
-    shell_alert_s, loss_alert = None, False
-    deadline = time.monotonic() + a.wait
-    while time.monotonic() < deadline:
-        docs = _alerts(alerts)
-        loss_alert = loss_alert or any(
-            d.get("rarewrite", {}).get("health", {}).get("kind") == "agent_loss" for d in docs
-        )
-        hit = [d for d in docs if d.get("file", {}).get("path") == shell]
-        if hit:
-            shell_alert_s = (time.time_ns() // 1_000_000 - w["shell_ms"]) / 1000.0
+    writer = subprocess.Popen(
+        [*_writer(tmp), flood, shell_dir, str(a.seconds), str(a.shell_at)], stdout=subprocess.PIPE, text=True
+    )
+    seen: dict[str, int] = {}  # what -> wall ms when this loop first saw it, polled during the flood too
+    cpu_flood: Optional[float] = None
+    deadline = None
+    while deadline is None or time.monotonic() < deadline:
+        if deadline is None and writer.poll() is not None:  # the flood is over: wait at most --wait more
+            deadline = time.monotonic() + a.wait
+            cpu_flood = c.proc_cpu_s(agent.pid) - cpu0 if agent.poll() is None else None
+        now_ms = time.time_ns() // 1_000_000
+        if "stored" not in seen and _stored(db, shell):
+            seen["stored"] = now_ms
+        for d in _alerts(alerts):
+            if d.get("file", {}).get("path") == shell:
+                seen.setdefault("alert", now_ms)
+            if d.get("rarewrite", {}).get("health", {}).get("kind") == "agent_loss":
+                seen.setdefault("loss", now_ms)
+        if deadline is not None and "alert" in seen:
             break
         time.sleep(0.1)
-    time.sleep(1.0)  # the loss alert rides on the next batch
-    loss_alert = loss_alert or any(
-        d.get("rarewrite", {}).get("health", {}).get("kind") == "agent_loss" for d in _alerts(alerts)
-    )
+    w = json.loads(writer.communicate()[0])
+    if "loss" not in seen:
+        time.sleep(1.0)  # the loss alert rides on the next batch
+        if any(d.get("rarewrite", {}).get("health", {}).get("kind") == "agent_loss" for d in _alerts(alerts)):
+            seen["loss"] = time.time_ns() // 1_000_000
+
+    def after_shell(what: str) -> Optional[float]:
+        return (seen[what] - w["shell_ms"]) / 1000.0 if what in seen else None
+
     sampler.stop.set()
     sampler.join()
     st = c.status(state)
@@ -266,14 +293,17 @@ def _measure(
         "matched": cnt.get("matched"),
         "lost": cnt.get("lost"),
         "overflows": cnt.get("overflows"),
-        "loss_alert": loss_alert,
-        "shell_alert_s": shell_alert_s,
+        "flood_muted": st.get("source", {}).get("flood_muted"),
+        "flood_dropped": st.get("source", {}).get("flood_dropped"),
+        "loss_alert": "loss" in seen,
+        "shell_stored_s": after_shell("stored"),
+        "shell_alert_s": after_shell("alert"),
     }
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="a 3 s flood (the test suite's smoke run)")
+    ap.add_argument("--quick", action="store_true", help="a 6 s flood, the shell at 4 s (the test suite's smoke run)")
     ap.add_argument("--seconds", type=float, default=30.0, help="how long the flood runs (30)")
     ap.add_argument(
         "--shell-at", type=float, default=5.0, help="seconds into the flood the shell is written (5)"
@@ -281,10 +311,11 @@ def main() -> int:
     ap.add_argument(
         "--wait", type=float, default=120.0, help="how long to wait for the shell's alert after the flood"
     )
+    ap.add_argument("--verbose", action="store_true", help="print the agent's and the collector's log tails")
     ap.add_argument("--against", metavar="DIR", help="also run another checkout's agent the same way")
     a = ap.parse_args()
     if a.quick:
-        a.seconds, a.shell_at, a.wait = 3.0, 1.0, 40.0
+        a.seconds, a.shell_at, a.wait = 6.0, 4.0, 30.0
     if os.geteuid() != 0:
         print("flood.py: needs root (fanotify, cgroups, setpriv)", file=sys.stderr)
         return 2

@@ -176,17 +176,25 @@ class LiveAgent:
             self.counters["seen"] += source.take_prefiltered()
         return raws
 
+    def _overflow(self, raw: RawEvent, store: AgentStore) -> None:
+        """A lost stretch: the kernel's queue overflowed, or (with a path) a
+        directory was muted for flooding (its ts: when the mute began)."""
+        self.counters["overflows"] += 1
+        self.counters["lost"] += raw.lost
+        now = self.clock.now_ms()
+        if raw.path is None:
+            store.record_gap(now, now, raw.lost, "overflow")
+            log.warning("event=queue_overflow overflows_total=%d", self.counters["overflows"])
+        else:
+            store.record_gap(min(raw.ts_ms, now), now, raw.lost, "flood")
+
     def _handle(self, raws: Sequence[RawEvent], store: AgentStore, resolver: Resolver) -> None:
         """Resolve one slice of raw events and store the matching ones."""
         rule = self.cfg.rule
         batch: list[FileEvent] = []
         for raw in raws:
             if raw.kind == OVERFLOW:
-                self.counters["overflows"] += 1
-                self.counters["lost"] += raw.lost
-                now = self.clock.now_ms()
-                store.record_gap(now, now, raw.lost, "overflow")
-                log.warning("event=queue_overflow overflows_total=%d", self.counters["overflows"])
+                self._overflow(raw, store)
                 continue
             try:
                 ev = resolver.resolve(raw)
@@ -254,6 +262,7 @@ class LiveAgent:
             [os.fsencode(self.state.path)],
             os.getpid(),
             self.clock,
+            a.flood_mute_rate,
         )
         if isinstance(source, Prefiltering):
             source.set_prefilter(self.prefilter)

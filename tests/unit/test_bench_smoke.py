@@ -145,8 +145,9 @@ def test_exceptions_cost_quick() -> None:
 
 @needs_root
 def test_flood_quick() -> None:
-    """Under the unit's limits a flood never OOM-kills the agent; it reports
-    the loss (not timed: only that the agent lives and says what it lost)."""
+    """Under the unit's limits a flood never OOM-kills the agent, its folder
+    is muted and reported, and a shell written elsewhere during the flood
+    reaches the collector (no timing asserted: BENCHMARKS.md has the figures)."""
     doc = _run("flood.py")
     assert doc["bench"] == "flood"
     res = doc["results"]["agent"]
@@ -158,4 +159,5 @@ def test_flood_quick() -> None:
         "shell_alert_s",
     } <= set(res)
     assert res["agent_alive"] is True and res["oom_kills"] == 0
-    assert res["overflows"] == 0 or res["loss_alert"] is True
+    assert res["flood_muted"] >= 1 and res["loss_alert"] is True  # the flooding folder: muted, alerted
+    assert res["shell_stored_s"] is not None  # the shell elsewhere got through while the flood went on

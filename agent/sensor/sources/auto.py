@@ -27,15 +27,17 @@ def open_source(
     ignore: Sequence[bytes],
     own_pid: Optional[int],
     clock: Clock,
+    flood_rate: Optional[int] = None,
 ) -> EventSource:
     """Return a started source; SourceError when none can start. ``own_pid``
     is the agent's (fanotify drops its events; inotify has no pid and keeps
-    the agent's writes out with ``ignore``)."""
+    the agent's writes out with ``ignore``). ``flood_rate``: fanotify mutes a
+    directory past this many events a second (0: never; None: the default)."""
     if backend not in BACKENDS:
         raise SourceError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
     if backend in ("fanotify", "auto"):
         try:
-            return _start(_fanotify(watch, exclude, ignore, own_pid, clock))
+            return _start(_fanotify(watch, exclude, ignore, own_pid, clock, flood_rate))
         except SourceError as exc:
             if backend == "fanotify":
                 log.error("source failed backend=fanotify reason=%s", exc)
@@ -66,10 +68,13 @@ def _fanotify(
     ignore: Sequence[bytes],
     own_pid: Optional[int],
     clock: Clock,
+    flood_rate: Optional[int] = None,
 ) -> EventSource:
+    from agent.sensor.sources.fanotify.flood import FloodGuard
     from agent.sensor.sources.fanotify.source import FanotifySource
 
-    return FanotifySource(watch, exclude, ignore=ignore, own_pid=own_pid, clock=clock)
+    flood = FloodGuard(flood_rate) if flood_rate is not None else None
+    return FanotifySource(watch, exclude, ignore=ignore, own_pid=own_pid, clock=clock, flood=flood)
 
 
 def _inotify(

@@ -56,6 +56,7 @@ class AgentConfig:
     allow_plain_http: bool = False  # http:// to a collector on another host is refused unless yes
     ship_interval_ms: int = 1000
     heartbeat_interval_ms: int = 30_000  # the longest the agent stays quiet, even idle
+    flood_mute_rate: int = 5000  # fanotify: a directory past this many events a second is muted (0: never)
     batch_max_records: int = 5000
     outbox_max_records: int = 2_000_000
     request_timeout_ms: int = 30_000
@@ -166,6 +167,7 @@ AGENT_KEYS: Spec = {
     "allow_plain_http": ("allow_plain_http", boolean),
     "ship_interval": ("ship_interval_ms", duration_ms),
     "heartbeat_interval": ("heartbeat_interval_ms", duration_ms),
+    "flood_mute_rate": ("flood_mute_rate", integer(0, 10_000_000)),
     "batch_max_records": ("batch_max_records", integer(1, 20_000)),
     "outbox_max_records": ("outbox_max_records", integer(1000, 1_000_000_000)),
     "request_timeout": ("request_timeout_ms", duration_ms),

@@ -9,6 +9,7 @@ and the buffer parser live in :mod:`agent.sensor.sources.fanotify.abi`.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import logging
@@ -20,6 +21,7 @@ from typing import Any, Optional
 
 from agent.sensor.sources.base import PrefilterFn, Refused, under
 from agent.sensor.sources.fanotify import abi
+from agent.sensor.sources.fanotify.flood import FloodGuard, Muted
 from agent.sensor.sources.fanotify.mounts import NETWORK_FS, PSEUDO_FS, Mount, parse_mountinfo
 from agent.sensor.sources.fanotify.reader import TAKE_BYTES, ReadAhead
 from agent.shared.clock import Clock, SystemClock
@@ -36,6 +38,11 @@ LOG_INTERVAL_S = 10.0
 _IN, _OUT, _MIXED = 1, 0, 2
 # Events that only name a directory entry: the only ones a prefilter may drop.
 _NOT_DIRENT = ~(abi.FAN_CREATE | abi.FAN_RENAME | abi.FAN_MOVED_TO | abi.FAN_ONDIR)
+_DIR_RECORDS = (
+    abi.FAN_EVENT_INFO_TYPE_DFID_NAME,
+    abi.FAN_EVENT_INFO_TYPE_NEW_DFID_NAME,
+    abi.FAN_EVENT_INFO_TYPE_OLD_DFID_NAME,
+)
 
 
 @dataclass
@@ -64,6 +71,7 @@ class FanotifySource:
         own_pid: Optional[int] = None,
         clock: Optional[Clock] = None,
         mounts_path: str = "/proc/self/mountinfo",
+        flood: Optional[FloodGuard] = None,
     ) -> None:
         self._watch = [os.fsencode(w) for w in watch]
         self._exclude = [os.fsencode(x) for x in exclude]
@@ -92,6 +100,8 @@ class FanotifySource:
             "prefiltered": 0,
             "parse_errors": 0,
             "read_errors": 0,
+            "flood_muted": 0,
+            "flood_dropped": 0,
         }
         self._rl = RateLimiter(self._clock, interval_s=LOG_INTERVAL_S)
         # path scope as two C-level checks: startswith(tuple) and set membership
@@ -110,6 +120,8 @@ class FanotifySource:
         self._execd: set[int] = set()  # pids with an exec in the current read() call
         self._ahead: Optional[ReadAhead] = None
         self._seen_read_errors = 0
+        self._flood = flood if flood is not None else FloodGuard()
+        self._overflowed = False  # a queue overflow since the last flood check
 
     # --- lifecycle ---------------------------------------------------------
 
@@ -344,6 +356,13 @@ class FanotifySource:
 
     def _place_ignore_marks(self) -> None:
         """Ignore marks on the agent's own directories; the pid filter is the real guarantee."""
+        for path in self._ignore:
+            self._ignore_mark(path)
+
+    def _ignore_mark(self, path: bytes) -> Optional[tuple[int, int]]:
+        """An ignore mark for creations and renames in ``path``: the (flags,
+        mask) it was placed with (6.0's FAN_MARK_IGNORE, else the older
+        ignored mask), or None (logged) when the kernel refused both."""
         rename = self._rename_bit if self._rename_bit is not None else abi.FAN_MOVED_TO
         attempts = (
             (
@@ -355,17 +374,15 @@ class FanotifySource:
                 abi.FAN_CREATE | rename,
             ),
         )
-        for path in self._ignore:
-            err: Optional[OSError] = None
-            for flags, mask in attempts:
-                try:
-                    abi.fanotify_mark(self._fd, flags, mask, abi.AT_FDCWD, path)
-                    err = None
-                    break
-                except OSError as exc:
-                    err = exc
-            if err is not None:
-                log.warning("fanotify ignore mark failed path=%r error=%s", path, err.strerror)
+        err: Optional[OSError] = None
+        for flags, mask in attempts:
+            try:
+                abi.fanotify_mark(self._fd, flags, mask, abi.AT_FDCWD, path)
+                return flags, mask
+            except OSError as exc:
+                err = exc
+        log.warning("fanotify ignore mark failed path=%r error=%s", path, err.strerror if err else "")
+        return None
 
     # --- reading -----------------------------------------------------------
 
@@ -397,7 +414,52 @@ class FanotifySource:
             for fd in mount_fds.values():
                 if fd >= 0:
                     _close_quietly(fd)
+        self._flood_tick(out)
         return out
+
+    # --- flood muting (flood.py) -------------------------------------------
+
+    @staticmethod
+    def _dir_key(ev: abi.ParsedEvent) -> Optional[bytes]:
+        for rec in ev[3]:
+            if rec[0] in _DIR_RECORDS:
+                return rec[1]
+        return None
+
+    def _dropped_as_flood(self, dkey: bytes) -> bool:
+        """An event of a muted directory, queued before the mute: dropped unread."""
+        m = self._flood.muted.get(dkey)
+        if m is None:
+            return False
+        m.dropped += 1
+        self._counters["flood_dropped"] += 1
+        return True
+
+    def _flood_tick(self, out: list[RawEvent]) -> None:
+        """Mute the directories that flood, lift the mutes that ran out; each
+        is an overflow record with the directory's path (a "flood" gap)."""
+        now = self._clock.monotonic()
+        ahead = self._ahead
+        behind = self._overflowed or (ahead is not None and ahead.pending_bytes() >= ahead.limit() // 2)
+        hot, done = self._flood.due(now, behind)
+        if self._flood.last_check == now:  # a check ran: the next one looks at overflows from now on
+            self._overflowed = False
+        now_ms = self._clock.now_ms()
+        for key in hot:
+            hit = self._dir_cache.get(key)
+            placed = self._ignore_mark(hit[0]) if hit is not None else None
+            if hit is None or placed is None:
+                continue
+            self._flood.muted[key] = Muted(hit[0], now + self._flood.mute_s, now_ms, *placed)
+            self._counters["flood_muted"] += 1
+            log.warning("event=flood_muted dir=%r for_s=%d", hit[0], self._flood.mute_s)
+            out.append(RawEvent(kind=OVERFLOW, ts_ms=now_ms, path=hit[0], lost=0))
+        for _, m in done:
+            with contextlib.suppress(OSError):  # the directory may be gone: its mark went with it
+                abi.fanotify_mark(self._fd, abi.FAN_MARK_REMOVE | (m.flags & ~abi.FAN_MARK_ADD), m.mask,
+                                  abi.AT_FDCWD, m.path)  # fmt: skip
+            log.warning("event=flood_unmuted dir=%r dropped_queued=%d", m.path, m.dropped)
+            out.append(RawEvent(kind=OVERFLOW, ts_ms=m.since_ms, path=m.path, lost=m.dropped))
 
     def _convert_all(  # noqa: PLR0912 - the prefilter's fast path inline: it runs per kernel event
         self,
@@ -448,8 +510,13 @@ class FanotifySource:
                         else:
                             self._counters["out_of_scope"] += 1
                         continue
+            dkey = self._dir_key(ev) if not mask & _NOT_DIRENT else None
+            if dkey is not None and self._dropped_as_flood(dkey):
+                continue
             try:
                 self._convert(ev, ts, out, mount_fds)
+                if dkey is not None:
+                    self._flood.count(dkey)
             except Exception as exc:  # noqa: BLE001 - one bad event must not stop the reader
                 self._counters["unresolved"] += 1
                 self._rl.log(
@@ -469,6 +536,7 @@ class FanotifySource:
         mask = ev.mask
         if mask & abi.FAN_Q_OVERFLOW:
             self._counters["overflows"] += 1
+            self._overflowed = True
             # the kernel does not say how many it dropped: lost 0 is "unknown"
             self._rl.log(log, logging.WARNING, "overflow", "fanotify queue overflow: events lost")
             out.append(RawEvent(kind=OVERFLOW, ts_ms=ts, path=None, lost=0))

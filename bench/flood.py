@@ -303,7 +303,9 @@ def _measure(
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="a 6 s flood, the shell at 4 s (the test suite's smoke run)")
+    ap.add_argument(
+        "--quick", action="store_true", help="a 6 s flood, the shell at 4 s (the test suite's smoke run)"
+    )
     ap.add_argument("--seconds", type=float, default=30.0, help="how long the flood runs (30)")
     ap.add_argument(
         "--shell-at", type=float, default=5.0, help="seconds into the flood the shell is written (5)"

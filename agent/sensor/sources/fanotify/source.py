@@ -419,21 +419,19 @@ class FanotifySource:
 
     # --- flood muting (flood.py) -------------------------------------------
 
-    @staticmethod
-    def _dir_key(ev: abi.ParsedEvent) -> Optional[bytes]:
+    def _muted(self, ev: abi.ParsedEvent) -> bool:
+        """Count a dirent event for its directory; True when that directory
+        is muted (the event was queued before the mute: dropped unread)."""
         for rec in ev[3]:
             if rec[0] in _DIR_RECORDS:
-                return rec[1]
-        return None
-
-    def _dropped_as_flood(self, dkey: bytes) -> bool:
-        """An event of a muted directory, queued before the mute: dropped unread."""
-        m = self._flood.muted.get(dkey)
-        if m is None:
-            return False
-        m.dropped += 1
-        self._counters["flood_dropped"] += 1
-        return True
+                m = self._flood.muted.get(rec[1])
+                if m is None:
+                    self._flood.count(rec[1])
+                    return False
+                m.dropped += 1
+                self._counters["flood_dropped"] += 1
+                return True
+        return False
 
     def _flood_tick(self, out: list[RawEvent]) -> None:
         """Mute the directories that flood, lift the mutes that ran out; each
@@ -468,9 +466,8 @@ class FanotifySource:
         out: list[RawEvent],
         mount_fds: dict[tuple[int, int], int],
     ) -> None:
-        # The prefilter's fast path first: a dirent event of a pid known not to
-        # match, in a cached directory wholly in (or out of) scope, costs a few
-        # dict lookups and no path, resolution or object.
+        # The prefilter's fast path first: a dirent event of a pid known not to match, in a cached
+        # directory wholly in (or out of) scope, costs a few dict lookups and no path or object.
         now = self._clock.monotonic()
         skip, cache, execd = self._skip, self._dir_cache, self._execd
         for ev in events:
@@ -510,13 +507,10 @@ class FanotifySource:
                         else:
                             self._counters["out_of_scope"] += 1
                         continue
-            dkey = self._dir_key(ev) if not mask & _NOT_DIRENT else None
-            if dkey is not None and self._dropped_as_flood(dkey):
+            if not mask & _NOT_DIRENT and self._muted(ev):
                 continue
             try:
                 self._convert(ev, ts, out, mount_fds)
-                if dkey is not None:
-                    self._flood.count(dkey)
             except Exception as exc:  # noqa: BLE001 - one bad event must not stop the reader
                 self._counters["unresolved"] += 1
                 self._rl.log(
@@ -525,6 +519,13 @@ class FanotifySource:
             finally:
                 if fd >= 0:
                     _close_quietly(fd)
+
+    def _overflow(self, ts: int, out: list[RawEvent]) -> None:
+        self._counters["overflows"] += 1
+        self._overflowed = True
+        # the kernel does not say how many it dropped: lost 0 is "unknown"
+        self._rl.log(log, logging.WARNING, "overflow", "fanotify queue overflow: events lost")
+        out.append(RawEvent(kind=OVERFLOW, ts_ms=ts, path=None, lost=0))
 
     def _convert(
         self,
@@ -535,11 +536,7 @@ class FanotifySource:
     ) -> None:
         mask = ev.mask
         if mask & abi.FAN_Q_OVERFLOW:
-            self._counters["overflows"] += 1
-            self._overflowed = True
-            # the kernel does not say how many it dropped: lost 0 is "unknown"
-            self._rl.log(log, logging.WARNING, "overflow", "fanotify queue overflow: events lost")
-            out.append(RawEvent(kind=OVERFLOW, ts_ms=ts, path=None, lost=0))
+            self._overflow(ts, out)
             return
         pid = ev.pid if ev.pid > 0 else None
         if mask & abi.FAN_OPEN_EXEC:

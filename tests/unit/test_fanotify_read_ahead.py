@@ -194,7 +194,7 @@ def test_a_trickle_is_handed_on_at_once() -> None:
 
 def test_the_read_ahead_holds_only_seconds_of_the_consumers_work() -> None:
     """A slow consumer (an agent under its CPU quota) shrinks the bound to
-    MAX_BACKLOG_S of its measured rate: a shell behind a flood waits seconds."""
+    MAX_BACKLOG_S of its measured rate: what it keeps is never further behind."""
 
     class Clock(SystemClock):
         t = 1000.0

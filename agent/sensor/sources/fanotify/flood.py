@@ -35,29 +35,33 @@ class Muted:
 
 
 class FloodGuard:
-    """Counts events per directory (by its handle key) and says, once a
-    second, which directories to mute and which mutes have run out."""
+    """Counts events per directory (by its handle key) per second of their
+    *arrival* (when the reader took them from the kernel: an agent under its
+    quota processes far fewer a second than arrive), and says which
+    directories to mute and which mutes have run out."""
 
     def __init__(self, rate: int = FLOOD_RATE, mute_s: float = MUTE_S) -> None:
         self.rate = rate
         self.mute_s = mute_s
         self.muted: dict[bytes, Muted] = {}
         self._hits: Counter[bytes] = Counter()
-        self.last_check = 0.0
+        self._second = -1
+        self._hot: set[bytes] = set()
 
-    def count(self, key: bytes) -> None:
+    def count(self, key: bytes, read_ms: int) -> None:
+        second = read_ms // 1000
+        if second != self._second:
+            self._second = second
+            self._hits.clear()
         self._hits[key] += 1
+        if self._hits[key] == self.rate:
+            self._hot.add(key)
 
     def due(self, now: float, behind: bool = True) -> tuple[list[bytes], list[tuple[bytes, Muted]]]:
-        """(directory keys to mute, (key, mute) pairs to lift), at most once a
-        second; nothing is muted unless the agent is ``behind``."""
-        elapsed = now - self.last_check
-        if self.rate <= 0 or elapsed < 1.0:
-            return [], []
-        self.last_check = now
-        bar = self.rate * min(elapsed, 2.0)
-        hot = [k for k, n in self._hits.items() if n >= bar and k not in self.muted] if behind else []
-        self._hits.clear()
+        """(directory keys to mute, (key, mute) pairs to lift). Nothing is
+        muted unless the agent is ``behind``: a burst it absorbs is no flood."""
+        hot = [k for k in self._hot if k not in self.muted] if behind and self.rate > 0 else []
+        self._hot.clear()
         done = [(k, m) for k, m in self.muted.items() if m.until <= now]
         for k, _ in done:
             del self.muted[k]

@@ -3,8 +3,8 @@ the kernel fills it, and holds a burst until it eases.
 
 A flood (code running as the web user can create files faster than the
 agent resolves them) costs at most READ_AHEAD_BYTES here, and at most about
-MAX_BACKLOG_S of the consumer's work (its rate is measured): a shell written
-into a flood waits behind seconds of events, not minutes. Past the bound
+MAX_BACKLOG_S of the consumer's work (its rate is measured): whatever is
+kept is never more than that behind the kernel. Past the bound
 the thread stops reading and the kernel's bounded queue overflows: the
 kernel drops events in the writer's context, at no cost to the agent's CPU
 quota (reading events only to drop them would spend it), and queues one
@@ -26,9 +26,13 @@ READ_BUFFER = 256 * 1024
 # reader pauses and the kernel's queue holds, then drops (see the module doc).
 READ_AHEAD_BYTES = 16 << 20
 # ... and at most this many seconds of the consumer's measured work, but
-# never less than MIN_AHEAD_BYTES (a short burst is never dropped).
-MAX_BACKLOG_S = 5.0
+# never less than MIN_AHEAD_BYTES. Long enough for a deploy-sized burst
+# (110,100 events at ~70 us each is ~8 s: bench/burst.py); a flood in one
+# folder is muted long before (flood.py) and its queued events are dropped
+# at a few us each, so a shell behind it waits about a second.
+MAX_BACKLOG_S = 30.0
 MIN_AHEAD_BYTES = 1 << 20
+FULL_SLICE = 128 << 10  # a take at least this large was taken from a backlog
 # A burst: this much waiting at once (~700 events). Its events are left to
 # gather until fewer than BURST_EASED_BYTES arrive in BURST_QUIET_S, for at
 # most DEFER_MAX_S or until DEFER_MAX_BYTES wait (see ReadAhead.take).
@@ -104,10 +108,13 @@ class ReadAhead:
 
     def _measure(self) -> None:
         """The consumer's rate: what the last take handed on, over the time
-        until this one (its work; the waits inside take do not count)."""
+        until this one (its work; the waits inside take do not count). Only
+        a full slice counts: after a small one the consumer may have done
+        anything (maintenance, a commit), and a rate taken from that would
+        shrink the bound just when a burst needs it."""
         end, n = self._handed
         busy = self._clock.monotonic() - end
-        if n and busy > 0:
+        if n >= FULL_SLICE and busy > 0:
             now = n / busy
             self._rate = now if self._rate is None else 0.8 * self._rate + 0.2 * now
 

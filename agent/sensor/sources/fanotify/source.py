@@ -419,14 +419,14 @@ class FanotifySource:
 
     # --- flood muting (flood.py) -------------------------------------------
 
-    def _muted(self, ev: abi.ParsedEvent) -> bool:
+    def _muted(self, ev: abi.ParsedEvent, read_ms: int) -> bool:
         """Count a dirent event for its directory; True when that directory
         is muted (the event was queued before the mute: dropped unread)."""
         for rec in ev[3]:
             if rec[0] in _DIR_RECORDS:
                 m = self._flood.muted.get(rec[1])
                 if m is None:
-                    self._flood.count(rec[1])
+                    self._flood.count(rec[1], read_ms)
                     return False
                 m.dropped += 1
                 self._counters["flood_dropped"] += 1
@@ -440,8 +440,7 @@ class FanotifySource:
         ahead = self._ahead
         behind = self._overflowed or (ahead is not None and ahead.pending_bytes() >= ahead.limit() // 2)
         hot, done = self._flood.due(now, behind)
-        if self._flood.last_check == now:  # a check ran: the next one looks at overflows from now on
-            self._overflowed = False
+        self._overflowed = False
         now_ms = self._clock.now_ms()
         for key in hot:
             hit = self._dir_cache.get(key)
@@ -507,7 +506,7 @@ class FanotifySource:
                         else:
                             self._counters["out_of_scope"] += 1
                         continue
-            if not mask & _NOT_DIRENT and self._muted(ev):
+            if not mask & _NOT_DIRENT and self._muted(ev, ts):
                 continue
             try:
                 self._convert(ev, ts, out, mount_fds)

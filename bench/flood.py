@@ -304,7 +304,7 @@ def _measure(
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
-        "--quick", action="store_true", help="a 6 s flood, the shell at 4 s (the test suite's smoke run)"
+        "--quick", action="store_true", help="a 10 s flood, the shell at 7 s (the test suite's smoke run)"
     )
     ap.add_argument("--seconds", type=float, default=30.0, help="how long the flood runs (30)")
     ap.add_argument(
@@ -317,7 +317,7 @@ def main() -> int:
     ap.add_argument("--against", metavar="DIR", help="also run another checkout's agent the same way")
     a = ap.parse_args()
     if a.quick:
-        a.seconds, a.shell_at, a.wait = 6.0, 4.0, 30.0
+        a.seconds, a.shell_at, a.wait = 10.0, 7.0, 30.0
     if os.geteuid() != 0:
         print("flood.py: needs root (fanotify, cgroups, setpriv)", file=sys.stderr)
         return 2

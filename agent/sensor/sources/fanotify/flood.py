@@ -46,7 +46,6 @@ class FloodGuard:
         self.muted: dict[bytes, Muted] = {}
         self._hits: Counter[bytes] = Counter()
         self._second = -1
-        self._hot: set[bytes] = set()
 
     def count(self, key: bytes, read_ms: int) -> None:
         second = read_ms // 1000
@@ -54,14 +53,16 @@ class FloodGuard:
             self._second = second
             self._hits.clear()
         self._hits[key] += 1
-        if self._hits[key] == self.rate:
-            self._hot.add(key)
 
     def due(self, now: float, behind: bool = True) -> tuple[list[bytes], list[tuple[bytes, Muted]]]:
         """(directory keys to mute, (key, mute) pairs to lift). Nothing is
         muted unless the agent is ``behind``: a burst it absorbs is no flood."""
-        hot = [k for k in self._hot if k not in self.muted] if behind and self.rate > 0 else []
-        self._hot.clear()
+        rate = self.rate
+        hot = (
+            [k for k, n in self._hits.items() if n >= rate and k not in self.muted]
+            if behind and rate > 0
+            else []
+        )
         done = [(k, m) for k, m in self.muted.items() if m.until <= now]
         for k, _ in done:
             del self.muted[k]

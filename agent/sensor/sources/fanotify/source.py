@@ -38,6 +38,7 @@ LOG_INTERVAL_S = 10.0
 _IN, _OUT, _MIXED = 1, 0, 2
 # Events that only name a directory entry: the only ones a prefilter may drop.
 _NOT_DIRENT = ~(abi.FAN_CREATE | abi.FAN_RENAME | abi.FAN_MOVED_TO | abi.FAN_ONDIR)
+BEHIND_BYTES = 4 << 20  # this much read ahead (~45,000 events) and a folder over the rate: a flood
 _DIR_RECORDS = (
     abi.FAN_EVENT_INFO_TYPE_DFID_NAME,
     abi.FAN_EVENT_INFO_TYPE_NEW_DFID_NAME,
@@ -438,7 +439,9 @@ class FanotifySource:
         is an overflow record with the directory's path (a "flood" gap)."""
         now = self._clock.monotonic()
         ahead = self._ahead
-        behind = self._overflowed or (ahead is not None and ahead.pending_bytes() >= ahead.limit() // 2)
+        behind = self._overflowed or (
+            ahead is not None and ahead.pending_bytes() >= min(ahead.limit() // 2, BEHIND_BYTES)
+        )
         hot, done = self._flood.due(now, behind)
         self._overflowed = False
         now_ms = self._clock.now_ms()

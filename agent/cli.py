@@ -88,6 +88,11 @@ def _collector_commands(group: argparse.ArgumentParser) -> None:
     alerts.add_argument("--db", metavar="PATH|URL", help=_DB_HELP + " ([collector] db)")
     alerts.add_argument("--since", metavar="ISO8601", help="only alerts at or after this time")
     alerts.add_argument("--json", action="store_true", help="full ECS documents instead of one line each")
+    alerts.add_argument(
+        "--rule",
+        metavar="RULE_ID",
+        help="only this rule's alerts (rarewrite-sensor-health: the sensors' health)",
+    )
 
     mig = col.add_parser("migrate", help="create or upgrade the collector's database schema, then exit")
     _config_opt(mig, COLLECTOR_CONF)
@@ -299,7 +304,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if cmd == "alerts":
         from agent.collector import admin
 
-        return admin.alerts(args.db or cfg.collector.db, args.since, args.json)
+        return admin.alerts(args.db or cfg.collector.db, args.since, args.json, args.rule)
     if cmd == "migrate":
         from agent.collector.storage import migrate
 

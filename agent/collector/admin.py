@@ -107,7 +107,9 @@ def tokens(db: str, args: argparse.Namespace) -> int:
         store.close()
 
 
-def alerts(db: str, since: Optional[str], full: bool) -> int:
+def alerts(db: str, since: Optional[str], full: bool, rule_id: Optional[str] = None) -> int:
+    """``collector alerts``: stored alerts, the rule's and the sensor-health
+    ones (``rule.id`` rarewrite-sensor-health) alike, or one rule's."""
     from agent.shared.text import parse_timestamp
 
     if not is_postgres(db) and not os.path.exists(db):
@@ -118,6 +120,8 @@ def alerts(db: str, since: Optional[str], full: bool) -> int:
         docs = store.list_alerts(since_ms)
     finally:
         store.close()
+    if rule_id is not None:
+        docs = [d for d in docs if (d.get("rule") or {}).get("id") == rule_id]
     if full:
         sys.stdout.writelines(json.dumps(doc) + "\n" for doc in docs)
     else:

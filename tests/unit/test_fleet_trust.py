@@ -189,3 +189,15 @@ def test_health_alerts_look_like_the_rules_alerts() -> None:
         assert d["host"]["name"] and d["agent"]["id"] and d["message"]
     ((_, pair, at, _, text, skey),) = health.items([loss])
     assert (pair, at, skey) == ((None, None), NOW, None) and json.loads(text) == loss
+
+
+def test_collector_alerts_filters_by_rule(fleet: Server, capsys: pytest.CaptureFixture[str]) -> None:
+    from agent.collector.admin import alerts
+
+    enroll(fleet, "web-1")
+    enroll(fleet, "web-1")  # refused: a second health alert
+    assert alerts(fleet.store.path, None, True, health.HEALTH_RULE_ID) == 0
+    docs = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [d["rarewrite"]["health"]["kind"] for d in docs] == ["agent_enrolled", "agent_reenroll_refused"]
+    assert alerts(fleet.store.path, None, True, "no-such-rule") == 0
+    assert capsys.readouterr().out == ""

@@ -155,9 +155,9 @@ class FanotifySource:
 
     def _init_group(self) -> int:
         # A bounded kernel queue (fs.fanotify.max_queued_events, 16384 by
-        # default): an unlimited one allocates its events __GFP_NOFAIL, so a
-        # flood would drive the agent's cgroup to MemoryMax and the OOM
-        # killer to the agent. Bounded, the kernel drops events instead
+        # default): an unlimited one grows in kernel memory charged to the
+        # agent's cgroup, and a flood drove it to MemoryMax and the OOM
+        # killer to the agent (bench/flood.py). Bounded, the kernel drops events instead
         # (one overflow record) and the agent's memory stays bounded
         # (the read-ahead's bound: reader.py).
         # No FAN_REPORT_PIDFD: the pid and start time already guard against

@@ -230,16 +230,18 @@ class Target:
         os.rmdir(self.mnt)
 
 
-def burst_writer(tmp: str, name: str = "php-fpm8.2", as_www: bool = True) -> list[str]:
+def burst_writer(
+    tmp: str, name: str = "php-fpm8.2", as_www: bool = True, code: str = BURST_WRITER
+) -> list[str]:
     """The burst writer's argv: python under the task name ``name`` (a
-    symlink in ``tmp``) running BURST_WRITER, as www-data unless not ``as_www``."""
+    symlink in ``tmp``) running ``code`` (BURST_WRITER), as www-data unless not ``as_www``."""
     os.chmod(tmp, 0o755)  # noqa: S103 - www-data reads the writer script here
     exe = os.path.join(tmp, name)
     py = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
     os.symlink(os.path.realpath(py), exe)
     script = os.path.join(tmp, "writer.py")
     with open(script, "w", encoding="ascii") as f:
-        f.write(BURST_WRITER)
+        f.write(code)
     os.chmod(script, 0o644)
     return [*(AS_WWW if as_www else []), exe, script]
 

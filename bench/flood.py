@@ -189,20 +189,8 @@ def _stored(db: str, path: str) -> bool:
         return False
 
 
-def _writer(tmp: str) -> list[str]:
-    exe = os.path.join(tmp, "php-fpm8.2")
-    py = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
-    os.symlink(os.path.realpath(py), exe)
-    script = os.path.join(tmp, "flood.py")
-    with open(script, "w", encoding="ascii") as f:
-        f.write(FLOOD_WRITER)
-    os.chmod(script, 0o644)
-    return [*c.AS_WWW, exe, script]
-
-
 def run_one(mode: str, checkout: Optional[str], target: str, a: argparse.Namespace) -> dict[str, Any]:
-    tmp = tempfile.mkdtemp(prefix=f"rw-flood-{mode}-")
-    os.chmod(tmp, 0o755)  # noqa: S103 - www-data runs the writer script from here
+    tmp = tempfile.mkdtemp(prefix=f"rw-flood-{mode}-")  # burst_writer opens it to www-data
     alerts = os.path.join(tmp, "alerts.ndjson")
     conf = os.path.join(tmp, "collector.conf")
     with open(conf, "w", encoding="ascii") as f:
@@ -248,7 +236,9 @@ def _measure(
     cpu0 = c.proc_cpu_s(agent.pid)
     shell = os.path.join(shell_dir, "shell.php")
     writer = subprocess.Popen(
-        [*_writer(tmp), flood, shell_dir, str(a.seconds), str(a.shell_at)], stdout=subprocess.PIPE, text=True
+        [*c.burst_writer(tmp, code=FLOOD_WRITER), flood, shell_dir, str(a.seconds), str(a.shell_at)],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     seen: dict[str, int] = {}  # what -> wall ms when this loop first saw it, polled during the flood too
     cpu_flood: Optional[float] = None

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any, Optional
 
 from agent.collector.evaluate import ECS_VERSION
-from agent.collector.storage.base import AgentRecord, AlertItem
+from agent.collector.storage.base import ENROLL_NEW, ENROLL_REKEYED, ENROLL_TAKEN, AgentRecord, AlertItem
 from agent.shared import wire
 from agent.shared.text import iso
 
@@ -153,9 +153,12 @@ def enrollment(
     status: str, agent_id: str, host_name: str, now_ms: int, peer: str, how: Optional[str] = None
 ) -> Optional[dict[str, Any]]:
     """The alert of an enrollment answer, or None for one that says nothing new."""
-    kind = {"new": "agent_enrolled", "rekeyed": "agent_key_replaced", "taken": "agent_reenroll_refused"}.get(
-        status
-    )
+    kinds = {
+        ENROLL_NEW: "agent_enrolled",
+        ENROLL_REKEYED: "agent_key_replaced",
+        ENROLL_TAKEN: "agent_reenroll_refused",
+    }
+    kind = kinds.get(status)
     if kind is None:
         return None
     # refusals: one alert an hour per id, however often it is tried

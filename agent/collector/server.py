@@ -62,6 +62,7 @@ from agent.collector.outputs import dropped_counts, emit_all
 from agent.collector.outputs.base import Output
 from agent.collector.storage.base import (
     ENROLL_BAD_TOKEN,
+    ENROLL_NEW,
     ENROLL_REVOKED,
     ENROLL_TAKEN,
     AgentRecord,
@@ -342,7 +343,7 @@ async def enroll(request: web.Request) -> web.Response:
             f"agent id {agent_id!r} is enrolled with another key: send its current key, or have an admin "
             f"run 'rarewrite collector agents reset {agent_id}' (or give a token bound to it)",
         )
-    event = "agent_enrolled" if status == "new" else "agent_key_replaced"
+    event = "agent_enrolled" if status == ENROLL_NEW else "agent_key_replaced"
     security.warning(
         "event=%s agent_id=%r host_name=%r peer=%r token=%s",
         event,

@@ -322,16 +322,21 @@ class LiveAgent:
         signal.signal(signal.SIGINT, on_term)
         signal.signal(signal.SIGHUP, on_hup)
 
-    def _health(self) -> dict[str, Any]:
-        """What a heartbeat reports: the counters, and "degraded" once anything was lost."""
-        st = self.store.counters
-        counters = {
+    def _counters(self) -> dict[str, int]:
+        """The agent's counters, the store's and the shipper's: for status and heartbeats."""
+        st = dict(self.store.counters)
+        return {
             **self.counters,
             "dropped": st["dropped"] + st["not_stored"],
             "stored": st["stored"],
+            "detailed": st["detailed"],
             "quarantined": st["quarantined"],
             **{f"ship_{k}": v for k, v in self.shipper.counters.items()},
         }
+
+    def _health(self) -> dict[str, Any]:
+        """What a heartbeat reports: the counters, and "degraded" once anything was lost."""
+        counters = self._counters()
         with contextlib.suppress(Exception):  # the depth is a nicety: never fail a heartbeat for it
             counters["outbox_depth"] = max(0, self.store.depth())
         lost = counters["overflows"] or counters["dropped"] or counters["errors"]
@@ -341,7 +346,6 @@ class LiveAgent:
         self, state: str, source: Optional[EventSource], stats: Optional[dict[str, Any]] = None
     ) -> dict[str, Any]:
         src = stats if stats is not None else source.stats() if source is not None else {}
-        store_counters = dict(self.store.counters)
         try:
             depth = self.store.depth()
         except (StoreError, OSError, Exception):  # noqa: BLE001 - status must always be written
@@ -359,14 +363,7 @@ class LiveAgent:
             "marked": src.get("marked", []),
             "refused": src.get("refused", []),
             "source": {k: v for k, v in src.items() if k not in ("marked", "refused")},
-            "counters": {
-                **self.counters,
-                "dropped": store_counters["dropped"] + store_counters["not_stored"],
-                "stored": store_counters["stored"],
-                "detailed": store_counters["detailed"],
-                "quarantined": store_counters["quarantined"],
-                **{f"ship_{k}": v for k, v in sh.counters.items()},
-            },
+            "counters": self._counters(),
             "outbox_depth": depth,
             "last_shipment_ms": sh.last_success_ms,
             "collector_reachable": sh.reachable,

@@ -26,12 +26,17 @@ def checked(batch: wire.RowBatch, now_ms: int, retention_ms: int) -> tuple[wire.
     skewed = abs(batch.sent_at - now_ms) > SKEW_MS
     if not skewed and (not sent or max(sent) <= hi):
         return batch, 0, False  # the usual batch: nothing to take out, nothing to add
-    events = tuple(e for e in batch.events if e[0] <= hi)
-    counts = []
-    for key, exe, path, stamped, actor in batch.counts:
+    # the rule masks (if any) go with their records
+    emasks = batch.event_rules or (0,) * len(batch.events)
+    cmasks = batch.count_rules or (0,) * len(batch.counts)
+    kept_events = [(e, m) for e, m in zip(batch.events, emasks) if e[0] <= hi]
+    events = tuple(e for e, _ in kept_events)
+    counts, count_rules = [], []
+    for (key, exe, path, stamped, actor), m in zip(batch.counts, cmasks):
         kept = tuple(t for t in stamped if t <= hi)
         if kept:
             counts.append((key, exe, path, kept, actor))
+            count_rules.append(m)
     dropped = batch.events_total() - len(events) - sum(len(c[3]) for c in counts)
     gaps = list(batch.gaps)
     if skewed and sent:
@@ -40,4 +45,7 @@ def checked(batch: wire.RowBatch, now_ms: int, retention_ms: int) -> tuple[wire.
         gaps.append(wire.GapRecord(max(0, lo), now_ms, dropped, "clock_skew"))  # when: unknown, recently
     if len(gaps) == len(batch.gaps):
         return batch, 0, skewed
-    return replace(batch, events=events, counts=tuple(counts), gaps=tuple(gaps)), dropped, skewed
+    out = replace(batch, events=events, counts=tuple(counts), gaps=tuple(gaps))
+    if batch.rules:
+        out = replace(out, event_rules=tuple(m for _, m in kept_events), count_rules=tuple(count_rules))
+    return out, dropped, skewed

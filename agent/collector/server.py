@@ -55,7 +55,7 @@ from typing import Any, Optional, TypeVar
 
 from aiohttp import web
 
-from agent.collector import batch_time, health
+from agent.collector import batch_time, health, terms
 from agent.collector.auth import TokenBuckets, bearer, is_enroll_token, key_hash, new_api_key, secret_ok
 from agent.collector.guard import ConnectionGuard
 from agent.collector.outputs import dropped_counts, emit_all
@@ -437,12 +437,14 @@ async def batches(request: web.Request) -> web.Response:
             iso(now),
             dropped,
         )
-    status = await c.write(c.store.ingest, agent, batch, now)
+    total = batch.events_total()
+    batch, candidates = terms.split(batch, c.cfg.rule, c.cfg.rules)
+    status = await c.write(c.store.ingest, agent, batch, now, candidates)
     if status == "conflict":  # nothing stored: the agent must start a new epoch, not count it as sent
         _seq_conflict(c, agent, batch)
     c.batches[status] += 1
     if status == "stored":
-        c.events += batch.events_total()
+        c.events += total
         if batch.gaps:
             await c.raise_health(health.losses(agent, batch.gaps, now))
     return web.json_response({"status": status})

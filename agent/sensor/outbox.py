@@ -1,14 +1,17 @@
 """The agent's state: the rolling hour and the outbox, in one SQLite file.
 
-Schema version 2 (``meta.schema_version``)::
+Schema version 3 (``meta.schema_version``)::
 
-    meta(k TEXT PRIMARY KEY, v)            epoch, next_seq, schema_version
+    meta(k TEXT PRIMARY KEY, v)            epoch, next_seq, schema_version,
+                                           rule_bits (JSON list of rule ids)
     win(pair BLOB, ts INTEGER)             this agent's matching events, one hour;
                                            one index, on (pair, ts)
-    outbox(id INTEGER PRIMARY KEY AUTOINCREMENT, kind INTEGER, ts INTEGER, body BLOB)
-                                           kind 0: an <event> map (msgpack)
+    outbox(id INTEGER PRIMARY KEY AUTOINCREMENT, kind INTEGER, ts INTEGER, body BLOB,
+           rules INTEGER)                  kind 0: an <event> map (msgpack)
                                            kind 1: a count time; body = its count key
                                            kind 2: a <gap> map (msgpack)
+                                           rules: bit i = rule_bits[i] matched the
+                                           event (NULL: a version-2 row, the first rule)
     lease(seq INTEGER PRIMARY KEY, batch_id TEXT, hi INTEGER, n INTEGER, body BLOB)
                                            the one batch in flight, bytes frozen
     quarantine(id, at, reason, body)       records the collector refused (400)
@@ -32,7 +35,8 @@ can miss a time (it then gets detail it could have gone without).
 
 Readability rule: a file with a newer schema_version is refused with a clear
 error (never half-read); an older one is migrated in place, in one
-transaction (version 1 had a second index, on ``win(ts)``: it is dropped).
+transaction (version 1 had a second index, on ``win(ts)``: it is dropped;
+version 2 kept the first rule's events only and had no ``rules``).
 A file that fails ``PRAGMA quick_check`` at start is moved aside and a fresh
 one is created (power loss must not become a crash loop).
 
@@ -47,6 +51,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import logging
 import os
 import sqlite3
@@ -70,7 +75,7 @@ from agent.shared.wire.encode import pack_batch
 
 log = logging.getLogger("rarewrite.store")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 EVENT, COUNT, GAP = 0, 1, 2
 BATCH_BYTES = 2 << 20  # stay well under the collector's body cap
 RECENT_PAIRS = 4096  # pairs whose recent times are kept in memory (a few hundred KB)
@@ -86,7 +91,7 @@ CREATE TABLE IF NOT EXISTS meta(k TEXT PRIMARY KEY, v);
 CREATE TABLE IF NOT EXISTS win(pair BLOB NOT NULL, ts INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS win_pair_ts ON win(pair, ts);
 CREATE TABLE IF NOT EXISTS outbox(id INTEGER PRIMARY KEY AUTOINCREMENT,
-    kind INTEGER NOT NULL, ts INTEGER NOT NULL, body BLOB NOT NULL);
+    kind INTEGER NOT NULL, ts INTEGER NOT NULL, body BLOB NOT NULL, rules INTEGER);
 CREATE TABLE IF NOT EXISTS lease(seq INTEGER PRIMARY KEY, batch_id TEXT NOT NULL,
     hi INTEGER NOT NULL, n INTEGER NOT NULL, body BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS quarantine(id INTEGER PRIMARY KEY, at INTEGER NOT NULL,
@@ -98,9 +103,15 @@ def _drop_win_ts(db: sqlite3.Connection) -> None:
     db.execute("DROP INDEX IF EXISTS win_ts")
 
 
+def _add_rules(db: sqlite3.Connection) -> None:
+    if "rules" not in [r[1] for r in db.execute("PRAGMA table_info(outbox)")]:
+        db.execute("ALTER TABLE outbox ADD COLUMN rules INTEGER")
+
+
 # The steps run in one transaction with the new version number.
 MIGRATIONS: tuple[Migration[sqlite3.Connection], ...] = (
     Migration(2, "the hour pruned by rowid spans: no index on win(ts)", _drop_win_ts),
+    Migration(3, "several rules: which ones each outbox row matched", _add_rules),
 )
 
 # Rows of win are pruned in spans of consecutive rowids (a few record() calls
@@ -177,6 +188,7 @@ class AgentStore:
         self.clock = clock
         self.outbox_max = outbox_max
         self.facts = facts
+        self.host_id = ""  # the machine id, sent as host.id
         self._local = threading.local()
         self._lock = threading.Lock()  # serialises writers across threads
         self.counters = {"stored": 0, "detailed": 0, "dropped": 0, "quarantined": 0, "not_stored": 0}
@@ -202,6 +214,8 @@ class AgentStore:
         # new one per call); only used under self._lock.
         self._packer = msgpack.Packer(use_bin_type=True)
         self._events = wire.EventPacker()  # the event maps, same bytes as packing wire.event_map
+        self._rule_bits: list[str] = []  # meta rule_bits: the rule of each mask bit (set_rules)
+        self._bit_of: list[int] = []  # bit i of record()'s masks -> its bit in _rule_bits
         self._open()
 
     # -------------------------------------------------------------- opening
@@ -272,7 +286,7 @@ class AgentStore:
         want = {
             "meta": ["k", "v"],
             "win": ["pair", "ts"],
-            "outbox": ["id", "kind", "ts", "body"],
+            "outbox": ["id", "kind", "ts", "body", "rules"],
             "lease": ["seq", "batch_id", "hi", "n", "body"],
             "quarantine": ["id", "at", "reason", "kind", "body"],
         }
@@ -284,6 +298,8 @@ class AgentStore:
                     return ""  # empty: made fresh below
                 for t in tables:
                     cols = [r[1] for r in db.execute(f"PRAGMA table_info({t!r})")]
+                    if t == "outbox" and cols == want[t][:4]:
+                        continue  # version 2, migrated below
                     if want.get(t) != cols and not t.startswith("sqlite_"):
                         log.error("event=state_foreign table=%r columns=%r", t, cols)
                         return "foreign"
@@ -338,6 +354,37 @@ class AgentStore:
         value = self._meta(self._db(), key)
         return int(value) if value is not None else 0
 
+    def set_rules(self, rule_ids: Sequence[str]) -> None:
+        """The rules of the masks :meth:`record` gets from now on (bit i:
+        ``rule_ids[i]``). Stored rows keep their meaning: each id has its bit
+        in ``rule_bits`` for good, a new id takes the next free one."""
+        db = self._db()
+        with self._lock, _transaction(db):
+            got = self._meta(db, "rule_bits")
+            bits: list[str] = json.loads(got) if got else [self.rule.rule_id]
+            bits.extend(i for i in rule_ids if i not in bits)
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('rule_bits', ?)", (json.dumps(bits),))
+        self._rule_bits = bits
+        self._bit_of = [bits.index(i) for i in rule_ids]
+
+    def _stored_masks(self, events: Sequence[FileEvent], masks: Optional[Sequence[int]]) -> Sequence[int]:
+        """The masks of record() in ``rule_bits`` numbering."""
+        if not self._rule_bits:
+            self.set_rules([self.rule.rule_id])
+        if masks is None:
+            return [1 << self._rule_bits.index(self.rule.rule_id)] * len(events)
+        bit_of = self._bit_of
+        if all(b == i for i, b in enumerate(bit_of)):
+            return masks
+        out = []
+        for m in masks:
+            t = 0
+            for i, b in enumerate(bit_of):
+                if m >> i & 1:
+                    t |= 1 << b
+            out.append(t)
+        return out
+
     @property
     def epoch(self) -> str:
         return str(self._meta(self._db(), "epoch"))
@@ -350,9 +397,16 @@ class AgentStore:
 
     # -------------------------------------------------------------- recording
 
-    def record(self, events: Sequence[FileEvent], progress: Optional[tuple[str, int]] = None) -> int:
+    def record(
+        self,
+        events: Sequence[FileEvent],
+        progress: Optional[tuple[str, int]] = None,
+        masks: Optional[Sequence[int]] = None,
+    ) -> int:
         """Store matching events in one transaction; returns how many were
-        detailed. ``progress`` (key, value) is saved in the same transaction
+        detailed. ``masks`` says which rules each event matched (bit i:
+        ``rules[i]`` of :meth:`set_rules`; None: the first rule alone).
+        ``progress`` (key, value) is saved in the same transaction
         (replay resumes from it). On a full disk nothing is raised: the events
         are counted as not stored and a gap is written once space returns.
 
@@ -367,12 +421,13 @@ class AgentStore:
         if not events and self._unstored is None and progress is None:
             return 0
         db = self._db()
+        stored = self._stored_masks(events, masks)
         with self._lock:
             if self._recent_rule != (self.rule.window_ms, self.rule.count_below):
                 self._recent.clear()  # a reload changed the rule: cached times were chosen for the old one
                 self._recent_rule = (self.rule.window_ms, self.rule.count_below)
             try:
-                detailed = self._record_tx(db, events, progress)
+                detailed = self._record_tx(db, events, progress, stored)
             except sqlite3.Error as e:
                 self._abandon(db)
                 if not _is_full(e) and not isinstance(e, sqlite3.OperationalError):
@@ -401,7 +456,11 @@ class AgentStore:
         self._recent.clear()
 
     def _record_tx(
-        self, db: sqlite3.Connection, events: Sequence[FileEvent], progress: Optional[tuple[str, int]]
+        self,
+        db: sqlite3.Connection,
+        events: Sequence[FileEvent],
+        progress: Optional[tuple[str, int]],
+        masks: Sequence[int],
     ) -> int:
         """record()'s transaction: the rows, the facts they wait for, the
         progress; then, committed, what memory keeps of them."""
@@ -412,8 +471,8 @@ class AgentStore:
         keys = [pack([ev.process.executable or None, ev.path or None]) for ev in events]
         oldest = min((ev.ts_ms for ev in events), default=0)
         self._load_recent(db, keys, max(oldest - window, self._horizon))
-        out_rows, wants_facts, detailed = self._decide(db, events, keys)
-        db.executemany("INSERT INTO outbox(kind, ts, body) VALUES (?, ?, ?)", out_rows)
+        out_rows, wants_facts, detailed = self._decide(db, events, keys, masks)
+        db.executemany("INSERT INTO outbox(kind, ts, body, rules) VALUES (?, ?, ?, ?)", out_rows)
         # One transaction holds the write lock: the new rowids of win and ids
         # of outbox are contiguous.
         last_win = db.execute("SELECT max(rowid) FROM win").fetchone()[0] if events else None
@@ -430,8 +489,8 @@ class AgentStore:
         return detailed
 
     def _decide(
-        self, db: sqlite3.Connection, events: Sequence[FileEvent], keys: list[bytes]
-    ) -> tuple[list[tuple[int, int, bytes]], list[tuple[int, bytes, int, int]], int]:
+        self, db: sqlite3.Connection, events: Sequence[FileEvent], keys: list[bytes], masks: Sequence[int]
+    ) -> tuple[list[tuple[int, int, bytes, int]], list[tuple[int, bytes, int, int]], int]:
         """The detail decision for each event, in order; ``win`` gets the
         times. Returns the outbox rows, (row index, path, map keys, ts) of
         those that wait for facts, and how many are detailed."""
@@ -440,10 +499,10 @@ class AgentStore:
         window, below = self.rule.window_ms, self.rule.count_below
         with_facts = self.facts is not None and len(self._pending) < FACTS_PENDING_MAX
         win_rows: list[tuple[bytes, int]] = []
-        out_rows: list[tuple[int, int, bytes]] = []
+        out_rows: list[tuple[int, int, bytes, int]] = []
         wants_facts: list[tuple[int, bytes, int, int]] = []
         detailed = 0
-        for ev, key in zip(events, keys):
+        for ev, key, mask in zip(events, keys, masks):
             ts = ev.ts_ms
             lo = max(ts - window, horizon)
             times = recent[key]
@@ -467,7 +526,7 @@ class AgentStore:
                 body, n_keys = pack_event(ev)
                 if with_facts and ev.path:
                     wants_facts.append((len(out_rows), ev.path, n_keys, ts))
-                out_rows.append((EVENT, ts, body))
+                out_rows.append((EVENT, ts, body, mask))
                 detailed += 1
             else:
                 p, u = ev.process, ev.user
@@ -476,6 +535,7 @@ class AgentStore:
                         COUNT,
                         ts,
                         pack_count([ev.process.executable or None, ev.path or None, p.name, u.name, u.id]),
+                        mask,
                     )
                 )
         if win_rows:
@@ -722,24 +782,26 @@ class AgentStore:
         with self._lock:
             waiting = self._pending[0][0] if self._pending and self.facts is not None else None
             rows = db.execute(
-                "SELECT id, kind, ts, body FROM outbox WHERE id < ? ORDER BY id LIMIT ?",
+                "SELECT id, kind, ts, body, rules FROM outbox WHERE id < ? ORDER BY id LIMIT ?",
                 (waiting if waiting is not None else 1 << 62, max_records),
             ).fetchall()
             if not rows:
                 return None
             events: list[bytes] = []  # stored msgpack maps, spliced in as they are
-            times: dict[bytes, list[int]] = {}
+            event_rules: list[int] = []
+            times: dict[tuple[bytes, int], list[int]] = {}
             gaps: list[bytes] = []
             size, hi = 0, 0
-            for rid, kind, ts, body in rows:
+            for rid, kind, ts, body, rules in rows:
                 if size + len(body) + 16 > BATCH_BYTES and hi:
                     break
                 size += len(body) + 16
                 hi = rid
                 if kind == EVENT:
                     events.append(body)
+                    event_rules.append(1 if rules is None else rules)
                 elif kind == COUNT:
-                    times.setdefault(body, []).append(ts)
+                    times.setdefault((body, 1 if rules is None else rules), []).append(ts)
                 else:
                     gaps.append(body)
             seq = int(self._meta(db, "next_seq"))
@@ -753,14 +815,26 @@ class AgentStore:
                 "host_name": host_name,
                 "sent_at": self.clock.now_ms(),
             }
-            counts = [(count_of(k), t) for k, t in times.items()]
+            counts = [(count_of(k), t) for (k, _), t in times.items()]
             head["counts"] = [[exe, path, wire.encode_times(t)] for (exe, path, _), t in counts]
             if any(actor is not None for (_, _, actor), _ in counts):
                 head["actors"] = [None if actor is None else list(actor) for (_, _, actor), _ in counts]
+            self._rule_head(db, head, event_rules, [r for _, r in times])
             n = len(events) + sum(len(t) for t in times.values()) + len(gaps)
             body = pack_batch(head, events, gaps)
             db.execute("INSERT INTO lease VALUES (?, ?, ?, ?, ?)", (seq, batch_id, hi, n, body))
             return Lease(seq, batch_id, hi, n, body)
+
+    def _rule_head(
+        self, db: sqlite3.Connection, head: dict[str, Any], event_rules: list[int], count_rules: list[int]
+    ) -> None:
+        """The batch's rule fields (wire.format): which rules each record matched."""
+        got = self._meta(db, "rule_bits")
+        head["rules"] = json.loads(got) if got else [self.rule.rule_id]
+        head["erules"] = event_rules
+        head["crules"] = count_rules
+        if self.host_id:
+            head["host_id"] = self.host_id
 
     def ack(self, lease: Lease) -> None:
         """The collector committed the batch: it leaves the outbox."""

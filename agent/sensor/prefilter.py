@@ -1,4 +1,4 @@
-"""The rule's process and user predicates, asked per pid before an event is
+"""The rules' process and user predicates, asked per pid before an event is
 resolved: a busy host's writes by processes that cannot match cost a few
 dictionary lookups, not a /proc read each."""
 
@@ -7,21 +7,21 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from agent.sensor.resolver import Resolver
-from agent.shared.rule import Rule
+from agent.shared.rules import RuleSet
 
 
 class Prefilter:
     """``prefilter(pid)`` -> (until, cannot_match): until that monotonic time
-    no event of ``pid`` can match the rule (or some may).
+    no event of ``pid`` can match any rule (or some may).
 
     The pid's name and user come from the resolver's trusted cache, checked
     against /proc at most every ``TRUST_S``, and are judged by
-    :meth:`Rule.could_match`: the same predicate :func:`~agent.shared.rule.matches`
-    applies to a resolved event, so the prefilter drops nothing the rule
-    would keep. An unknown pid, or one whose user is not known yet, may match.
-    ``rule`` is called each time: a reload swaps the rule at once."""
+    :meth:`RuleSet.could_match`: the process and user parts of the predicates
+    :meth:`RuleSet.mask` applies to a resolved event, so the prefilter drops
+    nothing a rule would keep. An unknown pid, or one whose user is not known
+    yet, may match. ``rule`` is called each time: a reload swaps the rules at once."""
 
-    def __init__(self, rule: Callable[[], Rule], resolver: Resolver) -> None:
+    def __init__(self, rule: Callable[[], RuleSet], resolver: Resolver) -> None:
         self._rule = rule
         self._resolver = resolver
 

@@ -16,7 +16,7 @@ from agent.shared.clock import Clock, SystemClock
 from agent.shared.config.schema import Config
 from agent.shared.errors import RarewriteError
 from agent.shared.events import FileEvent
-from agent.shared.rule import matches
+from agent.shared.rules import RuleSet
 
 log = logging.getLogger("rarewrite.agent")
 
@@ -36,6 +36,9 @@ def run_replay(cfg: Config, events_path: str, secret: str, clock: Optional[Clock
     state.lock()
     ident = state.identity(cfg.agent.agent_id, cfg.agent.host_name)
     store = AgentStore(state.store_path, cfg.rule, clock, cfg.agent.outbox_max_records)
+    rules = RuleSet(cfg.rule, cfg.rules)
+    store.set_rules(rules.ids)
+    # no host_id: recorded events are another host's (the collector uses the agent id)
     shipper = build_shipper(cfg, state, store, ident, secret, clock)
     if not os.path.exists(events_path):
         raise RarewriteError(f"{events_path}: no such file")
@@ -45,6 +48,7 @@ def run_replay(cfg: Config, events_path: str, secret: str, clock: Optional[Clock
     done = store.progress(progress_key)
     read = matched = bad = 0
     chunk: list[FileEvent] = []
+    masks: list[int] = []
     line = 0
     for line, item in enumerate(read_ndjson(events_path), 1):
         if line <= done:
@@ -54,14 +58,16 @@ def run_replay(cfg: Config, events_path: str, secret: str, clock: Optional[Clock
             log.warning("event=bad_line file=%r line=%d reason=%r", events_path, item.line, item.reason)
         else:
             read += 1
-            if matches(cfg.rule, item):
+            mask = rules.mask(item)
+            if mask:
                 chunk.append(item)
+                masks.append(mask)
         if len(chunk) >= 2000:
-            store.record(chunk, (progress_key, line))
+            store.record(chunk, (progress_key, line), masks)
             matched += len(chunk)
-            chunk = []
+            chunk, masks = [], []
     if line > done:
-        store.record(chunk, (progress_key, line))
+        store.record(chunk, (progress_key, line), masks)
         matched += len(chunk)
     log.info("event=replay_read file=%r read=%d matched=%d bad_lines=%d", events_path, read, matched, bad)
     deadline = clock.monotonic() + max(5.0, cfg.agent.request_timeout_ms / 1000 * 4)

@@ -29,13 +29,13 @@ from agent.sensor.resolver import Resolver
 from agent.sensor.shipper import Shipper
 from agent.sensor.sources.auto import open_source
 from agent.sensor.sources.base import EventSource, Prefiltering, ReadingAhead
-from agent.sensor.state_dir import StateDir
+from agent.sensor.state_dir import StateDir, machine_id
 from agent.sensor.wiring import build_shipper
 from agent.shared.clock import Clock, SystemClock
 from agent.shared.config.schema import Config
 from agent.shared.errors import ConfigError, EnrollError, RarewriteError, StoreError
 from agent.shared.events import OVERFLOW, FileEvent, RawEvent
-from agent.shared.rule import matches
+from agent.shared.rules import RuleSet
 from agent.shared.systemd import Watchdog, notify
 
 log = logging.getLogger("rarewrite.agent")
@@ -97,14 +97,17 @@ class LiveAgent:
             state.store_path, cfg.rule, self.clock, cfg.agent.outbox_max_records,
             facts=FactsReader(self.clock, cfg.agent.hash_max_bytes) if cfg.agent.file_facts else None,
         )  # fmt: skip
+        self.rules = RuleSet(cfg.rule, cfg.rules)
+        self.store.set_rules(self.rules.ids)
+        self.store.host_id = machine_id()
         self.shipper = build_shipper(cfg, state, self.store, ident, self.secret, self.clock)
         self.shipper.health = self._health
         self.shipper.heartbeat_s = cfg.agent.heartbeat_interval_ms / 1000
         self._install_signals()
         state.write_status(self._status("starting", None))
         # late-bound on purpose: a SIGHUP reload swaps self.cfg
-        self.resolver = Resolver(self.clock, is_web_process=lambda name: self.cfg.rule.process_matches(name))  # noqa: PLW0108
-        self.prefilter = Prefilter(lambda: self.cfg.rule, self.resolver)
+        self.resolver = Resolver(self.clock, is_web_process=lambda name: self.rules.process_matches(name))  # noqa: PLW0108
+        self.prefilter = Prefilter(lambda: self.rules, self.resolver)
         self.source = self._open_source(open_source)
         log.info(
             "event=started version=%s backend=%s agent_id=%s host_name=%r watch=%s",
@@ -190,8 +193,9 @@ class LiveAgent:
 
     def _handle(self, raws: Sequence[RawEvent], store: AgentStore, resolver: Resolver) -> None:
         """Resolve one slice of raw events and store the matching ones."""
-        rule = self.cfg.rule
+        rules = self.rules
         batch: list[FileEvent] = []
+        masks: list[int] = []
         for raw in raws:
             if raw.kind == OVERFLOW:
                 self._overflow(raw, store)
@@ -205,10 +209,12 @@ class LiveAgent:
             if ev is None:
                 continue
             self.counters["seen"] += 1
-            if matches(rule, ev):
+            mask = rules.mask(ev)
+            if mask:
                 batch.append(ev)
+                masks.append(mask)
         if batch:
-            store.record(batch)
+            store.record(batch, masks=masks)
             self.counters["matched"] += len(batch)
 
     def _drain(self, source: EventSource, store: AgentStore, resolver: Resolver) -> None:
@@ -286,6 +292,8 @@ class LiveAgent:
             return source
         old, self.cfg = self.cfg, new
         self.store.rule = new.rule
+        self.rules = RuleSet(new.rule, new.rules)
+        self.store.set_rules(self.rules.ids)
         if isinstance(source, Prefiltering):
             source.set_prefilter(self.prefilter)  # its cached answers are of the old rule
         scope = ("backend", "watch", "exclude")

@@ -115,3 +115,21 @@ def read_status(state_dir: str) -> tuple[int, dict[str, Any]]:
     if doc.get("state") != "running":
         return 3, doc  # alive but not (yet) watching
     return 0, doc
+
+
+MACHINE_ID_FILES = ("/etc/machine-id", "/var/lib/dbus/machine-id")
+
+
+def machine_id(files: tuple[str, ...] = MACHINE_ID_FILES) -> str:
+    """This host's machine id (systemd's, 32 hex digits): ECS ``host.id``, as
+    Elastic Defend reports it; "" where there is none (the collector then
+    uses the agent id)."""
+    for name in files:
+        try:
+            with open(name, encoding="ascii") as f:
+                got = f.read(64).strip()
+        except (OSError, UnicodeDecodeError):
+            continue
+        if len(got) == 32 and all(c in "0123456789abcdef" for c in got):
+            return got
+    return ""

@@ -94,6 +94,7 @@ class Rule:
     """Every part of the rule; the defaults are the published rule."""
 
     name: str = RULE_NAME
+    enabled: bool = True  # no: the agents keep nothing for it, the collector raises nothing
     rule_id: str = "rarewrite-unusual-file-creation-by-web-server"
     description: str = (
         "A web server process or user created or renamed a file that no other host in the "

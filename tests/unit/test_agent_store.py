@@ -203,7 +203,7 @@ def test_a_version_1_state_file_is_migrated_in_place(tmp_path: Path) -> None:
     db.close()
     s = AgentStore(path, Rule(), FakeClock(T0))
     db = s._db()
-    assert db.execute("SELECT v FROM meta WHERE k='schema_version'").fetchone()[0] == 2
+    assert db.execute("SELECT v FROM meta WHERE k='schema_version'").fetchone()[0] == 3
     indexes = {
         r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='index' AND tbl_name='win'")
     }
@@ -212,6 +212,9 @@ def test_a_version_1_state_file_is_migrated_in_place(tmp_path: Path) -> None:
     assert s.record([ev(ts=T0 + 10)]) == 0  # the hour the old file holds still counts: a 5th event is a time
     lease = s.lease("a", "h", 100)
     assert lease is not None and lease.seq == 3 and lease.n == 5
+    # rows of the old file were the first rule's alone; so is record() without masks
+    batch = wire.decode_batch(lease.body)
+    assert batch.rules == (Rule().rule_id,) and set(batch.count_rules) == {1}
 
 
 def test_outbox_bound_drops_detail_first_then_oldest_times(tmp_path: Path) -> None:

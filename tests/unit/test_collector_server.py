@@ -355,7 +355,7 @@ class FullStore(CollectorStore):
 
     full = False
 
-    def ingest(self, agent: AgentRecord, batch: wire.Batch, now_ms: int) -> str:
+    def ingest(self, agent: AgentRecord, batch: wire.Batch, now_ms: int, terms: object = ()) -> str:
         if self.full:
             raise StoreError("collector database: ingest failed: database or disk is full")
         return super().ingest(agent, batch, now_ms)

@@ -20,7 +20,7 @@ from agent.collector import evaluate as ev
 from agent.collector.admin import agents_cli
 from agent.collector.storage import open_store
 from agent.collector.storage.base import AgentRecord, EnrollToken, Store
-from agent.collector.storage.sqlite import CollectorStore, order_key
+from agent.collector.storage.sqlite import SCHEMA_VERSION, CollectorStore, order_key
 from agent.shared import wire
 from agent.shared.errors import StoreError
 from agent.shared.rule import Row, Rule
@@ -378,8 +378,8 @@ def test_migrate_sqlite(tmp_path: Path) -> None:
     from agent.collector.storage import migrate
 
     p = str(tmp_path / "m.db")
-    assert migrate(p) == {"backend": "sqlite", "db": p, "from": 0, "to": 4}
-    assert migrate(p)["from"] == 4
+    assert migrate(p) == {"backend": "sqlite", "db": p, "from": 0, "to": SCHEMA_VERSION}
+    assert migrate(p)["from"] == SCHEMA_VERSION
 
 
 NAMES = st.one_of(st.none(), st.binary(min_size=1, max_size=6).map(lambda b: b.replace(b"\x02", b"\xff")))
@@ -441,7 +441,7 @@ def test_version_1_file_is_migrated_in_place(tmp_path: Path) -> None:
     _as_version_1(p)
     with pytest.raises(StoreError, match=r"older than this rarewrite.s.*collector migrate"):
         ev.evaluate_db(p, Rule(), T)
-    assert migrate(p) == {"backend": "sqlite", "db": p, "from": 1, "to": 4}
+    assert migrate(p) == {"backend": "sqlite", "db": p, "from": 1, "to": SCHEMA_VERSION}
     assert ev.evaluate_db(p, Rule(), T) == before
     store = CollectorStore(p)
     try:
@@ -468,6 +468,8 @@ def test_version_1_file_is_migrated_by_a_writer_that_opens_it(tmp_path: Path) ->
     finally:
         store.close()
     with contextlib.closing(sqlite3.connect(p)) as c:
-        assert c.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("4",)
+        assert c.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == (
+            str(SCHEMA_VERSION),
+        )
         indexes = {n for (n,) in c.execute("SELECT name FROM sqlite_master WHERE tbl_name='events'")}
         assert indexes == {"events", "events_pair", "events_ts"}

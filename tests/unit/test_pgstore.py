@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from agent.collector import evaluate as ev
-from agent.collector.storage import migrate, open_store
+from agent.collector.storage import migrate, open_store, postgres
 from agent.collector.storage.base import AgentRecord, Store
 from agent.shared import wire
 from agent.shared.rule import Row, Rule
@@ -75,7 +75,7 @@ def test_redact_and_scheme() -> None:
 def test_migrate_is_versioned_and_idempotent(pg_url: str) -> None:
     assert migrate(pg_url)["from"] == 0
     again = migrate(pg_url)
-    assert (again["from"], again["to"]) == (3, 3)
+    assert (again["from"], again["to"]) == (postgres.SCHEMA_VERSION,) * 2
     password = pg_url.split("@", maxsplit=1)[0].rsplit(":", 1)[1]
     assert again["db"] == pg_url.replace(password, "***") and password not in again["db"]
 
@@ -176,8 +176,6 @@ def test_a_version_1_database_is_migrated_with_its_data(pg_url: str, monkeypatch
     database that already holds events and alerts: nothing of them is lost."""
     import psycopg
 
-    from agent.collector.storage import postgres
-
     monkeypatch.setattr(postgres, "MIGRATIONS", postgres.MIGRATIONS[:1])
     monkeypatch.setattr(postgres, "SCHEMA_VERSION", 1)
     assert migrate(pg_url)["to"] == 1
@@ -195,7 +193,12 @@ def test_a_version_1_database_is_migrated_with_its_data(pg_url: str, monkeypatch
                   "VALUES ('x', 'r', NULL, NULL, %s, %s, '{\"old\": 1}')", (T - 1, T - 5))  # fmt: skip
     monkeypatch.undo()
     first, again = migrate(pg_url), migrate(pg_url)
-    assert (first["from"], first["to"], again["from"], again["to"]) == (1, 3, 3, 3)
+    assert (first["from"], first["to"], again["from"], again["to"]) == (
+        1,
+        postgres.SCHEMA_VERSION,
+        postgres.SCHEMA_VERSION,
+        postgres.SCHEMA_VERSION,
+    )
     store = open_store(pg_url)
     try:
         [row] = store.rows(Rule(), T)

@@ -6,12 +6,13 @@ from __future__ import annotations
 import contextlib
 import hmac
 import logging
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional, Protocol
 
 import msgpack
 
+from agent.collector.terms import Candidate, Run, new_candidates
 from agent.shared import wire
 from agent.shared.events import Actor
 from agent.shared.exceptions import NO_ACTOR
@@ -124,6 +125,21 @@ PairRef = tuple[int, Optional[bytes], Optional[bytes]]
 
 
 @dataclass(frozen=True)
+class TermHit:
+    """A new event of a new-terms rule (see agent.collector.terms)."""
+
+    ts: int
+    received_ms: int
+    agent_id: str
+    host_name: str
+    host_id: str
+    exe: Optional[bytes]
+    path: Optional[bytes]
+    detail: Optional[dict[str, Any]]  # None for a count time
+    actor: Actor
+
+
+@dataclass(frozen=True)
 class RankedRow:
     """A rule row plus the first event time of its pair in the window."""
 
@@ -154,7 +170,15 @@ class Store(Protocol):
     def revoke(self, agent_id: str) -> bool: ...
     def restore(self, agent_id: str) -> bool: ...
     def list_agents(self) -> list[AgentRecord]: ...
-    def ingest(self, agent: AgentRecord, batch: wire.Batch | wire.RowBatch, now_ms: int) -> str: ...
+    def ingest(
+        self,
+        agent: AgentRecord,
+        batch: wire.Batch | wire.RowBatch,
+        now_ms: int,
+        terms: Sequence[Candidate] = (),
+    ) -> str: ...
+    def term_hits(self, rule_id: str, lo_ms: int, hi_ms: int, by_received: bool = False) -> list[TermHit]: ...
+    def prune_terms(self, rule_id: str, before_ms: int) -> int: ...
     def rows(self, rule: Rule, at_ms: int) -> list[Row]: ...
     def ranked_rows(self, rule: Rule, at_ms: int, skip: Collection[int] = ()) -> list[RankedRow]: ...
     def pair_events(self, pair: Pair, lo_ms: int, hi_ms: int, limit: int) -> list[StoredEvent]: ...
@@ -253,3 +277,60 @@ def actor_of_key(key: Optional[bytes]) -> Actor:
         return NO_ACTOR
     v = msgpack.unpackb(key, raw=False)
     return (v[0], v[1], v[2])
+
+
+# ------------------------------------------------------ new terms, shared by the stores
+
+TERM_SELECT_SQL = "SELECT first_ts, last_ts FROM terms WHERE rule_id = ? AND agent_ref = ? AND pair = ?"
+TERM_UPSERT_SQL = (
+    "INSERT INTO terms(rule_id, agent_ref, pair, first_ts, last_ts) VALUES (?, ?, ?, ?, ?) "
+    "ON CONFLICT (rule_id, agent_ref, pair) DO UPDATE SET first_ts = excluded.first_ts, "
+    "last_ts = excluded.last_ts"
+)
+HIT_INSERT_SQL = (
+    "INSERT INTO term_hits(rule_id, ts, received_ms, agent_ref, host_id, exe, path, detail, actor) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+HITS_SQL = """
+SELECT t.ts, t.received_ms, a.agent_id, h.name, t.host_id, t.exe, t.path, t.detail, t.actor
+FROM term_hits AS t JOIN agents AS a ON a.ref = t.agent_ref JOIN hosts AS h ON h.ref = a.host_ref
+WHERE t.rule_id = ? AND t.{col} > ? AND t.{col} <= ? ORDER BY t.{col}, t.id
+"""
+
+
+def term_writes(
+    lookup: Callable[[str, bytes], Optional[Run]],
+    agent: AgentRecord,
+    host_id: str,
+    cands: Sequence[Candidate],
+    now_ms: int,
+) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+    """The terms rows to upsert and the term_hits rows to insert for a
+    batch's candidates; ``lookup(rule_id, pair)`` reads a stored run."""
+    stored: dict[tuple[str, bytes], Optional[Run]] = {}
+    for c in cands:
+        k = (c.rule_id, c.pair)
+        if k not in stored:
+            stored[k] = lookup(*k)
+    hits, changed = new_candidates(cands, stored)
+    upserts = [(rid, agent.ref, pair, first, last) for (rid, pair), (first, last) in changed.items()]
+    inserts = [
+        (c.rule_id, c.ts, now_ms, agent.ref, host_id or agent.agent_id, c.exe, c.path, c.detail, c.actor)
+        for c in hits
+    ]
+    return upserts, inserts
+
+
+def hit_of(row: Sequence[Any]) -> TermHit:
+    ts, received, agent_id, host, host_id, exe, path, detail, actor = row
+    return TermHit(
+        int(ts),
+        int(received),
+        str(agent_id),
+        str(host),
+        str(host_id),
+        None if exe is None else bytes(exe),
+        None if path is None else bytes(path),
+        None if detail is None else msgpack.unpackb(bytes(detail), raw=False),
+        actor_of_key(None if actor is None else bytes(actor)),
+    )

@@ -53,7 +53,11 @@ from agent.collector.storage.base import (
     ENROLL_NEW,
     ENROLL_REKEYED,
     ENROLL_TAKEN,
+    HIT_INSERT_SQL,
+    HITS_SQL,
     RESET_PREFIX,
+    TERM_SELECT_SQL,
+    TERM_UPSERT_SQL,
     TOKENS_SQL,
     AgentRecord,
     AlertItem,
@@ -64,16 +68,20 @@ from agent.collector.storage.base import (
     PairRef,
     RankedRow,
     StoredEvent,
+    TermHit,
     WindowEvent,
     actor_keys,
     actor_of_key,
     enroll_decision,
     event_rows,
+    hit_of,
     is_replayed,
     newest_per_pair,
     possible_loss,
+    term_writes,
     token_usable,
 )
+from agent.collector.terms import Candidate, Run
 from agent.shared import wire
 from agent.shared.errors import StoreError
 from agent.shared.events import Actor
@@ -100,7 +108,13 @@ except ImportError as e:  # pragma: no cover - depends on the install
     ) from e
 
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
+_EPOCH_SQL = (
+    "INSERT INTO epochs(agent_ref, epoch, last_seq, last_sent_at) VALUES (%s, %s, %s, %s) "
+    "ON CONFLICT (agent_ref, epoch) DO UPDATE SET last_seq = excluded.last_seq, "
+    "last_sent_at = excluded.last_sent_at"
+)
+_TERM_SELECT_SQL = TERM_SELECT_SQL.replace("?", "%s") + " FOR UPDATE"
 HOUR_MS = 3_600_000
 AHEAD_HOURS = 3  # partitions kept ready past the current hour
 BAND_BACK_HOURS = 7 * 24  # older timestamps go to the DEFAULT partition
@@ -238,10 +252,42 @@ def _v3(conn: psycopg.Connection[Any]) -> None:
     conn.execute(_V3.encode())
 
 
+_V4 = """
+CREATE TABLE terms (
+    rule_id text NOT NULL,
+    agent_ref bigint NOT NULL,
+    pair bytea NOT NULL,
+    first_ts bigint NOT NULL,
+    last_ts bigint NOT NULL,
+    PRIMARY KEY (rule_id, agent_ref, pair)
+);
+CREATE INDEX terms_last ON terms (rule_id, last_ts);
+CREATE TABLE term_hits (
+    id bigserial PRIMARY KEY,
+    rule_id text NOT NULL,
+    ts bigint NOT NULL,
+    received_ms bigint NOT NULL,
+    agent_ref bigint NOT NULL,
+    host_id text NOT NULL,
+    exe bytea,
+    path bytea,
+    detail bytea,
+    actor bytea
+);
+CREATE INDEX term_hits_ts ON term_hits (rule_id, ts);
+CREATE INDEX term_hits_received ON term_hits (rule_id, received_ms);
+"""
+
+
+def _v4(conn: psycopg.Connection[Any]) -> None:
+    conn.execute(_V4.encode())
+
+
 MIGRATIONS: tuple[Migration[psycopg.Connection[Any]], ...] = (
     Migration(1, "initial schema, events partitioned by hour", _v1),
     Migration(2, "who wrote each event (actors) for exceptions; alert suppression", _v2),
     Migration(3, "agents' health from heartbeats; per-host enrollment tokens", _v3),
+    Migration(4, "several rules: the new-terms history and its new events", _v4),
 )
 
 # One statement, one snapshot. The window is a range on ts (partition pruning,
@@ -651,7 +697,13 @@ class PgStore:
 
     # ------------------------------------------------------------ ingest
 
-    def ingest(self, agent: AgentRecord, batch: wire.Batch | wire.RowBatch, now_ms: int) -> str:
+    def ingest(
+        self,
+        agent: AgentRecord,
+        batch: wire.Batch | wire.RowBatch,
+        now_ms: int,
+        terms: Sequence[Candidate] = (),
+    ) -> str:
         """Store one batch in one transaction: "stored" or "duplicate" (see the
         SQLite store for the rules; they are the same)."""
         if self.readonly:
@@ -666,7 +718,7 @@ class PgStore:
                     status = "stored"
                     try:
                         with conn.transaction():
-                            status = self._ingest_tx(conn, agent, batch, now_ms)
+                            status = self._ingest_tx(conn, agent, batch, now_ms, terms)
                             if status != "stored":
                                 raise psycopg.Rollback()
                     except (pg_errors.DeadlockDetected, pg_errors.SerializationFailure, _Retry):
@@ -684,6 +736,7 @@ class PgStore:
         agent: AgentRecord,
         batch: wire.RowBatch,
         now_ms: int,
+        terms: Sequence[Candidate] = (),
     ) -> str:
         """ "stored", "duplicate" (its batch id was stored) or "conflict" (a new
         batch id with a used seq); only "stored" may commit."""
@@ -712,12 +765,7 @@ class PgStore:
                 "VALUES (%s, %s, %s, 0, 'possible_loss', %s)",
                 (agent.ref, *gap, now_ms),
             )
-        conn.execute(
-            "INSERT INTO epochs(agent_ref, epoch, last_seq, last_sent_at) VALUES (%s, %s, %s, %s) "
-            "ON CONFLICT (agent_ref, epoch) DO UPDATE SET last_seq = excluded.last_seq, "
-            "last_sent_at = excluded.last_sent_at",
-            (agent.ref, batch.epoch, batch.seq, batch.sent_at),
-        )
+        conn.execute(_EPOCH_SQL, (agent.ref, batch.epoch, batch.seq, batch.sent_at))
         want = newest_per_pair(batch)
         refs = self._intern(conn, want) if want else {}
         actors = self._actor_refs(conn, actor_keys(batch))
@@ -734,8 +782,49 @@ class PgStore:
                     "VALUES (%s, %s, %s, %s, %s, %s)",
                     [(agent.ref, g.start, g.end, g.lost, g.reason, now_ms) for g in batch.gaps],
                 )
+        if terms:
+            self._terms(conn, agent, batch.host_id, terms, now_ms)
         conn.execute("UPDATE agents SET last_seen_ms = %s WHERE ref = %s", (now_ms, agent.ref))
         return "stored"
+
+    @staticmethod
+    def _terms(
+        conn: psycopg.Connection[Any],
+        agent: AgentRecord,
+        host_id: str,
+        cands: Sequence[Candidate],
+        now_ms: int,
+    ) -> None:
+        """The new-terms history in the batch's transaction. A row is locked as
+        it is read, so a copy of this agent's next batch on another collector
+        waits for this one's decision (an agent has one batch in flight)."""
+
+        def lookup(rule_id: str, pair: bytes) -> Optional[Run]:
+            got = conn.execute(_TERM_SELECT_SQL, (rule_id, agent.ref, pair)).fetchone()
+            return None if got is None else (int(got[0]), int(got[1]))
+
+        upserts, inserts = term_writes(lookup, agent, host_id, cands, now_ms)
+        with conn.cursor() as cur:
+            if upserts:
+                cur.executemany(TERM_UPSERT_SQL.replace("?", "%s"), upserts)
+            if inserts:
+                cur.executemany(HIT_INSERT_SQL.replace("?", "%s"), inserts)
+
+    def term_hits(self, rule_id: str, lo_ms: int, hi_ms: int, by_received: bool = False) -> list[TermHit]:
+        """The new events of ``rule_id`` with lo < ts <= hi (or received in it), in that order."""
+        sql = HITS_SQL.format(col="received_ms" if by_received else "ts").replace("?", "%s")
+        with self._errors("reading new terms"):
+            got = self._conn().execute(sql, (rule_id, lo_ms, hi_ms)).fetchall()
+        return [hit_of(r) for r in got]
+
+    def prune_terms(self, rule_id: str, before_ms: int) -> int:
+        """Forget combinations of ``rule_id`` last seen before ``before_ms``."""
+        if self.readonly:
+            raise StoreError("the collector database is open read-only")
+        conn = self._conn()
+        with self._errors("pruning new terms"), conn.transaction():
+            cur = conn.execute("DELETE FROM terms WHERE rule_id = %s AND last_ts < %s", (rule_id, before_ms))
+            return int(cur.rowcount)
 
     @staticmethod
     def _intern(
@@ -1015,6 +1104,7 @@ class PgStore:
                 dropped.append(h)
             total += conn.execute("DELETE FROM events_default WHERE ts < %s", (before_ms,)).rowcount
             conn.execute("DELETE FROM gaps WHERE end_ms < %s", (before_ms,))
+            conn.execute("DELETE FROM term_hits WHERE ts < %s AND received_ms < %s", (before_ms, before_ms))
             conn.execute("DELETE FROM batches WHERE received_ms < %s", (before_ms,))
             conn.execute("DELETE FROM alerts WHERE at_ms < %s", (before_ms - 7 * 86_400_000,))
             conn.execute(

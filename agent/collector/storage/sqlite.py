@@ -9,7 +9,7 @@ Durability: the file runs in WAL mode with ``synchronous=FULL``, so a
 server sends a 2xx for a batch only after :meth:`CollectorStore.ingest`
 returned, i.e. after that durable commit.
 
-Schema (version 4)::
+Schema (version 5)::
 
     meta(key PK, value)                         schema_version
     agents(ref PK, agent_id UNIQUE, host_ref, key_hash UNIQUE, revoked,
@@ -36,6 +36,12 @@ Schema (version 4)::
     alerts(alert_id PK, rule_id, exe, path, at_ms, first_ts, doc, skey,
            folded_into, dirty, emitted_ms)
     actors(ref PK, key UNIQUE)                  who wrote an event (events.actor)
+    terms(rule_id, agent_ref, pair, first_ts, last_ts)
+                                                PK (rule_id, agent_ref, pair): the
+                                                new-terms history, one run per
+                                                combination (agent.collector.terms)
+    term_hits(id PK, rule_id, ts, received_ms, agent_ref, host_id, exe, path,
+              detail, actor)                    the new events of new-terms rules
 
 Versions: a file with a newer version is refused; an older one is migrated
 in place, in one transaction, by any writer that opens it (``collector
@@ -69,8 +75,12 @@ from agent.collector.storage.base import (
     ENROLL_BAD_TOKEN,
     ENROLL_NEW,
     ENROLL_REKEYED,
+    HIT_INSERT_SQL,
+    HITS_SQL,
     PRUNE_CHUNK,
     RESET_PREFIX,
+    TERM_SELECT_SQL,
+    TERM_UPSERT_SQL,
     TOKENS_SQL,
     AgentRecord,
     AlertItem,
@@ -81,16 +91,20 @@ from agent.collector.storage.base import (
     PairRef,
     RankedRow,
     StoredEvent,
+    TermHit,
     WindowEvent,
     actor_keys,
     actor_of_key,
     enroll_decision,
     event_rows,
+    hit_of,
     is_replayed,
     newest_per_pair,
     possible_loss,
+    term_writes,
     token_usable,
 )
+from agent.collector.terms import Candidate, Run
 from agent.shared import wire
 from agent.shared.errors import StoreError
 from agent.shared.events import Actor
@@ -100,10 +114,36 @@ from agent.shared.rule import Row, Rule
 
 log = logging.getLogger("rarewrite.collector.store")
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 BUSY_TIMEOUT_MS = 5000
 PAIR_CACHE_MAX = 65_536  # pair refs the writer keeps in memory (about 10 MB at most)
-_SCHEMA = """
+_TERMS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS terms (
+    rule_id TEXT NOT NULL,
+    agent_ref INTEGER NOT NULL,
+    pair BLOB NOT NULL,
+    first_ts INTEGER NOT NULL,
+    last_ts INTEGER NOT NULL,
+    PRIMARY KEY (rule_id, agent_ref, pair)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS terms_last ON terms(rule_id, last_ts);
+CREATE TABLE IF NOT EXISTS term_hits (
+    id INTEGER PRIMARY KEY,
+    rule_id TEXT NOT NULL,
+    ts INTEGER NOT NULL,
+    received_ms INTEGER NOT NULL,
+    agent_ref INTEGER NOT NULL,
+    host_id TEXT NOT NULL,
+    exe BLOB,
+    path BLOB,
+    detail BLOB,
+    actor BLOB
+);
+CREATE INDEX IF NOT EXISTS term_hits_ts ON term_hits(rule_id, ts);
+CREATE INDEX IF NOT EXISTS term_hits_received ON term_hits(rule_id, received_ms);
+"""
+_SCHEMA = (
+    """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS hosts (ref INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);
 CREATE TABLE IF NOT EXISTS agents (
@@ -189,6 +229,8 @@ CREATE TABLE IF NOT EXISTS alerts (
 CREATE INDEX IF NOT EXISTS alerts_at ON alerts(at_ms);
 CREATE INDEX IF NOT EXISTS alerts_skey ON alerts(rule_id, skey, at_ms);
 """
+    + _TERMS_SCHEMA
+)
 
 _META_SQL = f"INSERT OR REPLACE INTO meta(key, value) VALUES ('schema_version', '{SCHEMA_VERSION}');"  # noqa: S608
 
@@ -245,10 +287,17 @@ def _migrate_v4(conn: sqlite3.Connection) -> None:
     conn.execute(_TOKENS_SQL)
 
 
+def _migrate_v5(conn: sqlite3.Connection) -> None:
+    for stmt in _TERMS_SCHEMA.split(";"):
+        if stmt.strip():
+            conn.execute(stmt)
+
+
 MIGRATIONS: tuple[Migration[sqlite3.Connection], ...] = (
     Migration(2, "pairs keyed in (exe, path) order; events indexed by (pair, ts) and (ts)", _migrate_v2),
     Migration(3, "who wrote each event (actors) for exceptions; alert suppression", _migrate_v3),
     Migration(4, "agents' health from heartbeats; per-host enrollment tokens", _migrate_v4),
+    Migration(5, "several rules: the new-terms history and its new events", _migrate_v5),
 )
 
 # The rule's rows at T in two statements, both ranking pairs by
@@ -608,8 +657,15 @@ class CollectorStore:
 
     # ------------------------------------------------------------ ingest
 
-    def ingest(self, agent: AgentRecord, batch: wire.Batch | wire.RowBatch, now_ms: int) -> str:
-        """Store one decoded batch for ``agent`` in one transaction.
+    def ingest(
+        self,
+        agent: AgentRecord,
+        batch: wire.Batch | wire.RowBatch,
+        now_ms: int,
+        terms: Sequence[Candidate] = (),
+    ) -> str:
+        """Store one decoded batch for ``agent`` in one transaction, with what
+        its new-terms ``terms`` change (agent.collector.terms.split).
 
         ``batch`` is a :class:`wire.Batch` or, from the server's decoder, a
         :class:`wire.RowBatch` (details already packed: stored as they are).
@@ -642,6 +698,8 @@ class CollectorStore:
                     "VALUES (?, ?, ?, ?, ?, ?)",
                     [(agent.ref, g.start, g.end, g.lost, g.reason, now_ms) for g in rb.gaps],
                 )
+            if terms:
+                self._terms(conn, agent, rb.host_id, terms, now_ms)
             conn.execute("UPDATE agents SET last_seen_ms=? WHERE ref=?", (now_ms, agent.ref))
         # Committed: what this batch learnt about its pairs and actors is now true.
         self._local.actors.update(new_actors)
@@ -649,6 +707,31 @@ class CollectorStore:
             cache.clear()
         cache.update(fresh)
         return "stored"
+
+    @staticmethod
+    def _terms(
+        conn: sqlite3.Connection, agent: AgentRecord, host_id: str, cands: Sequence[Candidate], now_ms: int
+    ) -> None:
+        def lookup(rule_id: str, pair: bytes) -> Optional[Run]:
+            got = conn.execute(TERM_SELECT_SQL, (rule_id, agent.ref, pair)).fetchone()
+            return None if got is None else (int(got[0]), int(got[1]))
+
+        upserts, inserts = term_writes(lookup, agent, host_id, cands, now_ms)
+        conn.executemany(TERM_UPSERT_SQL, upserts)
+        conn.executemany(HIT_INSERT_SQL, inserts)
+
+    def term_hits(self, rule_id: str, lo_ms: int, hi_ms: int, by_received: bool = False) -> list[TermHit]:
+        """The new events of ``rule_id`` with lo < ts <= hi (or received in it), in that order."""
+        sql = HITS_SQL.format(col="received_ms" if by_received else "ts")
+        with _db_errors("reading new terms"):
+            got = self._conn().execute(sql, (rule_id, lo_ms, hi_ms)).fetchall()
+        return [hit_of(r) for r in got]
+
+    def prune_terms(self, rule_id: str, before_ms: int) -> int:
+        """Forget combinations of ``rule_id`` last seen before ``before_ms``."""
+        with self._write("pruning new terms") as conn:
+            cur = conn.execute("DELETE FROM terms WHERE rule_id=? AND last_ts < ?", (rule_id, before_ms))
+            return int(cur.rowcount)
 
     @staticmethod
     def _claim(conn: sqlite3.Connection, agent: AgentRecord, rb: wire.RowBatch, now_ms: int) -> str:
@@ -987,6 +1070,7 @@ class CollectorStore:
                 return total
         with self._write("pruning") as conn:
             conn.execute("DELETE FROM gaps WHERE end_ms < ?", (before_ms,))
+            conn.execute("DELETE FROM term_hits WHERE ts < ? AND received_ms < ?", (before_ms, before_ms))
             conn.execute("DELETE FROM batches WHERE received_ms < ?", (before_ms,))
             conn.execute("DELETE FROM alerts WHERE at_ms < ?", (before_ms - 7 * 86_400_000,))
             # A pair whose newest event is older than the cutoff has no event left,

@@ -22,6 +22,7 @@ from typing import Any, Optional, TypeVar
 
 from agent.shared.config.converters import plain_http_elsewhere, words
 from agent.shared.config.exception_sections import PREFIX, exception_section, file_part, resolve
+from agent.shared.config.rule_sections import rule_sections
 from agent.shared.config.schema import (
     AGENT_KEYS,
     COLLECTOR_KEYS,
@@ -90,6 +91,7 @@ def load(
             raw.setdefault(section, {})[key] = (value, f"command line: [{section}] {key}")
 
     rule = _rule(raw, problems, now_ms, strict_expiry)
+    rules = rule_sections(raw, rule.rule_id, problems)
     agent = _build(AgentConfig(), AGENT_KEYS, raw.pop("agent", {}), problems)
     collector = _build(CollectorConfig(), COLLECTOR_KEYS, raw.pop("collector", {}), problems)
     outputs = []
@@ -101,12 +103,12 @@ def load(
             where = next(iter(entries.values()))[1].split(":")[0] if entries else ""
             problems.append(
                 f"{where}: [{section}] is not a known section "
-                "(rule, agent, collector, output.NAME, exception.NAME)"
+                "(rule, rule.KEY, agent, collector, output.NAME, exception.NAME)"
             )
     problems.extend(_cross_checks(rule, agent, collector))
     if problems:
         raise ConfigError(problems)
-    return Config(rule, agent, collector, tuple(outputs), tuple(read))
+    return Config(rule, rules, agent, collector, tuple(outputs), tuple(read))
 
 
 def _rule(

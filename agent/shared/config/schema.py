@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Union
 
 from agent.shared.config.converters import (
     abs_paths,
@@ -33,6 +33,7 @@ from agent.shared.config.converters import (
     words,
 )
 from agent.shared.rule import Rule
+from agent.shared.rules import NewTermsRule, OutbreakRule, default_rules
 
 ETC = "/etc/rarewrite"
 AGENT_CONF = os.path.join(ETC, "agent.conf")
@@ -108,7 +109,8 @@ class OutputConfig:
 
 @dataclass(frozen=True)
 class Config:
-    rule: Rule = field(default_factory=Rule)
+    rule: Rule = field(default_factory=Rule)  # the first rule, [rule]
+    rules: tuple[Union[NewTermsRule, OutbreakRule], ...] = field(default_factory=default_rules)  # [rule.KEY]
     agent: AgentConfig = field(default_factory=AgentConfig)
     collector: CollectorConfig = field(default_factory=CollectorConfig)
     outputs: tuple[OutputConfig, ...] = ()
@@ -125,6 +127,7 @@ SUPPRESS_FIELDS = (
 # key -> (dataclass field, converter)
 Spec = Mapping[str, tuple[str, Callable[[str], Any]]]
 RULE_KEYS: Spec = {
+    "enabled": ("enabled", boolean),
     "name": ("name", text),
     "rule_id": ("rule_id", text),
     "description": ("description", text),

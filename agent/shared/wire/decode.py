@@ -18,6 +18,7 @@ from agent.shared.wire.format import (
     MAX_ID,
     MAX_OBJECTS,
     MAX_RECORDS,
+    MAX_RULE_BITS,
     MAX_STR,
     MAX_TS,
     SUPPORTED_VERSIONS,
@@ -217,6 +218,10 @@ def rows_of(batch: Batch | RowBatch) -> RowBatch:
         tuple((pack([c.exe, c.path]), c.exe, c.path, c.times, actor_key(c.actor)) for c in batch.counts),
         batch.gaps,
         batch.version,
+        batch.rules,
+        batch.event_rules,
+        batch.count_rules,
+        batch.host_id,
     )
 
 
@@ -379,7 +384,32 @@ def _count_slow(raw: Any, i: int) -> _Ct:
     return _bin(c[0], f"{p}[0]"), _bin(c[1], f"{p}[1]"), tuple(times)
 
 
-def _decode(body: bytes) -> tuple[_HDR, list[_Ev], list[_CtA], list[GapRecord]]:
+_Rules = tuple[tuple[str, ...], tuple[int, ...], tuple[int, ...], str]
+
+
+def _rule_fields(doc: dict[str, Any], n_events: int, n_counts: int) -> _Rules:
+    """``rules``, ``erules``, ``crules`` and ``host_id`` (see the format)."""
+    host_id = "" if doc.get("host_id") is None else _str(doc["host_id"], "host_id", MAX_ID)
+    if doc.get("rules") is None:
+        if doc.get("erules") is not None or doc.get("crules") is not None:
+            raise WireError("erules and crules need rules", "rules")
+        return (), (), (), host_id
+    rules = tuple(
+        _str(r, f"rules[{i}]", MAX_ID, empty=False) for i, r in enumerate(_list(doc["rules"], "rules"))
+    )
+    if not rules or len(rules) > MAX_RULE_BITS or len(set(rules)) != len(rules):
+        raise WireError(f"must hold 1 to {MAX_RULE_BITS} distinct rule ids", "rules")
+    top = (1 << len(rules)) - 1
+    out = []
+    for name, n in (("erules", n_events), ("crules", n_counts)):
+        items = _list(doc.get(name, []), name)
+        if len(items) != n:
+            raise WireError(f"must hold one entry per {name[0]}-record ({n}), got {len(items)}", name)
+        out.append(tuple(_int(m, f"{name}[{i}]", 1, top) for i, m in enumerate(items)))
+    return rules, out[0], out[1], host_id
+
+
+def _decode(body: bytes) -> tuple[_HDR, list[_Ev], list[_CtA], list[GapRecord], _Rules]:
     """Validate a batch body completely; raise WireError naming the field."""
     doc = _map(unpack(body), "batch")
     v = doc.get("v")
@@ -430,12 +460,13 @@ def _decode(body: bytes) -> tuple[_HDR, list[_Ev], list[_CtA], list[GapRecord]]:
     if not events and not counts and not gaps:
         raise WireError("holds no record", "batch")
     with_actors = [(exe, path, times, a) for (exe, path, times), a in zip(counts, actors)]
-    return (v, batch_id, epoch, seq, agent_id, host_name, sent_at), events, with_actors, gaps
+    rules = _rule_fields(doc, len(events), len(counts))
+    return (v, batch_id, epoch, seq, agent_id, host_name, sent_at), events, with_actors, gaps, rules
 
 
 def decode_batch(body: bytes) -> Batch:
     """Validate a batch body completely; raise WireError naming the field."""
-    (v, batch_id, epoch, seq, agent_id, host_name, sent_at), events, counts, gaps = _decode(body)
+    (v, batch_id, epoch, seq, agent_id, host_name, sent_at), events, counts, gaps, rules = _decode(body)
     return Batch(
         batch_id,
         epoch,
@@ -447,6 +478,7 @@ def decode_batch(body: bytes) -> Batch:
         tuple(CountRecord(exe, path, times, actor) for exe, path, times, actor in counts),
         tuple(gaps),
         v,
+        *rules,
     )
 
 
@@ -454,7 +486,7 @@ def decode_rows(body: bytes) -> RowBatch:
     """:func:`decode_batch` (the same checks, the same errors), in storage form:
     each event's detail packed once here, the pair keys computed. The collector
     runs this in a worker process, so decoding and the store use two cores."""
-    (v, batch_id, epoch, seq, agent_id, host_name, sent_at), events, counts, gaps = _decode(body)
+    (v, batch_id, epoch, seq, agent_id, host_name, sent_at), events, counts, gaps, rules = _decode(body)
     pack = msgpack.Packer(use_bin_type=True).pack
     return RowBatch(
         batch_id,
@@ -470,4 +502,5 @@ def decode_rows(body: bytes) -> RowBatch:
         tuple((pack([exe, path]), exe, path, times, actor_key(actor)) for exe, path, times, actor in counts),
         tuple(gaps),
         v,
+        *rules,
     )

@@ -36,6 +36,10 @@ def encode_batch(batch: Batch) -> bytes:
     }
     if any(c.actor is not None for c in batch.counts):
         doc["actors"] = [None if c.actor is None else list(c.actor) for c in batch.counts]
+    if batch.rules:
+        doc.update(rules=list(batch.rules), erules=list(batch.event_rules), crules=list(batch.count_rules))
+    if batch.host_id:
+        doc["host_id"] = batch.host_id
     return bytes(msgpack.packb(doc, use_bin_type=True))
 
 

@@ -38,6 +38,17 @@ know the field ignores it and counts the times the same.
 ``<gap>`` is a map: ``start``, ``end`` (ms), ``lost`` (int, 0 = unknown)
 and ``reason`` (str: "overflow", "outbox_full", "disk_full", ...).
 
+Several rules (optional batch fields, all or none of the first three):
+``"rules"`` ([str], at most MAX_RULE_BITS rule ids), ``"erules"`` (one int
+per event) and ``"crules"`` (one int per count): bit i set when the record
+matched ``rules[i]``. The agent keeps what any of its rules could match, so a
+collector counts for each rule only the records of that rule. A batch without
+``rules`` is an older agent's: every record is the first rule's (it kept no
+other). ``"host_id"`` (str, optional): the machine id, ECS ``host.id``
+(absent: the collector uses the agent id). ``file.extension`` is not sent: it
+is a function of the path (:func:`agent.shared.exceptions.file_extension`),
+so agent and collector cannot disagree on it.
+
 Compatibility rule. ``v`` is a major version. Within one version, fields may
 be added to ``<event>``, ``<gap>`` and the batch map, and readers ignore
 fields they do not know; a field is never removed or given a new meaning
@@ -73,6 +84,7 @@ MAX_BIN = 16 << 10  # a path (PATH_MAX is 4096) or a file sample
 MAX_STR = 16 << 10  # a command line is capped by the agent before this
 MAX_ID = 128
 MAX_TS = (1 << 53) - 1
+MAX_RULE_BITS = 32
 ACTIONS = ("creation", "rename")
 _HEX32 = re.compile(r"[0-9a-f]{32}\Z")
 _ID = re.compile(r"[A-Za-z0-9._:@-]{1,128}\Z")
@@ -115,6 +127,10 @@ class Batch:
     counts: tuple[CountRecord, ...] = ()
     gaps: tuple[GapRecord, ...] = ()
     version: int = VERSION
+    rules: tuple[str, ...] = ()  # () : an older agent's, every record the first rule's
+    event_rules: tuple[int, ...] = ()
+    count_rules: tuple[int, ...] = ()
+    host_id: str = ""
 
     def size(self) -> int:
         """Records in the batch, each count time counting as one."""
@@ -145,6 +161,10 @@ class RowBatch:
     counts: tuple[tuple[bytes, Optional[bytes], Optional[bytes], tuple[int, ...], Optional[bytes]], ...] = ()
     gaps: tuple[GapRecord, ...] = ()
     version: int = VERSION
+    rules: tuple[str, ...] = ()  # as Batch
+    event_rules: tuple[int, ...] = ()
+    count_rules: tuple[int, ...] = ()
+    host_id: str = ""
 
     def events_total(self) -> int:
         """Events in the batch, each count time counting as one."""

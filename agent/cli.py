@@ -80,6 +80,12 @@ def _collector_commands(group: argparse.ArgumentParser) -> None:
     ev.add_argument(
         "--at", metavar="ISO8601", required=True, help="evaluation time T; the window is (T-1h, T]"
     )
+    ev.add_argument(
+        "--rule",
+        metavar="NAME",
+        help="the rule (its [rule.KEY] key, rule id or name; default: the first rule, [rule]): "
+        "via-web-server prints its new events of (T - lookback, T], outbreak its rows at T",
+    )
 
     _fleet_commands(col)
 
@@ -292,7 +298,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             )
         return serve(cfg, secret)
     if cmd == "evaluate":
-        return _evaluate(cfg, args.db, args.at)
+        return _evaluate(cfg, args.db, args.at, args.rule)
     if cmd == "agents":
         from agent.collector import admin
 
@@ -313,18 +319,32 @@ def _dispatch(args: argparse.Namespace) -> int:
     raise RarewriteError(f"unknown command {group} {cmd}")
 
 
-def _evaluate(cfg: Config, db: str, at: str) -> int:
+def _evaluate(cfg: Config, db: str, at: str, rule_name: Optional[str]) -> int:
     from agent.collector.evaluate import evaluate_db
-    from agent.shared.rule import row_document
+    from agent.collector.fleet_rules import evaluate_other_db
+    from agent.shared.rule import Rule, row_document
+    from agent.shared.rules import find_rule, rule_key
     from agent.shared.text import parse_timestamp
 
+    problems = []
     try:
         at_ms = parse_timestamp(at)
     except ValueError:
-        raise ConfigError([f"--at: {at!r} is not an ISO 8601 time (e.g. 2026-11-27T12:00:00.000Z)"]) from None
+        problems.append(f"--at: {at!r} is not an ISO 8601 time (e.g. 2026-11-27T12:00:00.000Z)")
+    rule = cfg.rule if rule_name is None else find_rule(cfg.rule, cfg.rules, rule_name)
+    if rule is None:
+        known = ", ".join(rule_key(r) for r in (cfg.rule, *cfg.rules))
+        problems.append(f"--rule: {rule_name!r} is no rule of this config (rules: {known})")
+    if problems:
+        raise ConfigError(problems)
     out = sys.stdout
-    for row in evaluate_db(db, cfg.rule, at_ms):
-        out.write(json.dumps(row_document(row)) + "\n")
+    if isinstance(rule, Rule):
+        for row in evaluate_db(db, rule, at_ms):
+            out.write(json.dumps(row_document(row)) + "\n")
+    else:
+        assert rule is not None  # noqa: S101 - for mypy: refused above
+        for doc in evaluate_other_db(db, rule, cfg.rules, at_ms):
+            out.write(json.dumps(doc) + "\n")
     out.flush()
     return 0
 

@@ -24,6 +24,7 @@ from agent.collector import excepted, suppress
 from agent.collector.storage import open_store
 from agent.collector.storage.base import GapRow, Pair, RankedRow, Store, StoredEvent
 from agent.shared.rule import Row, Rule
+from agent.shared.rules import AnyRule
 from agent.shared.text import dumps, iso, raw_base64, visible
 
 log = logging.getLogger("rarewrite.collector.evaluate")
@@ -65,7 +66,7 @@ def alert_id(rule_id: str, pair: Pair, bucket: str) -> str:
     return h.hexdigest()
 
 
-def _threat(rule: Rule) -> list[dict[str, Any]]:
+def threat_doc(rule: AnyRule) -> list[dict[str, Any]]:
     by_tactic: dict[str, dict[str, Any]] = {}
     for t in rule.threat:
         entry = by_tactic.setdefault(
@@ -135,7 +136,7 @@ _FACT_FIELDS: tuple[tuple[str, str, Callable[[Any], Any]], ...] = (
 )
 
 
-def _event_doc(ev: StoredEvent) -> dict[str, Any]:
+def event_doc(ev: StoredEvent) -> dict[str, Any]:
     """One stored event of the pair, as the alert's original event (dotted ECS keys)."""
     doc: dict[str, Any] = {"@timestamp": iso(ev.ts), "agent.id": ev.agent_id, "host.name": ev.host_name}
     d = ev.detail
@@ -199,7 +200,7 @@ def _alert_doc(
             "risk_score": rule.risk_score,
         },
         "kibana": {
-            "alert": _kibana_alert(
+            "alert": kibana_alert(
                 rule, alert_id(rule.rule_id, pair, bucket), ranked.first_ts, exe, path, host
             )
         },
@@ -210,7 +211,7 @@ def _alert_doc(
             "description": rule.description,
         },
         "tags": list(rule.tags),
-        "threat": _threat(rule),
+        "threat": threat_doc(rule),
         "process": {"executable": exe},
         "file": {"path": path},
         "host": {"name": list(row.host_names)},
@@ -240,7 +241,7 @@ def _rarewrite_doc(
         "schedule": schedule,
         "window": {"start": iso(lo), "end": iso(at_ms)},
         "first_seen": iso(ranked.first_ts),
-        "events": [_event_doc(e) for e in events],
+        "events": [event_doc(e) for e in events],
         "gap_on_other_agents": any(g.agent_id not in row.agent_ids for g in gaps),
         "gaps": [
             {
@@ -255,14 +256,14 @@ def _rarewrite_doc(
     }
 
 
-def rule_uuid(rule: Rule) -> str:
+def rule_uuid(rule: AnyRule) -> str:
     """A stable UUID for the rule (Kibana's ``kibana.alert.rule.uuid`` is a
     saved object's id; the rule's own id is ``rule_id``)."""
     return str(uuid.uuid5(uuid.NAMESPACE_URL, "rarewrite:rule:" + rule.rule_id))
 
 
-def _kibana_alert(
-    rule: Rule, alert_uuid: str, first_ms: int, exe: Optional[str], path: Optional[str], host: str
+def kibana_alert(
+    rule: AnyRule, alert_uuid: str, first_ms: int, exe: Optional[str], path: Optional[str], host: str
 ) -> dict[str, Any]:
     """The ``kibana.alert.*`` fields of Elastic's detection alerts that apply here."""
     doc: dict[str, Any] = {

@@ -18,6 +18,7 @@ from typing import Any, Optional
 from aiohttp import web
 
 from agent.collector import evaluate as ev
+from agent.collector import fleet_rules as fr
 from agent.collector import health
 from agent.collector.guard import ConnectionGuard, Limits
 from agent.collector.outputs import build_outputs, emit_all
@@ -28,6 +29,7 @@ from agent.shared.clock import SystemClock
 from agent.shared.config.schema import Config
 from agent.shared.errors import StoreError
 from agent.shared.rule import Rule
+from agent.shared.rules import NewTermsRule
 from agent.shared.systemd import Watchdog, notify
 from agent.shared.text import iso, redact
 
@@ -44,6 +46,8 @@ async def schedule_loop(c: Collector) -> None:
     facts delay, a retry); at start it first runs every T it missed that is
     still inside the retention (runs are idempotent: nothing is alerted twice)."""
     rule = c.cfg.rule
+    if not rule.enabled:
+        return
     if c.cfg.collector.schedule == "continuous":
         while True:
             await asyncio.sleep(CONTINUOUS_EVERY_S)
@@ -122,11 +126,45 @@ def report_expired(c: Collector, at_ms: int) -> None:
             )
 
 
+async def fleet_rules_loop(c: Collector) -> None:
+    """Run the new-terms and outbreak rules: every second with the continuous
+    schedule, else on each rule's own schedule. New events received since the
+    last run are alerted (with a minute's overlap for batches committing as
+    the last run read; an alert is never raised twice), from the retention
+    back at start."""
+    continuous = c.cfg.collector.schedule == "continuous"
+    rules = [r for r in c.cfg.rules if r.enabled]
+    sources = {r.key: r for r in rules if isinstance(r, NewTermsRule)}
+    since = {r.rule_id: c.clock.now_ms() - c.cfg.collector.retention_ms for r in rules}
+    due = dict.fromkeys(since, 0)
+    while rules:
+        await asyncio.sleep(CONTINUOUS_EVERY_S)
+        now = c.clock.now_ms()
+        for r in rules:
+            if not continuous and now < due[r.rule_id]:
+                continue
+            due[r.rule_id] = (now // r.schedule_ms + 1) * r.schedule_ms
+            if isinstance(r, NewTermsRule):
+                run = partial(
+                    fr.run_new_terms, c.store, r, now, since[r.rule_id], c.cfg.collector.retention_ms
+                )
+            elif r.source in sources:
+                run = partial(fr.run_outbreak, c.store, r, sources[r.source], now)
+            else:
+                continue
+            await _run(c, run, now, True)
+            since[r.rule_id] = now - 60_000
+
+
 async def prune_loop(c: Collector) -> None:
-    """Delete what is past retention, one small chunk per writer call."""
+    """Delete what is past retention, one small chunk per writer call; forget
+    new terms older than their rule's history."""
     while True:
         before = c.clock.now_ms() - c.cfg.collector.retention_ms
         try:
+            for r in c.cfg.rules:
+                if isinstance(r, NewTermsRule):
+                    await c.write(c.store.prune_terms, r.rule_id, c.clock.now_ms() - r.history_ms)
             total = 0
             while True:
                 n = await c.write(c.store.prune, before, 1)
@@ -229,6 +267,12 @@ async def _listen(cfg: Config, guard: ConnectionGuard, ctx: Optional[ssl.SSLCont
     return await loop.create_server(guard, host or None, port, ssl=ctx, backlog=512, reuse_address=True)
 
 
+def _loops(c: Collector, guard: ConnectionGuard) -> list[Any]:
+    """What runs beside the HTTP server until SIGTERM."""
+    rules = [schedule_loop(c), fleet_rules_loop(c)]
+    return [*rules, prune_loop(c), health_loop(c), watchdog_loop(c), guard.run()]
+
+
 async def _serve(cfg: Config, secret: str) -> int:
     store = open_store(cfg.collector.db)
     try:
@@ -264,8 +308,7 @@ async def _serve(cfg: Config, secret: str) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loops = (schedule_loop(c), prune_loop(c), health_loop(c), watchdog_loop(c), guard.run())
-    tasks = [asyncio.create_task(t) for t in loops]
+    tasks = [asyncio.create_task(t) for t in _loops(c, guard)]
     notify("READY=1")  # Type=notify: listening
     try:
         await stop.wait()

@@ -20,6 +20,7 @@ from typing import Any, Optional
 
 import pytest
 
+from agent.shared.rule import Rule
 from tests.support import procs
 
 pytestmark = [
@@ -80,7 +81,7 @@ def wait_alert(alerts: Path, file_path: str, timeout: float) -> Optional[dict[st
         if alerts.exists():
             for line in alerts.read_text(encoding="ascii").splitlines():
                 doc = json.loads(line)
-                if doc.get("file", {}).get("path") == file_path:  # health alerts have no file
+                if doc["rule"]["id"] == Rule().rule_id and doc.get("file", {}).get("path") == file_path:
                     return dict(doc)
         time.sleep(0.1)
     return None

@@ -21,7 +21,9 @@ from typing import Any
 import pytest
 import requests
 
+from agent.collector.storage.postgres import SCHEMA_VERSION
 from agent.shared import wire
+from agent.shared.rule import Rule
 from tests.e2e.test_fleet_pipeline import _sent_batches
 from tests.support import fleet, pg, procs
 
@@ -52,7 +54,7 @@ def db(pg_server: pg.Server, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
 def two(db: str, pg_server: pg.Server, tmp_path: Path) -> Iterator[Pair]:
     r = procs.run(["collector", "migrate", "--db", db])
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout) == {"backend": "postgresql", "db": db, "from": 0, "to": 3}
+    assert json.loads(r.stdout) == {"backend": "postgresql", "db": db, "from": 0, "to": SCHEMA_VERSION}
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     with procs.collector(str(tmp_path / "a"), db=db) as a, procs.collector(str(tmp_path / "b"), db=db) as b:
@@ -214,8 +216,8 @@ def test_continuous_schedule_on_two_replicas_alerts_each_pair_once(db: str, tmp_
                 if p.exists():
                     for line in p.read_text().splitlines():
                         doc = json.loads(line)
-                        if doc["rule"]["id"] == "rarewrite-sensor-health":
-                            continue  # the agents' enrollments
+                        if doc["rule"]["id"] != Rule().rule_id:
+                            continue  # the agents' enrollments, the other rules' alerts
                         ids.append(doc["kibana"]["alert"]["uuid"])
                         pairs.add((doc["process"]["executable"], doc["file"]["path"]))
             if want <= pairs or time.monotonic() > deadline:
@@ -226,5 +228,5 @@ def test_continuous_schedule_on_two_replicas_alerts_each_pair_once(db: str, tmp_
     r = procs.run(["collector", "alerts", "--db", db, "--json"])
     assert r.returncode == 0, r.stderr
     docs = [json.loads(x) for x in r.stdout.splitlines() if x.strip()]
-    stored = [d["kibana"]["alert"]["uuid"] for d in docs if d["rule"]["id"] != "rarewrite-sensor-health"]
+    stored = [d["kibana"]["alert"]["uuid"] for d in docs if d["rule"]["id"] == Rule().rule_id]
     assert sorted(stored) == sorted(ids)

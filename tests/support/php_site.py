@@ -34,6 +34,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
+from agent.shared.rule import Rule
 from tests.support import procs
 from tests.support.writers import www_tempdir
 
@@ -324,13 +325,13 @@ def named_paths(doc: dict[str, Any]) -> set[str]:
 
 
 def _read_alerts(path: str) -> list[dict[str, Any]]:
-    """The rule's alerts in the file (not the sensor-health alerts beside them)."""
+    """The first rule's alerts in the file (not the other rules' or the sensor-health ones beside them)."""
     try:
         with open(path, encoding="utf-8") as f:
             docs = [json.loads(line) for line in f if line.strip()]
     except FileNotFoundError:
         return []
-    return [d for d in docs if d["rule"]["id"] != "rarewrite-sensor-health"]
+    return [d for d in docs if d["rule"]["id"] == Rule().rule_id]
 
 
 def measure(tmp: Path, traffic: Traffic, settle_s: int = 2, wait_s: float = 60) -> dict[str, Any]:

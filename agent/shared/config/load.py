@@ -18,7 +18,7 @@ import re
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import fields, replace
-from typing import Any, Optional, TypeVar
+from typing import Any, Optional
 
 from agent.shared.config.converters import plain_http_elsewhere, words
 from agent.shared.config.exception_sections import PREFIX, exception_section, file_part, resolve
@@ -34,13 +34,12 @@ from agent.shared.config.schema import (
     CollectorConfig,
     Config,
     OutputConfig,
-    Spec,
+    build_section,
 )
 from agent.shared.errors import ConfigError
 from agent.shared.rule import Rule
 from agent.shared.text import url_for_logs
 
-T = TypeVar("T")
 _OUTPUT_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
 
 
@@ -92,8 +91,8 @@ def load(
 
     rule = _rule(raw, problems, now_ms, strict_expiry)
     rules = rule_sections(raw, rule.rule_id, problems)
-    agent = _build(AgentConfig(), AGENT_KEYS, raw.pop("agent", {}), problems)
-    collector = _build(CollectorConfig(), COLLECTOR_KEYS, raw.pop("collector", {}), problems)
+    agent = build_section(AgentConfig(), AGENT_KEYS, raw.pop("agent", {}), problems)
+    collector = build_section(CollectorConfig(), COLLECTOR_KEYS, raw.pop("collector", {}), problems)
     outputs = []
     for section in sorted(raw):
         entries = raw[section]
@@ -121,7 +120,7 @@ def _rule(
     the ``[exception.NAME]`` sections are taken out of ``raw``."""
     keys = dict(raw.pop("rule", {}))
     wanted = keys.pop("exceptions", None)
-    rule = _build(Rule(), RULE_KEYS, keys, problems)
+    rule = build_section(Rule(), RULE_KEYS, keys, problems)
     now = int(time.time() * 1000) if now_ms is None else now_ms
     own = {
         section[len(PREFIX) :]: exception_section(section, raw.pop(section), problems, now, strict_expiry)
@@ -177,21 +176,6 @@ def _output(section: str, entries: Mapping[str, tuple[str, str]], problems: list
     if kind == "webhook" and bool(opts.get("secret_header")) != bool(opts.get("secret_file")):
         problems.append(f"{prefix}[{section}] secret_header and secret_file: give both or neither")
     return OutputConfig(name, kind, opts)
-
-
-def _build(default: T, spec: Spec, keys: Mapping[str, tuple[str, str]], problems: list[str]) -> T:
-    changes: dict[str, Any] = {}
-    for key, (value, where) in keys.items():
-        if key not in spec:
-            known = ", ".join(sorted(spec))
-            problems.append(f"{where}: unknown key (known keys: {known})")
-            continue
-        attr, convert = spec[key]
-        try:
-            changes[attr] = convert(value)
-        except ValueError as e:
-            problems.append(f"{where}: {e}")
-    return replace(default, **changes)  # type: ignore[type-var]
 
 
 def _cross_checks(rule: Rule, agent: AgentConfig, collector: CollectorConfig) -> list[str]:

@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import replace
 from typing import Any, Callable, Union
 
 from agent.shared.config.converters import boolean, choice, duration_ms, integer, nonempty_words, text, words
 from agent.shared.config.exception_sections import file_part
+from agent.shared.config.schema import build_section
 from agent.shared.rules import (
     FIRST_RULE_KEY,
     MAX_RULES,
@@ -129,18 +129,7 @@ def _one(section: str, entries: Raw, problems: list[str], shipped: Mapping[str, 
             if kind == NEW_TERMS
             else OutbreakRule(key=key, rule_id=f"rarewrite-{key}")
         )
-    spec = KEYS[kind]
-    changes: dict[str, Any] = {}
-    for k, (value, at) in entries.items():
-        if k not in spec:
-            problems.append(f"{at}: unknown key (known keys for type = {kind}: {', '.join(sorted(spec))})")
-            continue
-        attr, convert = spec[k]
-        try:
-            changes[attr] = convert(value)
-        except ValueError as e:
-            problems.append(f"{at}: {e}")
-    return replace(base, **changes)
+    return build_section(base, KEYS[kind], entries, problems, f"known keys for type = {kind}")
 
 
 def rule_sections(

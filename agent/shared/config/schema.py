@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, Union
+from dataclasses import dataclass, field, replace
+from typing import Any, TypeVar, Union
 
 from agent.shared.config.converters import (
     abs_paths,
@@ -126,6 +126,32 @@ SUPPRESS_FIELDS = (
 
 # key -> (dataclass field, converter)
 Spec = Mapping[str, tuple[str, Callable[[str], Any]]]
+T = TypeVar("T")
+
+
+def build_section(
+    default: T,
+    spec: Spec,
+    keys: Mapping[str, tuple[str, str]],
+    problems: list[str],
+    known: str = "known keys",
+) -> T:
+    """``default`` with each key of a section converted by ``spec``; every
+    unknown key and bad value goes into ``problems`` (``known`` names the list
+    of keys offered instead)."""
+    changes: dict[str, Any] = {}
+    for key, (value, where) in keys.items():
+        if key not in spec:
+            problems.append(f"{where}: unknown key ({known}: {', '.join(sorted(spec))})")
+            continue
+        attr, convert = spec[key]
+        try:
+            changes[attr] = convert(value)
+        except ValueError as e:
+            problems.append(f"{where}: {e}")
+    return replace(default, **changes)  # type: ignore[type-var]
+
+
 RULE_KEYS: Spec = {
     "enabled": ("enabled", boolean),
     "name": ("name", text),

@@ -53,7 +53,7 @@ def new_terms_rows(store: Store, rule: NewTermsRule, at_ms: int) -> list[TermHit
 
 def outbreak_rows(store: Store, rule: OutbreakRule, source: NewTermsRule, at_ms: int) -> list[OutbreakRow]:
     groups: dict[tuple[Optional[bytes], Optional[bytes]], dict[str, TermHit]] = {}
-    for hit in store.term_hits(source.rule_id, at_ms - rule.within_ms, at_ms):
+    for hit in store.term_hits(source.rule_id, at_ms - rule.within_ms, at_ms, on_hosts=rule.hosts):
         groups.setdefault((hit.exe, hit.path), {}).setdefault(hit.agent_id, hit)
     rows = [OutbreakRow(exe, path, tuple(by_agent.values())) for (exe, path), by_agent in groups.items()]
     rows = [r for r in rows if len(r.hits) >= rule.hosts]
@@ -225,17 +225,33 @@ def _record(
 
 
 def run_new_terms(
-    store: Store, rule: NewTermsRule, now_ms: int, since_ms: int, retention_ms: int
+    store: Store,
+    rule: NewTermsRule,
+    now_ms: int,
+    since_ms: int,
+    retention_ms: int,
+    raised: Optional[dict[str, int]] = None,
 ) -> list[dict[str, Any]]:
     """Alert the new events received in (since, now] whose time is within the
-    retention; return the alerts not raised before."""
+    retention; return the alerts not raised before. ``raised`` (alert id ->
+    received time), kept by the caller from run to run, lets the hits of an
+    overlap already alerted be passed over without building their documents."""
     hits = [
         h
         for h in store.term_hits(rule.rule_id, since_ms, now_ms, by_received=True)
         if h.ts > now_ms - retention_ms
     ]
+    ids = [hit_alert_id(rule.rule_id, h) for h in hits]
+    if raised is not None:
+        for old in [k for k, received in raised.items() if received <= since_ms]:
+            del raised[old]
+        fresh = [(h, i) for h, i in zip(hits, ids) if i not in raised]
+        hits, ids = [h for h, _ in fresh], [i for _, i in fresh]
     found = [(new_terms_alert(rule, h, now_ms), (h.exe, h.path), h.ts) for h in hits]
-    return _record(store, rule.rule_id, found, now_ms)
+    out = _record(store, rule.rule_id, found, now_ms)
+    if raised is not None:  # recorded (or recorded before): not to be built again
+        raised.update((i, h.received_ms) for h, i in zip(hits, ids))
+    return out
 
 
 def run_outbreak(store: Store, rule: OutbreakRule, source: NewTermsRule, now_ms: int) -> list[dict[str, Any]]:

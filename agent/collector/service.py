@@ -38,6 +38,7 @@ log = logging.getLogger("rarewrite.collector.server")
 PRUNE_EVERY_S = 60.0
 HEALTH_EVERY_S = 5.0
 CONTINUOUS_EVERY_S = 1.0
+TERMS_OVERLAP_MS = 60_000  # new-terms runs read back this far: batches committing while the last one read
 
 
 async def schedule_loop(c: Collector) -> None:
@@ -129,14 +130,21 @@ def report_expired(c: Collector, at_ms: int) -> None:
 async def fleet_rules_loop(c: Collector) -> None:
     """Run the new-terms and outbreak rules: every second with the continuous
     schedule, else on each rule's own schedule. New events received since the
-    last run are alerted (with a minute's overlap for batches committing as
-    the last run read; an alert is never raised twice), from the retention
-    back at start."""
+    last run that succeeded are alerted (with a minute's overlap for batches
+    committing as the last run read; an alert is never raised twice), from
+    the retention back at start."""
     continuous = c.cfg.collector.schedule == "continuous"
     rules = [r for r in c.cfg.rules if r.enabled]
     sources = {r.key: r for r in rules if isinstance(r, NewTermsRule)}
     since = {r.rule_id: c.clock.now_ms() - c.cfg.collector.retention_ms for r in rules}
+    raised: dict[str, dict[str, int]] = {r.rule_id: {} for r in rules}  # the overlap's alerts, per rule
     due = dict.fromkeys(since, 0)
+
+    def ran(fn: Callable[[], list[dict[str, Any]]], rule_id: str, now: int) -> list[dict[str, Any]]:
+        out = fn()
+        since[rule_id] = now - TERMS_OVERLAP_MS  # only once its alerts are recorded
+        return out
+
     while rules:
         await asyncio.sleep(CONTINUOUS_EVERY_S)
         now = c.clock.now_ms()
@@ -145,15 +153,15 @@ async def fleet_rules_loop(c: Collector) -> None:
                 continue
             due[r.rule_id] = (now // r.schedule_ms + 1) * r.schedule_ms
             if isinstance(r, NewTermsRule):
+                retention = c.cfg.collector.retention_ms
                 run = partial(
-                    fr.run_new_terms, c.store, r, now, since[r.rule_id], c.cfg.collector.retention_ms
+                    fr.run_new_terms, c.store, r, now, since[r.rule_id], retention, raised[r.rule_id]
                 )
             elif r.source in sources:
                 run = partial(fr.run_outbreak, c.store, r, sources[r.source], now)
             else:
                 continue
-            await _run(c, run, now, True)
-            since[r.rule_id] = now - 60_000
+            await _run(c, partial(ran, run, r.rule_id, now), now, True)
 
 
 async def prune_loop(c: Collector) -> None:

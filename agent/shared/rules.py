@@ -29,10 +29,10 @@ rule's events only; see :mod:`agent.shared.wire.format`).
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
-from typing import Optional, Union
+from functools import cached_property, partial
+from typing import NamedTuple, Optional, Union
 
 from agent.shared.events import FileEvent, UserInfo
 from agent.shared.exceptions import file_extension, text_of
@@ -41,6 +41,7 @@ from agent.shared.rule import Rule, Technique, matches
 NEW_TERMS = "new_terms"
 OUTBREAK = "outbreak"
 RULE_TYPES = (NEW_TERMS, OUTBREAK)
+NAMES_CACHED = 4096  # process names a new-terms rule remembers its answer for
 MAX_RULES = 32  # rule bits on the wire (and in the agent's outbox) fit one small int
 
 NT_PROCESS_NAMES = (
@@ -107,17 +108,22 @@ class Exclusion:
     uids: tuple[str, ...] = ()
 
     @cached_property
-    def _process(self) -> Optional[re.Pattern[str]]:
-        return kql_regex(self.process_names) if self.process_names else None
+    def _process(self) -> Optional[KqlValues]:
+        return KqlValues(self.process_names) if self.process_names else None
 
     @cached_property
-    def _path(self) -> Optional[re.Pattern[str]]:
-        return kql_regex(self.paths) if self.paths else None
+    def _path(self) -> Optional[KqlValues]:
+        return KqlValues(self.paths) if self.paths else None
+
+    def process_holds(self, name: Optional[str]) -> bool:
+        return self._process is None or (name is not None and self._process(name))
 
     def holds(self, name: Optional[str], path: str, uid: Optional[str]) -> bool:
-        if self._process is not None and (name is None or not self._process.match(name)):
-            return False
-        if self._path is not None and not self._path.match(path):
+        return self.process_holds(name) and self.rest_holds(path, uid)
+
+    def rest_holds(self, path: str, uid: Optional[str]) -> bool:
+        """The path and user parts (the process part is decided once per name)."""
+        if self._path is not None and not self._path(path):
             return False
         if self.uid_at_least is None and not self.uids:
             return True
@@ -145,6 +151,102 @@ def kql_regex(values: Sequence[str]) -> re.Pattern[str]:
     """KQL values as one anchored regex: ``*`` any run, everything else literal."""
     alts = ("".join(".*" if ch == "*" else re.escape(ch) for ch in v) for v in values)
     return re.compile("(?:" + "|".join(alts) + r")\Z", re.DOTALL)
+
+
+class KqlValues:
+    """KQL values as one test, with the answer of ``kql_regex(values).match``
+    at a fraction of its cost: most values are ``P*`` (a prefix), ``*S`` (a
+    suffix), ``*/name/*`` (a folder of that name) or ``*S*`` (a substring),
+    each a string method; the rest is one regex."""
+
+    __slots__ = ("_checks", "folders", "rest")
+
+    def __init__(self, values: Sequence[str]) -> None:
+        exact, prefixes, suffixes, folders, subs, rest = _forms(values)
+        self.folders = frozenset(folders)
+        self.rest = kql_regex(rest) if rest else None
+        # only the forms present, cheapest first: one call each
+        checks: list[Callable[[str], bool]] = []
+        if exact:
+            checks.append(frozenset(exact).__contains__)
+        if prefixes:
+            checks.append(partial(_starts, tuple(prefixes)))
+        if suffixes:
+            checks.append(partial(_ends, tuple(suffixes)))
+        if folders:
+            checks.append(partial(_in_folder, self.folders))
+        checks.extend(partial(_contains, sub) for sub in subs)
+        if self.rest is not None:
+            checks.append(partial(_rest, self.rest))
+        self._checks = tuple(checks)
+
+    def __call__(self, text: str) -> bool:
+        for check in self._checks:
+            if check(text):
+                return True
+        return False
+
+
+def _forms(values: Sequence[str]) -> tuple[set[str], list[str], list[str], set[str], list[str], list[str]]:
+    """The values sorted by form: exact, ``P*``, ``*S``, ``*/name/*``, ``*S*``, anything else."""
+    exact: set[str] = set()
+    prefixes: list[str] = []
+    suffixes: list[str] = []
+    folders: set[str] = set()
+    subs: list[str] = []
+    rest: list[str] = []
+    for v in values:
+        parts = v.split("*")
+        if len(parts) == 1:
+            exact.add(v)
+        elif len(parts) == 2 and not parts[1]:
+            prefixes.append(parts[0])
+        elif len(parts) == 2 and not parts[0]:
+            suffixes.append(parts[1])
+        elif len(parts) == 3 and not parts[0] and not parts[2]:
+            inner = parts[1]
+            if len(inner) > 2 and inner[0] == inner[-1] == "/" and "/" not in inner[1:-1]:
+                folders.add(inner[1:-1])
+            else:
+                subs.append(inner)
+        else:
+            rest.append(v)
+    return exact, prefixes, suffixes, folders, subs, rest
+
+
+def _starts(prefixes: tuple[str, ...], text: str) -> bool:
+    return text.startswith(prefixes)
+
+
+def _ends(suffixes: tuple[str, ...], text: str) -> bool:
+    return text.endswith(suffixes)
+
+
+def _in_folder(names: frozenset[str], text: str) -> bool:
+    # "/name/" occurs in the text exactly when name is one of its inner segments
+    return not names.isdisjoint(text.split("/")[1:-1])
+
+
+def _contains(sub: str, text: str) -> bool:
+    return sub in text
+
+
+def _rest(rx: re.Pattern[str], text: str) -> bool:
+    return rx.match(text) is not None
+
+
+class ByName(NamedTuple):
+    """What a new-terms rule says about one process name, whatever the file."""
+
+    always: bool  # a web server by name: any extension
+    extensions: frozenset[str]  # else: the extensions its gates allow
+    excluded_paths: Optional[KqlValues]  # the applicable exclusions with a path part only, as one
+    exclusions: tuple[Exclusion, ...]  # the other applicable ones (a user part, or none at all)
+
+    def excluded(self, path: str, uid: Optional[str]) -> bool:
+        if self.excluded_paths is not None and self.excluded_paths(path):
+            return True
+        return any(x.rest_holds(path, uid) for x in self.exclusions)
 
 
 @dataclass(frozen=True)
@@ -176,51 +278,79 @@ class NewTermsRule:
     type: str = NEW_TERMS
 
     @cached_property
-    def _always(self) -> re.Pattern[str]:
-        return kql_regex(self.process_names)
+    def _always(self) -> KqlValues:
+        return KqlValues(self.process_names)
 
     @cached_property
-    def _gates(self) -> tuple[tuple[re.Pattern[str], frozenset[str]], ...]:
-        return tuple((kql_regex(names), frozenset(exts)) for names, exts in self.gated)
+    def _gates(self) -> tuple[tuple[KqlValues, frozenset[str]], ...]:
+        return tuple((KqlValues(names), frozenset(exts)) for names, exts in self.gated)
 
     @cached_property
-    def _paths(self) -> re.Pattern[str]:
-        return kql_regex(self.paths)
+    def _paths(self) -> KqlValues:
+        return KqlValues(self.paths)
+
+    @cached_property
+    def _names(self) -> dict[str, ByName]:
+        return {}  # process name -> its ByName: a host runs few names
+
+    def by_name(self, name: str) -> ByName:
+        """What the rule says of a process name (remembered: a host runs few)."""
+        got = self._names.get(name)
+        if got is None:
+            if len(self._names) >= NAMES_CACHED:
+                self._names.clear()
+            exts: frozenset[str] = frozenset()
+            for match, allowed in self._gates:
+                if match(name):
+                    exts |= allowed
+            applicable = [x for x in self.exclusions if x.process_holds(name)]
+            by_path = [
+                v for x in applicable if x.paths and x.uid_at_least is None and not x.uids for v in x.paths
+            ]
+            others = tuple(x for x in applicable if not x.paths or x.uid_at_least is not None or x.uids)
+            merged = KqlValues(by_path) if by_path else None
+            got = self._names[name] = ByName(self._always(name), exts, merged, others)
+        return got
 
     def process_could_match(self, name: Optional[str]) -> bool:
         """Can a write by this process match at all (whatever the file)?"""
         if name is None:
             return False
-        return bool(self._always.match(name)) or any(r.match(name) for r, _ in self._gates)
+        got = self.by_name(name)
+        return got.always or bool(got.extensions)
 
     def process_matches(self, name: Optional[str], extension: Optional[str]) -> bool:
         if name is None:
             return False
-        if self._always.match(name):
-            return True
-        return extension is not None and any(extension in exts and r.match(name) for r, exts in self._gates)
+        got = self.by_name(name)
+        return got.always or (extension is not None and extension in got.extensions)
 
     def path_matches(self, path: str) -> bool:
-        return bool(self._paths.match(path))
+        return self._paths(path)
 
     def excluded(self, name: Optional[str], path: str, uid: Optional[str]) -> bool:
-        return any(x.holds(name, path, uid) for x in self.exclusions)
+        if name is None:
+            return any(x.holds(name, path, uid) for x in self.exclusions)
+        return self.by_name(name).excluded(path, uid)
 
 
 def new_terms_match(rule: NewTermsRule, event: FileEvent) -> bool:
     """The rule's KQL query for one event."""
     if event.os_type != rule.os_type or event.action not in rule.actions:
         return False
-    if not event.path or not event.process.executable:
-        return False
     name = event.process.name
-    if not rule.process_could_match(name):
+    if not event.path or not event.process.executable or name is None:
+        return False
+    known = rule.by_name(name)
+    if not known.always and not known.extensions:
         return False
     path = text_of(event.path)
     assert path is not None  # noqa: S101 - checked above; for mypy
-    if not rule.process_matches(name, file_extension(path)) or not rule.path_matches(path):
+    if not known.always and file_extension(path) not in known.extensions:
         return False
-    return not rule.excluded(name, path, event.user.id)
+    if not rule.path_matches(path):
+        return False
+    return not known.excluded(path, event.user.id)
 
 
 @dataclass(frozen=True)

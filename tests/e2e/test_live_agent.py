@@ -11,7 +11,7 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -60,8 +60,10 @@ def status(state: str) -> dict[str, Any]:
 
 
 def start_agent(
-    tmp: Path, url: str, watch: str, conf: str = FAST
+    tmp: Path, url: str, watch: str, conf: str = FAST, prefix: Sequence[str] = (), extra: Sequence[str] = ()
 ) -> tuple[subprocess.Popen[bytes], str, Path]:
+    """``agent run`` (``prefix``: a command it runs under, such as unshare;
+    ``extra``: more options), once its status says running."""
     state = str(tmp / "agent")
     cfg = tmp / "agent.conf"
     cfg.write_text(conf)
@@ -69,6 +71,7 @@ def start_agent(
     with open(tmp / "agent.log", "ab") as log:
         p = subprocess.Popen(
             [
+                *prefix,
                 *procs.RAREWRITE,
                 "agent",
                 "run",
@@ -80,6 +83,7 @@ def start_agent(
                 watch,
                 "--config",
                 str(cfg),
+                *extra,
             ],
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -121,7 +121,7 @@ def installed() -> str:
     return ""
 
 
-def _configs(base: str, root: str, run: str, port: int) -> None:
+def _configs(base: str, root: str, run: str, port: int, pool_user: str) -> None:
     Path(f"{base}/nginx.conf").write_text(f"""
 user www-data;
 worker_processes 2;
@@ -149,8 +149,8 @@ pid = {run}/php-fpm.pid
 error_log = {run}/php-fpm.log
 daemonize = yes
 [www]
-user = www-data
-group = www-data
+user = {pool_user}
+group = {pool_user}
 listen = {run}/php.sock
 listen.owner = www-data
 pm = static
@@ -161,19 +161,21 @@ php_admin_value[session.gc_probability] = 0
 
 
 @contextlib.contextmanager
-def running_site() -> Iterator[Site]:
-    """nginx and php-fpm (Debian's binaries, the site's own config) serving the site."""
+def running_site(pool_user: str = "www-data") -> Iterator[Site]:
+    """nginx and php-fpm (Debian's binaries, the site's own config) serving
+    the site; PHP runs as ``pool_user`` (a per-site user, as shared hosting
+    does, owns the site's writable folders then)."""
     os.makedirs(SESSIONS, exist_ok=True)
     with www_tempdir("rw-site-") as base:
         root, run = f"{base}/www", f"{base}/run"
         for d in (root, f"{root}/uploads", f"{root}/cache"):
             os.makedirs(d)
-            shutil.chown(d, 33, 33)
+            shutil.chown(d, pool_user, pool_user)
         os.makedirs(run)
         for name, text in (("index.php", INDEX), ("upload.php", UPLOAD), ("comment.php", COMMENT)):
             Path(f"{root}/{name}").write_text(text)
         port = procs.free_port()
-        _configs(base, root, run, port)
+        _configs(base, root, run, port, pool_user)
         with serving(base, run):
             site = Site(root, port, run)
             _wait_up(site)
@@ -193,6 +195,30 @@ def serving(base: str, run: str) -> Iterator[None]:
             with contextlib.suppress(OSError, ValueError):
                 os.kill(int(Path(pidfile).read_text().split()[0]), signal.SIGQUIT)
         time.sleep(0.5)
+
+
+@contextlib.contextmanager
+def site_user(name: str, uid: int) -> Iterator[str]:
+    """A per-site system user (no home, no shell) for the test, removed afterwards."""
+    subprocess.run(
+        [
+            "useradd",
+            "--uid",
+            str(uid),
+            "--user-group",
+            "--no-create-home",
+            "--shell",
+            "/usr/sbin/nologin",
+            name,
+        ],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+    try:
+        yield name
+    finally:
+        subprocess.run(["userdel", name], check=False, capture_output=True, timeout=30)
 
 
 def _wait_up(site: Site) -> None:

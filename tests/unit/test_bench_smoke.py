@@ -143,6 +143,13 @@ def test_exceptions_cost_quick() -> None:
     assert size["pairs"] == 1000 and size["rows"] == [100, 100]
 
 
+def test_rules_cost_quick() -> None:
+    doc = _run("rules_cost.py")
+    assert doc["bench"] == "rules_cost"
+    assert doc["records"] > 0 and doc["new_terms_hits"] > 0
+    assert set(doc["ingest_records_per_s"]) == {"first", "all", "ratio"}
+
+
 @needs_root
 def test_flood_quick() -> None:
     """Under the unit's limits a flood never OOM-kills the agent, its folder

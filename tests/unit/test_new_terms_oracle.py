@@ -32,7 +32,7 @@ from agent.shared import wire
 from agent.shared.clock import FakeClock
 from agent.shared.events import FileEvent, ProcessInfo, UserInfo, event_type_for
 from agent.shared.rule import Rule
-from agent.shared.rules import NewTermsRule, RuleSet
+from agent.shared.rules import NewTermsRule, OutbreakRule, RuleSet
 from agent.shared.text import iso
 
 QUERY = (Path(__file__).parents[1] / "data" / "via_web_server.kql").read_text()
@@ -289,6 +289,7 @@ class Fleet:
             self.agents[agent] = a
             store.enroll(agent, f"web-{i:02d}", "k-" + agent, T0)
         self.alerts: list[dict] = []
+        self.raised: dict[str, int] = {}  # as fleet_rules_loop keeps it
 
     def tick(self, now: int, since: int, due: dict[str, list[Written]]) -> None:
         self.clock._ms = now
@@ -301,7 +302,9 @@ class Fleet:
                 chunk, kept = kept[:n], kept[n:]
                 self.agents[agent].record([e for e, _ in chunk], masks=[m for _, m in chunk])
             self._ship(agent, now)
-        self.alerts += fleet_rules.run_new_terms(self.store, NewTermsRule(), now, since, RETENTION)
+        self.alerts += fleet_rules.run_new_terms(
+            self.store, NewTermsRule(), now, since, RETENTION, self.raised
+        )
 
     def _ship(self, agent: str, now: int) -> None:
         outbox, rec = self.agents[agent], self.store.agent_for_key("k-" + agent)
@@ -356,9 +359,41 @@ def test_new_terms_equal_the_oracle(
         assert alerted == [(a, e, p, iso(ts)) for a, e, p, ts in want]
         matched = _matching(everything)
         assert want and len(matched) > len(want), "nothing new, or nothing seen again: the run proved little"
+        _outbreaks_equal_the_oracle(store, want)
     finally:
         f.close()
         store.close()
+
+
+def _outbreaks_equal_the_oracle(store: Store, new: list[tuple[str, str, str, int]]) -> None:
+    """outbreak_rows at T: the pairs new on at least ``hosts`` agents in
+    (T - within, T], each agent's first new event, from the oracle's new events."""
+    rule = OutbreakRule(hosts=2, within_ms=3 * DAY)
+    times = sorted({ts + d for *_, ts in new for d in (0, -1, rule.within_ms, rule.within_ms + 1)})
+    found = 0
+    for at in times[:: max(1, len(times) // 40)]:
+        groups: dict[tuple[str, str], dict[str, int]] = {}
+        for agent, exe, path, ts in sorted(new, key=lambda n: n[3]):
+            if at - rule.within_ms < ts <= at:
+                groups.setdefault((exe, path), {}).setdefault(agent, ts)
+        want = sorted(
+            (min(by.values()), exe, path, tuple(sorted(by.items())))
+            for (exe, path), by in groups.items()
+            if len(by) >= rule.hosts
+        )
+        rows = fleet_rules.outbreak_rows(store, rule, NewTermsRule(), at)
+        got = sorted(
+            (
+                r.first_ts,
+                (r.exe or b"").decode(),
+                (r.path or b"").decode(),
+                tuple(sorted((h.agent_id, h.ts) for h in r.hits)),
+            )
+            for r in rows
+        )
+        assert got == want, at
+        found += len(got)
+    assert found, "no outbreak in the fleet: the comparison proved little"
 
 
 def _matching(written: list[Written]) -> list[Written]:
@@ -369,6 +404,27 @@ def _matching(written: list[Written]) -> list[Written]:
             "INSERT INTO e VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", [(*w, _extension(w.path)) for w in written]
         )
         return [Written(*r[:9]) for r in db.execute(f"SELECT * FROM e WHERE {where}")]
+
+
+def test_an_overlap_already_alerted_builds_no_document_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = CollectorStore(str(tmp_path / "c.db"))
+    f = Fleet(tmp_path, store, ["agent-0"], random.Random(1))
+    try:
+        shell = Written("agent-0", 0, T0 + 10, "creation", *ACTORS[1], "/var/www/html/shell.php")
+        f.tick(T0 + 1000, T0, {"agent-0": [shell]})
+        assert [a["file"]["path"] for a in f.alerts] == [shell.path]
+        built = []
+        real = fleet_rules.new_terms_alert
+        monkeypatch.setattr(fleet_rules, "new_terms_alert", lambda *a: built.append(1) or real(*a))
+        again = fleet_rules.run_new_terms(store, NewTermsRule(), T0 + 2000, T0, RETENTION, f.raised)
+        assert again == [] and built == []  # the next tick's overlap: remembered, nothing built
+        assert fleet_rules.run_new_terms(store, NewTermsRule(), T0 + 2000, T0, RETENTION) == []
+        assert built == [1]  # without the memory: built, then found recorded already
+    finally:
+        f.close()
+        store.close()
 
 
 # ------------------------------------------------------------------ the oracle itself

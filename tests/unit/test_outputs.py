@@ -108,6 +108,16 @@ def test_stdout_json_format() -> None:
     assert buf.getvalue().startswith("ALERT ") and buf.getvalue().count("\n") == 1
 
 
+def test_stdout_summary_shows_the_first_rules_counts_only_where_an_alert_has_them() -> None:
+    buf = io.StringIO()
+    first = alert(1, rarewrite={"cc": 2, "gap_on_other_agents": False})
+    new_terms = alert(2, rarewrite={"first_seen": "2026-01-01T00:00:00.000Z"})
+    StdoutOutput(buf).emit([first, new_terms])
+    one, two = buf.getvalue().splitlines()
+    assert " cc=2 gap_on_other_agents=false " in one
+    assert "cc=" not in two and "gap_on_other_agents=" not in two and 'id="id-2"' in two
+
+
 # ------------------------------------------------------------------ webhook
 
 

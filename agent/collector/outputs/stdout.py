@@ -18,6 +18,9 @@ def alert_field(doc: dict[str, Any], *path: str) -> Any:
     return cur
 
 
+OPTIONAL = ("cc", "gap_on_other_agents")
+
+
 class StdoutOutput:
     """``summary``: one readable key=value line per alert, every value
     JSON-escaped; ``json``: the full alert document, one a line."""
@@ -43,7 +46,9 @@ class StdoutOutput:
                 ("gap_on_other_agents", alert_field(a, "rarewrite", "gap_on_other_agents")),
                 ("id", alert_field(a, "kibana", "alert", "uuid")),
             )
-            self.stream.write("ALERT " + " ".join(f"{k}={dumps(v)}" for k, v in fields) + "\n")
+            # cc and gap_on_other_agents are the first rule's: the other rules' alerts have neither
+            shown = [(k, v) for k, v in fields if v is not None or k not in OPTIONAL]
+            self.stream.write("ALERT " + " ".join(f"{k}={dumps(v)}" for k, v in shown) + "\n")
         self.stream.flush()
 
     def close(self) -> None:

@@ -177,7 +177,9 @@ class Store(Protocol):
         now_ms: int,
         terms: Sequence[Candidate] = (),
     ) -> str: ...
-    def term_hits(self, rule_id: str, lo_ms: int, hi_ms: int, by_received: bool = False) -> list[TermHit]: ...
+    def term_hits(
+        self, rule_id: str, lo_ms: int, hi_ms: int, by_received: bool = False, on_hosts: int = 0
+    ) -> list[TermHit]: ...
     def prune_terms(self, rule_id: str, before_ms: int) -> int: ...
     def rows(self, rule: Rule, at_ms: int) -> list[Row]: ...
     def ranked_rows(self, rule: Rule, at_ms: int, skip: Collection[int] = ()) -> list[RankedRow]: ...
@@ -281,7 +283,10 @@ def actor_of_key(key: Optional[bytes]) -> Actor:
 
 # ------------------------------------------------------ new terms, shared by the stores
 
-TERM_SELECT_SQL = "SELECT first_ts, last_ts FROM terms WHERE rule_id = ? AND agent_ref = ? AND pair = ?"
+TERM_CHUNK = 500  # pairs per history lookup (SQLite allows 32,766 variables since 3.32, 999 before)
+TERM_SELECT_SQL = (
+    "SELECT pair, first_ts, last_ts FROM terms WHERE rule_id = ? AND agent_ref = ? AND pair IN ({marks})"
+)
 TERM_UPSERT_SQL = (
     "INSERT INTO terms(rule_id, agent_ref, pair, first_ts, last_ts) VALUES (?, ?, ?, ?, ?) "
     "ON CONFLICT (rule_id, agent_ref, pair) DO UPDATE SET first_ts = excluded.first_ts, "
@@ -294,24 +299,54 @@ HIT_INSERT_SQL = (
 HITS_SQL = """
 SELECT t.ts, t.received_ms, a.agent_id, h.name, t.host_id, t.exe, t.path, t.detail, t.actor
 FROM term_hits AS t JOIN agents AS a ON a.ref = t.agent_ref JOIN hosts AS h ON h.ref = a.host_ref
-WHERE t.rule_id = ? AND t.{col} > ? AND t.{col} <= ? ORDER BY t.{col}, t.id
+WHERE t.rule_id = ? AND t.{col} > ? AND t.{col} <= ?{on_hosts} ORDER BY t.{col}, t.id
 """
+# only the pairs new on at least N agents in the same range (the outbreak
+# rule): grouped on the index first, so the rest of the range is never unpacked
+ON_HOSTS_SQL = """ AND (t.exe, t.path) IN (
+SELECT exe, path FROM term_hits WHERE rule_id = ? AND ts > ? AND ts <= ?
+GROUP BY exe, path HAVING count(DISTINCT agent_ref) >= ?)"""
+
+
+def hits_query(
+    rule_id: str, lo_ms: int, hi_ms: int, by_received: bool, on_hosts: int
+) -> tuple[str, tuple[Any, ...]]:
+    """The SQL (``?`` placeholders) and arguments of ``Store.term_hits``."""
+    col = "received_ms" if by_received else "ts"
+    if on_hosts <= 0:
+        return HITS_SQL.format(col=col, on_hosts=""), (rule_id, lo_ms, hi_ms)
+    assert not by_received  # noqa: S101 - outbreaks group by event time
+    return HITS_SQL.format(col=col, on_hosts=ON_HOSTS_SQL), (
+        rule_id,
+        lo_ms,
+        hi_ms,
+        rule_id,
+        lo_ms,
+        hi_ms,
+        on_hosts,
+    )
 
 
 def term_writes(
-    lookup: Callable[[str, bytes], Optional[Run]],
+    lookup: Callable[[str, Sequence[bytes]], dict[bytes, Run]],
     agent: AgentRecord,
     host_id: str,
     cands: Sequence[Candidate],
     now_ms: int,
 ) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
     """The terms rows to upsert and the term_hits rows to insert for a
-    batch's candidates; ``lookup(rule_id, pair)`` reads a stored run."""
-    stored: dict[tuple[str, bytes], Optional[Run]] = {}
+    batch's candidates; ``lookup(rule_id, pairs)`` reads the stored runs of
+    those pairs (a query per chunk, not per pair)."""
+    pairs: dict[str, dict[bytes, None]] = {}
     for c in cands:
-        k = (c.rule_id, c.pair)
-        if k not in stored:
-            stored[k] = lookup(*k)
+        pairs.setdefault(c.rule_id, {})[c.pair] = None
+    stored: dict[tuple[str, bytes], Optional[Run]] = {}
+    for rule_id, wanted in pairs.items():
+        keys = sorted(wanted)  # one order for every collector: PostgreSQL locks them in it
+        for i in range(0, len(keys), TERM_CHUNK):
+            chunk = keys[i : i + TERM_CHUNK]
+            got = lookup(rule_id, chunk)
+            stored.update(((rule_id, p), got.get(p)) for p in chunk)
     hits, changed = new_candidates(cands, stored)
     upserts = [(rid, agent.ref, pair, first, last) for (rid, pair), (first, last) in changed.items()]
     inserts = [

@@ -54,7 +54,6 @@ from agent.collector.storage.base import (
     ENROLL_REKEYED,
     ENROLL_TAKEN,
     HIT_INSERT_SQL,
-    HITS_SQL,
     RESET_PREFIX,
     TERM_SELECT_SQL,
     TERM_UPSERT_SQL,
@@ -75,6 +74,7 @@ from agent.collector.storage.base import (
     enroll_decision,
     event_rows,
     hit_of,
+    hits_query,
     is_replayed,
     newest_per_pair,
     possible_loss,
@@ -114,7 +114,9 @@ _EPOCH_SQL = (
     "ON CONFLICT (agent_ref, epoch) DO UPDATE SET last_seq = excluded.last_seq, "
     "last_sent_at = excluded.last_sent_at"
 )
-_TERM_SELECT_SQL = TERM_SELECT_SQL.replace("?", "%s") + " FOR UPDATE"
+_TERM_SELECT_SQL = (
+    TERM_SELECT_SQL.replace("IN ({marks})", "= ANY(?)").replace("?", "%s") + " ORDER BY pair FOR UPDATE"
+)
 HOUR_MS = 3_600_000
 AHEAD_HOURS = 3  # partitions kept ready past the current hour
 BAND_BACK_HOURS = 7 * 24  # older timestamps go to the DEFAULT partition
@@ -799,9 +801,9 @@ class PgStore:
         it is read, so a copy of this agent's next batch on another collector
         waits for this one's decision (an agent has one batch in flight)."""
 
-        def lookup(rule_id: str, pair: bytes) -> Optional[Run]:
-            got = conn.execute(_TERM_SELECT_SQL, (rule_id, agent.ref, pair)).fetchone()
-            return None if got is None else (int(got[0]), int(got[1]))
+        def lookup(rule_id: str, pairs: Sequence[bytes]) -> dict[bytes, Run]:
+            got = conn.execute(_TERM_SELECT_SQL, (rule_id, agent.ref, list(pairs))).fetchall()
+            return {bytes(p): (int(first), int(last)) for p, first, last in got}
 
         upserts, inserts = term_writes(lookup, agent, host_id, cands, now_ms)
         with conn.cursor() as cur:
@@ -810,11 +812,14 @@ class PgStore:
             if inserts:
                 cur.executemany(HIT_INSERT_SQL.replace("?", "%s"), inserts)
 
-    def term_hits(self, rule_id: str, lo_ms: int, hi_ms: int, by_received: bool = False) -> list[TermHit]:
-        """The new events of ``rule_id`` with lo < ts <= hi (or received in it), in that order."""
-        sql = HITS_SQL.format(col="received_ms" if by_received else "ts").replace("?", "%s")
+    def term_hits(
+        self, rule_id: str, lo_ms: int, hi_ms: int, by_received: bool = False, on_hosts: int = 0
+    ) -> list[TermHit]:
+        """The new events of ``rule_id`` with lo < ts <= hi (or received in
+        it), in that order; ``on_hosts``: only pairs new on that many agents in it."""
+        sql, args = hits_query(rule_id, lo_ms, hi_ms, by_received, on_hosts)
         with self._errors("reading new terms"):
-            got = self._conn().execute(sql, (rule_id, lo_ms, hi_ms)).fetchall()
+            got = self._conn().execute(sql.replace("?", "%s"), args).fetchall()
         return [hit_of(r) for r in got]
 
     def prune_terms(self, rule_id: str, before_ms: int) -> int:

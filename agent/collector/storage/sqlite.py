@@ -76,7 +76,6 @@ from agent.collector.storage.base import (
     ENROLL_NEW,
     ENROLL_REKEYED,
     HIT_INSERT_SQL,
-    HITS_SQL,
     PRUNE_CHUNK,
     RESET_PREFIX,
     TERM_SELECT_SQL,
@@ -98,6 +97,7 @@ from agent.collector.storage.base import (
     enroll_decision,
     event_rows,
     hit_of,
+    hits_query,
     is_replayed,
     newest_per_pair,
     possible_loss,
@@ -712,19 +712,23 @@ class CollectorStore:
     def _terms(
         conn: sqlite3.Connection, agent: AgentRecord, host_id: str, cands: Sequence[Candidate], now_ms: int
     ) -> None:
-        def lookup(rule_id: str, pair: bytes) -> Optional[Run]:
-            got = conn.execute(TERM_SELECT_SQL, (rule_id, agent.ref, pair)).fetchone()
-            return None if got is None else (int(got[0]), int(got[1]))
+        def lookup(rule_id: str, pairs: Sequence[bytes]) -> dict[bytes, Run]:
+            sql = TERM_SELECT_SQL.format(marks=",".join("?" * len(pairs)))
+            got = conn.execute(sql, (rule_id, agent.ref, *pairs)).fetchall()
+            return {bytes(p): (int(first), int(last)) for p, first, last in got}
 
         upserts, inserts = term_writes(lookup, agent, host_id, cands, now_ms)
         conn.executemany(TERM_UPSERT_SQL, upserts)
         conn.executemany(HIT_INSERT_SQL, inserts)
 
-    def term_hits(self, rule_id: str, lo_ms: int, hi_ms: int, by_received: bool = False) -> list[TermHit]:
-        """The new events of ``rule_id`` with lo < ts <= hi (or received in it), in that order."""
-        sql = HITS_SQL.format(col="received_ms" if by_received else "ts")
+    def term_hits(
+        self, rule_id: str, lo_ms: int, hi_ms: int, by_received: bool = False, on_hosts: int = 0
+    ) -> list[TermHit]:
+        """The new events of ``rule_id`` with lo < ts <= hi (or received in
+        it), in that order; ``on_hosts``: only pairs new on that many agents in it."""
+        sql, args = hits_query(rule_id, lo_ms, hi_ms, by_received, on_hosts)
         with _db_errors("reading new terms"):
-            got = self._conn().execute(sql, (rule_id, lo_ms, hi_ms)).fetchall()
+            got = self._conn().execute(sql, args).fetchall()
         return [hit_of(r) for r in got]
 
     def prune_terms(self, rule_id: str, before_ms: int) -> int:

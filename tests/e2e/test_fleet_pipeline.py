@@ -32,7 +32,7 @@ def _got(c: procs.Collector, at_ms: int) -> list[dict[str, Any]]:
     return procs.evaluate(c.db, at_ms)
 
 
-@pytest.mark.parametrize("seed", [3, 17, 29, 41])
+@pytest.mark.parametrize("seed", [17, 41])  # more seeds: tests/unit/test_evaluate_oracle.py
 def test_generated_fleets_equal_the_query(seed: int, tmp_path: Path) -> None:
     f = fleet.generate(seed, n_agents=3 + seed % 3, n_pairs=60, noise=60, at_ms=now_ms())
     with procs.collector(str(tmp_path)) as c:

@@ -13,7 +13,7 @@ TEXT = st.text(alphabet="ab/.", max_size=12)
 SEGMENTS = ["", "var", "www", "uploads", "wp-content", "html", "sites", "files", "vhost1", "x.php", "jetty9"]
 
 
-@settings(max_examples=2000, deadline=None, database=None)
+@settings(max_examples=400, deadline=None, database=None)
 @given(st.lists(VALUE, min_size=1, max_size=5), st.lists(TEXT, min_size=1, max_size=10))
 def test_fast_forms_answer_as_the_regex(values: list[str], texts: list[str]) -> None:
     fast, rx = KqlValues(values), kql_regex(values)
@@ -21,7 +21,7 @@ def test_fast_forms_answer_as_the_regex(values: list[str], texts: list[str]) -> 
         assert fast(t) == bool(rx.match(t)), (values, t)
 
 
-@settings(max_examples=1000, deadline=None, database=None)
+@settings(max_examples=300, deadline=None, database=None)
 @given(st.lists(st.sampled_from(SEGMENTS), min_size=1, max_size=7), st.sampled_from(["", "/"]))
 def test_the_published_paths_answer_as_the_regex(segments: list[str], lead: str) -> None:
     path = lead + "/".join(segments)

@@ -10,6 +10,7 @@ import os
 import stat
 from typing import Optional
 
+from agent.sensor import longpath
 from agent.shared.clock import Clock
 from agent.shared.events import FileFacts
 
@@ -44,7 +45,7 @@ class FactsReader:
         if not path:
             return None
         try:
-            st = os.lstat(path)
+            st = longpath.lstat(path)
         except OSError:
             return FileFacts(gone=True)
         facts = FileFacts(
@@ -62,7 +63,8 @@ def _hashed(path: bytes, facts: FileFacts, hash_max_bytes: int) -> FileFacts:
     """``facts`` with the file's sha256 and first bytes, if it can be read
     and does not grow past ``hash_max_bytes`` while it is."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+        fd = longpath.open_file(path, flags)
     except OSError:
         return facts
     try:

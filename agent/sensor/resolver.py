@@ -15,6 +15,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
+from agent.sensor import longpath
 from agent.shared.clock import Clock
 from agent.shared.events import (
     CACHED,
@@ -23,6 +24,7 @@ from agent.shared.events import (
     EXEC,
     INFERRED,
     OVERFLOW,
+    UNCERTAIN,
     UNKNOWN,
     FileEvent,
     ProcessInfo,
@@ -38,7 +40,14 @@ PROCESS_LIST_TTL_S = 1.0
 # pid needs the whole pid space to wrap first, which takes far longer, and
 # an exec in between arrives as an exec event (which updates the cache).
 TRUST_S = 0.05
+# An event whose process shows another image in /proc than we knew, with no
+# exec record before it in the queue, was written before that exec (every
+# local filesystem is exec-marked, and the queue is in order): it keeps the
+# old identity while the record is on its way. An exec whose record never
+# comes (a network filesystem, a memfd) is believed after this long.
+EXEC_WAIT_S = 5.0
 _DELETED = b" (deleted)"
+PROC_PID_INIT_INO = 0xEFFFFFFC
 
 
 @dataclass(frozen=True)
@@ -50,6 +59,10 @@ class _Proc:
     start_ticks: Optional[int]
     euid: Optional[int]
     complete: bool
+    # the identity before a change the kernel did not report (prctl, setuid),
+    # given with attribution "uncertain" to events read up to ``since_ms``
+    before: Optional[_Proc] = None
+    since_ms: int = 0
 
 
 def _is_loader(path: bytes) -> bool:
@@ -82,31 +95,48 @@ class Resolver:
         self._cache: OrderedDict[int, _Proc] = OrderedDict()
         self._checked: dict[int, float] = {}  # pid -> monotonic time of its last /proc check
         self._gone: set[int] = set()  # pids whose last check found no process (cached record kept)
+        self._exec_pending: dict[int, float] = {}  # pid -> when /proc first showed an exec not yet read
         self._users: dict[int, UserInfo] = {}  # one shared object per uid
         self._ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
         self._btime = self._boot_time()
         self._plist: list[tuple[float, int, str, int]] = []
         self._plist_at = -1e18
-        self.counters = {"exact": 0, "cached": 0, "inferred": 0, "unknown": 0, "exec": 0, "pid_reused": 0}
+        self.counters = {
+            "exact": 0,
+            "cached": 0,
+            "inferred": 0,
+            "unknown": 0,
+            "uncertain": 0,
+            "exec": 0,
+            "pid_reused": 0,
+            "outside_pid_namespace": 0,
+        }
 
     # --- public ------------------------------------------------------------
 
     def resolve(self, raw: RawEvent) -> Optional[FileEvent]:
         """A FileEvent for a creation or rename; None for exec and overflow records."""
         if raw.kind == EXEC:
-            if raw.pid is not None and raw.path is not None:
+            if raw.pid and raw.path is not None:
                 self._on_exec(raw.pid, raw.path)
             return None
         if raw.kind == OVERFLOW:
             return None
         if raw.pid is None:
             proc, user, attribution = self._inferred(raw)
+        elif raw.pid == 0:
+            # fanotify's pid 0: a writer outside this agent's pid namespace, which
+            # /proc here cannot show (the agent belongs in the host's namespace)
+            self.counters["outside_pid_namespace"] += 1
+            proc, user, attribution = ProcessInfo(), self._user(self._owner(raw.path)), UNKNOWN
         else:
             found, attribution = self._lookup(raw.pid, raw.ts_ms)
             proc = found.info if found is not None else ProcessInfo(pid=raw.pid)
             euid = found.euid if found is not None else None
             if euid is None and raw.kind == CREATION:
-                euid = self._owner(raw.path)  # a new file's owner is its creator's fsuid
+                # a new file's owner is its creator's fsuid, unless chowned since: the
+                # process's user as of the write is the better witness where known
+                euid = self._owner(raw.path)
             user = self._user(euid)
         self.counters[attribution] += 1
         return FileEvent(
@@ -137,6 +167,8 @@ class Resolver:
             if attribution not in (EXACT, CACHED) or found is None or not found.complete:
                 return None
             cached = found
+        if cached.before is not None:
+            return None  # its events may be judged by either identity: resolve each
         until = self._checked.get(pid, -1e18) + TRUST_S
         if now >= until:
             return None
@@ -152,16 +184,26 @@ class Resolver:
             return
         self._checked.pop(pid, None)
         self._gone.discard(pid)
+        self._exec_pending.pop(pid, None)
         self.counters["exec"] += 1
+        earlier = self._cache.get(pid)
         full = self._read(pid)
         if full is not None and full.info.executable == path:
+            if full.comm is not None and not _named_by_exec(full.comm, path, full.info.command_line):
+                # renamed itself since (prctl, process.title) before we read it: what
+                # it wrote in between was written under the name its exec gave it
+                # the name an exec gives is the executed file's: a script's (its own exec
+                # record, just before), else argv[0]'s (a symlink such as python3)
+                name = earlier.info.name if earlier is not None and not earlier.complete else None
+                argv0 = os.fsencode((full.info.command_line or "").split(" ")[0])
+                at_exec = replace(full.info, name=name or _exec_name(argv0 or path))
+                full = replace(full, before=replace(full, info=at_exec), since_ms=self._clock.now_ms())
             self._store(pid, full)
             return
         st = self._stat(pid)
-        base = path.rsplit(b"/", 1)[-1][:COMM_LEN]
         info = ProcessInfo(
             pid=pid,
-            name=os.fsdecode(base),
+            name=_exec_name(path),
             executable=path,
             ppid=st[2] if st is not None else None,
         )
@@ -176,6 +218,13 @@ class Resolver:
     # --- lookups -----------------------------------------------------------
 
     def _lookup(self, pid: int, ts_ms: int) -> tuple[Optional[_Proc], str]:
+        """The identity ``pid`` had when it wrote an event read at ``ts_ms``."""
+        found, attribution = self._record(pid, ts_ms)
+        if found is not None and found.before is not None and ts_ms <= found.since_ms:
+            return found.before, UNCERTAIN
+        return found, attribution
+
+    def _record(self, pid: int, ts_ms: int) -> tuple[Optional[_Proc], str]:
         cached = self._cache.get(pid)
         now = self._clock.monotonic()
         if cached is not None and now - self._checked.get(pid, -1e18) < TRUST_S:
@@ -195,26 +244,17 @@ class Resolver:
         self._gone.discard(pid)
         st = self._stat(pid)
         if st is not None:
-            comm, state, _ppid, ticks = st
+            _comm, state, _ppid, ticks = st
             started = self._btime + ticks / self._ticks
             if started > ts_ms / 1000.0 + REUSE_SLACK_S:
                 self.counters["pid_reused"] += 1  # the writer is gone and its pid taken
             elif state in ("Z", "X") and cached is not None:
                 return cached, CACHED
-            elif (
-                cached is not None
-                and cached.complete
-                and cached.start_ticks == ticks
-                and cached.comm == comm
-                and self._euid(pid) == cached.euid  # a server that dropped root after we cached it
-            ):
-                self._cache.move_to_end(pid)
-                return cached, EXACT
+            elif cached is not None and cached.start_ticks in (ticks, None):
+                return self._recheck(pid, st, cached)  # the process we knew (or its exec's)
             else:
                 full = self._read(pid, st)
                 if full is not None:
-                    if full.info.executable is None and cached is not None:  # zombie: exe unreadable
-                        full = replace(full, info=replace(full.info, executable=cached.info.executable))
                     self._store(pid, full)
                     return full, EXACT
         if cached is not None:
@@ -222,6 +262,31 @@ class Resolver:
                 self._gone.add(pid)
             return cached, CACHED
         return None, UNKNOWN
+
+    def _recheck(self, pid: int, st: tuple[str, str, int, int], cached: _Proc) -> tuple[_Proc, str]:
+        """The process we knew, read again: what changed since, and when."""
+        if cached.complete and cached.comm == st[0] and self._euid(pid) == cached.euid:
+            self._cache.move_to_end(pid)
+            return cached, EXACT
+        full = self._read(pid, st)
+        if full is None:
+            return cached, CACHED
+        old_exe, new_exe = cached.info.executable, full.info.executable
+        if new_exe is None:  # a zombie's exe is unreadable
+            full = replace(full, info=replace(full.info, executable=old_exe))
+        elif old_exe is not None and new_exe != old_exe:
+            # it exec'd after this event: the exec's record is behind it in the queue
+            first = self._exec_pending.setdefault(pid, self._clock.monotonic())
+            if self._clock.monotonic() - first < EXEC_WAIT_S:
+                return cached, CACHED
+            self._exec_pending.pop(pid, None)  # no record came: an exec the marks cannot see
+            self._store(pid, full)
+            return full, UNCERTAIN
+        if cached.complete and (cached.comm != full.comm or cached.euid != full.euid):
+            # renamed itself or changed user, at a moment the kernel does not report
+            full = replace(full, before=replace(cached, before=None), since_ms=self._clock.now_ms())
+        self._store(pid, full)
+        return full, EXACT
 
     def _inferred(self, raw: RawEvent) -> tuple[ProcessInfo, UserInfo, str]:
         owner = self._owner(raw.path)
@@ -280,12 +345,8 @@ class Resolver:
 
     @staticmethod
     def _owner(path: Optional[bytes]) -> Optional[int]:
-        if path is None:
-            return None
-        try:
-            return os.lstat(path).st_uid
-        except (OSError, ValueError):
-            return None
+        st = _lstat(path)
+        return st.st_uid if st is not None else None
 
     # --- /proc readers -----------------------------------------------------
 
@@ -359,6 +420,32 @@ class Resolver:
         return _cmdline(_read_file(b"%s/%d/cmdline" % (self._root.encode(), pid)))
 
 
+def in_child_pid_namespace(proc_root: str = "/proc") -> bool:
+    """Whether this process is in a pid namespace below the host's, where
+    fanotify reports pid 0 for writers outside it. The host's namespace has
+    a fixed inode number (PROC_PID_INIT_INO) since Linux 3.8."""
+    try:
+        return os.stat(f"{proc_root}/self/ns/pid").st_ino != PROC_PID_INIT_INO
+    except OSError:
+        return False
+
+
+def _exec_name(path: bytes) -> str:
+    """The task name an exec of ``path`` gives (the kernel's comm: its base name, cut at 15)."""
+    return os.fsdecode(path.rsplit(b"/", 1)[-1][:COMM_LEN])
+
+
+def _named_by_exec(comm: str, path: bytes, command_line: Optional[str]) -> bool:
+    """Whether ``comm`` is the name an exec of ``path`` gave: the base name of
+    the file that was executed, of argv[0] (a symlink, as python3), or of
+    argv[1] (a script: the kernel names the task after it)."""
+    names = [path.rsplit(b"/", 1)[-1]]
+    for arg in (command_line or "").split(" ")[:2]:
+        names.append(os.fsencode(arg).rsplit(b"/", 1)[-1])
+    want = os.fsencode(comm)
+    return any(n[:COMM_LEN] == want for n in names)
+
+
 def _task_name(comm: str, args: list[str]) -> str:
     """psutil's name(): comm, extended from argv[0] when the kernel cut it at 15."""
     if len(comm) >= COMM_LEN and args:
@@ -397,6 +484,15 @@ def _read_file(path: bytes) -> Optional[bytes]:
         return None
     finally:
         os.close(fd)
+
+
+def _lstat(path: Optional[bytes]) -> Optional[os.stat_result]:
+    if path is None:
+        return None
+    try:
+        return longpath.lstat(path)
+    except (OSError, ValueError):
+        return None
 
 
 def _readlink(path: bytes) -> Optional[bytes]:

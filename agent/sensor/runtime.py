@@ -25,7 +25,7 @@ from agent.sensor.facts import FactsReader
 from agent.sensor.memory import rss_mb, trim_memory, tune_malloc
 from agent.sensor.outbox import AgentStore
 from agent.sensor.prefilter import Prefilter
-from agent.sensor.resolver import Resolver
+from agent.sensor.resolver import Resolver, in_child_pid_namespace
 from agent.sensor.shipper import Shipper
 from agent.sensor.sources.auto import open_source
 from agent.sensor.sources.base import EventSource, Prefiltering, ReadingAhead
@@ -68,7 +68,11 @@ class LiveAgent:
         self.started_ms = self.clock.now_ms()
         self._seen_unresolved = 0
         self._seen_refused: set[str] = set()
+        self._seen_outside = 0
         self._coverage_ms = self.started_ms
+        # late-bound on purpose: a SIGHUP reload swaps self.rules
+        self.resolver = Resolver(self.clock, is_web_process=lambda name: self.rules.process_matches(name))  # noqa: PLW0108
+        self.prefilter = Prefilter(lambda: self.rules, self.resolver)
 
     def run(self) -> int:
         tune_malloc()  # before any thread starts
@@ -104,10 +108,13 @@ class LiveAgent:
         self.shipper.health = self._health
         self.shipper.heartbeat_s = cfg.agent.heartbeat_interval_ms / 1000
         self._install_signals()
+        if in_child_pid_namespace():
+            log.warning(
+                "event=child_pid_namespace: fanotify gives no pid for writers outside this namespace; "
+                "their events are kept with the file owner as user and no process (run the agent in "
+                "the host's pid namespace)"
+            )
         state.write_status(self._status("starting", None))
-        # late-bound on purpose: a SIGHUP reload swaps self.cfg
-        self.resolver = Resolver(self.clock, is_web_process=lambda name: self.rules.process_matches(name))  # noqa: PLW0108
-        self.prefilter = Prefilter(lambda: self.rules, self.resolver)
         self.source = self._open_source(open_source)
         log.info(
             "event=started version=%s backend=%s agent_id=%s host_name=%r watch=%s",
@@ -252,6 +259,10 @@ class LiveAgent:
         if unresolved > self._seen_unresolved:
             store.record_gap(self._coverage_ms, now, unresolved - self._seen_unresolved, "unresolved_handle")
             self._seen_unresolved = unresolved
+        outside = self.resolver.counters["outside_pid_namespace"]
+        if outside > self._seen_outside:  # kept, but whose they are cannot be judged
+            store.record_gap(self._coverage_ms, now, 0, "outside_pid_namespace")
+            self._seen_outside = outside
         refused = {str(r["path"]) for r in stats.get("refused", [])}
         for path in sorted(refused - self._seen_refused):
             log.warning("event=filesystem_not_watched path=%r", path)
@@ -340,6 +351,7 @@ class LiveAgent:
             "detailed": st["detailed"],
             "quarantined": st["quarantined"],
             **{f"ship_{k}": v for k, v in self.shipper.counters.items()},
+            **{f"writer_{k}": v for k, v in self.resolver.counters.items()},
         }
 
     def _health(self) -> dict[str, Any]:

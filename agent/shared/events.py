@@ -25,7 +25,10 @@ CACHED = "cached"  # remembered from the process's exec or an earlier event
 INFERRED = "inferred"  # no pid (inotify): guessed from file owner and running servers
 UNKNOWN = "unknown"  # no process found; the event is kept all the same
 RECORDED = "recorded"  # taken from a recorded document (replay)
-ATTRIBUTIONS = (EXACT, CACHED, INFERRED, UNKNOWN, RECORDED)
+# the process changed its name or user at a moment the kernel did not report
+# (prctl, setuid, a chown of the new file): the identity it had before is given
+UNCERTAIN = "uncertain"
+ATTRIBUTIONS = (EXACT, CACHED, INFERRED, UNKNOWN, RECORDED, UNCERTAIN)
 
 
 class RawEvent(NamedTuple):

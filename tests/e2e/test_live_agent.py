@@ -235,3 +235,82 @@ def test_sigterm_in_a_burst_stores_what_was_read(site: dict[str, str], tmp_path:
         counters = json.loads((Path(state) / "status.json").read_text())["counters"]
         assert counters["overflows"] == 0
         assert counters["stored"] == files + 1, counters  # the files and their directory
+
+
+PRCTL = (
+    "import ctypes, time; open({f!r}, 'w').close(); ctypes.CDLL(None).prctl(15, b'innocent', 0, 0, 0);"
+    " time.sleep(1)"
+)
+DROP = "import os, time; open({f!r}, 'w').write('1\\n'); os.setgid(33); os.setuid(33); time.sleep(1)"
+
+
+def alert_events(alerts: Path) -> dict[str, dict[str, Any]]:
+    """file.path -> the original event of its alert, from the alerts file."""
+    out: dict[str, dict[str, Any]] = {}
+    if alerts.exists():
+        for line in alerts.read_text(encoding="ascii").splitlines():
+            doc = json.loads(line)
+            if doc["rarewrite"].get("events"):  # health alerts have none
+                out[doc["file"]["path"]] = doc["rarewrite"]["events"][0]
+    return out
+
+
+def deep_dir(top: str, levels: int = 20) -> str:
+    """A chain of 250-byte directory names under ``top``, owned by www-data at
+    the bottom; its path is past PATH_MAX, so it is made a level at a time."""
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    names = []
+    try:
+        for i in range(levels):
+            names.append(f"{i:02d}" + "d" * 248)
+            os.mkdir(names[-1], dir_fd=fd)
+            nxt = os.open(names[-1], os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+        os.fchown(fd, 33, 33)
+    finally:
+        os.close(fd)
+    return "/".join(names)
+
+
+def test_a_writer_is_judged_as_it_was_at_the_write(site: dict[str, str], tmp_path: Path) -> None:
+    """Write-then-exec and write-then-rename still come out as the web
+    server's; a server that creates as root and then drops to www-data does
+    not become www-data's; a file deeper than PATH_MAX is named in full."""
+    www, binp, py = site["www"], site["bin"], os.path.realpath("/usr/bin/python3")
+    nginx = f"{binp}/nginx"
+    os.symlink(py, f"{binp}/lighttpd")
+    chain = deep_dir(www)
+    long_path = f"{www}/{chain}/shell.php"
+    alerts = tmp_path / "alerts.ndjson"
+    extra = ("--schedule", "continuous", "--settle", "1s", "--alerts-file", str(alerts))
+    with procs.collector(str(tmp_path), *extra) as c:
+        agent, _, _ = start_agent(tmp_path, c.url, www)
+        try:
+            sh(*AS_WWW, nginx, "-c", f": > {www}/then-exec.php; exec sleep 0.5")
+            sh(*AS_WWW, f"{binp}/php-fpm8.2", "-c", PRCTL.format(f=f"{www}/then-renamed.php"))
+            sh(f"{binp}/lighttpd", "-c", DROP.format(f=f"{www}/lighttpd.pid"))
+            deeper = f"import os, time; os.chdir({www!r}); [os.chdir(d) for d in {chain.split('/')!r}];"
+            sh(
+                *AS_WWW,
+                f"{binp}/php-fpm8.2",
+                "-c",
+                deeper + " open('shell.php', 'w').close(); time.sleep(0.5)",
+            )
+            want = {
+                (nginx, f"{www}/then-exec.php", 1),
+                (py, f"{www}/then-renamed.php", 1),
+                (py, long_path, 1),
+            }
+            got = wait_rows(c.db, want)
+            deadline = time.monotonic() + 15
+            while len(evs := alert_events(alerts)) < len(want) and time.monotonic() < deadline:
+                time.sleep(0.2)
+        finally:
+            assert procs.stop(agent) == 0
+    assert got == want  # and no lighttpd.pid: root created it, www-data came after
+    assert evs[f"{www}/then-exec.php"]["process.name"] == "nginx"
+    renamed = evs[f"{www}/then-renamed.php"]
+    assert renamed["process.name"] == "php-fpm8.2", renamed
+    assert renamed["rarewrite.attribution"] in ("uncertain", "exact")  # exact: read before the prctl
+    assert long_path in evs and len(long_path) > 4096

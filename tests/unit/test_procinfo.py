@@ -10,9 +10,20 @@ from pathlib import Path
 import psutil
 import pytest
 
-from agent.sensor.resolver import Resolver
+from agent.sensor.resolver import EXEC_WAIT_S, Resolver
 from agent.shared.clock import FakeClock
-from agent.shared.events import CACHED, CREATION, EXACT, EXEC, INFERRED, OVERFLOW, RENAME, UNKNOWN, RawEvent
+from agent.shared.events import (
+    CACHED,
+    CREATION,
+    EXACT,
+    EXEC,
+    INFERRED,
+    OVERFLOW,
+    RENAME,
+    UNCERTAIN,
+    UNKNOWN,
+    RawEvent,
+)
 
 BTIME = 1_700_000_000
 HZ = os.sysconf("SC_CLK_TCK")
@@ -161,15 +172,88 @@ def test_truncated_comm_is_extended_from_cmdline_and_deleted_suffix_stripped(pro
     assert ev.process.executable == b"/opt/app/gunicorn-worker-x"
 
 
-def test_cache_refreshes_when_comm_changes(proc_root: Path) -> None:
-    _fake_proc(proc_root, 61, "sh", "/usr/bin/dash")
-    r = Resolver(FakeClock(), proc_root=str(proc_root))
-    raw = RawEvent(kind=RENAME, ts_ms=(BTIME + 200) * 1000, path=b"/x", pid=61)
-    assert r.resolve(raw).process.name == "sh"  # type: ignore[union-attr]
+def test_a_write_before_an_exec_keeps_the_writers_identity(proc_root: Path) -> None:
+    _fake_proc(proc_root, 61, "nginx", "/usr/sbin/nginx", cmdline=b"nginx\0")
+    clock = FakeClock()
+    r = Resolver(clock, proc_root=str(proc_root))
+    raw = RawEvent(kind=RENAME, ts_ms=clock.now_ms(), path=b"/x", pid=61)
+    assert r.resolve(raw).process.name == "nginx"  # type: ignore[union-attr]
     (proc_root / "61" / "exe").unlink()
-    _fake_proc(proc_root, 61, "nginx", "/usr/sbin/nginx")  # exec'd: same pid and start time
+    _fake_proc(proc_root, 61, "sleep", "/usr/bin/sleep", cmdline=b"sleep\0")  # exec'd: same pid, start
+    clock.advance(1.0)
+    # no exec record before this event in the queue: it was written before the exec
     ev = r.resolve(raw)
     assert ev is not None and ev.process.name == "nginx" and ev.process.executable == b"/usr/sbin/nginx"
+    assert ev.attribution == CACHED
+    r.resolve(RawEvent(kind=EXEC, ts_ms=clock.now_ms(), path=b"/usr/bin/sleep", pid=61))
+    after = r.resolve(raw)  # behind the exec record: the new image
+    assert after is not None and after.process.name == "sleep" and after.attribution == EXACT
+
+
+def test_an_exec_whose_record_never_comes_is_believed_later_as_uncertain(proc_root: Path) -> None:
+    _fake_proc(proc_root, 62, "nginx", "/usr/sbin/nginx", cmdline=b"nginx\0")
+    clock = FakeClock()
+    r = Resolver(clock, proc_root=str(proc_root))
+    raw = RawEvent(kind=RENAME, ts_ms=clock.now_ms(), path=b"/x", pid=62)
+    r.resolve(raw)
+    (proc_root / "62" / "exe").unlink()
+    _fake_proc(proc_root, 62, "memfd:x", "/memfd:x (deleted)", cmdline=b"x\0")  # fexecve of a memfd
+    clock.advance(1.0)
+    assert r.resolve(raw).process.name == "nginx"  # type: ignore[union-attr]
+    clock.advance(EXEC_WAIT_S)
+    late = r.resolve(raw)
+    assert late is not None and late.process.name == "memfd:x" and late.attribution == UNCERTAIN
+
+
+def test_a_process_that_renames_itself_is_judged_by_its_old_name_until_then(proc_root: Path) -> None:
+    _fake_proc(proc_root, 63, "node", "/usr/bin/node", cmdline=b"node\0app.js\0")
+    clock = FakeClock()
+    r = Resolver(clock, proc_root=str(proc_root))
+    assert r.resolve(RawEvent(kind=RENAME, ts_ms=clock.now_ms(), path=b"/a", pid=63)).process.name == "node"  # type: ignore[union-attr]
+    written = clock.now_ms() + 10
+    (proc_root / "63" / "exe").unlink()
+    _fake_proc(proc_root, 63, "innocent", "/usr/bin/node", cmdline=b"node\0app.js\0")  # prctl(PR_SET_NAME)
+    clock.advance(1.0)
+    ev = r.resolve(RawEvent(kind=RENAME, ts_ms=written, path=b"/b", pid=63))
+    assert ev is not None and ev.process.name == "node" and ev.attribution == UNCERTAIN
+    again = r.resolve(RawEvent(kind=RENAME, ts_ms=written + 1, path=b"/c", pid=63))  # read before we knew
+    assert again is not None and again.process.name == "node" and again.attribution == UNCERTAIN
+    clock.advance(1.0)
+    later = r.resolve(RawEvent(kind=RENAME, ts_ms=clock.now_ms(), path=b"/d", pid=63))
+    assert later is not None and later.process.name == "innocent" and later.attribution == EXACT
+    assert r.trusted(63) is None  # never prefiltered: either name may be the one
+
+
+def test_a_rename_before_its_exec_record_is_read_keeps_the_exec_name(proc_root: Path) -> None:
+    _fake_proc(
+        proc_root, 64, "innocent", "/usr/bin/python3.11", cmdline=b"/usr/bin/python3\0/srv/bin/nginx\0"
+    )
+    clock = FakeClock()
+    r = Resolver(clock, proc_root=str(proc_root))
+    written = clock.now_ms()
+    r.resolve(RawEvent(kind=EXEC, ts_ms=written, path=b"/srv/bin/nginx", pid=64))  # the script
+    r.resolve(RawEvent(kind=EXEC, ts_ms=written, path=b"/usr/bin/python3.11", pid=64))  # its interpreter
+    ev = r.resolve(RawEvent(kind=CREATION, ts_ms=written, path=b"/nonexistent/f", pid=64))
+    assert ev is not None and ev.process.name == "nginx" and ev.attribution == UNCERTAIN
+    assert ev.process.executable == b"/usr/bin/python3.11"
+
+
+def test_a_rename_before_a_symlinked_exec_is_read_keeps_argv0s_name(proc_root: Path) -> None:
+    _fake_proc(proc_root, 66, "innocent", "/usr/bin/python3.11", cmdline=b"/srv/bin/php-fpm8.2\0-c\0x\0")
+    clock = FakeClock()
+    r = Resolver(clock, proc_root=str(proc_root))
+    r.resolve(RawEvent(kind=EXEC, ts_ms=clock.now_ms(), path=b"/usr/bin/python3.11", pid=66))
+    ev = r.resolve(RawEvent(kind=RENAME, ts_ms=clock.now_ms(), path=b"/x", pid=66))
+    assert ev is not None and ev.process.name == "php-fpm8.2" and ev.attribution == UNCERTAIN
+
+
+def test_a_script_named_after_a_server_is_not_taken_for_a_rename(proc_root: Path) -> None:
+    _fake_proc(proc_root, 65, "nginx", "/usr/bin/python3.11", cmdline=b"/usr/bin/python3\0/srv/bin/nginx\0")
+    r = Resolver(FakeClock(), proc_root=str(proc_root))
+    at = (BTIME + 200) * 1000
+    r.resolve(RawEvent(kind=EXEC, ts_ms=at, path=b"/usr/bin/python3.11", pid=65))
+    ev = r.resolve(RawEvent(kind=CREATION, ts_ms=at, path=b"/nonexistent/f", pid=65))
+    assert ev is not None and ev.process.name == "nginx" and ev.attribution == EXACT
 
 
 def test_cache_is_bounded(proc_root: Path) -> None:
@@ -198,12 +282,49 @@ def test_a_server_that_drops_root_after_it_was_cached_is_seen_as_its_new_user(pr
     _fake_proc(proc_root, 71, "lighttpd", "/usr/sbin/lighttpd", euid=0, cmdline=b"lighttpd\0-D\0")
     clock = FakeClock()
     r = Resolver(clock, proc_root=str(proc_root))
-    raw = RawEvent(kind=CREATION, ts_ms=(BTIME + 200) * 1000, path=b"/x", pid=71)
+    raw = RawEvent(kind=RENAME, ts_ms=clock.now_ms(), path=b"/x", pid=71)
     assert r.resolve(raw).user.id == "0"  # type: ignore[union-attr]
     (proc_root / "71" / "exe").unlink()
     _fake_proc(
         proc_root, 71, "lighttpd", "/usr/sbin/lighttpd", euid=33, cmdline=b"lighttpd\0-D\0"
     )  # setuid(33)
     clock.advance(1.0)  # past the trust window
-    ev = r.resolve(raw)
-    assert ev is not None and ev.user.id == "33" and ev.user.name == "www-data"
+    read_before = r.resolve(raw)  # a rename says nothing of its user: which one wrote it is not known
+    assert read_before is not None and read_before.user.id == "0" and read_before.attribution == UNCERTAIN
+    clock.advance(1.0)
+    ev = r.resolve(RawEvent(kind=RENAME, ts_ms=clock.now_ms(), path=b"/x", pid=71))
+    assert ev is not None and ev.user.id == "33" and ev.user.name == "www-data" and ev.attribution == EXACT
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (files owned by another user)")
+def test_a_creation_is_the_users_who_wrote_it_not_its_owners_now(proc_root: Path, tmp_path: Path) -> None:
+    _fake_proc(proc_root, 72, "nginx", "/usr/sbin/nginx", euid=0, cmdline=b"nginx\0")
+    clock = FakeClock()
+    r = Resolver(clock, proc_root=str(proc_root))
+    r.resolve(RawEvent(kind=EXEC, ts_ms=clock.now_ms(), path=b"/usr/sbin/nginx", pid=72))
+    # the master creates its temp dir as root and chowns it to www-data at once
+    body = tmp_path / "body"
+    body.mkdir()
+    os.chown(body, 33, 33)
+    ev = r.resolve(RawEvent(kind=CREATION, ts_ms=clock.now_ms(), path=os.fsencode(body), pid=72))
+    assert ev is not None and ev.user.id == "0" and ev.attribution == EXACT
+    # lighttpd-like: created as root, then the process dropped to www-data before we read it
+    pid_file = tmp_path / "server.pid"
+    pid_file.write_text("72\n")
+    written = clock.now_ms()
+    (proc_root / "72" / "exe").unlink()
+    _fake_proc(proc_root, 72, "nginx", "/usr/sbin/nginx", euid=33, cmdline=b"nginx\0")
+    clock.advance(1.0)
+    dropped = r.resolve(RawEvent(kind=CREATION, ts_ms=written, path=os.fsencode(pid_file), pid=72))
+    assert dropped is not None and dropped.user.id == "0" and dropped.attribution == UNCERTAIN
+
+
+def test_a_writer_outside_the_agents_pid_namespace_keeps_its_event(proc_root: Path, tmp_path: Path) -> None:
+    target = tmp_path / "shell.php"
+    target.write_bytes(b"<?php")
+    r = Resolver(FakeClock(), proc_root=str(proc_root))
+    ev = r.resolve(RawEvent(kind=CREATION, ts_ms=1, path=os.fsencode(target), pid=0))
+    assert ev is not None and ev.attribution == UNKNOWN and ev.process.pid is None
+    assert ev.user.id == str(os.geteuid())
+    assert r.counters["outside_pid_namespace"] == 1
+    assert r.resolve(RawEvent(kind=EXEC, ts_ms=1, path=b"/usr/bin/true", pid=0)) is None

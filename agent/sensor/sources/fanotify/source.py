@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from agent.sensor import longpath
 from agent.sensor.sources.base import PrefilterFn, Refused, under
 from agent.sensor.sources.fanotify import abi
 from agent.sensor.sources.fanotify.flood import FloodGuard, Muted
@@ -540,13 +541,13 @@ class FanotifySource:
         if mask & abi.FAN_Q_OVERFLOW:
             self._overflow(ts, out)
             return
-        pid = ev.pid if ev.pid > 0 else None
+        pid = max(ev.pid, 0)  # 0: a writer outside the agent's pid namespace (the resolver says so)
         if mask & abi.FAN_OPEN_EXEC:
             rec = ev.record(abi.FAN_EVENT_INFO_TYPE_DFID_NAME)
             path = self._join(rec, mount_fds) if rec is not None else None
             if path is not None:
                 self._counters["exec"] += 1
-                if pid is not None:
+                if pid:
                     self._execd.add(pid)  # the resolver learns it only after this call
                     self._skip.pop(pid, None)
                 out.append(RawEvent(kind=EXEC, ts_ms=ts, path=path, pid=pid))
@@ -654,7 +655,7 @@ class FanotifySource:
             self._unresolved(rec, errno.errorcode.get(exc.errno or 0, str(exc.errno)))
             return None
         try:
-            path = os.readlink(b"/proc/self/fd/%d" % fd)
+            path = longpath.name_of_fd(fd)  # deeper than PATH_MAX too
         except OSError as exc:
             self._unresolved(rec, errno.errorcode.get(exc.errno or 0, str(exc.errno)))
             return None

@@ -124,7 +124,12 @@ _DETAIL_FIELDS: tuple[tuple[str, str, Callable[[Any], Any]], ...] = (
     ("uid", "user.id", _same),
     ("attr", "rarewrite.attribution", _same),
     ("orig", "file.Ext.original.path", visible),
+    ("hpath", "rarewrite.file.host_path", visible),
+    ("vpid", "rarewrite.process.vpid", _same),
 )
+# a container's event: its ``ctr`` map (wire field, ECS field)
+_CONTAINER_FIELDS = (("id", "container.id"), ("rt", "container.runtime"), ("name", "container.name"),
+                     ("image", "container.image.name"))  # fmt: skip
 _FACT_FIELDS: tuple[tuple[str, str, Callable[[Any], Any]], ...] = (
     ("size", "file.size", _same),
     ("uid", "file.uid", str),  # ECS: keyword
@@ -145,7 +150,14 @@ def event_doc(ev: StoredEvent) -> dict[str, Any]:
         return doc
     doc["event.action"] = d.get("action")
     doc.update((dst, conv(d[src])) for src, dst, conv in _DETAIL_FIELDS if d.get(src) is not None)
-    for src, dst in (("ppexe", "process.parent.executable"), ("orig", "file.Ext.original.path")):
+    ctr = d.get("ctr")
+    if isinstance(ctr, dict):
+        doc.update((dst, ctr[src]) for src, dst in _CONTAINER_FIELDS if ctr.get(src) is not None)
+    for src, dst in (
+        ("ppexe", "process.parent.executable"),
+        ("orig", "file.Ext.original.path"),
+        ("hpath", "rarewrite.file.host_path"),
+    ):
         raw = raw_base64(d.get(src))
         if raw is not None:
             doc[f"rarewrite.raw_base64.{dst}"] = raw

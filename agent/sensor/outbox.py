@@ -525,7 +525,7 @@ class AgentStore:
             if n < below:
                 body, n_keys = pack_event(ev)
                 if with_facts and ev.path:
-                    wants_facts.append((len(out_rows), ev.path, n_keys, ts))
+                    wants_facts.append((len(out_rows), ev.host_path or ev.path, n_keys, ts))  # host side
                 out_rows.append((EVENT, ts, body, mask))
                 detailed += 1
             else:

@@ -9,6 +9,7 @@ dropped by a web shell) is gone before its file event is read.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 from collections import OrderedDict
@@ -16,6 +17,7 @@ from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 from agent.sensor import longpath
+from agent.sensor.containers import Containers, View
 from agent.shared.clock import Clock
 from agent.shared.events import (
     CACHED,
@@ -63,6 +65,7 @@ class _Proc:
     # given with attribution "uncertain" to events read up to ``since_ms``
     before: Optional[_Proc] = None
     since_ms: int = 0
+    ns: Optional[int] = None  # its mount namespace, when not the agent's (a container)
 
 
 def _is_loader(path: bytes) -> bool:
@@ -87,11 +90,14 @@ class Resolver:
         exec_cache_size: int = 4096,
         proc_root: str = "/proc",
         is_web_process: Optional[Callable[[str], bool]] = None,
+        containers: Optional[Containers] = None,
     ) -> None:
         self._clock = clock
         self._size = max(1, exec_cache_size)
         self._root = proc_root.rstrip("/") or "/"
         self._is_web = is_web_process
+        self._containers = containers
+        self._ct_users: dict[tuple[int, int], UserInfo] = {}
         self._cache: OrderedDict[int, _Proc] = OrderedDict()
         self._checked: dict[int, float] = {}  # pid -> monotonic time of its last /proc check
         self._gone: set[int] = set()  # pids whose last check found no process (cached record kept)
@@ -110,6 +116,8 @@ class Resolver:
             "exec": 0,
             "pid_reused": 0,
             "outside_pid_namespace": 0,
+            "in_container": 0,
+            "overlay_work": 0,
         }
 
     # --- public ------------------------------------------------------------
@@ -137,7 +145,13 @@ class Resolver:
                 # a new file's owner is its creator's fsuid, unless chowned since: the
                 # process's user as of the write is the better witness where known
                 euid = self._owner(raw.path)
+            view = self._view(found)
+            if view is not None:
+                return self._in_container(raw, view, proc, euid, attribution)
             user = self._user(euid)
+        if self._containers is not None and self._containers.is_work(raw.path):
+            self.counters["overlay_work"] += 1  # overlayfs's own copy-up entry
+            return None
         self.counters[attribution] += 1
         return FileEvent(
             ts_ms=raw.ts_ms,
@@ -150,6 +164,51 @@ class Resolver:
             os_type="linux",
             attribution=attribution,
         )
+
+    def _in_container(
+        self, raw: RawEvent, view: View, proc: ProcessInfo, euid: Optional[int], attribution: str
+    ) -> Optional[FileEvent]:
+        """A container's event with its paths and user as the container sees them."""
+        if view.is_work(raw.path) or view.is_work(raw.original_path):
+            self.counters["overlay_work"] += 1
+            return None
+        path = view.to_container(raw.path)
+        host_path = raw.path if path is not None and path != raw.path else None
+        if raw.own_fs and proc.pid is not None:  # no host path: the host reaches it through the process
+            path = path or raw.path
+            host_path = b"/proc/%d/root%s" % (proc.pid, path)
+        self.counters[attribution] += 1
+        self.counters["in_container"] += 1
+        return FileEvent(
+            ts_ms=raw.ts_ms,
+            action=raw.kind,
+            path=path if path is not None else raw.path,
+            process=proc,
+            user=self._container_user(view, euid),
+            event_type=event_type_for(raw.kind),
+            original_path=view.to_container(raw.original_path) or raw.original_path,
+            os_type="linux",
+            attribution=attribution,
+            host_path=host_path,
+        )
+
+    def _view(self, rec: Optional[_Proc]) -> Optional[View]:
+        if rec is None or rec.ns is None or self._containers is None or rec.info.pid is None:
+            return None
+        return self._containers.view(rec.ns, rec.info.pid)
+
+    def _container_user(self, view: View, host_uid: Optional[int]) -> UserInfo:
+        if host_uid is None:
+            return UserInfo()
+        user = self._ct_users.get((view.ns, host_uid))
+        if user is None:
+            uid, name = view.user(host_uid)
+            if len(self._ct_users) >= 4096:
+                self._ct_users.clear()
+            user = self._ct_users[(view.ns, host_uid)] = UserInfo(
+                id=str(uid) if uid is not None else None, name=name
+            )
+        return user
 
     def trusted(self, pid: int) -> Optional[tuple[Optional[str], Optional[int], float]]:
         """(name, euid, until) of a pid as :meth:`resolve` would see it now:
@@ -167,8 +226,9 @@ class Resolver:
             if attribution not in (EXACT, CACHED) or found is None or not found.complete:
                 return None
             cached = found
-        if cached.before is not None:
-            return None  # its events may be judged by either identity: resolve each
+        if cached.before is not None or self._view(cached) is not None:
+            # either identity may be the one; a container's users are its own: resolve each
+            return None
         until = self._checked.get(pid, -1e18) + TRUST_S
         if now >= until:
             return None
@@ -188,6 +248,10 @@ class Resolver:
         self.counters["exec"] += 1
         earlier = self._cache.get(pid)
         full = self._read(pid)
+        ns = full.ns if full is not None else self._ns(pid)
+        view = self._containers.view(ns, pid) if self._containers is not None else None
+        if view is not None:  # a layer's path (lowerdir=...): the one the container sees
+            path = view.to_container(path) or path
         if full is not None and full.info.executable == path:
             if full.comm is not None and not _named_by_exec(full.comm, path, full.info.command_line):
                 # renamed itself since (prctl, process.title) before we read it: what
@@ -206,8 +270,9 @@ class Resolver:
             name=_exec_name(path),
             executable=path,
             ppid=st[2] if st is not None else None,
+            container=view.info if view is not None else None,
         )
-        self._store(pid, _Proc(info=info, comm=None, start_ticks=None, euid=None, complete=False))
+        self._store(pid, _Proc(info=info, comm=None, start_ticks=None, euid=None, complete=False, ns=ns))
 
     def _store(self, pid: int, rec: _Proc) -> None:
         self._cache[pid] = rec
@@ -397,7 +462,8 @@ class Resolver:
                 return None
         comm, _state, ppid, ticks = st
         base = b"%s/%d/" % (self._root.encode(), pid)
-        euid = _status_euid(_read_file(base + b"status"))
+        status = _read_file(base + b"status")
+        euid = _status_euid(status)
         exe = _readlink(base + b"exe")
         args = _cmdline(_read_file(base + b"cmdline"))
         parent = self._stat(ppid) if ppid > 0 else None
@@ -413,8 +479,15 @@ class Resolver:
             if parent is not None
             else None,
         )
+        ns = self._ns(pid)
+        view = self._containers.view(ns, pid) if self._containers is not None else None
+        if view is not None:
+            info = _as_seen_in(view, info, status)
         # read mid-exec, the new image has no argv yet: keep it, but read again while alive
-        return _Proc(info=info, comm=comm, start_ticks=ticks, euid=euid, complete=bool(args))
+        return _Proc(info=info, comm=comm, start_ticks=ticks, euid=euid, complete=bool(args), ns=ns)
+
+    def _ns(self, pid: int) -> Optional[int]:
+        return self._containers.ns_of(pid) if self._containers is not None else None
 
     def _args(self, pid: int) -> list[str]:
         return _cmdline(_read_file(b"%s/%d/cmdline" % (self._root.encode(), pid)))
@@ -444,6 +517,23 @@ def _named_by_exec(comm: str, path: bytes, command_line: Optional[str]) -> bool:
         names.append(os.fsencode(arg).rsplit(b"/", 1)[-1])
     want = os.fsencode(comm)
     return any(n[:COMM_LEN] == want for n in names)
+
+
+def _as_seen_in(view: View, info: ProcessInfo, status: Optional[bytes]) -> ProcessInfo:
+    """A container's process with its executables as the container names
+    them, its container and its pid inside (the last of NSpid's)."""
+    vpid = None
+    i = status.find(b"\nNSpid:") if status is not None else -1
+    if status is not None and i >= 0:
+        with contextlib.suppress(IndexError, ValueError):
+            vpid = int(status[i + 7 :].split(b"\n", 1)[0].split()[-1])
+    return replace(
+        info,
+        executable=view.to_container(info.executable) or info.executable,
+        parent_executable=view.to_container(info.parent_executable) or info.parent_executable,
+        container=view.info,
+        vpid=vpid,
+    )
 
 
 def _task_name(comm: str, args: list[str]) -> str:

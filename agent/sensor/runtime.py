@@ -21,6 +21,7 @@ from dataclasses import replace
 from typing import Any, Optional
 
 from agent import __version__
+from agent.sensor.containers import Containers
 from agent.sensor.facts import FactsReader
 from agent.sensor.memory import rss_mb, trim_memory, tune_malloc
 from agent.sensor.outbox import AgentStore
@@ -71,7 +72,12 @@ class LiveAgent:
         self._seen_outside = 0
         self._coverage_ms = self.started_ms
         # late-bound on purpose: a SIGHUP reload swaps self.rules
-        self.resolver = Resolver(self.clock, is_web_process=lambda name: self.rules.process_matches(name))  # noqa: PLW0108
+        self.containers = Containers()
+        self.resolver = Resolver(
+            self.clock,
+            is_web_process=lambda name: self.rules.process_matches(name),  # noqa: PLW0108
+            containers=self.containers,
+        )
         self.prefilter = Prefilter(lambda: self.rules, self.resolver)
 
     def run(self) -> int:
@@ -280,6 +286,7 @@ class LiveAgent:
             os.getpid(),
             self.clock,
             a.flood_mute_rate,
+            containers=self.containers,
         )
         if isinstance(source, Prefiltering):
             source.set_prefilter(self.prefilter)

@@ -47,6 +47,17 @@ class RawEvent(NamedTuple):
     original_path: Optional[bytes] = None
     is_dir: bool = False
     lost: int = 0
+    own_fs: bool = False  # on a filesystem only a container has (marked through /proc/PID/root)
+
+
+@dataclass(frozen=True)
+class ContainerInfo:
+    """The container a writer runs in (ECS container.*), from its cgroup."""
+
+    id: str
+    runtime: Optional[str] = None  # docker, containerd, cri-o, podman, kubernetes
+    name: Optional[str] = None
+    image: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -59,6 +70,8 @@ class ProcessInfo:
     start_time: Optional[float] = None  # seconds since the epoch
     parent_name: Optional[str] = None
     parent_executable: Optional[bytes] = None
+    container: Optional[ContainerInfo] = None
+    vpid: Optional[int] = None  # the pid inside its container's pid namespace
 
 
 @dataclass(frozen=True)
@@ -102,6 +115,7 @@ class FileEvent(NamedTuple):
     os_type: Optional[str] = "linux"
     attribution: str = EXACT
     file: Optional[FileFacts] = None
+    host_path: Optional[bytes] = None  # where the host sees ``path``, when a container's path differs
 
 
 def event_type_for(action: str) -> tuple[str, ...]:

@@ -9,11 +9,14 @@ from __future__ import annotations
 import importlib
 import logging
 from collections.abc import Sequence
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from agent.sensor.sources.base import EventSource
 from agent.shared.clock import Clock
 from agent.shared.errors import SourceError
+
+if TYPE_CHECKING:
+    from agent.sensor.containers import Containers
 
 log = logging.getLogger("rarewrite.sources.auto")
 
@@ -28,6 +31,7 @@ def open_source(
     own_pid: Optional[int],
     clock: Clock,
     flood_rate: Optional[int] = None,
+    containers: Optional[Containers] = None,
 ) -> EventSource:
     """Return a started source; SourceError when none can start. ``own_pid``
     is the agent's (fanotify drops its events; inotify has no pid and keeps
@@ -37,7 +41,7 @@ def open_source(
         raise SourceError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
     if backend in ("fanotify", "auto"):
         try:
-            return _start(_fanotify(watch, exclude, ignore, own_pid, clock, flood_rate))
+            return _start(_fanotify(watch, exclude, ignore, own_pid, clock, flood_rate, containers))
         except SourceError as exc:
             if backend == "fanotify":
                 log.error("source failed backend=fanotify reason=%s", exc)
@@ -69,12 +73,15 @@ def _fanotify(
     own_pid: Optional[int],
     clock: Clock,
     flood_rate: Optional[int] = None,
+    containers: Optional[Containers] = None,
 ) -> EventSource:
     from agent.sensor.sources.fanotify.flood import FloodGuard
     from agent.sensor.sources.fanotify.source import FanotifySource
 
     flood = FloodGuard(flood_rate) if flood_rate is not None else None
-    return FanotifySource(watch, exclude, ignore=ignore, own_pid=own_pid, clock=clock, flood=flood)
+    return FanotifySource(
+        watch, exclude, ignore=ignore, own_pid=own_pid, clock=clock, flood=flood, containers=containers
+    )
 
 
 def _inotify(

@@ -151,9 +151,10 @@ def _map(v: Any, path: str) -> dict[str, Any]:
     return v
 
 
-_DETAIL_INT = ("pid", "ppid")
+_DETAIL_INT = ("pid", "ppid", "vpid")
 _DETAIL_STR = ("pname", "cmd", "uid", "uname", "attr", "ppname")
-_DETAIL_BIN = ("orig", "ppexe")
+_DETAIL_BIN = ("orig", "ppexe", "hpath")
+_CONTAINER_STR = ("id", "rt", "name", "image")
 _FILE_INT = ("size", "mode", "uid", "gid")
 
 
@@ -172,6 +173,9 @@ def _detail(e: dict[str, Any], path: str) -> dict[str, Any]:
         out["etype"] = [_str(t, f"{path}.etype[{i}]", 32) for i, t in enumerate(_list(e["etype"], path))]
     if e.get("file") is not None:
         out["file"] = _file_facts(_map(e["file"], f"{path}.file"), f"{path}.file")
+    if e.get("ctr") is not None:
+        c = _map(e["ctr"], f"{path}.ctr")
+        out["ctr"] = {k: _str(c[k], f"{path}.ctr.{k}", 256) for k in _CONTAINER_STR if c.get(k) is not None}
     return out
 
 
@@ -256,14 +260,27 @@ _Ct = tuple[Optional[bytes], Optional[bytes], tuple[int, ...]]
 _CtA = tuple[Optional[bytes], Optional[bytes], tuple[int, ...], Optional[Actor]]
 
 # Detail fields by kind, for the fast path (one dict lookup per field present).
-_K_INT31, _K_STR, _K_BIN, _K_ETYPE, _K_FILE = range(5)
+_K_INT31, _K_STR, _K_BIN, _K_ETYPE, _K_FILE, _K_CTR = range(6)
 _KIND = {k: _K_INT31 for k in _DETAIL_INT}
 _KIND.update({k: _K_STR for k in _DETAIL_STR})
 _KIND.update({k: _K_BIN for k in _DETAIL_BIN})
-_KIND.update({"etype": _K_ETYPE, "file": _K_FILE})
+_KIND.update({"etype": _K_ETYPE, "file": _K_FILE, "ctr": _K_CTR})
 _FILE_KIND = {k: 0 for k in _FILE_INT}
 _FILE_KIND.update({"sha256": 1, "sample": 2, "gone": 3})
 _INT31 = (1 << 31) - 1
+
+
+def _container_fast(v: Any) -> Optional[dict[str, str]]:
+    if type(v) is not dict:
+        return None
+    out = {}
+    for k in _CONTAINER_STR:
+        x = v.get(k)
+        if x is not None:
+            if type(x) is not str or len(x) > 256:
+                return None
+            out[k] = x
+    return out
 
 
 def _event_fast(e: Any) -> Optional[_Ev]:  # noqa: PLR0912 - the decoder's hot path: one pass, few calls
@@ -307,6 +324,12 @@ def _event_fast(e: Any) -> Optional[_Ev]:  # noqa: PLR0912 - the decoder's hot p
                 if type(x) is not str or len(x) > 32:
                     return None
             out[k] = list(v)
+            continue
+        elif t == _K_CTR:
+            ctr = _container_fast(v)
+            if ctr is None:
+                return None
+            out[k] = ctr
             continue
         else:
             if type(v) is not dict:

@@ -43,7 +43,7 @@ def encode_batch(batch: Batch) -> bytes:
     return bytes(msgpack.packb(doc, use_bin_type=True))
 
 
-def event_map(ev: Any, facts: Any = None) -> dict[str, Any]:
+def event_map(ev: Any, facts: Any = None) -> dict[str, Any]:  # noqa: PLR0912 - one pass, no second dict
     """A FileEvent as an ``<event>`` map with full detail (see the docstring).
 
     One pass, keys in a fixed order, absent values left out (this runs once
@@ -77,6 +77,13 @@ def event_map(ev: Any, facts: Any = None) -> dict[str, Any]:
         out["ppname"] = _cut(p.parent_name)
     if p.parent_executable:
         out["ppexe"] = p.parent_executable
+    if p.container is not None:
+        out["ctr"] = container_map(p.container)
+    v = p.vpid
+    if v is not None and 0 <= v < _PID_END:
+        out["vpid"] = v
+    if ev.host_path:
+        out["hpath"] = ev.host_path
     if facts is not None:
         out["file"] = facts_map(facts)
     return out
@@ -118,9 +125,12 @@ class EventPacker:
         if ev.original_path:
             keys += 1
             orig = b"\xa4orig" + pack(ev.original_path)
+        if ev.host_path:  # a container's event: where the host sees it
+            keys += 1
+            orig += b"\xa5hpath" + pack(ev.host_path)
         body = b"".join(
             (
-                bytes((0x80 | keys,)),  # keys <= 15: a fixmap
+                bytes((0x80 | keys,)) if keys <= 15 else b"\xde" + keys.to_bytes(2, "big"),  # fixmap, map16
                 b"\xa2ts",
                 pack(ev.ts_ms),
                 kind[0],
@@ -182,6 +192,11 @@ class EventPacker:
             end.append(b"\xa6ppname" + pack(_cut(p.parent_name)))
         if p.parent_executable:
             end.append(b"\xa5ppexe" + pack(p.parent_executable))
+        if p.container is not None:
+            end.append(b"\xa3ctr" + pack(container_map(p.container)))
+        v = p.vpid
+        if v is not None and 0 <= v < _PID_END:
+            end.append(b"\xa4vpid" + pack(v))
         got = (p, b"\xa3exe" + pack(p.executable or None), b"".join(mid), b"".join(end), len(mid) + len(end))
         if len(self._procs) >= self._cache_max:
             self._procs.clear()
@@ -200,6 +215,12 @@ class EventPacker:
             self._users.clear()
         self._users[id(u)] = got
         return got
+
+
+def container_map(c: Any) -> dict[str, Any]:
+    """ContainerInfo as the ``ctr`` map of an ``<event>``."""
+    f = {"id": c.id, "rt": c.runtime, "name": c.name, "image": c.image}
+    return {k: _cut(v) for k, v in f.items() if v is not None}
 
 
 def facts_map(facts: Any) -> dict[str, Any]:

@@ -21,7 +21,10 @@ A batch is one msgpack map (string keys), sent as the body of
 ``etype`` ([str]), ``orig`` (bin, a rename's source), ``pid``, ``ppid``
 (int), ``pname``, ``cmd``, ``uid``, ``uname``, ``attr``, ``ppname`` (str),
 ``ppexe`` (bin), ``file`` (map: ``size``, ``mode``, ``uid``, ``gid`` int,
-``sha256`` str, ``sample`` bin, ``gone`` bool).
+``sha256`` str, ``sample`` bin, ``gone`` bool); for a writer in a container
+(``path`` and ``exe`` then the container's), ``ctr`` (map: ``id``, ``rt``,
+``name``, ``image`` str), ``vpid`` (int, the pid inside) and ``hpath`` (bin,
+where the host sees the file). A collector ignores detail it does not know.
 
 ``<count>`` is ``[exe, path, [t0, d1, d2, ...]]``: the pair's event times,
 sorted, the first absolute and each next one a non-negative delta in ms.

@@ -46,6 +46,7 @@ class Mount:
     root: bytes
     mount_point: bytes
     fstype: str
+    super_options: bytes = b""  # overlay: lowerdir=, upperdir=, workdir=
 
 
 def parse_mountinfo(data: bytes) -> list[Mount]:
@@ -63,6 +64,7 @@ def parse_mountinfo(data: bytes) -> list[Mount]:
                     root=_unescape(fields[3]),
                     mount_point=_unescape(fields[4]),
                     fstype=fields[sep + 1].decode("ascii", "replace"),
+                    super_options=_unescape(fields[sep + 3]) if len(fields) > sep + 3 else b"",
                 )
             )
         except (ValueError, IndexError):

@@ -20,8 +20,10 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from agent.sensor import longpath
+from agent.sensor.containers import Containers
 from agent.sensor.sources.base import PrefilterFn, Refused, under
 from agent.sensor.sources.fanotify import abi
+from agent.sensor.sources.fanotify.container_scope import ContainerScope
 from agent.sensor.sources.fanotify.flood import FloodGuard, Muted
 from agent.sensor.sources.fanotify.mounts import NETWORK_FS, PSEUDO_FS, Mount, parse_mountinfo
 from agent.sensor.sources.fanotify.reader import TAKE_BYTES, ReadAhead
@@ -74,9 +76,14 @@ class FanotifySource:
         clock: Optional[Clock] = None,
         mounts_path: str = "/proc/self/mountinfo",
         flood: Optional[FloodGuard] = None,
+        containers: Optional[Containers] = None,
     ) -> None:
         self._watch = [os.fsencode(w) for w in watch]
         self._exclude = [os.fsencode(x) for x in exclude]
+        self._cscope = None if containers is None else ContainerScope(containers, self._watch, self._exclude)
+        self._ct_marked: dict[tuple[int, int], tuple[tuple[int, int], int]] = {}  # (ns, mount) -> fsid, mask
+        self._ct_fsids: set[tuple[int, int]] = set()  # in scope, on filesystems only a container has
+        self._mounts: list[Mount] = []
         self._ignore = [os.fsencode(i) for i in ignore]
         self._own_pid = own_pid
         self._clock: Clock = clock if clock is not None else SystemClock()
@@ -90,8 +97,7 @@ class FanotifySource:
         self._by_fsid: dict[tuple[int, int], bytes] = {}
         self._mounts_hash = b""
         self._last_scan = 0.0
-        # raw handle key -> (directory path, when resolved, _IN/_OUT/_MIXED)
-        self._dir_cache: OrderedDict[bytes, tuple[bytes, float, int]] = OrderedDict()
+        self._dir_cache: OrderedDict[bytes, tuple[bytes, float, int]] = OrderedDict()  # -> path, at, scope
         self._counters = {
             "seen": 0,
             "overflows": 0,
@@ -106,16 +112,13 @@ class FanotifySource:
             "flood_dropped": 0,
         }
         self._rl = RateLimiter(self._clock, interval_s=LOG_INTERVAL_S)
-        # path scope as two C-level checks: startswith(tuple) and set membership
         self._watch_pre = tuple(w.rstrip(b"/") + b"/" for w in self._watch)
-        self._watch_eq = frozenset(self._watch)
+        self._watch_eq = frozenset(self._watch)  # scope: two C-level checks, startswith(tuple) and in
         self._excl_pre = tuple(x.rstrip(b"/") + b"/" for x in self._exclude)
         self._excl_eq = frozenset(self._exclude)
-        # pid -> (until, cannot_match) from the daemon: until that monotonic
-        # time, none of the pid's events can match the rule (or some may).
-        # Ruled-out events are counted in `prefiltered` and never resolved or
-        # handed on, so a busy host's non-web-server writes cost almost
-        # nothing. `_skip` caches the answers.
+        # pid -> (until, cannot_match) from the daemon: until that monotonic time, none of the
+        # pid's events can match (or some may). Ruled-out events are counted in `prefiltered`,
+        # never resolved: a busy host's non-web-server writes cost almost nothing.
         self._prefilter: Optional[PrefilterFn] = None
         self._skip: dict[int, tuple[float, bool]] = {}
         self._prefiltered_new = 0
@@ -259,17 +262,27 @@ class FanotifySource:
             )
             return
         digest = hashlib.blake2b(data, digest_size=16).digest()
-        if digest == self._mounts_hash and not force:
+        changed = digest != self._mounts_hash
+        if changed:
+            self._mounts = parse_mountinfo(data)
+        if self._cscope is not None:
+            self._cscope.containers.set_host_mounts(self._mounts)
+            self._cscope.containers.scan()
+            if self._cscope.refresh():
+                self._dir_cache.clear()
+                self._mark_containers()
+                changed = True
+        if not changed and not force:
             return
         self._mounts_hash = digest
-        wanted = self._plan(parse_mountinfo(data))
+        wanted = self._plan(self._mounts)
         for dev in [d for d in self._marked if d not in wanted]:
             gone = self._marked.pop(dev)  # the kernel dropped the mark with the superblock
             if gone.fsid is not None:
                 self._by_fsid.pop(gone.fsid, None)
             log.info("fanotify filesystem gone mount=%r", gone.mount_point)
         live_points = {m[0].mount_point for m in wanted.values()}
-        for point in [p for p in self._refused if p not in live_points]:
+        for point in [p for p in self._refused if p not in live_points and not p.startswith(b"container:")]:
             del self._refused[point]
         for dev, (mount, mask, candidates) in wanted.items():
             have = self._marked.get(dev)
@@ -279,9 +292,13 @@ class FanotifySource:
 
     def _plan(self, mounts: list[Mount]) -> dict[int, tuple[Mount, int, list[Mount]]]:
         """Filesystem (st_dev) -> (mount to mark through, wanted mask, all its mounts)."""
+        # A container's merged overlay (docker's .../merged): its writes land in its upper
+        # directory's filesystem, marked as any other, and its superblock refuses marks: it is
+        # left out, not a gap. An overlay that holds a watched path itself stays (refused: a gap).
         local = [m for m in mounts if m.fstype not in PSEUDO_FS]
         in_scope_devs: set[int] = set()
-        for w in self._watch:
+        extra = [p.rstrip(b"/") for p in self._cscope.prefixes] if self._cscope is not None else []
+        for w in self._watch + extra:
             best: Optional[Mount] = None
             for m in local:
                 if under(w, m.mount_point) and (best is None or len(m.mount_point) >= len(best.mount_point)):
@@ -289,11 +306,13 @@ class FanotifySource:
             if best is not None and not any(under(best.mount_point, x) for x in self._exclude):
                 in_scope_devs.add(best.dev)
             for m in local:
-                if under(m.mount_point, w) and not any(under(m.mount_point, x) for x in self._exclude):
+                inside = under(m.mount_point, w) and not any(under(m.mount_point, x) for x in self._exclude)
+                if inside and not _upper_visible(m):
                     in_scope_devs.add(m.dev)
         by_dev: dict[int, list[Mount]] = {}
         for m in local:
-            by_dev.setdefault(m.dev, []).append(m)
+            if m.dev in in_scope_devs or not _upper_visible(m):
+                by_dev.setdefault(m.dev, []).append(m)
         plan: dict[int, tuple[Mount, int, list[Mount]]] = {}
         for dev, group in by_dev.items():
             mask = 0
@@ -350,6 +369,54 @@ class FanotifySource:
         log.info(
             "fanotify marked mount=%r fstype=%s files=%s", point, mount.fstype, bool(mask & abi.FAN_CREATE)
         )
+
+    def _new_container(self, pid: int) -> None:
+        """A process starting in a mount namespace not seen yet (a container
+        starting): its scope and mounts now, before its first write is read."""
+        cs = self._cscope
+        if cs is None:
+            return
+        if not cs.containers.refresh(cs.containers.ns_of(pid), pid):
+            return
+        if cs.refresh():
+            self._dir_cache.clear()
+            self._mark_containers()
+            for dev, (mount, mask, candidates) in self._plan(self._mounts).items():
+                have = self._marked.get(dev)
+                if have is None or have.mask & mask != mask:
+                    self._mark_fs(dev, mount, mask, candidates)
+
+    def _mark_containers(self) -> None:
+        """Mark the filesystems only a container has, through its /proc/PID/root;
+        one that refuses is a gap like any unmarked filesystem."""
+        if self._cscope is None:
+            return
+        live = {o.key for o in self._cscope.own}
+        for key in [k for k in self._ct_marked if k not in live]:
+            fsid, _ = self._ct_marked.pop(key)  # the container is gone, and its mount with it
+            self._ct_fsids.discard(fsid)
+            self._by_fsid.pop(fsid, None)
+        for label in [p for p in self._refused if p.startswith(b"container:")]:
+            del self._refused[label]
+        for own in self._cscope.own:
+            mask = abi.FAN_OPEN_EXEC | (abi.FAN_CREATE | abi.FAN_ONDIR | (self._rename_bit or abi.FAN_RENAME)
+                                        if own.in_scope else 0)  # fmt: skip
+            try:
+                fsid = abi.fsid_of_statvfs(os.statvfs(own.point).f_fsid)
+                have = self._ct_marked.get(own.key)
+                if have is None or have[1] & mask != mask:
+                    abi.fanotify_mark(self._fd, abi.FAN_MARK_ADD | abi.FAN_MARK_FILESYSTEM, mask,
+                                      abi.AT_FDCWD, own.point)  # fmt: skip
+                    log.info("fanotify marked container mount=%s files=%s", own.label, own.in_scope)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOENT, errno.ESRCH):  # gone: its namespace is read again
+                    reason = errno.errorcode.get(exc.errno or 0, "error")
+                    self._refuse(b"container:" + own.label.encode(), reason)
+                continue
+            self._ct_marked[own.key] = (fsid, mask)
+            self._by_fsid[fsid] = own.point  # where its handles are opened (a live pid of it)
+            if own.in_scope:
+                self._ct_fsids.add(fsid)
 
     def _refuse(self, point: bytes, reason: str) -> None:
         if self._refused.get(point) != reason:
@@ -548,6 +615,7 @@ class FanotifySource:
             if path is not None:
                 self._counters["exec"] += 1
                 if pid:
+                    self._new_container(pid)
                     self._execd.add(pid)  # the resolver learns it only after this call
                     self._skip.pop(pid, None)
                 out.append(RawEvent(kind=EXEC, ts_ms=ts, path=path, pid=pid))
@@ -560,33 +628,20 @@ class FanotifySource:
             if new is not None:
                 new_path = self._join(new, mount_fds)
                 old_path = self._join(old, mount_fds) if old is not None else None
-                self._emit(out, kind=RENAME, ts=ts, path=new_path, pid=pid, original=old_path, is_dir=is_dir)
+                self._emit(out, kind=RENAME, ts=ts, path=new_path, pid=pid, original=old_path, is_dir=is_dir,
+                           own=new.fsid in self._ct_fsids)  # fmt: skip
         if mask & abi.FAN_MOVED_TO:
             if is_dir:
                 self._dir_cache.clear()
             rec = ev.record(abi.FAN_EVENT_INFO_TYPE_DFID_NAME)
             if rec is not None:
-                self._emit(
-                    out,
-                    kind=RENAME,
-                    ts=ts,
-                    path=self._join(rec, mount_fds),
-                    pid=pid,
-                    original=None,
-                    is_dir=is_dir,
-                )
+                self._emit(out, kind=RENAME, ts=ts, path=self._join(rec, mount_fds), pid=pid, original=None,
+                           is_dir=is_dir, own=rec.fsid in self._ct_fsids)  # fmt: skip
         if mask & abi.FAN_CREATE:
             rec = ev.record(abi.FAN_EVENT_INFO_TYPE_DFID_NAME)
             if rec is not None:
-                self._emit(
-                    out,
-                    kind=CREATION,
-                    ts=ts,
-                    path=self._join(rec, mount_fds),
-                    pid=pid,
-                    original=None,
-                    is_dir=is_dir,
-                )
+                self._emit(out, kind=CREATION, ts=ts, path=self._join(rec, mount_fds), pid=pid, original=None,
+                           is_dir=is_dir, own=rec.fsid in self._ct_fsids)  # fmt: skip
 
     def _emit(
         self,
@@ -598,19 +653,25 @@ class FanotifySource:
         pid: Optional[int],
         original: Optional[bytes],
         is_dir: bool,
+        own: bool = False,
     ) -> None:
+        """``own``: on a filesystem only a container has, marked because its files are in scope."""
         if path is None:
             return  # counted as unresolved by _join
         if pid is not None and pid == self._own_pid:
             self._counters["own_pid_dropped"] += 1
             return
-        if not self._in_scope(path):
+        if not own and not self._in_scope(path):
             self._counters["out_of_scope"] += 1
             return
         self._counters["seen"] += 1
-        out.append(RawEvent(kind=kind, ts_ms=ts, path=path, pid=pid, original_path=original, is_dir=is_dir))
+        out.append(RawEvent(kind, ts, path, pid, original, is_dir, own_fs=own))
 
     def _in_scope(self, path: bytes) -> bool:
+        if self._cscope is not None and self._cscope.prefixes:
+            in_container = self._cscope.in_scope(path)
+            if in_container is not None:
+                return in_container
         return (path.startswith(self._watch_pre) or path in self._watch_eq) and not (
             path.startswith(self._excl_pre) or path in self._excl_eq
         )
@@ -619,6 +680,12 @@ class FanotifySource:
         """_IN when every name in ``directory`` is in scope, _OUT when none
         is, _MIXED when it depends on the name (a watch or exclude below it)."""
         below = directory.rstrip(b"/") + b"/"
+        cs = self._cscope
+        if cs is not None and cs.prefixes:
+            if any(p != below and p.startswith(below) for p in cs.prefixes + cs.excluded):
+                return _MIXED
+            if below.startswith(cs.prefixes):
+                return _OUT if below.startswith(cs.excluded) else _IN
         if below.startswith(self._excl_pre) or directory in self._excl_eq:
             return _OUT
         if any(p != below and p.startswith(below) for p in self._excl_pre + self._watch_pre):
@@ -663,7 +730,8 @@ class FanotifySource:
             _close_quietly(fd)
         if path.endswith(b" (deleted)"):
             return path  # a directory removed since: keep the event, never cache it
-        self._dir_cache[key] = (path, now, self._dir_scope(path))
+        scope = _IN if rec.fsid in self._ct_fsids else self._dir_scope(path)
+        self._dir_cache[key] = (path, now, scope)
         if len(self._dir_cache) > DIR_CACHE_SIZE:
             self._dir_cache.popitem(last=False)
         return path
@@ -702,6 +770,16 @@ class FanotifySource:
             rec.handle.hex(),
             rec.name,
         )
+
+
+def _upper_visible(m: Mount) -> bool:
+    """An overlay whose upper directory the agent can reach (its writes are seen there)."""
+    if m.fstype != "overlay":
+        return False
+    for opt in m.super_options.split(b","):
+        if opt.startswith(b"upperdir="):
+            return os.path.isdir(opt[len(b"upperdir=") :])
+    return False
 
 
 def _close_quietly(fd: int) -> None:

@@ -22,9 +22,11 @@ import json
 import logging
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+from agent.sensor import longpath
 from agent.sensor.sources.fanotify.mounts import PSEUDO_FS, Mount, parse_mountinfo
 from agent.shared.events import ContainerInfo
 
@@ -142,14 +144,33 @@ class Containers:
         True when the view is new or changed."""
         if ns is None or ns in (self.host_ns, self.own_ns):
             return False
-        v = self._read(ns, pid, self._views.get(ns))
+        known = self._views.get(ns)
+        try:
+            v = self._read(ns, pid, known)
+        except Exception as exc:  # noqa: BLE001 - a container's odd files must not stop the sensor
+            log.warning("event=container_unreadable ns=%d pid=%d error=%r", ns, pid, exc)
+            return False
         if v is None:
+            if known is not None and known.pid != pid and self._ns(known.pid) != ns:
+                known.pid = pid  # the same view, through a live process (its own mounts are marked by it)
+                self.generation += 1
             return False
         if len(self._views) >= MAX_VIEWS:
             self._views.clear()
         self._views[ns] = v
         self.generation += 1
         return True
+
+    def view_for_path(self, path: Optional[bytes]) -> Optional[View]:
+        """The container whose overlay layers hold ``path`` (for a writer gone
+        before its namespace could be read: a one-line web shell)."""
+        if path is None:
+            return None
+        for v in self.views():
+            for host, _inside in v.routes:
+                if host != v.root and (path == host or path.startswith(host + b"/")):
+                    return v
+        return None
 
     def views(self) -> list[View]:
         """The containers' views (not other namespaces')."""
@@ -219,7 +240,7 @@ class Containers:
             return view
         self._route(view, mounts)
         view.uid_map = _uid_map(f"{base}/uid_map")
-        view.names = _passwd(f"{base}/root/etc/passwd")
+        view.names = _passwd(f"{base}/root")
         if known is None or known.info != view.info or known.reachable != view.reachable:
             log.log(
                 logging.INFO if view.reachable else logging.DEBUG,
@@ -306,14 +327,20 @@ def _uid_map(path: str) -> list[tuple[int, int, int]]:
     return [(r[0], r[1], r[2]) for r in rows if len(r) == 3]
 
 
-def _passwd(path: str) -> dict[int, str]:
-    """uid -> name from a container's passwd (read as the host's root: bounded, no NSS)."""
+def _passwd(root: str) -> dict[int, str]:
+    """uid -> name from a container's /etc/passwd, read as the host's root:
+    no symlink followed (one would resolve on the host), a regular file
+    only (not a device it made), bounded, no NSS."""
     names: dict[int, str] = {}
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = longpath.open_file(
+            os.fsencode(root) + b"/etc/passwd", os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
+        )
     except OSError:
         return names
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return names
         data = os.read(fd, PASSWD_MAX)
     except OSError:
         return names
@@ -321,7 +348,7 @@ def _passwd(path: str) -> dict[int, str]:
         os.close(fd)
     for line in data.decode("utf-8", "replace").split("\n"):
         parts = line.split(":")
-        if len(parts) >= 3 and parts[2].isdigit():
+        if len(parts) >= 3 and parts[2].isascii() and parts[2].isdigit():
             names.setdefault(int(parts[2]), parts[0])
     return names
 

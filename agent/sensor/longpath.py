@@ -64,8 +64,8 @@ def _entry_for(parent_fd: int, child: os.stat_result) -> bytes:
 
 
 def lstat(path: bytes) -> os.stat_result:
-    """os.lstat, also for a path longer than PATH_MAX."""
-    if len(path) < PATH_MAX:
+    """os.lstat, also for a path longer than PATH_MAX or below a container's root."""
+    if len(path) < PATH_MAX and not _in_proc_root(path):
         return os.lstat(path)
     parent, name = _walk_down(path)
     try:
@@ -75,8 +75,8 @@ def lstat(path: bytes) -> os.stat_result:
 
 
 def open_file(path: bytes, flags: int) -> int:
-    """os.open, also for a path longer than PATH_MAX."""
-    if len(path) < PATH_MAX:
+    """os.open, also for a path longer than PATH_MAX or below a container's root."""
+    if len(path) < PATH_MAX and not _in_proc_root(path):
         return os.open(path, flags)
     parent, name = _walk_down(path)
     try:
@@ -85,14 +85,35 @@ def open_file(path: bytes, flags: int) -> int:
         os.close(parent)
 
 
+def open_dir_below(root: bytes, rel: bytes) -> int:
+    """An O_PATH fd on directory ``rel`` below ``root`` (a container's
+    /proc/PID/root), no symlink followed on the way: a symlink in a
+    container resolves against the agent's root, the host's."""
+    fd, name = _walk_down(root.rstrip(b"/") + b"/" + rel.strip(b"/") + b"/.")
+    try:
+        return os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+    finally:
+        os.close(fd)
+
+
+def _in_proc_root(path: bytes) -> bool:
+    parts = path.split(b"/", 4)
+    return len(parts) > 3 and parts[1] == b"proc" and parts[3] == b"root"
+
+
 def _walk_down(path: bytes) -> tuple[int, bytes]:
     """(fd of the last directory of ``path``, the final name), opened a piece
     at a time. Symlinks are not followed on the way: a path the kernel
-    reported has none."""
+    reported has none. Below /proc/PID/root, that magic link is followed
+    (into the container's root) and nothing after it."""
     head, _, name = path.rpartition(b"/")
     if not name:
         raise OSError(errno.ENOENT, "no file name in path")
-    fd = os.open(b"/", _DIR_FLAGS)
+    start = b"/"
+    if _in_proc_root(head + b"/"):
+        parts = head.split(b"/", 4)
+        start, head = b"/".join(parts[:4]), b"/" + (parts[4] if len(parts) > 4 else b"")
+    fd = os.open(start, _DIR_FLAGS)
     try:
         for part in head.split(b"/"):
             if not part:

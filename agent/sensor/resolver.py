@@ -97,7 +97,7 @@ class Resolver:
         self._root = proc_root.rstrip("/") or "/"
         self._is_web = is_web_process
         self._containers = containers
-        self._ct_users: dict[tuple[int, int], UserInfo] = {}
+        self._ct_users: dict[tuple[bytes, int], UserInfo] = {}
         self._cache: OrderedDict[int, _Proc] = OrderedDict()
         self._checked: dict[int, float] = {}  # pid -> monotonic time of its last /proc check
         self._gone: set[int] = set()  # pids whose last check found no process (cached record kept)
@@ -146,6 +146,8 @@ class Resolver:
                 # process's user as of the write is the better witness where known
                 euid = self._owner(raw.path)
             view = self._view(found)
+            if view is None and self._containers is not None and (found is None or found.ns is None):
+                view = self._containers.view_for_path(raw.path)  # its writer gone before we knew where
             if view is not None:
                 return self._in_container(raw, view, proc, euid, attribution)
             user = self._user(euid)
@@ -200,14 +202,13 @@ class Resolver:
     def _container_user(self, view: View, host_uid: Optional[int]) -> UserInfo:
         if host_uid is None:
             return UserInfo()
-        user = self._ct_users.get((view.ns, host_uid))
+        key = (view.digest, host_uid)  # not the namespace's inode: the kernel reuses those
+        user = self._ct_users.get(key)
         if user is None:
             uid, name = view.user(host_uid)
             if len(self._ct_users) >= 4096:
                 self._ct_users.clear()
-            user = self._ct_users[(view.ns, host_uid)] = UserInfo(
-                id=str(uid) if uid is not None else None, name=name
-            )
+            user = self._ct_users[key] = UserInfo(id=str(uid) if uid is not None else None, name=name)
         return user
 
     def trusted(self, pid: int) -> Optional[tuple[Optional[str], Optional[int], float]]:
@@ -252,7 +253,9 @@ class Resolver:
         view = self._containers.view(ns, pid) if self._containers is not None else None
         if view is not None:  # a layer's path (lowerdir=...): the one the container sees
             path = view.to_container(path) or path
-        if full is not None and full.info.executable == path:
+        if full is not None and (
+            full.info.executable == path or _same_file(path, _exe_link(self._root, pid))
+        ):  # the same binary seen through another mount (a bind mount) is the same
             if full.comm is not None and not _named_by_exec(full.comm, path, full.info.command_line):
                 # renamed itself since (prctl, process.title) before we read it: what
                 # it wrote in between was written under the name its exec gave it
@@ -339,8 +342,12 @@ class Resolver:
         old_exe, new_exe = cached.info.executable, full.info.executable
         if new_exe is None:  # a zombie's exe is unreadable
             full = replace(full, info=replace(full.info, executable=old_exe))
-        elif old_exe is not None and new_exe != old_exe:
+        elif (
+            old_exe is not None and new_exe != old_exe and not _same_file(old_exe, _exe_link(self._root, pid))
+        ):
             # it exec'd after this event: the exec's record is behind it in the queue
+            if len(self._exec_pending) >= self._size:
+                self._exec_pending.clear()
             first = self._exec_pending.setdefault(pid, self._clock.monotonic())
             if self._clock.monotonic() - first < EXEC_WAIT_S:
                 return cached, CACHED
@@ -574,6 +581,22 @@ def _read_file(path: bytes) -> Optional[bytes]:
         return None
     finally:
         os.close(fd)
+
+
+def _exe_link(root: str, pid: int) -> bytes:
+    return b"%s/%d/exe" % (root.encode(), pid)
+
+
+def _same_file(a: Optional[bytes], b: bytes) -> bool:
+    """Whether ``a`` and ``b`` (followed) are one file: the exec record's path
+    and /proc/PID/exe can name it through different mounts."""
+    if a is None:
+        return False
+    try:
+        sa, sb = os.stat(a), os.stat(b)
+    except (OSError, ValueError):
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
 
 
 def _lstat(path: Optional[bytes]) -> Optional[os.stat_result]:

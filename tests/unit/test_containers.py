@@ -138,3 +138,50 @@ def test_a_containers_event_has_its_paths_user_and_container(fake: tuple[Contain
     work = RawEvent(kind=RENAME, ts_ms=at, path=b"/var/lib/docker/overlay2/L1/diff/var",
                     pid=4242, original_path=b"/var/lib/docker/overlay2/L1/work/work/#3")  # fmt: skip
     assert r.resolve(work) is None and r.counters["overlay_work"] == 1
+
+
+def test_a_gone_writers_event_is_placed_by_its_layer(fake: tuple[Containers, Path]) -> None:
+    c, proc = fake
+    r = Resolver(FakeClock(), proc_root=str(proc), containers=c)
+    c.view(c.ns_of(4242), 4242)  # the container is known; its one-line writer (pid 999) is gone
+    ev = r.resolve(
+        RawEvent(kind=CREATION, ts_ms=1, path=b"/var/lib/docker/overlay2/L1/diff/var/www/html/x.php", pid=999)
+    )
+    assert ev is not None and ev.path == b"/var/www/html/x.php" and ev.process.pid == 999
+
+
+def test_an_odd_passwd_is_read_as_far_as_it_makes_sense(tmp_path: Path) -> None:
+    from agent.sensor.containers import _passwd
+
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc" / "passwd").write_text("a:x:\u00b2:0::/:/bin/sh\nb:x:7:7::/:/bin/sh\nbroken\n")
+    assert _passwd(str(tmp_path)) == {7: "b"}  # "²" is a digit to str.isdigit, not to int()
+    (tmp_path / "etc" / "passwd").unlink()
+    (tmp_path / "etc" / "passwd").symlink_to("/etc/passwd")  # would be the host's
+    assert _passwd(str(tmp_path)) == {}
+    (tmp_path / "etc" / "passwd").unlink()
+    os.mkfifo(tmp_path / "etc" / "passwd")  # not a regular file: never read (nor blocked on)
+    assert _passwd(str(tmp_path)) == {}
+
+
+def test_a_containers_scope_adds_to_the_hosts_and_never_removes(tmp_path: Path) -> None:
+    from agent.sensor.containers import View
+    from agent.sensor.sources.fanotify.container_scope import ContainerScope
+    from agent.sensor.sources.fanotify.source import FanotifySource
+
+    c = Containers(proc_root=str(tmp_path))
+    src = FanotifySource([b"/srv"], [b"/srv/cache"], containers=c)
+    scope = src._cscope
+    assert isinstance(scope, ContainerScope)
+    # a "container" that shows the host's /srv/www as its excluded /run/user, and the host's / at /host
+    v = View(ns=1, pid=1, root=b"/", info=None,
+             routes=[(b"/srv/www", b"/run/user"), (b"/", b"/host"), (b"/var/lib/x/diff", b"/")])  # fmt: skip
+    c._views[1] = v
+    c.generation += 1
+    scope._watch, scope._exclude = [b"/srv", b"/var/www"], [b"/srv/cache", b"/run/user"]
+    assert scope.refresh()
+    assert src._in_scope(b"/srv/www/shell.php")  # the host's watch holds: no container unwatches it
+    assert not src._in_scope(b"/srv/cache/x")  # the host's exclude holds too
+    assert src._in_scope(b"/var/lib/x/diff/var/www/html/s.php")  # the container's /var/www adds
+    assert not src._in_scope(b"/var/lib/x/diff/etc/x")
+    assert all(not p.startswith(b"/var/lib/x/diff/host") for p in scope.prefixes)

@@ -328,3 +328,17 @@ def test_a_writer_outside_the_agents_pid_namespace_keeps_its_event(proc_root: Pa
     assert ev.user.id == str(os.geteuid())
     assert r.counters["outside_pid_namespace"] == 1
     assert r.resolve(RawEvent(kind=EXEC, ts_ms=1, path=b"/usr/bin/true", pid=0)) is None
+
+
+def test_an_exec_seen_through_another_mount_is_the_same_binary(proc_root: Path, tmp_path: Path) -> None:
+    binary = tmp_path / "srv-bin-nginx"
+    binary.write_bytes(b"\x7fELF")
+    other = tmp_path / "data-bin-nginx"
+    os.link(binary, other)  # one inode, two names: as a bind mount shows it
+    _fake_proc(proc_root, 80, "nginx", str(binary), cmdline=b"nginx\0")
+    clock = FakeClock()
+    r = Resolver(clock, proc_root=str(proc_root))
+    r.resolve(RawEvent(kind=EXEC, ts_ms=clock.now_ms(), path=os.fsencode(other), pid=80))
+    clock.advance(1.0)
+    ev = r.resolve(RawEvent(kind=RENAME, ts_ms=(BTIME + 200) * 1000, path=b"/x", pid=80))
+    assert ev is not None and ev.attribution == EXACT and ev.process.command_line == "nginx"

@@ -249,7 +249,7 @@ def test_the_event_packer_packs_what_event_map_gives(cache_max: int) -> None:
     (as the resolver shares them), cache evictions, and odd values."""
     import random
 
-    from agent.shared.events import FileEvent, ProcessInfo, UserInfo
+    from agent.shared.events import ContainerInfo, FileEvent, ProcessInfo, UserInfo
 
     rng = random.Random(cache_max)
 
@@ -262,18 +262,23 @@ def test_the_event_packer_packs_what_event_map_gives(cache_max: int) -> None:
             pick(None, b"", b"/usr/sbin/nginx"), pick(None, 1, -3, 1 << 40),
             pick(None, "", "nginx: worker", "x" * 5000, "\udc80"), None, pick(None, "", "systemd"),
             pick(None, b"", b"/sbin/init"),
+            pick(None, ContainerInfo("c" * 64), ContainerInfo("d" * 64, "docker", "web-1", "n" * 300)),
+            pick(None, 1, 7, -2, 1 << 31),
         )
         for _ in range(40)
-    ]  # fmt: skip
+    ]  # a container's process: 18 keys and more (a map16)  # fmt: skip
     users = [UserInfo(pick(None, "", "33"), pick(None, "", "www-data", "w\udc00")) for _ in range(10)]
     packer = wire.EventPacker(cache_max)
     for _ in range(3000):
         ev = FileEvent(
             rng.randint(0, 1 << 53), pick("creation", "rename", "", "x" * 40), pick(None, b"", b"/p", b"\xff" * 300),
             pick(*procs), pick(*users), pick(("creation",), ("change",), ("x" * 40, "y"), ()),
-            pick(None, b"", b"/o"), attribution=pick("exact", "cached", "recorded"),
+            pick(None, b"", b"/o"), attribution=pick("exact", "cached", "recorded", "uncertain"),
+            host_path=pick(None, b"", b"/var/lib/docker/overlay2/x/diff/p"),
         )  # fmt: skip
         doc = wire.event_map(ev)
         assert packer.pack(ev) == (msgpack.packb(doc, use_bin_type=True), len(doc))
+        if ev.process.container is not None:
+            assert all(len(v) <= 256 for v in doc["ctr"].values())  # what a collector takes
     odd = FileEvent(1, "creation", b"/p", procs[0], users[0], ["creation"])  # a list: unhashable
     assert packer.pack(odd)[0] == msgpack.packb(wire.event_map(odd), use_bin_type=True)

@@ -59,6 +59,8 @@ def event_map(ev: Any, facts: Any = None) -> dict[str, Any]:  # noqa: PLR0912 - 
     }
     if ev.original_path:
         out["orig"] = ev.original_path
+    if ev.host_path:  # where EventPacker puts it: the same bytes
+        out["hpath"] = ev.host_path
     v: Any = p.pid
     if v is not None and 0 <= v < _PID_END:
         out["pid"] = v
@@ -82,8 +84,6 @@ def event_map(ev: Any, facts: Any = None) -> dict[str, Any]:  # noqa: PLR0912 - 
     v = p.vpid
     if v is not None and 0 <= v < _PID_END:
         out["vpid"] = v
-    if ev.host_path:
-        out["hpath"] = ev.host_path
     if facts is not None:
         out["file"] = facts_map(facts)
     return out
@@ -220,7 +220,7 @@ class EventPacker:
 def container_map(c: Any) -> dict[str, Any]:
     """ContainerInfo as the ``ctr`` map of an ``<event>``."""
     f = {"id": c.id, "rt": c.runtime, "name": c.name, "image": c.image}
-    return {k: _cut(v) for k, v in f.items() if v is not None}
+    return {k: _cut(v)[:CTR_MAX] for k, v in f.items() if v is not None}  # the collector takes 256
 
 
 def facts_map(facts: Any) -> dict[str, Any]:
@@ -237,6 +237,7 @@ def facts_map(facts: Any) -> dict[str, Any]:
     return {k: v for k, v in f.items() if v is not None}
 
 
+CTR_MAX = 256  # a container field (decode's limit)
 _PID_END = 1 << 31  # a pid the collector accepts is below this; else none is sent at all
 
 

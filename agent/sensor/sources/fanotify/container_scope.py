@@ -20,6 +20,8 @@ class OwnMount:
 
     key: tuple[int, int]  # (namespace, mount id)
     point: bytes  # /proc/PID/root/MOUNT: reaches it from the agent's namespace
+    root: bytes  # /proc/PID/root
+    mount_point: bytes  # in the container
     label: str  # how gaps and logs name it
     in_scope: bool
 
@@ -59,9 +61,10 @@ class ContainerScope:
         for m in v.own_mounts:
             in_scope = any(under(m.mount_point, w) or under(w, m.mount_point) for w in self._watch)
             who = v.info.id[:12] if v.info is not None else f"ns:{v.ns}"
-            point = b"/proc/%d/root%s" % (v.pid, m.mount_point if m.mount_point != b"/" else b"")
-            out.append(OwnMount((v.ns, m.mount_id), point, f"{who}:{m.mount_point.decode(errors='replace')}",
-                                in_scope))  # fmt: skip
+            root = b"/proc/%d/root" % v.pid
+            point = root + (m.mount_point if m.mount_point != b"/" else b"")
+            label = f"{who}:{m.mount_point.decode(errors='replace')}"
+            out.append(OwnMount((v.ns, m.mount_id), point, root, m.mount_point, label, in_scope))
         return out
 
     def in_scope(self, path: bytes) -> Optional[bool]:
@@ -74,7 +77,9 @@ class ContainerScope:
 def _rebased(paths: list[bytes], inside: bytes, host: bytes) -> list[bytes]:
     """The host paths of the container ``paths`` that a route (container
     ``inside`` shown from host ``host``) covers."""
-    out = []
+    out: list[bytes] = []
+    if host == b"/":  # the host's whole tree shown inside (-v /:/host): nothing container-only
+        return out
     for w in paths:
         if under(w, inside):  # a watch within the mount: the same place below its host side
             rest = w[len(inside.rstrip(b"/")) :]

@@ -401,13 +401,17 @@ class FanotifySource:
         for own in self._cscope.own:
             mask = abi.FAN_OPEN_EXEC | (abi.FAN_CREATE | abi.FAN_ONDIR | (self._rename_bit or abi.FAN_RENAME)
                                         if own.in_scope else 0)  # fmt: skip
-            try:
-                fsid = abi.fsid_of_statvfs(os.statvfs(own.point).f_fsid)
-                have = self._ct_marked.get(own.key)
-                if have is None or have[1] & mask != mask:
-                    abi.fanotify_mark(self._fd, abi.FAN_MARK_ADD | abi.FAN_MARK_FILESYSTEM, mask,
-                                      abi.AT_FDCWD, own.point)  # fmt: skip
-                    log.info("fanotify marked container mount=%s files=%s", own.label, own.in_scope)
+            try:  # through an fd walked to without following a symlink: one resolves on the host
+                fd = longpath.open_dir_below(own.root, own.mount_point)
+                try:
+                    fsid = abi.fsid_of_statvfs(os.fstatvfs(fd).f_fsid)
+                    have = self._ct_marked.get(own.key)
+                    if have is None or have[1] & mask != mask:
+                        abi.fanotify_mark(self._fd, abi.FAN_MARK_ADD | abi.FAN_MARK_FILESYSTEM, mask,
+                                          abi.AT_FDCWD, b"/proc/self/fd/%d" % fd)  # fmt: skip
+                        log.info("fanotify marked container mount=%s files=%s", own.label, own.in_scope)
+                finally:
+                    os.close(fd)
             except OSError as exc:
                 if exc.errno not in (errno.ENOENT, errno.ESRCH):  # gone: its namespace is read again
                     reason = errno.errorcode.get(exc.errno or 0, "error")
@@ -668,24 +672,30 @@ class FanotifySource:
         out.append(RawEvent(kind, ts, path, pid, original, is_dir, own_fs=own))
 
     def _in_scope(self, path: bytes) -> bool:
-        if self._cscope is not None and self._cscope.prefixes:
-            in_container = self._cscope.in_scope(path)
-            if in_container is not None:
-                return in_container
-        return (path.startswith(self._watch_pre) or path in self._watch_eq) and not (
+        """In the host's scope, or in a container's: a container's scope only adds
+        (what any process could build as a "container" must not hide host paths)."""
+        if (path.startswith(self._watch_pre) or path in self._watch_eq) and not (
             path.startswith(self._excl_pre) or path in self._excl_eq
-        )
+        ):
+            return True
+        return self._cscope is not None and bool(self._cscope.prefixes) and bool(self._cscope.in_scope(path))
 
     def _dir_scope(self, directory: bytes) -> int:
         """_IN when every name in ``directory`` is in scope, _OUT when none
         is, _MIXED when it depends on the name (a watch or exclude below it)."""
-        below = directory.rstrip(b"/") + b"/"
+        host = self._host_dir_scope(directory)
         cs = self._cscope
-        if cs is not None and cs.prefixes:
-            if any(p != below and p.startswith(below) for p in cs.prefixes + cs.excluded):
-                return _MIXED
-            if below.startswith(cs.prefixes):
-                return _OUT if below.startswith(cs.excluded) else _IN
+        if host == _IN or cs is None or not cs.prefixes:
+            return host
+        below = directory.rstrip(b"/") + b"/"
+        if any(p != below and p.startswith(below) for p in cs.prefixes + cs.excluded):
+            return _MIXED
+        if below.startswith(cs.prefixes) and not below.startswith(cs.excluded):
+            return _IN
+        return host
+
+    def _host_dir_scope(self, directory: bytes) -> int:
+        below = directory.rstrip(b"/") + b"/"
         if below.startswith(self._excl_pre) or directory in self._excl_eq:
             return _OUT
         if any(p != below and p.startswith(below) for p in self._excl_pre + self._watch_pre):

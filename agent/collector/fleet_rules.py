@@ -55,8 +55,8 @@ def outbreak_rows(store: Store, rule: OutbreakRule, source: NewTermsRule, at_ms:
     groups: dict[tuple[Optional[bytes], Optional[bytes]], dict[str, TermHit]] = {}
     for hit in store.term_hits(source.rule_id, at_ms - rule.within_ms, at_ms, on_hosts=rule.hosts):
         groups.setdefault((hit.exe, hit.path), {}).setdefault(hit.agent_id, hit)
+    # on_hosts: the store keeps only pairs new on that many agents (grouped in SQL)
     rows = [OutbreakRow(exe, path, tuple(by_agent.values())) for (exe, path), by_agent in groups.items()]
-    rows = [r for r in rows if len(r.hits) >= rule.hosts]
     return sorted(rows, key=lambda r: (r.first_ts, r.exe or b"", r.path or b""))
 
 

@@ -243,6 +243,14 @@ class ByName(NamedTuple):
     excluded_paths: Optional[KqlValues]  # the applicable exclusions with a path part only, as one
     exclusions: tuple[Exclusion, ...]  # the other applicable ones (a user part, or none at all)
 
+    def could_match(self) -> bool:
+        """A write by this process can match (for some file)."""
+        return self.always or bool(self.extensions)
+
+    def allows(self, extension: Optional[str]) -> bool:
+        """A write of a file with this extension can match."""
+        return self.always or (extension is not None and extension in self.extensions)
+
     def excluded(self, path: str, uid: Optional[str]) -> bool:
         if self.excluded_paths is not None and self.excluded_paths(path):
             return True
@@ -314,16 +322,10 @@ class NewTermsRule:
 
     def process_could_match(self, name: Optional[str]) -> bool:
         """Can a write by this process match at all (whatever the file)?"""
-        if name is None:
-            return False
-        got = self.by_name(name)
-        return got.always or bool(got.extensions)
+        return name is not None and self.by_name(name).could_match()
 
     def process_matches(self, name: Optional[str], extension: Optional[str]) -> bool:
-        if name is None:
-            return False
-        got = self.by_name(name)
-        return got.always or (extension is not None and extension in got.extensions)
+        return name is not None and self.by_name(name).allows(extension)
 
     def path_matches(self, path: str) -> bool:
         return self._paths(path)
@@ -342,11 +344,11 @@ def new_terms_match(rule: NewTermsRule, event: FileEvent) -> bool:
     if not event.path or not event.process.executable or name is None:
         return False
     known = rule.by_name(name)
-    if not known.always and not known.extensions:
+    if not known.could_match():
         return False
     path = text_of(event.path)
     assert path is not None  # noqa: S101 - checked above; for mypy
-    if not known.always and file_extension(path) not in known.extensions:
+    if not known.always and not known.allows(file_extension(path)):
         return False
     if not rule.path_matches(path):
         return False

@@ -246,3 +246,14 @@ def running(durable: bool = False, settings: dict[str, str] | None = None) -> It
         yield server
     finally:
         server.stop()
+
+
+def backend_store(backend: str, tmp_path: Any, request: Any) -> Any:
+    """A collector store of ``backend`` ("sqlite": a file in ``tmp_path``;
+    "postgres": the session's test server, through the ``pg_url`` fixture)."""
+    from agent.collector.storage import open_store
+    from agent.collector.storage.sqlite import CollectorStore
+
+    if backend == "sqlite":
+        return CollectorStore(str(tmp_path / "c.db"))
+    return open_store(request.getfixturevalue("pg_url"))

@@ -22,13 +22,12 @@ from typing import Any, Optional
 import pytest
 
 from agent.collector import evaluate as ev
-from agent.collector.storage import open_store
 from agent.collector.storage.base import Store
-from agent.collector.storage.sqlite import CollectorStore
 from agent.shared import wire
 from agent.shared.events import FileEvent, ProcessInfo, UserInfo
 from agent.shared.exceptions import FIELDS, RuleException
 from agent.shared.rule import Row, Rule, Sighting, reference_rows
+from tests.support import pg
 
 T = 1_790_000_000_000
 H = 3_600_000
@@ -232,11 +231,7 @@ def test_exceptions_match_query(
 ) -> None:
     rng = random.Random(seed)
     events = fleet(rng)
-    store: Store = (
-        CollectorStore(str(tmp_path / "c.db"))
-        if backend == "sqlite"
-        else open_store(request.getfixturevalue("pg_url"))
-    )
+    store: Store = pg.backend_store(backend, tmp_path, request)
     try:
         ship(store, events, rng)
         removed = 0

@@ -24,7 +24,6 @@ from typing import NamedTuple, Optional
 import pytest
 
 from agent.collector import batch_time, fleet_rules, terms
-from agent.collector.storage import open_store
 from agent.collector.storage.base import Store
 from agent.collector.storage.sqlite import CollectorStore
 from agent.sensor.outbox import AgentStore
@@ -34,6 +33,7 @@ from agent.shared.events import FileEvent, ProcessInfo, UserInfo, event_type_for
 from agent.shared.rule import Rule
 from agent.shared.rules import NewTermsRule, OutbreakRule, RuleSet
 from agent.shared.text import iso
+from tests.support import pg
 
 QUERY = (Path(__file__).parents[1] / "data" / "via_web_server.kql").read_text()
 PUBLISHED = (
@@ -340,11 +340,7 @@ def test_new_terms_equal_the_oracle(
 ) -> None:
     rng = random.Random(seed)
     written = fleet(rng)
-    store: Store = (
-        CollectorStore(str(tmp_path / "c.db"))
-        if backend == "sqlite"
-        else open_store(request.getfixturevalue("pg_url"))
-    )
+    store: Store = pg.backend_store(backend, tmp_path, request)
     f = run(tmp_path, store, written, rng)
     try:
         everything = [w for ws in written.values() for w in ws]

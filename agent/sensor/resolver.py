@@ -21,7 +21,6 @@ from agent.sensor.containers import Containers, View
 from agent.shared.clock import Clock
 from agent.shared.events import (
     CACHED,
-    CREATION,
     EXACT,
     EXEC,
     INFERRED,
@@ -141,9 +140,10 @@ class Resolver:
             found, attribution = self._lookup(raw.pid, raw.ts_ms)
             proc = found.info if found is not None else ProcessInfo(pid=raw.pid)
             euid = found.euid if found is not None else None
-            if euid is None and raw.kind == CREATION:
-                # a new file's owner is its creator's fsuid, unless chowned since: the
-                # process's user as of the write is the better witness where known
+            if euid is None:
+                # a new file's owner is its creator's fsuid (a renamed one's, most often the
+                # renamer's: an upload moved into place), unless chowned since: the process's
+                # user as of the write is the better witness where known (gone before we read it)
                 euid = self._owner(raw.path)
             view = self._view(found)
             if view is None and self._containers is not None and (found is None or found.ns is None):

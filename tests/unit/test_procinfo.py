@@ -342,3 +342,16 @@ def test_an_exec_seen_through_another_mount_is_the_same_binary(proc_root: Path, 
     clock.advance(1.0)
     ev = r.resolve(RawEvent(kind=RENAME, ts_ms=(BTIME + 200) * 1000, path=b"/x", pid=80))
     assert ev is not None and ev.attribution == EXACT and ev.process.command_line == "nginx"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (a file owned by www-data)")
+def test_a_gone_writers_rename_is_its_files_owners(proc_root: Path, tmp_path: Path) -> None:
+    moved = tmp_path / "upload.php"
+    moved.write_bytes(b"<?php")
+    os.chown(moved, 33, 33)
+    r = Resolver(FakeClock(), proc_root=str(proc_root))
+    r.resolve(RawEvent(kind=EXEC, ts_ms=1, path=b"/usr/bin/python3.11", pid=4400))  # gone already: no /proc
+    ev = r.resolve(
+        RawEvent(kind=RENAME, ts_ms=2, path=os.fsencode(moved), pid=4400, original_path=b"/t/up.tmp")
+    )
+    assert ev is not None and ev.attribution == CACHED and ev.user.id == "33"

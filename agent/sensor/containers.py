@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from agent.sensor import longpath
-from agent.sensor.sources.fanotify.mounts import PSEUDO_FS, Mount, parse_mountinfo
+from agent.sensor.sources.fanotify.mounts import PSEUDO_FS, Mount, mount_options, parse_mountinfo
 from agent.shared.events import ContainerInfo
 
 log = logging.getLogger("rarewrite.agent")
@@ -106,7 +106,7 @@ class View:
 class Containers:
     """Views of the mount namespaces on this host other than the agent's.
 
-    ``view_of(pid)`` reads (or remembers) the namespace of a process;
+    ``view(ns, pid)`` reads (or remembers) the namespace of a process;
     ``scan()`` finds the namespaces of every running process, so that mounts
     only a container has are found as it starts, and forgets the gone."""
 
@@ -281,7 +281,7 @@ class Containers:
     def _overlay(self, m: Mount, routes: list[tuple[bytes, bytes]], work: list[bytes]) -> bool:
         """Routes from an overlay's layers to its mount point; False when its
         upper directory is not visible from here."""
-        opts = _options(m.super_options)
+        opts = mount_options(m.super_options)
         upper = opts.get(b"upperdir")
         if upper and not self._is_dir(upper):
             return False
@@ -305,15 +305,6 @@ def _host_source(host: list[Mount], m: Mount) -> Optional[bytes]:
         return None
     rest = m.root[len(best.root.rstrip(b"/")) :]
     return (best.mount_point.rstrip(b"/") + rest).rstrip(b"/") or b"/"
-
-
-def _options(super_options: bytes) -> dict[bytes, bytes]:
-    out: dict[bytes, bytes] = {}
-    for opt in super_options.split(b","):
-        k, sep, v = opt.partition(b"=")
-        if sep:
-            out[k] = out[k] + b":" + v if k in out and k == b"lowerdir" else v
-    return out
 
 
 def _uid_map(path: str) -> list[tuple[int, int, int]]:

@@ -257,10 +257,9 @@ class Resolver:
             full.info.executable == path or _same_file(path, _exe_link(self._root, pid))
         ):  # the same binary seen through another mount (a bind mount) is the same
             if full.comm is not None and not _named_by_exec(full.comm, path, full.info.command_line):
-                # renamed itself since (prctl, process.title) before we read it: what
-                # it wrote in between was written under the name its exec gave it
-                # the name an exec gives is the executed file's: a script's (its own exec
-                # record, just before), else argv[0]'s (a symlink such as python3)
+                # renamed itself (prctl, process.title) before we read it: what it wrote in
+                # between was written under the name its exec gave it, the executed file's:
+                # a script's (its own exec record, just before), else argv[0]'s (python3)
                 name = earlier.info.name if earlier is not None and not earlier.complete else None
                 argv0 = os.fsencode((full.info.command_line or "").split(" ")[0])
                 at_exec = replace(full.info, name=name or _exec_name(argv0 or path))
@@ -417,8 +416,12 @@ class Resolver:
 
     @staticmethod
     def _owner(path: Optional[bytes]) -> Optional[int]:
-        st = _lstat(path)
-        return st.st_uid if st is not None else None
+        if path is None:
+            return None
+        try:
+            return longpath.lstat(path).st_uid
+        except (OSError, ValueError):
+            return None
 
     # --- /proc readers -----------------------------------------------------
 
@@ -597,15 +600,6 @@ def _same_file(a: Optional[bytes], b: bytes) -> bool:
     except (OSError, ValueError):
         return False
     return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
-
-
-def _lstat(path: Optional[bytes]) -> Optional[os.stat_result]:
-    if path is None:
-        return None
-    try:
-        return longpath.lstat(path)
-    except (OSError, ValueError):
-        return None
 
 
 def _readlink(path: bytes) -> Optional[bytes]:

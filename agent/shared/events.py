@@ -26,7 +26,7 @@ INFERRED = "inferred"  # no pid (inotify): guessed from file owner and running s
 UNKNOWN = "unknown"  # no process found; the event is kept all the same
 RECORDED = "recorded"  # taken from a recorded document (replay)
 # the process changed its name or user at a moment the kernel did not report
-# (prctl, setuid, a chown of the new file): the identity it had before is given
+# (prctl, setuid), or exec'd where no mark sees it: the identity it had before is given
 UNCERTAIN = "uncertain"
 ATTRIBUTIONS = (EXACT, CACHED, INFERRED, UNKNOWN, RECORDED, UNCERTAIN)
 

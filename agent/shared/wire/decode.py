@@ -15,6 +15,7 @@ from agent.shared.wire.format import (
     ACTIONS,
     MAX_BIN,
     MAX_BODY,
+    MAX_CTR,
     MAX_ID,
     MAX_OBJECTS,
     MAX_RECORDS,
@@ -175,7 +176,9 @@ def _detail(e: dict[str, Any], path: str) -> dict[str, Any]:
         out["file"] = _file_facts(_map(e["file"], f"{path}.file"), f"{path}.file")
     if e.get("ctr") is not None:
         c = _map(e["ctr"], f"{path}.ctr")
-        out["ctr"] = {k: _str(c[k], f"{path}.ctr.{k}", 256) for k in _CONTAINER_STR if c.get(k) is not None}
+        out["ctr"] = {
+            k: _str(c[k], f"{path}.ctr.{k}", MAX_CTR) for k in _CONTAINER_STR if c.get(k) is not None
+        }
     return out
 
 
@@ -277,7 +280,7 @@ def _container_fast(v: Any) -> Optional[dict[str, str]]:
     for k in _CONTAINER_STR:
         x = v.get(k)
         if x is not None:
-            if type(x) is not str or len(x) > 256:
+            if type(x) is not str or len(x) > MAX_CTR:
                 return None
             out[k] = x
     return out

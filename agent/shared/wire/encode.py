@@ -7,7 +7,7 @@ from typing import Any
 
 import msgpack
 
-from agent.shared.wire.format import MAX_CMD, Batch, EventRecord
+from agent.shared.wire.format import MAX_CMD, MAX_CTR, Batch, EventRecord
 
 
 def encode_event(rec: EventRecord) -> dict[str, Any]:
@@ -220,7 +220,7 @@ class EventPacker:
 def container_map(c: Any) -> dict[str, Any]:
     """ContainerInfo as the ``ctr`` map of an ``<event>``."""
     f = {"id": c.id, "rt": c.runtime, "name": c.name, "image": c.image}
-    return {k: _cut(v)[:CTR_MAX] for k, v in f.items() if v is not None}  # the collector takes 256
+    return {k: _cut(v)[:MAX_CTR] for k, v in f.items() if v is not None}
 
 
 def facts_map(facts: Any) -> dict[str, Any]:
@@ -237,7 +237,6 @@ def facts_map(facts: Any) -> dict[str, Any]:
     return {k: v for k, v in f.items() if v is not None}
 
 
-CTR_MAX = 256  # a container field (decode's limit)
 _PID_END = 1 << 31  # a pid the collector accepts is below this; else none is sent at all
 
 

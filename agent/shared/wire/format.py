@@ -85,6 +85,7 @@ MAX_RECORDS = 20_000  # events + count times + gaps in one batch
 MAX_OBJECTS = 1_200_000
 MAX_BIN = 16 << 10  # a path (PATH_MAX is 4096) or a file sample
 MAX_STR = 16 << 10  # a command line is capped by the agent before this
+MAX_CTR = 256  # a container's id, runtime, name or image (the agent cuts them here)
 MAX_ID = 128
 MAX_TS = (1 << 53) - 1
 MAX_RULE_BITS = 32

@@ -72,6 +72,17 @@ def parse_mountinfo(data: bytes) -> list[Mount]:
     return mounts
 
 
+def mount_options(super_options: bytes) -> dict[bytes, bytes]:
+    """``key=value`` options of a mount (an overlay's lowerdir=, upperdir=,
+    workdir=); repeated lowerdir options (lowerdir+=) are joined with ":"."""
+    out: dict[bytes, bytes] = {}
+    for opt in super_options.split(b","):
+        k, sep, v = opt.partition(b"=")
+        if sep:
+            out[k] = out[k] + b":" + v if k in out and k == b"lowerdir" else v
+    return out
+
+
 def _unescape(field: bytes) -> bytes:
     """Undo the kernel's octal escapes (\\040 for space, \\012 for newline...)."""
     if b"\\" not in field:

@@ -25,7 +25,7 @@ from agent.sensor.sources.base import PrefilterFn, Refused, under
 from agent.sensor.sources.fanotify import abi
 from agent.sensor.sources.fanotify.container_scope import ContainerScope
 from agent.sensor.sources.fanotify.flood import FloodGuard, Muted
-from agent.sensor.sources.fanotify.mounts import NETWORK_FS, PSEUDO_FS, Mount, parse_mountinfo
+from agent.sensor.sources.fanotify.mounts import NETWORK_FS, PSEUDO_FS, Mount, mount_options, parse_mountinfo
 from agent.sensor.sources.fanotify.reader import TAKE_BYTES, ReadAhead
 from agent.shared.clock import Clock, SystemClock
 from agent.shared.errors import SourceError
@@ -269,8 +269,7 @@ class FanotifySource:
             self._cscope.containers.set_host_mounts(self._mounts)
             self._cscope.containers.scan()
             if self._cscope.refresh():
-                self._dir_cache.clear()
-                self._mark_containers()
+                self._containers_changed()
                 changed = True
         if not changed and not force:
             return
@@ -284,11 +283,14 @@ class FanotifySource:
         live_points = {m[0].mount_point for m in wanted.values()}
         for point in [p for p in self._refused if p not in live_points and not p.startswith(b"container:")]:
             del self._refused[point]
+        self._mark_wanted(wanted)
+
+    def _mark_wanted(self, wanted: dict[int, tuple[Mount, int, list[Mount]]]) -> None:
+        """Mark each planned filesystem not yet marked with (at least) its mask."""
         for dev, (mount, mask, candidates) in wanted.items():
             have = self._marked.get(dev)
-            if have is not None and have.mask & mask == mask:
-                continue
-            self._mark_fs(dev, mount, mask, candidates)
+            if have is None or have.mask & mask != mask:
+                self._mark_fs(dev, mount, mask, candidates)
 
     def _plan(self, mounts: list[Mount]) -> dict[int, tuple[Mount, int, list[Mount]]]:
         """Filesystem (st_dev) -> (mount to mark through, wanted mask, all its mounts)."""
@@ -296,6 +298,7 @@ class FanotifySource:
         # directory's filesystem, marked as any other, and its superblock refuses marks: it is
         # left out, not a gap. An overlay that holds a watched path itself stays (refused: a gap).
         local = [m for m in mounts if m.fstype not in PSEUDO_FS]
+        merged = {m.mount_id for m in local if _upper_visible(m)}  # one stat each, not one per watch
         in_scope_devs: set[int] = set()
         extra = [p.rstrip(b"/") for p in self._cscope.prefixes] if self._cscope is not None else []
         for w in self._watch + extra:
@@ -307,11 +310,11 @@ class FanotifySource:
                 in_scope_devs.add(best.dev)
             for m in local:
                 inside = under(m.mount_point, w) and not any(under(m.mount_point, x) for x in self._exclude)
-                if inside and not _upper_visible(m):
+                if inside and m.mount_id not in merged:
                     in_scope_devs.add(m.dev)
         by_dev: dict[int, list[Mount]] = {}
         for m in local:
-            if m.dev in in_scope_devs or not _upper_visible(m):
+            if m.dev in in_scope_devs or m.mount_id not in merged:
                 by_dev.setdefault(m.dev, []).append(m)
         plan: dict[int, tuple[Mount, int, list[Mount]]] = {}
         for dev, group in by_dev.items():
@@ -379,12 +382,12 @@ class FanotifySource:
         if not cs.containers.refresh(cs.containers.ns_of(pid), pid):
             return
         if cs.refresh():
-            self._dir_cache.clear()
-            self._mark_containers()
-            for dev, (mount, mask, candidates) in self._plan(self._mounts).items():
-                have = self._marked.get(dev)
-                if have is None or have.mask & mask != mask:
-                    self._mark_fs(dev, mount, mask, candidates)
+            self._containers_changed()
+            self._mark_wanted(self._plan(self._mounts))
+
+    def _containers_changed(self) -> None:
+        self._dir_cache.clear()  # cached directory scopes may have changed with the routes
+        self._mark_containers()
 
     def _mark_containers(self) -> None:
         """Mark the filesystems only a container has, through its /proc/PID/root;
@@ -786,10 +789,8 @@ def _upper_visible(m: Mount) -> bool:
     """An overlay whose upper directory the agent can reach (its writes are seen there)."""
     if m.fstype != "overlay":
         return False
-    for opt in m.super_options.split(b","):
-        if opt.startswith(b"upperdir="):
-            return os.path.isdir(opt[len(b"upperdir=") :])
-    return False
+    upper = mount_options(m.super_options).get(b"upperdir")
+    return upper is not None and os.path.isdir(upper)
 
 
 def _close_quietly(fd: int) -> None:

@@ -1,0 +1,1 @@
+"""Alert enrichment read on the host at the write: packages, web roots, requests, content."""

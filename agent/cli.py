@@ -162,6 +162,13 @@ def _agent_commands(group: argparse.ArgumentParser) -> None:
     st = ag.add_parser("status", help="print the running agent's status as JSON (exit 0 while it watches)")
     st.add_argument("--state-dir", metavar="DIR", required=True)
 
+    qd = ag.add_parser("quarantined", help="list the files the agent quarantined (one JSON object a line)")
+    _config_opt(qd, AGENT_CONF)
+    rs = ag.add_parser("restore", help="put a quarantined file back, with its owner, mode and times")
+    _config_opt(rs, AGENT_CONF)
+    rs.add_argument("qid", help="the quarantine id (rarewrite agent quarantined)")
+    rs.add_argument("--force", action="store_true", help="replace the empty stub left in the file's place")
+
 
 def _config_opt(p: argparse.ArgumentParser, default: str) -> None:
     p.add_argument(
@@ -274,6 +281,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         code, doc = read_status(args.state_dir)
         print(json.dumps(doc, indent=1, sort_keys=True))
         return code
+    if group == "agent" and cmd in ("quarantined", "restore"):
+        return _quarantined(args, _load(args, AGENT_CONF))
     if group == "agent":
         cfg = _load(args, AGENT_CONF)
         _setup_logging(cfg.agent.log_level)
@@ -317,6 +326,25 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(json.dumps(migrate(args.db or cfg.collector.db), sort_keys=True))
         return 0
     raise RarewriteError(f"unknown command {group} {cmd}")
+
+
+def _quarantined(args: argparse.Namespace, cfg: Config) -> int:
+    import time
+
+    from agent.sensor import quarantine
+
+    _setup_logging(cfg.agent.log_level)
+    qdir = cfg.enrich.quarantine_dir
+    if args.cmd == "quarantined":
+        for meta in quarantine.entries(qdir):
+            print(json.dumps(meta, sort_keys=True))
+        return 0
+    try:
+        meta = quarantine.restore(qdir, args.qid, int(time.time() * 1000), force=args.force)
+    except (quarantine.QuarantineError, OSError) as e:
+        raise RarewriteError(f"not restored: {e}") from None
+    print(json.dumps({"restored": meta["path"], "qid": meta["qid"], "alert": meta.get("alert")}))
+    return 0
 
 
 def _evaluate(cfg: Config, db: str, at: str, rule_name: Optional[str]) -> int:

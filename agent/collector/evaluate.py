@@ -21,6 +21,7 @@ from dataclasses import replace
 from typing import Any, Optional
 
 from agent.collector import excepted, suppress
+from agent.collector.enrichment import context_fields, with_notes
 from agent.collector.storage import open_store
 from agent.collector.storage.base import GapRow, Pair, RankedRow, Store, StoredEvent
 from agent.shared.rule import Row, Rule
@@ -164,6 +165,9 @@ def event_doc(ev: StoredEvent) -> dict[str, Any]:
     facts = d.get("file")
     if isinstance(facts, dict):
         doc.update((dst, conv(facts[src])) for src, dst, conv in _FACT_FIELDS if facts.get(src) is not None)
+    ctx = d.get("ctx")
+    if isinstance(ctx, dict):
+        doc.update(context_fields(ctx))
     return doc
 
 
@@ -181,7 +185,9 @@ def alert_documents(
     for ranked in rows:
         row = ranked.row
         events = excepted.row_events(store, rule, row, lo, at_ms)
-        docs.append(_alert_doc(rule, ranked, at_ms, schedule, events, gaps))
+        doc = _alert_doc(rule, ranked, at_ms, schedule, events, gaps)
+        with_notes(doc["rarewrite"]["events"], store.notes_for((row.executable, row.path), lo, at_ms))
+        docs.append(doc)
     return docs
 
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 from agent.collector import evaluate as ev
+from agent.collector.enrichment import with_notes
 from agent.collector.storage import open_store
 from agent.collector.storage.base import Pair, Store, StoredEvent, TermHit
 from agent.shared.exceptions import file_extension, text_of
@@ -248,6 +249,8 @@ def run_new_terms(
         fresh = [(h, i) for h, i in zip(hits, ids) if i not in raised]
         hits, ids = [h for h, _ in fresh], [i for _, i in fresh]
     found = [(new_terms_alert(rule, h, now_ms), (h.exe, h.path), h.ts) for h in hits]
+    for doc, pair, ts in found:
+        with_notes(doc["rarewrite"]["events"], store.notes_for(pair, ts, ts))
     out = _record(store, rule.rule_id, found, now_ms)
     if raised is not None:  # recorded (or recorded before): not to be built again
         raised.update((i, h.received_ms) for h, i in zip(hits, ids))
@@ -259,4 +262,6 @@ def run_outbreak(store: Store, rule: OutbreakRule, source: NewTermsRule, now_ms:
     alerted = store.alerted_pairs(rule.rule_id, now_ms - rule.within_ms)
     rows = [r for r in outbreak_rows(store, rule, source, now_ms) if (r.exe, r.path) not in alerted]
     found = [(outbreak_alert(rule, r, now_ms), (r.exe, r.path), r.first_ts) for r in rows]
+    for (doc, pair, first), r in zip(found, rows):
+        with_notes(doc["rarewrite"]["events"], store.notes_for(pair, first, r.hits[-1].ts))
     return _record(store, rule.rule_id, found, now_ms)

@@ -55,7 +55,7 @@ from typing import Any, Optional, TypeVar
 
 from aiohttp import web
 
-from agent.collector import batch_time, health, terms
+from agent.collector import batch_time, health, responses, terms
 from agent.collector.auth import TokenBuckets, bearer, is_enroll_token, key_hash, new_api_key, secret_ok
 from agent.collector.guard import ConnectionGuard
 from agent.collector.outputs import dropped_counts, emit_all
@@ -129,6 +129,8 @@ class Collector:
         self.health_alerts: Counter[str] = Counter()  # kind -> sent since start
         self.health_raised: set[str] = set()  # health alert ids already recorded by this process
         self._emitting: Optional[asyncio.Lock] = None
+        # ids of the rules whose alerts ask their agents to quarantine the file
+        self.quarantining = frozenset(r.rule_id for r in (cfg.rule, *cfg.rules) if r.enabled and r.quarantine)
 
     def emitting(self) -> asyncio.Lock:
         """One emission at a time: the outputs are not made for two threads."""
@@ -156,6 +158,13 @@ class Collector:
             for d in fresh:
                 self.health_alerts[d["rarewrite"]["health"]["kind"]] += 1
                 security.warning("event=health_alert %s", d["message"])
+
+    async def emit(self, docs: list[dict[str, Any]]) -> None:
+        """Documents to every output, one emission at a time."""
+        if docs:
+            async with self.emitting():
+                await self.read(emit_all, self.outputs, docs)
+            self.alerts_emitted += len(docs)
 
     async def store_heartbeats(self) -> None:
         beats, self.beats = self.beats, {}
@@ -384,7 +393,7 @@ async def heartbeat(request: web.Request) -> web.Response:
     except ValueError as e:
         raise Reject(400, str(e)) from None
     c.beats[agent.ref] = (now, json.dumps(beat))
-    return web.json_response({"status": "ok"})
+    return web.json_response(await _with_actions(c, agent, {"status": "ok"}))
 
 
 def _utf8(s: str) -> bool:
@@ -447,7 +456,18 @@ async def batches(request: web.Request) -> web.Response:
         c.events += total
         if batch.gaps:
             await c.raise_health(health.losses(agent, batch.gaps, now))
-    return web.json_response({"status": status})
+        if batch.notes:
+            await c.emit(await c.read(responses.after_notes, c.store, agent, batch.notes, now))
+    return web.json_response(await _with_actions(c, agent, {"status": status}))
+
+
+async def _with_actions(c: Collector, agent: AgentRecord, answer: dict[str, Any]) -> dict[str, Any]:
+    """``answer`` with what this agent is asked to do (it acts only if its own config agrees)."""
+    if c.quarantining:
+        pending = await c.read(c.store.pending_actions, agent.ref)
+        if pending:
+            answer["actions"] = [responses.action_for_agent(a) for a in pending]
+    return answer
 
 
 def _seq_conflict(c: Collector, agent: AgentRecord, batch: wire.RowBatch) -> None:

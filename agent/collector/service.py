@@ -19,9 +19,9 @@ from aiohttp import web
 
 from agent.collector import evaluate as ev
 from agent.collector import fleet_rules as fr
-from agent.collector import health
+from agent.collector import health, responses
 from agent.collector.guard import ConnectionGuard, Limits
-from agent.collector.outputs import build_outputs, emit_all
+from agent.collector.outputs import build_outputs
 from agent.collector.server import COLLECTOR, Collector, make_app
 from agent.collector.storage import open_store
 from agent.collector.storage.base import PRUNE_CHUNK
@@ -82,10 +82,10 @@ async def _run(c: Collector, run: Callable[[], list[dict[str, Any]]], at: int, c
     started = c.clock.monotonic()
     try:
         alerts = await c.read(run)
-        if alerts:
-            async with c.emitting():
-                await c.read(emit_all, c.outputs, alerts)
-            c.alerts_emitted += len(alerts)
+        await c.emit(alerts)
+        actions = responses.quarantine_rows(c.quarantining, alerts, c.clock.now_ms())
+        if actions:  # after the alerts went out: the agents are asked in their next answer
+            await c.write(c.store.queue_actions, actions)
         took = c.clock.monotonic() - started
         if not continuous or alerts:
             log.info("event=evaluated at=%s alerts=%d seconds=%.3f", iso(at), len(alerts), took)

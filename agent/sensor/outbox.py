@@ -10,6 +10,8 @@ Schema version 3 (``meta.schema_version``)::
            rules INTEGER)                  kind 0: an <event> map (msgpack)
                                            kind 1: a count time; body = its count key
                                            kind 2: a <gap> map (msgpack)
+                                           kind 3: a <note> map (msgpack): enrichment
+                                           after its event (wire.context)
                                            rules: bit i = rule_bits[i] matched the
                                            event (NULL: a version-2 row, the first rule)
     lease(seq INTEGER PRIMARY KEY, batch_id TEXT, hi INTEGER, n INTEGER, body BLOB)
@@ -61,7 +63,7 @@ import uuid
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import msgpack
 
@@ -76,7 +78,7 @@ from agent.shared.wire.encode import pack_batch
 log = logging.getLogger("rarewrite.store")
 
 SCHEMA_VERSION = 3
-EVENT, COUNT, GAP = 0, 1, 2
+EVENT, COUNT, GAP, NOTE = 0, 1, 2, 3
 BATCH_BYTES = 2 << 20  # stay well under the collector's body cap
 RECENT_PAIRS = 4096  # pairs whose recent times are kept in memory (a few hundred KB)
 # File facts are read this long after the event, not at it: FAN_CREATE comes
@@ -142,6 +144,16 @@ def count_key_of_map(e: dict[str, Any]) -> bytes:
     )
 
 
+class Candidate(NamedTuple):
+    """A detailed event as its enrichment needs it (the pending facts)."""
+
+    host_path: bytes  # where the host reads the file
+    ts_ms: int
+    executable: Optional[bytes]
+    path: Optional[bytes]  # as the event says (a container's path)
+    process_name: Optional[str]
+
+
 @dataclass(frozen=True)
 class Lease:
     """The batch in flight: its bytes never change once it has a seq."""
@@ -182,12 +194,14 @@ class AgentStore:
         clock: Clock,
         outbox_max: int = 2_000_000,
         facts: Optional[Callable[[bytes], Optional[FileFacts]]] = None,
+        context: Optional[Callable[[Candidate], Optional[dict[str, Any]]]] = None,
     ) -> None:
         self.path = path
         self.rule = rule
         self.clock = clock
         self.outbox_max = outbox_max
         self.facts = facts
+        self.context = context  # the enrichment of a detailed event, read with its facts
         self.host_id = ""  # the machine id, sent as host.id
         self._local = threading.local()
         self._lock = threading.Lock()  # serialises writers across threads
@@ -207,8 +221,8 @@ class AgentStore:
         # Times at or before the horizon no longer count: every prune moves it
         # to the newest time minus the window (see record()).
         self._horizon = -(1 << 62)
-        # (outbox id, path, due ms, keys in its event map) of rows awaiting facts
-        self._pending: deque[tuple[int, bytes, int, int]] = deque()
+        # rows awaiting facts: (outbox id, host path, due ms, keys in its event map, the event)
+        self._pending: deque[tuple[int, bytes, int, int, Candidate]] = deque()
         self._depth = 0  # rows in the outbox: counted once at open, then kept here
         # One packer for the writer's keys and bodies (msgpack.packb builds a
         # new one per call); only used under self._lock.
@@ -490,17 +504,17 @@ class AgentStore:
 
     def _decide(
         self, db: sqlite3.Connection, events: Sequence[FileEvent], keys: list[bytes], masks: Sequence[int]
-    ) -> tuple[list[tuple[int, int, bytes, int]], list[tuple[int, bytes, int, int]], int]:
+    ) -> tuple[list[tuple[int, int, bytes, int]], list[tuple[int, bytes, int, Candidate]], int]:
         """The detail decision for each event, in order; ``win`` gets the
         times. Returns the outbox rows, (row index, path, map keys, ts) of
         those that wait for facts, and how many are detailed."""
         recent, pack_event, horizon = self._recent, self._events.pack, self._horizon
         pack_count = self._packer.pack
         window, below = self.rule.window_ms, self.rule.count_below
-        with_facts = self.facts is not None and len(self._pending) < FACTS_PENDING_MAX
+        with_facts = self._reads_files and len(self._pending) < FACTS_PENDING_MAX
         win_rows: list[tuple[bytes, int]] = []
         out_rows: list[tuple[int, int, bytes, int]] = []
-        wants_facts: list[tuple[int, bytes, int, int]] = []
+        wants_facts: list[tuple[int, bytes, int, Candidate]] = []
         detailed = 0
         for ev, key, mask in zip(events, keys, masks):
             ts = ev.ts_ms
@@ -525,7 +539,9 @@ class AgentStore:
             if n < below:
                 body, n_keys = pack_event(ev)
                 if with_facts and ev.path:
-                    wants_facts.append((len(out_rows), ev.host_path or ev.path, n_keys, ts))  # host side
+                    host_path = ev.host_path or ev.path  # the facts are read on the host side
+                    cand = Candidate(host_path, ts, ev.process.executable, ev.path, ev.process.name)
+                    wants_facts.append((len(out_rows), host_path, n_keys, cand))
                 out_rows.append((EVENT, ts, body, mask))
                 detailed += 1
             else:
@@ -544,8 +560,8 @@ class AgentStore:
         return out_rows, wants_facts, detailed
 
     def _facts_due(
-        self, db: sqlite3.Connection, wants_facts: list[tuple[int, bytes, int, int]], n_rows: int
-    ) -> list[tuple[int, bytes, int, int]]:
+        self, db: sqlite3.Connection, wants_facts: list[tuple[int, bytes, int, Candidate]], n_rows: int
+    ) -> list[tuple[int, bytes, int, int, Candidate]]:
         """(outbox id, path, due ms, map keys) for the new rows that wait for
         facts: FACTS_DELAY_MS after the write, not after this call (a burst
         stored late has its facts read at once, so the queue of pending rows
@@ -554,10 +570,14 @@ class AgentStore:
         latest = self.clock.now_ms() + FACTS_DELAY_MS
         due = self._pending[-1][2] if self._pending else 0
         out = []
-        for i, path, n_keys, t in wants_facts:
-            due = min(latest, max(due, t + FACTS_DELAY_MS))
-            out.append((first + i, path, due, n_keys))
+        for i, path, n_keys, cand in wants_facts:
+            due = min(latest, max(due, cand.ts_ms + FACTS_DELAY_MS))
+            out.append((first + i, path, due, n_keys, cand))
         return out
+
+    @property
+    def _reads_files(self) -> bool:
+        return self.facts is not None or self.context is not None
 
     def fill_facts(self, now_ms: Optional[int] = None, limit: int = 2000) -> int:
         """Read the facts of events whose delay has passed and put them into
@@ -570,29 +590,28 @@ class AgentStore:
         one UPDATE statement for all the rows, the same bytes as unpacking,
         adding the key and packing again. The rows stay pending (so no lease
         takes them) until their facts are committed."""
-        if not self._pending or self.facts is None:
+        if not self._pending or not self._reads_files:
             return 0
         now = self.clock.now_ms() if now_ms is None else now_ms
         with self._lock:
             due = list(itertools.takewhile(lambda p: p[2] <= now, itertools.islice(self._pending, limit)))
         if not due:
             return 0
-        facts = [self.facts(path) for _, path, _, _ in due]  # file reads outside the lock
+        # file reads outside the lock
+        facts = [self.facts(path) if self.facts else None for _, path, _, _, _ in due]
+        contexts = [self.context(cand) if self.context else None for _, _, _, _, cand in due]
         db = self._db()
         filled = 0
         with self._lock:
             packer = self._packer
-            file_key = packer.pack("file")
-            rows = [
-                (
-                    packer.pack_map_header(keys + 1),
-                    2 if keys < 16 else 4,
-                    file_key + packer.pack(wire.facts_map(f)),
-                    rid,
+            rows = []
+            for (rid, _, _, keys, _), f, ctx in zip(due, facts, contexts):
+                added = (b"" if f is None else packer.pack("file") + packer.pack(wire.facts_map(f))) + (
+                    b"" if not ctx else packer.pack("ctx") + packer.pack(ctx)
                 )
-                for (rid, _, _, keys), f in zip(due, facts)
-                if f is not None
-            ]
+                if added:
+                    n = keys + (f is not None) + bool(ctx)
+                    rows.append((packer.pack_map_header(n), 2 if keys < 16 else 4, added, rid))
             try:
                 if rows:
                     db.execute("BEGIN IMMEDIATE")
@@ -654,6 +673,29 @@ class AgentStore:
         lo, hi, n = self._unstored
         self._insert_gap(db, lo, hi, n, "disk_full")
         return 1
+
+    def reported(self, exe: Optional[bytes], path: Optional[bytes]) -> bool:
+        """Whether this agent has an event of (exe, path) in its window."""
+        key = msgpack.packb([exe or None, path or None], use_bin_type=True)
+        return self._db().execute("SELECT 1 FROM win WHERE pair=? LIMIT 1", (key,)).fetchone() is not None
+
+    def add_notes(self, notes: Sequence[dict[str, Any]]) -> None:
+        """Queue ``<note>`` maps (wire.context) for the collector. A note that
+        cannot be stored is dropped with a warning: it is enrichment, the
+        events it is about are stored already."""
+        if not notes:
+            return
+        db = self._db()
+        now = self.clock.now_ms()
+        rows = [(NOTE, now, msgpack.packb(n, use_bin_type=True), None) for n in notes]
+        with self._lock:
+            try:
+                with _transaction(db):
+                    db.executemany("INSERT INTO outbox(kind, ts, body, rules) VALUES (?, ?, ?, ?)", rows)
+            except sqlite3.Error as e:
+                log.warning("event=notes_not_stored notes=%d error=%r", len(rows), str(e))
+                return
+            self._depth += len(rows)
 
     def record_gap(self, start_ms: int, end_ms: int, lost: int, reason: str) -> None:
         """A span in which events were lost (kernel overflow, full disk...)."""
@@ -780,7 +822,7 @@ class AgentStore:
         if row:
             return Lease(*row)
         with self._lock:
-            waiting = self._pending[0][0] if self._pending and self.facts is not None else None
+            waiting = self._pending[0][0] if self._pending and self._reads_files else None
             rows = db.execute(
                 "SELECT id, kind, ts, body, rules FROM outbox WHERE id < ? ORDER BY id LIMIT ?",
                 (waiting if waiting is not None else 1 << 62, max_records),
@@ -791,6 +833,7 @@ class AgentStore:
             event_rules: list[int] = []
             times: dict[tuple[bytes, int], list[int]] = {}
             gaps: list[bytes] = []
+            notes: list[bytes] = []
             size, hi = 0, 0
             for rid, kind, ts, body, rules in rows:
                 if size + len(body) + 16 > BATCH_BYTES and hi:
@@ -802,6 +845,8 @@ class AgentStore:
                     event_rules.append(1 if rules is None else rules)
                 elif kind == COUNT:
                     times.setdefault((body, 1 if rules is None else rules), []).append(ts)
+                elif kind == NOTE:
+                    notes.append(body)
                 else:
                     gaps.append(body)
             seq = int(self._meta(db, "next_seq"))
@@ -820,8 +865,8 @@ class AgentStore:
             if any(actor is not None for (_, _, actor), _ in counts):
                 head["actors"] = [None if actor is None else list(actor) for (_, _, actor), _ in counts]
             self._rule_head(db, head, event_rules, [r for _, r in times])
-            n = len(events) + sum(len(t) for t in times.values()) + len(gaps)
-            body = pack_batch(head, events, gaps)
+            n = len(events) + sum(len(t) for t in times.values()) + len(gaps) + len(notes)
+            body = pack_batch(head, events, gaps, notes)
             db.execute("INSERT INTO lease VALUES (?, ?, ?, ?, ?)", (seq, batch_id, hi, n, body))
             return Lease(seq, batch_id, hi, n, body)
 

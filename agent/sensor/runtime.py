@@ -16,16 +16,20 @@ import os
 import signal
 import sqlite3
 import threading
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any, Optional
 
 from agent import __version__
 from agent.sensor.containers import Containers
+from agent.sensor.enrich.context import build_enricher
+from agent.sensor.enrich.packages import PackageIndex
 from agent.sensor.facts import FactsReader
 from agent.sensor.memory import rss_mb, trim_memory, tune_malloc
 from agent.sensor.outbox import AgentStore
 from agent.sensor.prefilter import Prefilter
+from agent.sensor.quarantine import Quarantine
 from agent.sensor.resolver import Resolver, in_child_pid_namespace
 from agent.sensor.shipper import Shipper
 from agent.sensor.sources.auto import open_source
@@ -71,6 +75,7 @@ class LiveAgent:
         self._seen_refused: set[str] = set()
         self._seen_outside = 0
         self._coverage_ms = self.started_ms
+        self._actions: deque[dict[str, Any]] = deque()  # from the collector's answers, for _respond
         # late-bound on purpose: a SIGHUP reload swaps self.rules
         self.containers = Containers()
         self.resolver = Resolver(
@@ -103,15 +108,20 @@ class LiveAgent:
         state.lock()
         ident = state.identity(cfg.agent.agent_id, cfg.agent.host_name)
         self.state, self.ident = state, ident
+        self.enricher = build_enricher(cfg.enrich, self.clock)
         self.store = AgentStore(
             state.store_path, cfg.rule, self.clock, cfg.agent.outbox_max_records,
             facts=FactsReader(self.clock, cfg.agent.hash_max_bytes) if cfg.agent.file_facts else None,
+            context=self.enricher,
         )  # fmt: skip
         self.rules = RuleSet(cfg.rule, cfg.rules)
         self.store.set_rules(self.rules.ids)
         self.store.host_id = machine_id()
         self.shipper = build_shipper(cfg, state, self.store, ident, self.secret, self.clock)
         self.shipper.health = self._health
+        self.quarantine = self._quarantine(cfg)
+        if self.quarantine is not None:
+            self.shipper.on_actions = self._actions.extend  # deque.extend: safe from the shipper thread
         self.shipper.heartbeat_s = cfg.agent.heartbeat_interval_ms / 1000
         self._install_signals()
         if in_child_pid_namespace():
@@ -160,12 +170,36 @@ class LiveAgent:
                 if not released and now_s - last_event_s >= IDLE_RELEASE_S and store.depth() == 0:
                     released = True
                     self._release_memory(store)
+                if self.enricher is not None:
+                    store.add_notes(self.enricher.poll())
+                self._respond(store)
                 stats = self.source.stats()  # read once a second, used twice
                 self._report_coverage(stats, store)
                 self.state.write_status(self._status("running", self.source, stats))
             if self.reload.is_set():
                 self.reload.clear()
                 self.source = self._reload(self.source, open_source)
+
+    def _quarantine(self, cfg: Config) -> Optional[Quarantine]:
+        """The response, when a rule of this agent's config says quarantine = yes."""
+        rules = [r.rule_id for r in (cfg.rule, *cfg.rules) if r.enabled and r.quarantine]
+        if not rules:
+            return None
+        packages = self.enricher.packages if self.enricher is not None else None
+        return Quarantine(
+            cfg.enrich.quarantine_dir, rules, self.store.reported,
+            package_owner=packages.owner if packages is not None else PackageIndex().owner,
+            stub=cfg.enrich.quarantine_stub, now_ms=self.clock.now_ms,
+        )  # fmt: skip
+
+    def _respond(self, store: AgentStore) -> None:
+        """Carry out the actions the collector asked for (the sensor loop's thread)."""
+        notes = []
+        while self._actions and self.quarantine is not None:
+            note = self.quarantine.act(self._actions.popleft())
+            if note is not None:
+                notes.append(note)
+        store.add_notes(notes)
 
     def _finish(self, ship_thread: threading.Thread) -> None:
         """A stop: store what the source read ahead, then ship what is left
@@ -359,6 +393,7 @@ class LiveAgent:
             "quarantined": st["quarantined"],
             **{f"ship_{k}": v for k, v in self.shipper.counters.items()},
             **{f"writer_{k}": v for k, v in self.resolver.counters.items()},
+            **({f"enrich_{k}": v for k, v in self.enricher.status().items()} if self.enricher else {}),
         }
 
     def _health(self) -> dict[str, Any]:

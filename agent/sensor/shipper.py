@@ -79,6 +79,8 @@ class Shipper:
         # heartbeats: what to report (None: no heartbeats, e.g. a replay) and how often
         self.health: Optional[Callable[[], dict[str, Any]]] = None
         self.heartbeat_s = 30.0
+        # what the collector asks of this agent (quarantine actions), from its answers
+        self.on_actions: Optional[Callable[[list[dict[str, Any]]], None]] = None
         self.next_beat = 0.0
 
     # -------------------------------------------------------------- enrollment
@@ -195,6 +197,7 @@ class Shipper:
             self.counters["records_sent"] += lease.n
             if b"duplicate" in r.body:
                 self.counters["duplicates"] += 1
+            self._take_actions(r.body)
             return True
         self.reachable = True
         if r.status == 401:  # key unknown or revoked: enroll again (osquery's node_invalid)
@@ -291,9 +294,22 @@ class Shipper:
             return
         if 200 <= r.status < 300:
             self.counters["heartbeats"] += 1
+            self._take_actions(r.body)
         else:
             self.counters["heartbeat_failures"] += 1
             log.debug("event=heartbeat_refused status=%d", r.status)
+
+    def _take_actions(self, body: bytes) -> None:
+        """The ``actions`` of a collector's answer, to ``on_actions``; an answer
+        that is not what a collector sends is ignored (the batch is acked)."""
+        if self.on_actions is None or b'"actions"' not in body:
+            return
+        try:
+            actions = json.loads(body).get("actions")
+        except (ValueError, AttributeError):
+            return
+        if isinstance(actions, list):
+            self.on_actions([a for a in actions if isinstance(a, dict)])
 
     def drain(self, deadline_s: float) -> bool:
         """Ship until the outbox is empty or the monotonic deadline passes."""

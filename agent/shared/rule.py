@@ -125,6 +125,7 @@ class Rule:
     suppress_by: tuple[str, ...] = ()
     suppress_for_ms: int = 3_600_000
     suppress_missing: str = "suppress"
+    quarantine: bool = False  # the agent moves an alert's file aside (opt-in, on both sides)
 
     @cached_property
     def _users(self) -> frozenset[str]:

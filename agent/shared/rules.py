@@ -284,6 +284,7 @@ class NewTermsRule:
     tags: tuple[str, ...] = NT_TAGS
     threat: tuple[Technique, ...] = field(default=NT_THREAT)
     type: str = NEW_TERMS
+    quarantine: bool = False  # the agent moves an alert's file aside (opt-in, on both sides)
 
     @cached_property
     def _always(self) -> KqlValues:
@@ -392,6 +393,7 @@ class OutbreakRule:
         Technique("TA0003", "Persistence", "T1505", "Server Software Component", "T1505.003", "Web Shell"),
     )
     type: str = OUTBREAK
+    quarantine: bool = False
 
 
 AnyRule = Union[Rule, NewTermsRule, OutbreakRule]

@@ -168,3 +168,13 @@ def test_flood_quick() -> None:
     assert res["agent_alive"] is True and res["oom_kills"] == 0
     assert res["flood_muted"] >= 1 and res["loss_alert"] is True  # the flooding folder: muted, alerted
     assert res["shell_stored_s"] is not None  # the shell elsewhere got through while the flood went on
+
+
+def test_enrich_cost_quick() -> None:
+    doc = _run("enrich_cost.py")
+    assert doc["bench"] == "enrich_cost"
+    assert {"facts_us", "facts_and_enrichment_us", "parts_us", "index_build_s", "ctx_bytes"} <= set(
+        doc["agent"]
+    )
+    assert set(doc["collector"]["ms_per_alert"]) == {"plain", "enriched"}
+    assert doc["agent"]["requests_in_ctx"] > 0

@@ -134,6 +134,11 @@ def alert_doc(tmp_path: Path) -> dict[str, Any]:
             "etype": ["creation"],
             "file": {"size": 5, "mode": 0o100644, "uid": 33, "gid": 33, "sha256": "ab" * 32, "sample": b"<?php",
                      "gone": False},
+            "ctx": {"pkg": {"own": True, "mgr": "dpkg", "name": "site", "diff": True},
+                    "root": {"in": True, "srv": "nginx", "dir": b"/var/www/html", "url": "/shell.php", "exec": True},
+                    "sig": ["exec_call"],
+                    "req": [{"ts": T - 31, "ip": "203.0.113.7", "m": "POST", "url": "/up.php", "st": 200, "n": 9,
+                             "ua": "curl/8", "ref": "http://x/", "log": "/var/log/nginx/access.log", "w": True}]},
         }  # fmt: skip
         rename = {**detail, "etype": ["change"], "orig": b"/var/www/html/x.tmp"}
         batch = wire.Batch(
@@ -201,3 +206,15 @@ def test_the_checker_sees_a_wrong_type_and_a_field_outside_every_namespace() -> 
     assert violations({"kibana": {"alert": {"nope": 1}}}) == [
         "kibana.alert.nope: not in Elastic's alert schema and not under rarewrite.*"
     ]
+
+
+def test_follow_up_and_response_documents_are_ecs_too() -> None:
+    from agent.collector import responses
+
+    req = {"ts": T, "ip": "203.0.113.7", "m": "GET", "url": "/s.php?c=id", "st": 200, "n": 3, "w": False}
+    note = (T - 5, b"/usr/sbin/php-fpm8.2", b"/var/www/html/s.php", "req", {"reqs": [req]})
+    [fu] = responses.followup_docs("a", "web-01", note, [("alert-1", "rule-1")], T)
+    act = (T - 5, note[1], note[2], "act", {"act": {"id": 1, "alert": "alert-1", "result": "quarantined",
+                                                    "qid": "q" * 32}})  # fmt: skip
+    for doc in (fu, responses.action_doc("a", "web-01", act, T)):
+        assert violations(doc) == [], doc

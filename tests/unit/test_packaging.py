@@ -17,7 +17,7 @@ import pytest
 
 import agent
 from agent.shared.config.load import load
-from agent.shared.config.schema import AGENT_KEYS, COLLECTOR_KEYS, RULE_KEYS, Config
+from agent.shared.config.schema import AGENT_KEYS, COLLECTOR_KEYS, ENRICH_KEYS, RULE_KEYS, Config
 from agent.shared.recommended import RECOMMENDED
 from agent.shared.rule import Rule
 from tests.support import packages, procs
@@ -178,6 +178,8 @@ def test_reference_config_documents_every_key(name: str, section: str, spec: Map
     keys = commented_keys(path)
     assert keys[section] == set(spec)
     assert keys["rule"] == set(RULE_KEYS) | ({"exceptions"} if name == "collector.conf" else set())
+    if name == "agent.conf":
+        assert keys["enrich"] == set(ENRICH_KEYS)
 
 
 @pytest.mark.parametrize("name", ["agent.conf", "collector.conf"])

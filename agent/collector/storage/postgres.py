@@ -48,6 +48,7 @@ from typing import Any, Optional
 
 import msgpack
 
+from agent.collector.storage import notes
 from agent.collector.storage.base import (
     ENROLL_BAD_TOKEN,
     ENROLL_NEW,
@@ -108,7 +109,7 @@ except ImportError as e:  # pragma: no cover - depends on the install
     ) from e
 
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 _EPOCH_SQL = (
     "INSERT INTO epochs(agent_ref, epoch, last_seq, last_sent_at) VALUES (%s, %s, %s, %s) "
     "ON CONFLICT (agent_ref, epoch) DO UPDATE SET last_seq = excluded.last_seq, "
@@ -285,11 +286,16 @@ def _v4(conn: psycopg.Connection[Any]) -> None:
     conn.execute(_V4.encode())
 
 
+def _v5(conn: psycopg.Connection[Any]) -> None:
+    conn.execute(notes.NOTES_SCHEMA.format(**notes.PG_TYPES).encode())
+
+
 MIGRATIONS: tuple[Migration[psycopg.Connection[Any]], ...] = (
     Migration(1, "initial schema, events partitioned by hour", _v1),
     Migration(2, "who wrote each event (actors) for exceptions; alert suppression", _v2),
     Migration(3, "agents' health from heartbeats; per-host enrollment tokens", _v3),
     Migration(4, "several rules: the new-terms history and its new events", _v4),
+    Migration(5, "what came after an alert's events: agents' notes, response actions", _v5),
 )
 
 # One statement, one snapshot. The window is a range on ts (partition pruning,
@@ -786,6 +792,8 @@ class PgStore:
                 )
         if terms:
             self._terms(conn, agent, batch.host_id, terms, now_ms)
+        if batch.notes:
+            _store_notes(conn, agent, batch, now_ms)
         conn.execute("UPDATE agents SET last_seen_ms = %s WHERE ref = %s", (now_ms, agent.ref))
         return "stored"
 
@@ -978,6 +986,33 @@ class PgStore:
             out.append(StoredEvent(int(ts), str(agent_id), str(host), d, w))
         return out
 
+    def notes_for(self, pair: Pair, lo_ms: int, hi_ms: int) -> list[notes.Note]:
+        """The notes about the pair's events with lo <= ts <= hi, in arrival order."""
+        with self._errors("reading notes"):
+            got = self._conn().execute(_pg(notes.NOTES_FOR_SQL), (notes.note_pkey(*pair), lo_ms, hi_ms))
+            return [notes.note_of(r) for r in got.fetchall()]
+
+    def alerts_about(self, pair: Pair, event_ts: int) -> list[tuple[str, str]]:
+        """(alert id, rule id) of the alerts whose window holds the pair's event at ``event_ts``."""
+        with self._errors("reading alerts"):
+            got = self._conn().execute(
+                "SELECT alert_id, rule_id FROM alerts WHERE at_ms >= %s AND first_ts <= %s "
+                "AND exe IS NOT DISTINCT FROM %s AND path IS NOT DISTINCT FROM %s "
+                "AND folded_into IS NULL ORDER BY at_ms",
+                (event_ts, event_ts, *pair),
+            )
+            return [(str(a), str(r)) for a, r in got.fetchall()]
+
+    def queue_actions(self, rows: Sequence[notes.ActionRow]) -> None:
+        """(alert id, rule id, exe, path, now, agent id): ask that agent to act once (again: nothing)."""
+        with self._write("queueing actions") as conn, conn.cursor() as cur:
+            cur.executemany(_pg(notes.ACTION_INSERT_SQL), rows)
+
+    def pending_actions(self, agent_ref: int) -> list[notes.Action]:
+        with self._errors("reading actions"):
+            got = self._conn().execute(_pg(notes.PENDING_SQL), (agent_ref, notes.MAX_PENDING))
+            return [notes.action_of(r) for r in got.fetchall()]
+
     def gaps_overlapping(self, start_ms: int, end_ms: int) -> list[GapRow]:
         with self._errors("reading gaps"):
             got = (
@@ -1112,6 +1147,8 @@ class PgStore:
             conn.execute("DELETE FROM term_hits WHERE ts < %s AND received_ms < %s", (before_ms, before_ms))
             conn.execute("DELETE FROM batches WHERE received_ms < %s", (before_ms,))
             conn.execute("DELETE FROM alerts WHERE at_ms < %s", (before_ms - 7 * 86_400_000,))
+            conn.execute(_pg(notes.PRUNE_NOTES_SQL), (before_ms,))
+            conn.execute(_pg(notes.PRUNE_ACTIONS_SQL), (before_ms - 7 * 86_400_000,))
             conn.execute(
                 "DELETE FROM schedule_runs WHERE started_at < now() - interval '7 days'",
             )
@@ -1139,3 +1176,15 @@ class PgStore:
             "gaps": {str(k): int(v) for k, v in gaps},
             "alerts": int(alerts[0]) if alerts else 0,
         }
+
+
+def _pg(sql: str) -> str:
+    """A shared statement (``?`` placeholders) in psycopg's style."""
+    return sql.replace("?", "%s")
+
+
+def _store_notes(conn: psycopg.Connection[Any], agent: AgentRecord, batch: wire.RowBatch, now: int) -> None:
+    """The batch's notes, and the actions its reports finish, in its transaction."""
+    with conn.cursor() as cur:
+        cur.executemany(_pg(notes.NOTE_INSERT_SQL), notes.note_rows(agent.ref, batch.notes, now))
+        cur.executemany(_pg(notes.ACTION_DONE_SQL), notes.action_reports(agent.ref, batch.notes, now))

@@ -9,7 +9,7 @@ Durability: the file runs in WAL mode with ``synchronous=FULL``, so a
 server sends a 2xx for a batch only after :meth:`CollectorStore.ingest`
 returned, i.e. after that durable commit.
 
-Schema (version 5)::
+Schema (version 6)::
 
     meta(key PK, value)                         schema_version
     agents(ref PK, agent_id UNIQUE, host_ref, key_hash UNIQUE, revoked,
@@ -42,6 +42,10 @@ Schema (version 5)::
                                                 combination (agent.collector.terms)
     term_hits(id PK, rule_id, ts, received_ms, agent_ref, host_id, exe, path,
               detail, actor)                    the new events of new-terms rules
+    notes(id PK, agent_ref, pkey, event_ts, kind, received_ms, body)
+    actions(id PK, agent_ref, alert_id, rule_id, exe, path, created_ms, done_ms, result)
+                                                what came after an alert's events
+                                                (agent.collector.storage.notes)
 
 Versions: a file with a newer version is refused; an older one is migrated
 in place, in one transaction, by any writer that opens it (``collector
@@ -71,6 +75,7 @@ from urllib.parse import quote
 
 import msgpack
 
+from agent.collector.storage import notes
 from agent.collector.storage.base import (
     ENROLL_BAD_TOKEN,
     ENROLL_NEW,
@@ -114,7 +119,7 @@ from agent.shared.rule import Row, Rule
 
 log = logging.getLogger("rarewrite.collector.store")
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 BUSY_TIMEOUT_MS = 5000
 PAIR_CACHE_MAX = 65_536  # pair refs the writer keeps in memory (about 10 MB at most)
 _TERMS_SCHEMA = """
@@ -230,6 +235,7 @@ CREATE INDEX IF NOT EXISTS alerts_at ON alerts(at_ms);
 CREATE INDEX IF NOT EXISTS alerts_skey ON alerts(rule_id, skey, at_ms);
 """
     + _TERMS_SCHEMA
+    + notes.NOTES_SCHEMA.format(**notes.SQLITE_TYPES)
 )
 
 _META_SQL = f"INSERT OR REPLACE INTO meta(key, value) VALUES ('schema_version', '{SCHEMA_VERSION}');"  # noqa: S608
@@ -293,11 +299,18 @@ def _migrate_v5(conn: sqlite3.Connection) -> None:
             conn.execute(stmt)
 
 
+def _migrate_v6(conn: sqlite3.Connection) -> None:
+    for stmt in notes.NOTES_SCHEMA.format(**notes.SQLITE_TYPES).split(";"):
+        if stmt.strip():
+            conn.execute(stmt)
+
+
 MIGRATIONS: tuple[Migration[sqlite3.Connection], ...] = (
     Migration(2, "pairs keyed in (exe, path) order; events indexed by (pair, ts) and (ts)", _migrate_v2),
     Migration(3, "who wrote each event (actors) for exceptions; alert suppression", _migrate_v3),
     Migration(4, "agents' health from heartbeats; per-host enrollment tokens", _migrate_v4),
     Migration(5, "several rules: the new-terms history and its new events", _migrate_v5),
+    Migration(6, "what came after an alert's events: agents' notes, response actions", _migrate_v6),
 )
 
 # The rule's rows at T in two statements, both ranking pairs by
@@ -700,6 +713,9 @@ class CollectorStore:
                 )
             if terms:
                 self._terms(conn, agent, rb.host_id, terms, now_ms)
+            if rb.notes:
+                conn.executemany(notes.NOTE_INSERT_SQL, notes.note_rows(agent.ref, rb.notes, now_ms))
+                conn.executemany(notes.ACTION_DONE_SQL, notes.action_reports(agent.ref, rb.notes, now_ms))
             conn.execute("UPDATE agents SET last_seen_ms=? WHERE ref=?", (now_ms, agent.ref))
         # Committed: what this batch learnt about its pairs and actors is now true.
         self._local.actors.update(new_actors)
@@ -1077,12 +1093,44 @@ class CollectorStore:
             conn.execute("DELETE FROM term_hits WHERE ts < ? AND received_ms < ?", (before_ms, before_ms))
             conn.execute("DELETE FROM batches WHERE received_ms < ?", (before_ms,))
             conn.execute("DELETE FROM alerts WHERE at_ms < ?", (before_ms - 7 * 86_400_000,))
+            conn.execute(notes.PRUNE_NOTES_SQL, (before_ms,))
+            conn.execute(notes.PRUNE_ACTIONS_SQL, (before_ms - 7 * 86_400_000,))
             # A pair whose newest event is older than the cutoff has no event left,
             # unless one arrived late; check inside this transaction.
             if conn.execute("SELECT 1 FROM events WHERE ts < ? LIMIT 1", (before_ms,)).fetchone() is None:
                 conn.execute("DELETE FROM pairs WHERE last_ts < ?", (before_ms,))
                 self._pair_cache().clear()
         return total
+
+    def notes_for(self, pair: Pair, lo_ms: int, hi_ms: int) -> list[notes.Note]:
+        """The notes about the pair's events with lo <= ts <= hi, in arrival order."""
+        with _db_errors("reading notes"):
+            got = self._conn().execute(notes.NOTES_FOR_SQL, (notes.note_pkey(*pair), lo_ms, hi_ms)).fetchall()
+        return [notes.note_of(r) for r in got]
+
+    def alerts_about(self, pair: Pair, event_ts: int) -> list[tuple[str, str]]:
+        """(alert id, rule id) of the alerts whose window holds the pair's event at ``event_ts``."""
+        with _db_errors("reading alerts"):
+            got = (
+                self._conn()
+                .execute(
+                    "SELECT alert_id, rule_id FROM alerts WHERE at_ms >= ? AND first_ts <= ? AND exe IS ? "
+                    "AND path IS ? AND folded_into IS NULL ORDER BY at_ms",
+                    (event_ts, event_ts, *pair),
+                )
+                .fetchall()
+            )
+        return [(str(a), str(r)) for a, r in got]
+
+    def queue_actions(self, rows: Sequence[notes.ActionRow]) -> None:
+        """(alert id, rule id, exe, path, now, agent id): ask that agent to act once (again: nothing)."""
+        with self._write("queueing actions") as conn:
+            conn.executemany(notes.ACTION_INSERT_SQL, rows)
+
+    def pending_actions(self, agent_ref: int) -> list[notes.Action]:
+        with _db_errors("reading actions"):
+            got = self._conn().execute(notes.PENDING_SQL, (agent_ref, notes.MAX_PENDING)).fetchall()
+        return [notes.action_of(r) for r in got]
 
     def counts(self) -> dict[str, Any]:
         """Small gauges for /metrics."""

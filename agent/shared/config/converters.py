@@ -231,3 +231,43 @@ def subset(text_: str, allowed: Sequence[str]) -> tuple[str, ...]:
     if bad:
         raise ValueError(f"{', '.join(bad)} not allowed (choose from: {', '.join(allowed)})")
     return items
+
+
+_WEB_ROOT = re.compile(r"(/[^:@]*)(?::([a-z0-9*.,]+))?(?:@(/\S*))?\Z", re.IGNORECASE)
+ACCESS_LOG_FORMATS = ("combined", "common", "vhost_combined")
+
+
+def web_root_specs(text_: str) -> tuple[str, ...]:
+    """``auto`` (the web servers' own configs) and/or ``DIR[:EXT,EXT][@/URL]``
+    entries, e.g. ``/srv/shop:php,phtml@/shop`` (split at white space only:
+    the commas belong to the extension list)."""
+    items = tuple(text_.split())
+    bad = [w for w in items if w != "auto" and not _WEB_ROOT.match(w)]
+    if bad:
+        raise ValueError(f"{', '.join(bad)}: write auto or DIR[:EXT,EXT][@/URL] (e.g. /srv/site:php,phtml)")
+    return items
+
+
+def access_log_specs(text_: str) -> tuple[tuple[str, str], ...]:
+    """One log a line: ``auto`` (the logs the server configs name), or ``PATH
+    [FORMAT]``: FORMAT is combined (the default), common, vhost_combined, an
+    nginx log_format string ($remote_addr ...) or an Apache LogFormat one (%h ...)."""
+    out = []
+    for raw_line in text_.strip().splitlines():
+        line = raw_line.strip()
+        if not line:
+            continue
+        log_path, _, fmt = line.partition(" ")
+        fmt = fmt.strip().strip("'\"") or ("" if log_path == "auto" else "combined")
+        if log_path == "auto":
+            if fmt:
+                raise ValueError("auto takes no format (the server configs name each log's)")
+        elif not log_path.startswith("/"):
+            raise ValueError(f"{log_path!r}: a log path must be absolute (or auto)")
+        elif fmt not in ACCESS_LOG_FORMATS and "$" not in fmt and "%" not in fmt:
+            raise ValueError(
+                f"{fmt!r}: a format is {', '.join(ACCESS_LOG_FORMATS)}, "
+                "an nginx log_format string or an Apache LogFormat string"
+            )
+        out.append((log_path, fmt))
+    return tuple(out)

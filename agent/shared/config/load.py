@@ -26,6 +26,7 @@ from agent.shared.config.rule_sections import rule_sections
 from agent.shared.config.schema import (
     AGENT_KEYS,
     COLLECTOR_KEYS,
+    ENRICH_KEYS,
     OUTPUT_KEYS,
     OUTPUT_TYPES,
     REQUIRED,
@@ -33,6 +34,7 @@ from agent.shared.config.schema import (
     AgentConfig,
     CollectorConfig,
     Config,
+    EnrichConfig,
     OutputConfig,
     build_section,
 )
@@ -93,6 +95,7 @@ def load(
     rules = rule_sections(raw, rule.rule_id, problems)
     agent = build_section(AgentConfig(), AGENT_KEYS, raw.pop("agent", {}), problems)
     collector = build_section(CollectorConfig(), COLLECTOR_KEYS, raw.pop("collector", {}), problems)
+    enrich = build_section(EnrichConfig(), ENRICH_KEYS, raw.pop("enrich", {}), problems)
     outputs = []
     for section in sorted(raw):
         entries = raw[section]
@@ -102,12 +105,12 @@ def load(
             where = next(iter(entries.values()))[1].split(":")[0] if entries else ""
             problems.append(
                 f"{where}: [{section}] is not a known section "
-                "(rule, rule.KEY, agent, collector, output.NAME, exception.NAME)"
+                "(rule, rule.KEY, agent, collector, enrich, output.NAME, exception.NAME)"
             )
     problems.extend(_cross_checks(rule, agent, collector))
     if problems:
         raise ConfigError(problems)
-    return Config(rule, rules, agent, collector, tuple(outputs), tuple(read))
+    return Config(rule, rules, agent, collector, enrich, tuple(outputs), tuple(read))
 
 
 def _rule(

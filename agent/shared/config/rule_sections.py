@@ -88,6 +88,7 @@ _COMMON: dict[str, tuple[str, Callable[[str], Any]]] = {
     "risk_score": ("risk_score", integer(0, 100)),
     "building_block": ("building_block", boolean),
     "tags": ("tags", words),
+    "quarantine": ("quarantine", boolean),
 }
 KEYS: Mapping[str, Mapping[str, tuple[str, Callable[[str], Any]]]] = {
     NEW_TERMS: {

@@ -10,6 +10,7 @@ from typing import Any, TypeVar, Union
 
 from agent.shared.config.converters import (
     abs_paths,
+    access_log_specs,
     agent_id,
     app_name,
     boolean,
@@ -30,6 +31,7 @@ from agent.shared.config.converters import (
     syslog_address,
     text,
     url,
+    web_root_specs,
     words,
 )
 from agent.shared.rule import Rule
@@ -65,6 +67,28 @@ class AgentConfig:
     file_facts: bool = True
     hash_max_bytes: int = 1 << 20
     log_level: str = "info"
+
+
+@dataclass(frozen=True)
+class EnrichConfig:
+    """``[enrich]``: what the agent adds to an event that may become an alert
+    (read on the host, 1 s after the write), and the opt-in response."""
+
+    enabled: bool = True
+    packages: bool = True  # dpkg/rpm ownership, and whether the file differs from the packaged one
+    web_roots: tuple[str, ...] = ("auto",)  # "auto": from the server configs; or DIR[:EXTS][@URL]
+    server_configs: tuple[str, ...] = (
+        "/etc/nginx/nginx.conf", "/etc/apache2/apache2.conf", "/etc/httpd/conf/httpd.conf",
+    )  # fmt: skip
+    access_logs: tuple[tuple[str, str], ...] = (("auto", ""),)  # (path, format); "auto": the configs' logs
+    request_window_ms: int = 5000  # requests this close to the write are its candidates
+    followup_ms: int = 600_000  # requests for the new file this long after it are follow-ups
+    content: bool = True
+    content_max_bytes: int = 1 << 20  # larger files are not scanned
+    content_rate: int = 20  # files scanned a second at most
+    yara_rules: str = ""  # a directory of .yar files (needs python3-yara); empty: none
+    quarantine_dir: str = "/var/lib/rarewrite/quarantine"
+    quarantine_stub: bool = False  # leave an empty, mode-000 file where a quarantined one was
 
 
 @dataclass(frozen=True)
@@ -113,6 +137,7 @@ class Config:
     rules: tuple[Union[NewTermsRule, OutbreakRule], ...] = field(default_factory=default_rules)  # [rule.KEY]
     agent: AgentConfig = field(default_factory=AgentConfig)
     collector: CollectorConfig = field(default_factory=CollectorConfig)
+    enrich: EnrichConfig = field(default_factory=EnrichConfig)
     outputs: tuple[OutputConfig, ...] = ()
     files: tuple[str, ...] = ()
 
@@ -177,6 +202,7 @@ RULE_KEYS: Spec = {
     "suppress_by": ("suppress_by", lambda t: subset(t, SUPPRESS_FIELDS) if words(t) else ()),
     "suppress_for": ("suppress_for_ms", duration_ms),
     "suppress_missing": ("suppress_missing", choice("suppress", "do_not_suppress")),
+    "quarantine": ("quarantine", boolean),
 }
 
 
@@ -204,6 +230,23 @@ AGENT_KEYS: Spec = {
     "file_facts": ("file_facts", boolean),
     "hash_max_bytes": ("hash_max_bytes", size_bytes),
     "log_level": ("log_level", choice("debug", "info", "warning", "error")),
+}
+
+
+ENRICH_KEYS: Spec = {
+    "enabled": ("enabled", boolean),
+    "packages": ("packages", boolean),
+    "web_roots": ("web_roots", web_root_specs),
+    "server_configs": ("server_configs", abs_paths),
+    "access_logs": ("access_logs", access_log_specs),
+    "request_window": ("request_window_ms", duration_ms),
+    "followup": ("followup_ms", duration_ms),
+    "content": ("content", boolean),
+    "content_max_bytes": ("content_max_bytes", size_between(1024, 64 << 20)),
+    "content_rate": ("content_rate", integer(1, 10_000)),
+    "yara_rules": ("yara_rules", path),
+    "quarantine_dir": ("quarantine_dir", required_path),
+    "quarantine_stub": ("quarantine_stub", boolean),
 }
 
 

@@ -10,6 +10,8 @@ import msgpack
 
 from agent.shared.errors import VersionError, WireError
 from agent.shared.events import Actor
+from agent.shared.wire.context import context_map, note_record
+from agent.shared.wire.fields import _bin, _int, _list, _map, _str
 from agent.shared.wire.format import (
     _HEX32,
     ACTIONS,
@@ -114,44 +116,6 @@ def unpack(body: bytes) -> Any:
         raise WireError(f"not well-formed msgpack ({type(e).__name__})") from None
 
 
-def _int(v: Any, path: str, lo: int = 0, hi: int = MAX_TS) -> int:
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise WireError(f"must be an integer, got {type(v).__name__}", path)
-    if not lo <= v <= hi:
-        raise WireError(f"must be in [{lo}, {hi}], got {v}", path)
-    return v
-
-
-def _str(v: Any, path: str, limit: int = MAX_STR, empty: bool = True) -> str:
-    if not isinstance(v, str):
-        raise WireError(f"must be a string, got {type(v).__name__}", path)
-    if len(v) > limit or (not empty and not v):
-        raise WireError(f"length {len(v)} outside [{0 if empty else 1}, {limit}]", path)
-    return v
-
-
-def _bin(v: Any, path: str, nil: bool = True) -> Optional[bytes]:
-    if v is None and nil:
-        return None
-    if not isinstance(v, bytes):
-        raise WireError(f"must be bin{' or nil' if nil else ''}, got {type(v).__name__}", path)
-    if not v:
-        raise WireError("must not be empty", path)
-    return v
-
-
-def _list(v: Any, path: str) -> list[Any]:
-    if not isinstance(v, list):
-        raise WireError(f"must be an array, got {type(v).__name__}", path)
-    return v
-
-
-def _map(v: Any, path: str) -> dict[str, Any]:
-    if not isinstance(v, dict):
-        raise WireError(f"must be a map, got {type(v).__name__}", path)
-    return v
-
-
 _DETAIL_INT = ("pid", "ppid", "vpid")
 _DETAIL_STR = ("pname", "cmd", "uid", "uname", "attr", "ppname")
 _DETAIL_BIN = ("orig", "ppexe", "hpath")
@@ -179,6 +143,8 @@ def _detail(e: dict[str, Any], path: str) -> dict[str, Any]:
         out["ctr"] = {
             k: _str(c[k], f"{path}.ctr.{k}", MAX_CTR) for k in _CONTAINER_STR if c.get(k) is not None
         }
+    if e.get("ctx") is not None:
+        out["ctx"] = context_map(e["ctx"], f"{path}.ctx")
     return out
 
 
@@ -229,6 +195,7 @@ def rows_of(batch: Batch | RowBatch) -> RowBatch:
         batch.event_rules,
         batch.count_rules,
         batch.host_id,
+        batch.notes,
     )
 
 
@@ -260,14 +227,15 @@ def _actors(raw: Any, n_counts: int) -> list[Optional[Actor]]:
 _HDR = tuple[int, str, str, int, str, str, int]
 _Ev = tuple[int, str, Optional[bytes], Optional[bytes], dict[str, Any]]
 _Ct = tuple[Optional[bytes], Optional[bytes], tuple[int, ...]]
+_Note = tuple[int, Optional[bytes], Optional[bytes], str, bytes]
 _CtA = tuple[Optional[bytes], Optional[bytes], tuple[int, ...], Optional[Actor]]
 
 # Detail fields by kind, for the fast path (one dict lookup per field present).
-_K_INT31, _K_STR, _K_BIN, _K_ETYPE, _K_FILE, _K_CTR = range(6)
+_K_INT31, _K_STR, _K_BIN, _K_ETYPE, _K_FILE, _K_CTR, _K_CTX = range(7)
 _KIND = {k: _K_INT31 for k in _DETAIL_INT}
 _KIND.update({k: _K_STR for k in _DETAIL_STR})
 _KIND.update({k: _K_BIN for k in _DETAIL_BIN})
-_KIND.update({"etype": _K_ETYPE, "file": _K_FILE, "ctr": _K_CTR})
+_KIND.update({"etype": _K_ETYPE, "file": _K_FILE, "ctr": _K_CTR, "ctx": _K_CTX})
 _FILE_KIND = {k: 0 for k in _FILE_INT}
 _FILE_KIND.update({"sha256": 1, "sample": 2, "gone": 3})
 _INT31 = (1 << 31) - 1
@@ -284,6 +252,13 @@ def _container_fast(v: Any) -> Optional[dict[str, str]]:
                 return None
             out[k] = x
     return out
+
+
+def _context_fast(v: Any) -> Optional[dict[str, Any]]:
+    try:
+        return context_map(v, "ctx")
+    except WireError:
+        return None
 
 
 def _event_fast(e: Any) -> Optional[_Ev]:  # noqa: PLR0912 - the decoder's hot path: one pass, few calls
@@ -333,6 +308,11 @@ def _event_fast(e: Any) -> Optional[_Ev]:  # noqa: PLR0912 - the decoder's hot p
             if ctr is None:
                 return None
             out[k] = ctr
+            continue
+        elif t == _K_CTX:  # rare (an event's first few in the hour): the one validator
+            out[k] = _context_fast(v)
+            if out[k] is None:
+                return None
             continue
         else:
             if type(v) is not dict:
@@ -435,7 +415,7 @@ def _rule_fields(doc: dict[str, Any], n_events: int, n_counts: int) -> _Rules:
     return rules, out[0], out[1], host_id
 
 
-def _decode(body: bytes) -> tuple[_HDR, list[_Ev], list[_CtA], list[GapRecord], _Rules]:
+def _decode(body: bytes) -> tuple[_HDR, list[_Ev], list[_CtA], list[GapRecord], _Rules, tuple[_Note, ...]]:
     """Validate a batch body completely; raise WireError naming the field."""
     doc = _map(unpack(body), "batch")
     v = doc.get("v")
@@ -481,18 +461,21 @@ def _decode(body: bytes) -> tuple[_HDR, list[_Ev], list[_CtA], list[GapRecord], 
                 start, end, _int(g.get("lost", 0), f"{p}.lost"), _str(g.get("reason"), f"{p}.reason", 64)
             )
         )
-    if len(events) + n_times + len(gaps) > MAX_RECORDS:
+    raw_notes = _list(doc.get("notes", []), "notes")
+    notes = tuple(note_record(raw, f"notes[{i}]") for i, raw in enumerate(raw_notes))
+    if len(events) + n_times + len(gaps) + len(notes) > MAX_RECORDS:
         raise WireError(f"more than {MAX_RECORDS} records", "batch")
-    if not events and not counts and not gaps:
+    if not events and not counts and not gaps and not notes:
         raise WireError("holds no record", "batch")
     with_actors = [(exe, path, times, a) for (exe, path, times), a in zip(counts, actors)]
     rules = _rule_fields(doc, len(events), len(counts))
-    return (v, batch_id, epoch, seq, agent_id, host_name, sent_at), events, with_actors, gaps, rules
+    return (v, batch_id, epoch, seq, agent_id, host_name, sent_at), events, with_actors, gaps, rules, notes
 
 
 def decode_batch(body: bytes) -> Batch:
     """Validate a batch body completely; raise WireError naming the field."""
-    (v, batch_id, epoch, seq, agent_id, host_name, sent_at), events, counts, gaps, rules = _decode(body)
+    head, events, counts, gaps, rules, notes = _decode(body)
+    v, batch_id, epoch, seq, agent_id, host_name, sent_at = head
     return Batch(
         batch_id,
         epoch,
@@ -505,6 +488,7 @@ def decode_batch(body: bytes) -> Batch:
         tuple(gaps),
         v,
         *rules,
+        notes,
     )
 
 
@@ -512,7 +496,8 @@ def decode_rows(body: bytes) -> RowBatch:
     """:func:`decode_batch` (the same checks, the same errors), in storage form:
     each event's detail packed once here, the pair keys computed. The collector
     runs this in a worker process, so decoding and the store use two cores."""
-    (v, batch_id, epoch, seq, agent_id, host_name, sent_at), events, counts, gaps, rules = _decode(body)
+    head, events, counts, gaps, rules, notes = _decode(body)
+    v, batch_id, epoch, seq, agent_id, host_name, sent_at = head
     pack = msgpack.Packer(use_bin_type=True).pack
     return RowBatch(
         batch_id,
@@ -529,4 +514,5 @@ def decode_rows(body: bytes) -> RowBatch:
         tuple(gaps),
         v,
         *rules,
+        notes,
     )

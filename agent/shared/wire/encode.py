@@ -3,6 +3,7 @@ event, and the batch map they are spliced into (format: :mod:`.format`)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import msgpack
@@ -247,14 +248,20 @@ def _cut(text: str) -> str:
     return text if len(text) <= MAX_CMD else text[: MAX_CMD - 3] + "..."
 
 
-def pack_batch(head: dict[str, Any], events: list[bytes], gaps: list[bytes]) -> bytes:
-    """The batch map with the stored event and gap maps spliced in as bytes:
-    the same msgpack as packing the decoded records, without decoding them."""
+def pack_batch(
+    head: dict[str, Any], events: list[bytes], gaps: list[bytes], notes: Sequence[bytes] = ()
+) -> bytes:
+    """The batch map with the stored event, gap and note maps spliced in as
+    bytes: the same msgpack as packing the decoded records, without decoding
+    them (``notes`` only when there are some: an older collector never sees it)."""
     packer = msgpack.Packer(use_bin_type=True)
-    out = [packer.pack_map_header(len(head) + 2)]
+    out = [packer.pack_map_header(len(head) + 2 + bool(notes))]
     out.extend(packer.pack(k) + packer.pack(v) for k, v in head.items())
     out.append(packer.pack("events") + packer.pack_array_header(len(events)))
     out.extend(events)
     out.append(packer.pack("gaps") + packer.pack_array_header(len(gaps)))
     out.extend(gaps)
+    if notes:
+        out.append(packer.pack("notes") + packer.pack_array_header(len(notes)))
+        out.extend(notes)
     return b"".join(out)

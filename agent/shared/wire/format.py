@@ -14,6 +14,7 @@ A batch is one msgpack map (string keys), sent as the body of
       "events": [ <event>, ... ],  # full detail, while a pair is locally rare
       "counts": [ <count>, ... ],  # timestamps only, once it is not
       "gaps":   [ <gap>, ... ],    # what the agent knows it lost
+      "notes":  [ <note>, ... ],   # optional: enrichment that came after its event
     }
 
 ``<event>`` is a map: ``ts`` (int ms), ``action`` ("creation" | "rename"),
@@ -24,7 +25,9 @@ A batch is one msgpack map (string keys), sent as the body of
 ``sha256`` str, ``sample`` bin, ``gone`` bool); for a writer in a container
 (``path`` and ``exe`` then the container's), ``ctr`` (map: ``id``, ``rt``,
 ``name``, ``image`` str), ``vpid`` (int, the pid inside) and ``hpath`` (bin,
-where the host sees the file). A collector ignores detail it does not know.
+where the host sees the file); ``ctx`` (map, the enrichment: package, web
+root, content signals, requests; :mod:`agent.shared.wire.context`, with
+``<note>``). A collector ignores detail it does not know.
 
 ``<count>`` is ``[exe, path, [t0, d1, d2, ...]]``: the pair's event times,
 sorted, the first absolute and each next one a non-negative delta in ms.
@@ -135,6 +138,7 @@ class Batch:
     event_rules: tuple[int, ...] = ()
     count_rules: tuple[int, ...] = ()
     host_id: str = ""
+    notes: tuple[tuple[int, Optional[bytes], Optional[bytes], str, bytes], ...] = ()  # as RowBatch
 
     def size(self) -> int:
         """Records in the batch, each count time counting as one."""
@@ -169,6 +173,8 @@ class RowBatch:
     event_rules: tuple[int, ...] = ()
     count_rules: tuple[int, ...] = ()
     host_id: str = ""
+    # (event ts, exe, path, kind, msgpack body): see agent.shared.wire.context
+    notes: tuple[tuple[int, Optional[bytes], Optional[bytes], str, bytes], ...] = ()
 
     def events_total(self) -> int:
         """Events in the batch, each count time counting as one."""

@@ -1,0 +1,325 @@
+"""The analyst's first questions, answered on the host when a detailed
+event's facts are read (1 s after the write): does a package own the file
+(and does it differ from the packaged one), is it in a web root and would
+the server execute it, what is in it, and which web request wrote it.
+
+Only detailed events get here (a pair's first few in the agent's hour: the
+ones an alert can show), so the cost is per candidate, not per event. Then,
+for ``followup`` after the write, the requests for the new file (the
+attacker calling the shell) and late log lines of the write's window go to
+the collector as ``req`` notes (:mod:`agent.shared.wire.context`).
+
+A container's file is judged by the host's servers and packages only when
+the container sees it at the host's path; else only its content is read.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import OrderedDict, deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from agent.sensor.enrich.accesslog import AccessLogs, Request, compile_format, url_path
+from agent.sensor.enrich.content import ContentScanner
+from agent.sensor.enrich.packages import PackageIndex
+from agent.sensor.enrich.webroots import Placement, WebRoot, WebRoots, configured, discover
+from agent.sensor.outbox import Candidate
+from agent.shared.clock import Clock
+from agent.shared.config.schema import EnrichConfig
+from agent.shared.errors import ConfigError
+from agent.shared.wire.context import MAX_NOTE_REQS, MAX_REQS, MAX_URL
+
+log = logging.getLogger("rarewrite.enrich")
+
+MAX_WATCHES = 2000  # new files whose follow-up requests are watched (the oldest go first)
+WRITE_METHODS = frozenset(("POST", "PUT", "PATCH"))
+_CUTS = (("ip", 64), ("m", 32), ("url", MAX_URL), ("ua", 1024), ("ref", MAX_URL), ("log", 4096))
+
+
+REQUESTS_PER_S = 200  # detailed events a second that get their requests (a burst of sessions must not)
+
+
+@dataclass
+class _Watch:
+    ts_ms: int
+    exe: Optional[bytes]
+    path: Optional[bytes]
+    url: str
+    logs: Optional[frozenset[str]]
+    read_upto: int  # the access logs' sequence number when the event was enriched: later ones are new
+    late: int = 0  # late write-method lines of the write's window sent so far
+
+
+def request_map(r: Request, in_window: bool) -> dict[str, Any]:
+    """One access-log request as a wire ``<req>``, cut to the wire's bounds."""
+    m: dict[str, Any] = {"ts": max(0, r.ts_ms), "st": max(0, min(r.status, 999)), "n": max(0, r.bytes_sent)}
+    for key, value in zip(("ip", "m", "url", "ua", "ref", "log"),
+                          (r.client, r.method, r.url, r.user_agent, r.referer, r.log)):  # fmt: skip
+        if value:
+            m[key] = value
+    for key, limit in _CUTS:
+        if key in m and len(m[key]) > limit:
+            m[key] = m[key][:limit]
+    m["w"] = in_window
+    return m
+
+
+class Enricher:
+    """``enricher(candidate)``: the ``ctx`` map of a detailed event (None when
+    nothing is known); :meth:`poll`: the follow-up notes due."""
+
+    def __init__(
+        self,
+        cfg: EnrichConfig,
+        clock: Clock,
+        packages: Optional[PackageIndex] = None,
+        roots: Optional[WebRoots] = None,
+        logs: Optional[AccessLogs] = None,
+        content: Optional[ContentScanner] = None,
+    ) -> None:
+        self.cfg = cfg
+        self.clock = clock
+        self.packages = packages
+        self.roots = roots
+        self.logs = logs
+        self.content = content
+        self._watches: OrderedDict[str, list[_Watch]] = OrderedDict()  # URL path -> its new files
+        self._recent: deque[_Watch] = deque()  # watches still inside their write window
+        self._n_watches = 0
+        self._seq = 0
+        self._unmatched: list[tuple[int, Request]] = []  # (seq, request) read, not yet matched by poll
+        self._second, self._budget = -1, 0
+        self.counters = {"enriched": 0, "followup_notes": 0, "watches_dropped": 0, "requests_skipped": 0}
+
+    # ------------------------------------------------------------ the event
+
+    def __call__(self, cand: Candidate) -> Optional[dict[str, Any]]:
+        ctx: dict[str, Any] = {}
+        at_host_path = cand.path is None or cand.path == cand.host_path
+        if self.packages is not None and at_host_path and self.packages.available():
+            own = self.packages.owner(cand.host_path)
+            pkg: dict[str, Any] = {"own": own is not None}
+            if own is not None:
+                pkg.update(mgr=own.manager, name=own.package[:256])
+                if own.differs is not None:
+                    pkg["diff"] = own.differs
+            ctx["pkg"] = pkg
+        place = self.roots.place(cand.host_path) if self.roots is not None and at_host_path else None
+        if self.roots is not None and at_host_path:
+            ctx["root"] = _root_map(place)
+        if self.content is not None:
+            signals = self.content.scan(cand.host_path)
+            if signals is not None:
+                ctx["sig"] = list(signals)
+        if self.logs is not None and self._take():
+            ctx["req"] = self._write_requests(cand, place)
+        if ctx:
+            self.counters["enriched"] += 1
+        return ctx or None
+
+    def _write_requests(self, cand: Candidate, place: Optional[Placement]) -> list[dict[str, Any]]:
+        """The requests logged within the window of the write, the likeliest
+        writer first (a method that uploads, then the nearest in time); the
+        file is watched for what comes after."""
+        if self.logs is None:
+            return []
+        self.poll_logs()
+        logs = _log_paths(place)
+        window = self.cfg.request_window_ms
+        near = self.logs.around(cand.ts_ms, window, window, logs)
+        # around() gives them nearest first: the nearest that upload, then the nearest others
+        best = [r for r in near if r.method in WRITE_METHODS][:MAX_REQS]
+        if len(best) < MAX_REQS:
+            best += [r for r in near[: MAX_REQS * 4] if r.method not in WRITE_METHODS][: MAX_REQS - len(best)]
+        if place is not None:
+            self._watch(_Watch(cand.ts_ms, cand.executable, cand.path, url_path(place.url), logs, self._seq))
+        return [request_map(r, True) for r in best]
+
+    def _take(self) -> bool:
+        """One of this second's REQUESTS_PER_S; counted when there is none left."""
+        now = int(self.clock.monotonic())
+        if now != self._second:
+            self._second, self._budget = now, REQUESTS_PER_S
+        if self._budget <= 0:
+            self.counters["requests_skipped"] += 1
+            return False
+        self._budget -= 1
+        return True
+
+    # -------------------------------------------------------------- after it
+
+    def _watch(self, w: _Watch) -> None:
+        self._watches.setdefault(w.url, []).append(w)
+        self._watches.move_to_end(w.url)
+        self._recent.append(w)
+        self._n_watches += 1
+        while self._n_watches > MAX_WATCHES:
+            _, dropped = self._watches.popitem(last=False)
+            self._n_watches -= len(dropped)
+            self.counters["watches_dropped"] += len(dropped)
+
+    def poll_logs(self) -> list[Request]:
+        """The requests logged since the last call."""
+        if self.logs is None:
+            return []
+        self.logs.poll()
+        self._seq, new = self.logs.since(self._seq)
+        first = self._seq - len(new) + 1
+        self._unmatched.extend((first + i, r) for i, r in enumerate(new))
+        return new
+
+    def poll(self) -> list[dict[str, Any]]:
+        """The ``req`` notes of requests logged since the last poll that ask
+        for a watched new file, or fall in a recent write's window and were
+        not sent with it; watches past ``followup`` are dropped."""
+        if self.logs is None:
+            return []
+        self.poll_logs()
+        new, self._unmatched = self._unmatched, []
+        self._expire(self.clock.now_ms())
+        found: dict[int, tuple[_Watch, list[dict[str, Any]]]] = {}
+        window = self.cfg.request_window_ms
+        for seq, r in new:
+            for w in self._watches.get(url_path(r.url), ()):
+                if seq > w.read_upto and r.ts_ms >= w.ts_ms - 1000 and (w.logs is None or r.log in w.logs):
+                    found.setdefault(id(w), (w, []))[1].append(request_map(r, False))
+            if r.method not in WRITE_METHODS:
+                continue  # a late line can only change the answer if it could be the upload
+            for w in self._recent:
+                late = seq > w.read_upto and abs(r.ts_ms - w.ts_ms) <= window and w.late < MAX_REQS
+                if late and (w.logs is None or r.log in w.logs) and url_path(r.url) != w.url:
+                    w.late += 1
+                    found.setdefault(id(w), (w, []))[1].append(request_map(r, True))
+        notes = [
+            {"ts": w.ts_ms, "exe": w.exe, "path": w.path, "kind": "req", "reqs": reqs[i : i + MAX_NOTE_REQS]}
+            for w, reqs in found.values()
+            for i in range(0, len(reqs), MAX_NOTE_REQS)
+        ]
+        self.counters["followup_notes"] += len(notes)
+        return notes
+
+    def _expire(self, now_ms: int) -> None:
+        # a log line can be written a little after its window (a slow response)
+        while self._recent and self._recent[0].ts_ms + 2 * self.cfg.request_window_ms < now_ms:
+            self._recent.popleft()
+        until = now_ms - self.cfg.followup_ms
+        for url in [u for u, ws in self._watches.items() if ws[0].ts_ms < until]:
+            keep = [w for w in self._watches[url] if w.ts_ms >= until]
+            self._n_watches -= len(self._watches[url]) - len(keep)
+            if keep:
+                self._watches[url] = keep
+            else:
+                del self._watches[url]
+
+    def status(self) -> dict[str, Any]:
+        out: dict[str, Any] = dict(self.counters)
+        out["watches"] = self._n_watches
+        out["web_roots"] = len(self.roots) if self.roots is not None else 0
+        if self.logs is not None:  # a few: heartbeats carry at most 100 counters in all
+            out["access_log_lines"] = self.logs.counters.get("lines", 0)
+            out["access_log_unparsed"] = self.logs.counters.get("unparsed", 0)
+        if self.content is not None:
+            out["content_not_scanned"] = sum(self.content.skipped.values())
+        return out
+
+
+def _root_map(place: Optional[Placement]) -> dict[str, Any]:
+    if place is None:
+        return {"in": False}
+    return {
+        "in": True,
+        "srv": place.root.server[:16],
+        "dir": place.root.root,
+        "url": place.url[:MAX_URL],
+        "exec": place.executable,
+    }
+
+
+def _log_paths(place: Optional[Placement]) -> Optional[frozenset[str]]:
+    """The logs of the server block that serves the file (None: every log)."""
+    if place is None or not place.root.access_logs:
+        return None
+    return frozenset(p for p, _ in place.root.access_logs)
+
+
+# ------------------------------------------------------------------ building
+
+
+def _web_roots(cfg: EnrichConfig, problems: list[str]) -> list[WebRoot]:
+    roots: list[WebRoot] = []
+    for spec in cfg.web_roots:
+        if spec == "auto":
+            for found, issues in _discovered(cfg.server_configs):
+                roots.extend(found)
+                for issue in issues:  # a server's config we cannot read is not the agent's error
+                    log.warning("event=web_server_config problem=%r", issue)
+        else:
+            root = configured(spec)
+            if root is None:
+                problems.append(f"[enrich] web_roots: {spec!r} is not DIR[:EXT,EXT][@/URL]")
+            else:
+                roots.append(root)
+    return roots
+
+
+def _discovered(confs: Sequence[str]) -> list[tuple[list[WebRoot], list[str]]]:
+    """discover() over the configured server configs: nginx's by name, the rest Apache's."""
+    nginx = [p for p in confs if "nginx" in os.path.basename(os.path.dirname(p)) + os.path.basename(p)]
+    apache = [p for p in confs if p not in nginx]
+    out = [discover(nginx_conf=None, apache_confs=apache)] if apache else []
+    out.extend(discover(nginx_conf=p, apache_confs=()) for p in nginx)
+    return out
+
+
+def _access_logs(cfg: EnrichConfig, roots: Sequence[WebRoot], problems: list[str]) -> list[tuple[str, str]]:
+    logs: dict[str, str] = {}
+    for log_path, fmt in cfg.access_logs:
+        if log_path == "auto":
+            for root in roots:
+                for p, f in root.access_logs:
+                    logs.setdefault(p, f or "combined")
+        else:
+            logs[log_path] = fmt
+    for log_path, fmt in list(logs.items()):
+        try:
+            compile_format(fmt)
+        except ValueError as e:
+            problems.append(f"[enrich] access_logs: {log_path}: {e}")
+            del logs[log_path]
+    return sorted(logs.items())
+
+
+def build_enricher(cfg: EnrichConfig, clock: Clock) -> Optional[Enricher]:
+    """The agent's enricher (None when ``[enrich] enabled = no``); raises
+    ConfigError listing every web root and log format it cannot use."""
+    if not cfg.enabled:
+        return None
+    problems: list[str] = []
+    roots = _web_roots(cfg, problems)
+    logs = _access_logs(cfg, roots, problems)
+    if problems:
+        raise ConfigError(problems)
+    keep_s = max(900.0, 2 * cfg.request_window_ms / 1000)
+    enricher = Enricher(
+        cfg,
+        clock,
+        packages=PackageIndex() if cfg.packages else None,
+        roots=WebRoots(roots),
+        logs=AccessLogs(logs, keep_s=keep_s) if logs else None,
+        content=(
+            ContentScanner(max_bytes=cfg.content_max_bytes, files_per_s=cfg.content_rate,
+                           yara_rules_dir=cfg.yara_rules or None)
+            if cfg.content else None
+        ),
+    )  # fmt: skip
+    log.info(
+        "event=enrichment web_roots=%d access_logs=%s packages=%s content=%s",
+        len(roots),
+        ",".join(p for p, _ in logs) or "none",
+        "yes" if cfg.packages else "no",
+        "yes" if cfg.content else "no",
+    )
+    return enricher

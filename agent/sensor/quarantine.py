@@ -19,6 +19,7 @@ half-way: until the unlink, the original is still in place.
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import json
 import logging
@@ -138,8 +139,7 @@ class Quarantine:
             now = os.fstat(fd)
             if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
                 raise QuarantineError("the file changed while it was being quarantined")
-            if now.st_dev == os.stat(os.path.dirname(dest)).st_dev:
-                os.rename(path, os.fsencode(dest))
+            if now.st_dev == os.stat(os.path.dirname(dest)).st_dev and _renamed(path, os.fsencode(dest)):
                 os.chmod(dest, 0o600)
                 return _sha256_fd(fd)
             sha = _copy_fd(fd, dest)
@@ -220,9 +220,8 @@ def restore(directory: str, qid: str, now_ms: int, force: bool = False) -> dict[
     os.chmod(src, meta["mode"])
     os.chown(src, meta["uid"], meta["gid"])
     os.utime(src, ns=(meta["atime_ns"], meta["mtime_ns"]))
-    if os.stat(src).st_dev == os.stat(os.path.dirname(path)).st_dev:
-        os.rename(os.fsencode(src), path)  # over the stub, when forced
-    else:
+    same_fs = os.stat(src).st_dev == os.stat(os.path.dirname(path)).st_dev
+    if not (same_fs and _renamed(os.fsencode(src), path)):  # over the stub, when forced
         _restore_copy(src, path, meta)
     os.unlink(os.path.join(entry, META))
     os.rmdir(entry)
@@ -244,6 +243,18 @@ def _restore_copy(src: str, path: bytes, meta: dict[str, Any]) -> None:
     os.utime(tmp, ns=(meta["atime_ns"], meta["mtime_ns"]))
     os.rename(tmp, path)
     os.unlink(src)
+
+
+def _renamed(src: bytes, dest: bytes) -> bool:
+    """rename(2), False where it cannot cross (EXDEV: two mounts of one
+    filesystem, such as a service's ReadWritePaths= bind mounts)."""
+    try:
+        os.rename(src, dest)
+    except OSError as e:
+        if e.errno == errno.EXDEV:
+            return False
+        raise
+    return True
 
 
 def _sha256_fd(fd: int) -> str:

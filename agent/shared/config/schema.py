@@ -87,7 +87,7 @@ class EnrichConfig:
     content_max_bytes: int = 1 << 20  # larger files are not scanned
     content_rate: int = 20  # files scanned a second at most
     yara_rules: str = ""  # a directory of .yar files (needs python3-yara); empty: none
-    quarantine_dir: str = "/var/lib/rarewrite/quarantine"
+    quarantine_dir: str = "/var/lib/rarewrite/agent/quarantine"
     quarantine_stub: bool = False  # leave an empty, mode-000 file where a quarantined one was
 
 

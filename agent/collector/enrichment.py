@@ -17,6 +17,8 @@ from typing import Any
 from agent.collector.storage.notes import Note
 from agent.shared.text import iso, visible
 
+MAX_NOTES = 16  # notes about one event in its alert (an agent sends 64 follow-ups a file at most)
+
 
 def request_fields(r: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"@timestamp": iso(r["ts"])}
@@ -85,4 +87,4 @@ def with_notes(events: list[dict[str, Any]], notes: Sequence[Note]) -> None:
     for doc in events:
         got = by_event.get((doc.get("agent.id", ""), doc.get("@timestamp", "")))
         if got:
-            doc.update(notes_fields(got))
+            doc.update(notes_fields(got[:MAX_NOTES]))

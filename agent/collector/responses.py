@@ -12,6 +12,7 @@ what they are about, so a resent note never makes a second one.
 from __future__ import annotations
 
 import base64
+import json
 import uuid
 from collections.abc import Collection, Iterable, Sequence
 from typing import Any, Optional
@@ -157,9 +158,16 @@ def after_notes(
         if kind == "act":
             docs.append(action_doc(agent.agent_id, agent.host_name, item, now_ms))
         else:
-            alerts = store.alerts_about((exe, path), ts)
+            about = store.alerts_about((exe, path), ts)
+            alerts = [(a, r) for a, r, doc in about if _names(doc, agent.agent_id)]
             docs.extend(followup_docs(agent.agent_id, agent.host_name, item, alerts, now_ms))
     return docs
+
+
+def _names(doc: str, agent_id: str) -> bool:
+    """Whether an alert document names this agent (its events are its)."""
+    agents = (json.loads(doc).get("agent") or {}).get("id") or []
+    return agent_id in ([agents] if isinstance(agents, str) else agents)
 
 
 def quarantine_rows(

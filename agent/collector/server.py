@@ -462,7 +462,9 @@ async def batches(request: web.Request) -> web.Response:
 
 
 async def _with_actions(c: Collector, agent: AgentRecord, answer: dict[str, Any]) -> dict[str, Any]:
-    """``answer`` with what this agent is asked to do (it acts only if its own config agrees)."""
+    """``answer`` with what this agent is asked to do (it acts only if its own
+    config agrees), and that this collector takes notes."""
+    answer["notes"] = True
     if c.quarantining:
         pending = await c.read(c.store.pending_actions, agent.ref)
         if pending:

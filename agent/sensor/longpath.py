@@ -96,6 +96,13 @@ def open_dir_below(root: bytes, rel: bytes) -> int:
         os.close(fd)
 
 
+def open_parent(path: bytes) -> tuple[int, bytes]:
+    """(an O_PATH fd on the directory holding ``path``, its last name), no
+    symlink followed on the way: what a root process acting on a path an
+    unprivileged user can change (a quarantine, a restore) must hold."""
+    return _walk_down(path)
+
+
 def _in_proc_root(path: bytes) -> bool:
     parts = path.split(b"/", 4)
     return len(parts) > 3 and parts[1] == b"proc" and parts[3] == b"root"

@@ -575,6 +575,28 @@ class AgentStore:
             out.append((first + i, path, due, n_keys, cand))
         return out
 
+    def _context_of(self, cand: Candidate) -> Optional[dict[str, Any]]:
+        """The enrichment of one event; what fails in it costs the event its
+        context only (it is evidence, not the record)."""
+        if self.context is None:
+            return None
+        try:
+            return self.context(cand)
+        except Exception as e:  # noqa: BLE001 - a bug or odd input in enrichment must not stop the sensor
+            self.counters["context_errors"] = self.counters.get("context_errors", 0) + 1
+            log.warning("event=enrichment_failed path=%r error=%r", cand.host_path[:200], repr(e)[:300])
+            return None
+
+    def _packed_ctx(self, ctx: Optional[dict[str, Any]]) -> bytes:
+        if not ctx:
+            return b""
+        try:
+            return bytes(self._packer.pack("ctx") + self._packer.pack(ctx))
+        except (TypeError, ValueError, OverflowError) as e:  # a text that cannot be UTF-8, an odd value
+            self._packer.reset()
+            log.warning("event=enrichment_not_packed error=%r", repr(e)[:300])
+            return b""
+
     @property
     def _reads_files(self) -> bool:
         return self.facts is not None or self.context is not None
@@ -599,19 +621,18 @@ class AgentStore:
             return 0
         # file reads outside the lock
         facts = [self.facts(path) if self.facts else None for _, path, _, _, _ in due]
-        contexts = [self.context(cand) if self.context else None for _, _, _, _, cand in due]
+        contexts = [self._context_of(cand) for _, _, _, _, cand in due]
         db = self._db()
         filled = 0
         with self._lock:
             packer = self._packer
             rows = []
             for (rid, _, _, keys, _), f, ctx in zip(due, facts, contexts):
-                added = (b"" if f is None else packer.pack("file") + packer.pack(wire.facts_map(f))) + (
-                    b"" if not ctx else packer.pack("ctx") + packer.pack(ctx)
-                )
-                if added:
-                    n = keys + (f is not None) + bool(ctx)
-                    rows.append((packer.pack_map_header(n), 2 if keys < 16 else 4, added, rid))
+                added = b"" if f is None else packer.pack("file") + packer.pack(wire.facts_map(f))
+                packed_ctx = self._packed_ctx(ctx)
+                if added or packed_ctx:
+                    n = keys + (f is not None) + bool(packed_ctx)
+                    rows.append((packer.pack_map_header(n), 2 if keys < 16 else 4, added + packed_ctx, rid))
             try:
                 if rows:
                     db.execute("BEGIN IMMEDIATE")
@@ -679,15 +700,26 @@ class AgentStore:
         key = msgpack.packb([exe or None, path or None], use_bin_type=True)
         return self._db().execute("SELECT 1 FROM win WHERE pair=? LIMIT 1", (key,)).fetchone() is not None
 
+    notes_ok = False  # the collector said it takes notes (an older one refuses a batch of notes alone)
+
     def add_notes(self, notes: Sequence[dict[str, Any]]) -> None:
         """Queue ``<note>`` maps (wire.context) for the collector. A note that
-        cannot be stored is dropped with a warning: it is enrichment, the
-        events it is about are stored already."""
+        cannot be stored or packed, or that a collector would not take, is
+        dropped with a warning: it is enrichment, the events it is about are
+        stored already."""
         if not notes:
+            return
+        if not self.notes_ok:
+            self.counters["notes_dropped"] = self.counters.get("notes_dropped", 0) + len(notes)
             return
         db = self._db()
         now = self.clock.now_ms()
-        rows = [(NOTE, now, msgpack.packb(n, use_bin_type=True), None) for n in notes]
+        rows = []
+        for n in notes:
+            try:
+                rows.append((NOTE, now, msgpack.packb(n, use_bin_type=True), None))
+            except (TypeError, ValueError, OverflowError) as e:
+                log.warning("event=note_not_packed error=%r", repr(e)[:300])
         with self._lock:
             try:
                 with _transaction(db):

@@ -16,7 +16,7 @@ import os
 import signal
 import sqlite3
 import threading
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any, Optional
@@ -27,7 +27,7 @@ from agent.sensor.enrich.context import build_enricher
 from agent.sensor.enrich.packages import PackageIndex
 from agent.sensor.facts import FactsReader
 from agent.sensor.memory import rss_mb, trim_memory, tune_malloc
-from agent.sensor.outbox import AgentStore
+from agent.sensor.outbox import AgentStore, Candidate
 from agent.sensor.prefilter import Prefilter
 from agent.sensor.quarantine import Quarantine
 from agent.sensor.resolver import Resolver, in_child_pid_namespace
@@ -76,6 +76,7 @@ class LiveAgent:
         self._seen_outside = 0
         self._coverage_ms = self.started_ms
         self._actions: deque[dict[str, Any]] = deque()  # from the collector's answers, for _respond
+        self._container_pairs: OrderedDict[tuple[Optional[bytes], Optional[bytes]], None] = OrderedDict()
         # late-bound on purpose: a SIGHUP reload swaps self.rules
         self.containers = Containers()
         self.resolver = Resolver(
@@ -112,7 +113,7 @@ class LiveAgent:
         self.store = AgentStore(
             state.store_path, cfg.rule, self.clock, cfg.agent.outbox_max_records,
             facts=FactsReader(self.clock, cfg.agent.hash_max_bytes) if cfg.agent.file_facts else None,
-            context=self.enricher,
+            context=self._context if self.enricher is not None else None,
         )  # fmt: skip
         self.rules = RuleSet(cfg.rule, cfg.rules)
         self.store.set_rules(self.rules.ids)
@@ -180,23 +181,39 @@ class LiveAgent:
                 self.reload.clear()
                 self.source = self._reload(self.source, open_source)
 
+    def _context(self, cand: Candidate) -> Optional[dict[str, Any]]:
+        """The enricher's answer; a container's pair is remembered as one (it
+        is never quarantined at the host's path of the same name)."""
+        if cand.path is not None and cand.path != cand.host_path:
+            self._container_pairs[(cand.executable, cand.path)] = None
+            while len(self._container_pairs) > 10_000:
+                self._container_pairs.popitem(last=False)
+        return self.enricher(cand) if self.enricher is not None else None
+
     def _quarantine(self, cfg: Config) -> Optional[Quarantine]:
         """The response, when a rule of this agent's config says quarantine = yes."""
         rules = [r.rule_id for r in (cfg.rule, *cfg.rules) if r.enabled and r.quarantine]
         if not rules:
             return None
         packages = self.enricher.packages if self.enricher is not None else None
+        packages = packages if packages is not None else PackageIndex()
         return Quarantine(
             cfg.enrich.quarantine_dir, rules, self.store.reported,
-            package_owner=packages.owner if packages is not None else PackageIndex().owner,
+            package_owner=packages.owner if packages.available() else None,
             stub=cfg.enrich.quarantine_stub, now_ms=self.clock.now_ms,
+            in_container=lambda exe, path: (exe or None, path) in self._container_pairs,
         )  # fmt: skip
 
     def _respond(self, store: AgentStore) -> None:
         """Carry out the actions the collector asked for (the sensor loop's thread)."""
         notes = []
         while self._actions and self.quarantine is not None:
-            note = self.quarantine.act(self._actions.popleft())
+            action = self._actions.popleft()
+            try:
+                note = self.quarantine.act(action)
+            except Exception as e:  # noqa: BLE001 - an answer we cannot act on must not stop the sensor
+                log.error("event=action_failed error=%r", repr(e)[:300])
+                continue
             if note is not None:
                 notes.append(note)
         store.add_notes(notes)

@@ -24,6 +24,7 @@ from agent.shared.clock import Clock
 from agent.shared.errors import EnrollError, ShipError
 
 log = logging.getLogger("rarewrite.shipper")
+MAX_ACTIONS = 100  # actions taken from one answer (a collector sends 20 at most)
 BUSY_WAIT_S = 1.0  # the longest the shipper holds back for a busy reader before it sends one batch
 # (a flood keeps the reader busy for as long as the attacker likes: the shell behind it must still leave)
 
@@ -302,14 +303,17 @@ class Shipper:
     def _take_actions(self, body: bytes) -> None:
         """The ``actions`` of a collector's answer, to ``on_actions``; an answer
         that is not what a collector sends is ignored (the batch is acked)."""
+        if b'"notes": true' in body or b'"notes":true' in body:
+            self.store.notes_ok = True  # a collector that takes notes (an older one refuses some batches)
         if self.on_actions is None or b'"actions"' not in body:
             return
         try:
             actions = json.loads(body).get("actions")
-        except (ValueError, AttributeError):
+        except Exception:  # noqa: BLE001 - any odd answer (too deep, not an object) is ignored
+            log.warning("event=answer_not_understood bytes=%d", len(body))
             return
         if isinstance(actions, list):
-            self.on_actions([a for a in actions if isinstance(a, dict)])
+            self.on_actions([a for a in actions[:MAX_ACTIONS] if isinstance(a, dict)])
 
     def drain(self, deadline_s: float) -> bool:
         """Ship until the outbox is empty or the monotonic deadline passes."""

@@ -387,3 +387,17 @@ def test_max_requests_drops_the_oldest(access: Path) -> None:
     assert urls(logs.around(BASE * 1000, 0, 10_000)) == ["/2", "/3", "/4"]
     assert urls(logs.since(0)[1]) == ["/2", "/3", "/4"]
     assert logs.counters["dropped"] == 2
+
+
+def test_nearest_walks_out_from_the_time_and_stops_at_k(access: Path) -> None:
+    logs = follow(access, Clock(BASE + 10))
+    append(access, *(line(BASE + i, url=f"/p{i}") for i in range(-5, 6)))
+    logs.poll()
+    got = logs.nearest(BASE * 1000 + 1400, 3000, 3)
+    assert urls(got) == ["/p1", "/p2", "/p0"]
+    assert urls(logs.nearest(BASE * 1000, 1000, 10)) == [
+        "/p0",
+        "/p-1",
+        "/p1",
+    ]  # the window bounds it; a tie: the earlier
+    assert logs.nearest(BASE * 1000, 1000, 10, logs=["/elsewhere.log"]) == []

@@ -166,3 +166,17 @@ def test_every_unusable_web_root_and_log_format_is_listed_at_start(tmp_path: Pat
     text = "\n".join(got.value.problems)
     assert "relative:php" in text and "a.log" in text and "b.log" not in text
     assert build_enricher(EnrichConfig(enabled=False), FakeClock(0)) is None
+
+
+def test_a_file_name_that_is_not_utf8_gives_a_context_the_wire_takes(site: Site) -> None:
+    import msgpack
+
+    from agent.shared.wire.context import context_map
+
+    name = b"\xff\xfe.php"
+    p = bytes(site.root) + b"/uploads/" + name
+    with open(p, "wb") as f:
+        f.write(b"<?php system($_GET['c']);")
+    ctx = site.enricher(Candidate(p, site.now, EXE, p, "php-fpm8.2"))
+    assert ctx is not None and ctx["root"]["url"] == "/uploads/\\xff\\xfe.php"
+    assert context_map(msgpack.unpackb(msgpack.packb(ctx, use_bin_type=True), raw=False), "ctx") == ctx

@@ -57,6 +57,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
 def _agent_store(tmp_path: Path, clock: FakeClock) -> AgentStore:
     s = AgentStore(str(tmp_path / "a.db"), Rule(), clock, context=lambda c: dict(CTX, seen=c.host_path))
     s.set_rules([Rule().rule_id])
+    s.notes_ok = True  # as the shipper sets it once the collector's answer says so
     return s
 
 
@@ -165,7 +166,9 @@ def test_notes_before_the_alert_ride_on_it_and_notes_after_it_are_follow_ups(sto
     assert [r["url.original"] for r in e["rarewrite.followup_requests"]] == ["/uploads/s.php"]
     # later: a second call, after the alert went out
     later = (T, EXE, SHELL, "req", msgpack.packb({"reqs": [dict(call, ts=T + 90_000)]}, use_bin_type=True))
-    assert store.alerts_about((EXE, SHELL), T) == [(alert["kibana"]["alert"]["uuid"], Rule().rule_id)]
+    assert [a[:2] for a in store.alerts_about((EXE, SHELL), T)] == [
+        (alert["kibana"]["alert"]["uuid"], Rule().rule_id)
+    ]
     docs = responses.after_notes(store, a, [later], T + 100_000)
     [fu] = docs
     assert fu["event"]["action"] == "alert_followup" and fu["file"]["path"] == SHELL.decode()
@@ -220,3 +223,29 @@ def test_an_older_collector_never_sees_notes_in_a_batch_without_them(tmp_path: P
     lease = s.lease("a", "h", 100)
     assert lease is not None and b"notes" not in lease.body
     assert Candidate(SHELL, T, EXE, SHELL, "php-fpm8.2").host_path == SHELL
+
+
+def test_notes_wait_for_a_collector_that_takes_them_and_bad_context_costs_only_itself(tmp_path: Path) -> None:
+    clock = FakeClock(T)
+    s = _agent_store(tmp_path, clock)
+    s.notes_ok = False  # an older collector: a batch of notes alone would be refused
+    s.add_notes([{"ts": T, "exe": EXE, "path": SHELL, "kind": "req", "reqs": []}])
+    assert s.depth() == 0 and s.counters["notes_dropped"] == 1
+    # a context a file name made unpackable (a lone surrogate), then one that raises: the facts still go
+    calls = iter([{"root": {"in": True, "url": "/\udcff.php"}}, RuntimeError("bug")])
+
+    def context(c: Candidate) -> dict[str, Any]:
+        got = next(calls)
+        if isinstance(got, Exception):
+            raise got
+        return got
+
+    s.context = context
+    s.facts = lambda path: None
+    s.record([_event(T), _event(T + 1)._replace(path=b"/var/www/html/b.php")])
+    clock.advance(2)
+    s.fill_facts()
+    lease = s.lease("a", "h", 100)
+    assert lease is not None
+    assert [e.detail.get("ctx") for e in wire.decode_batch(lease.body).events] == [None, None]
+    assert s.counters["context_errors"] == 1

@@ -122,3 +122,38 @@ def test_across_filesystems_with_a_stub_and_a_forced_restore(tmp_path: Path) -> 
         import shutil
 
         shutil.rmtree(shm)
+
+
+def test_a_symlink_in_the_way_is_never_followed(tmp_path: Path) -> None:
+    s = Setup(tmp_path)
+    (s.web / "up").mkdir()
+    path = bytes(s.web / "up" / "s.php")
+    Path(os.fsdecode(path)).write_bytes(b"<?php")
+    s.reported.add(path)
+    note = s.q.act(action(6, path))
+    assert note is not None and note["act"]["result"] == "quarantined"
+    # the web user swaps the folder for a symlink to where root must not write
+    elsewhere = tmp_path / "etc"
+    elsewhere.mkdir()
+    os.rmdir(s.web / "up")
+    os.symlink(elsewhere, s.web / "up")
+    with pytest.raises(OSError):
+        quarantine.restore(str(s.qdir), note["act"]["qid"], 0)
+    assert list(elsewhere.iterdir()) == []
+    assert quarantine.entries(str(s.qdir))[0]["qid"] == note["act"]["qid"]  # still held
+
+
+def test_an_unsafe_quarantine_dir_and_no_package_database_move_nothing(tmp_path: Path) -> None:
+    s = Setup(tmp_path)
+    path = s.shell()
+    s.q.package_owner = None
+    note = s.q.act(action(7, path))
+    assert (
+        note is not None and note["act"]["result"] == "refused" and "package database" in note["act"]["why"]
+    )
+    os.chmod(s.qdir, 0o750)  # noqa: S103 - its group could enter it: what must be refused
+    s.q.package_owner = lambda p: None
+    assert s.q.act(action(8, path)) is None
+    assert os.path.exists(path)
+    for bad in ({"id": True}, {"id": 1 << 60}, {"id": -1}, {"id": 1, "path_b64": "%%"}, "not a dict"):
+        assert quarantine.parse_action(bad) is None

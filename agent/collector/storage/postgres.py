@@ -992,16 +992,16 @@ class PgStore:
             got = self._conn().execute(_pg(notes.NOTES_FOR_SQL), (notes.note_pkey(*pair), lo_ms, hi_ms))
             return [notes.note_of(r) for r in got.fetchall()]
 
-    def alerts_about(self, pair: Pair, event_ts: int) -> list[tuple[str, str]]:
-        """(alert id, rule id) of the alerts whose window holds the pair's event at ``event_ts``."""
+    def alerts_about(self, pair: Pair, event_ts: int) -> list[tuple[str, str, str]]:
+        """(alert id, rule id, document) of the alerts whose window holds the pair's event at ``event_ts``."""
         with self._errors("reading alerts"):
             got = self._conn().execute(
-                "SELECT alert_id, rule_id FROM alerts WHERE at_ms >= %s AND first_ts <= %s "
+                "SELECT alert_id, rule_id, doc FROM alerts WHERE at_ms >= %s AND first_ts <= %s "
                 "AND exe IS NOT DISTINCT FROM %s AND path IS NOT DISTINCT FROM %s "
                 "AND folded_into IS NULL ORDER BY at_ms",
                 (event_ts, event_ts, *pair),
             )
-            return [(str(a), str(r)) for a, r in got.fetchall()]
+            return [(str(a), str(r), str(d)) for a, r, d in got.fetchall()]
 
     def queue_actions(self, rows: Sequence[notes.ActionRow]) -> None:
         """(alert id, rule id, exe, path, now, agent id): ask that agent to act once (again: nothing)."""

@@ -1108,19 +1108,19 @@ class CollectorStore:
             got = self._conn().execute(notes.NOTES_FOR_SQL, (notes.note_pkey(*pair), lo_ms, hi_ms)).fetchall()
         return [notes.note_of(r) for r in got]
 
-    def alerts_about(self, pair: Pair, event_ts: int) -> list[tuple[str, str]]:
-        """(alert id, rule id) of the alerts whose window holds the pair's event at ``event_ts``."""
+    def alerts_about(self, pair: Pair, event_ts: int) -> list[tuple[str, str, str]]:
+        """(alert id, rule id, document) of the alerts whose window holds the pair's event at ``event_ts``."""
         with _db_errors("reading alerts"):
             got = (
                 self._conn()
                 .execute(
-                    "SELECT alert_id, rule_id FROM alerts WHERE at_ms >= ? AND first_ts <= ? AND exe IS ? "
-                    "AND path IS ? AND folded_into IS NULL ORDER BY at_ms",
+                    "SELECT alert_id, rule_id, doc FROM alerts WHERE at_ms >= ? AND first_ts <= ? "
+                    "AND exe IS ? AND path IS ? AND folded_into IS NULL ORDER BY at_ms",
                     (event_ts, event_ts, *pair),
                 )
                 .fetchall()
             )
-        return [(str(a), str(r)) for a, r in got]
+        return [(str(a), str(r), str(d)) for a, r, d in got]
 
     def queue_actions(self, rows: Sequence[notes.ActionRow]) -> None:
         """(alert id, rule id, exe, path, now, agent id): ask that agent to act once (again: nothing)."""

@@ -765,6 +765,28 @@ class AccessLogs:
         got.sort(key=lambda r: abs(r.ts_ms - ts_ms))
         return got
 
+    def nearest(
+        self, ts_ms: int, window_ms: int, k: int, logs: Optional[Collection[str]] = None
+    ) -> list[Request]:
+        """At most ``k`` requests within ``window_ms`` of ts_ms, nearest first,
+        walking out from ts_ms: the cost is k (plus what ``logs`` leaves out),
+        not the requests in the window (a busy site logs thousands a second)."""
+        ts, reqs = self._ts, self._reqs
+        wanted = None if logs is None else frozenset(logs)
+        lo_end = bisect.bisect_left(ts, max(ts_ms - window_ms, self._cutoff))
+        hi_end = bisect.bisect_right(ts, ts_ms + window_ms)
+        j = bisect.bisect_left(ts, ts_ms, lo_end, hi_end)
+        i = j - 1
+        out: list[Request] = []
+        while len(out) < k and (i >= lo_end or j < hi_end):
+            if j >= hi_end or (i >= lo_end and ts_ms - ts[i] <= ts[j] - ts_ms):
+                r, i = reqs[i], i - 1
+            else:
+                r, j = reqs[j], j + 1
+            if wanted is None or r.log in wanted:
+                out.append(r)
+        return out
+
     def for_url(self, url_path: str, since_ms: int, logs: Optional[Collection[str]] = None) -> list[Request]:
         """Requests for this path (compared as ``url_path()`` reads a
         target; the argument is taken as decoded already) logged at or

@@ -15,6 +15,7 @@ the container sees it at the host's path; else only its content is read.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import os
 from collections import OrderedDict, deque
@@ -30,7 +31,7 @@ from agent.sensor.outbox import Candidate
 from agent.shared.clock import Clock
 from agent.shared.config.schema import EnrichConfig
 from agent.shared.errors import ConfigError
-from agent.shared.wire.context import MAX_NOTE_REQS, MAX_REQS, MAX_URL
+from agent.shared.wire.context import MAX_NOTE_REQS, MAX_REQS, MAX_SIGNALS, MAX_URL
 
 log = logging.getLogger("rarewrite.enrich")
 
@@ -39,6 +40,9 @@ WRITE_METHODS = frozenset(("POST", "PUT", "PATCH"))
 _CUTS = (("ip", 64), ("m", 32), ("url", MAX_URL), ("ua", 1024), ("ref", MAX_URL), ("log", 4096))
 
 
+MAX_FOLLOWUPS = 64  # requests for one new file sent as follow-ups, at most
+MAX_WRITES = 20_000
+WRITES_KEEP_MS = 15 * 60_000
 REQUESTS_PER_S = 200  # detailed events a second that get their requests (a burst of sessions must not)
 
 
@@ -51,6 +55,15 @@ class _Watch:
     logs: Optional[frozenset[str]]
     read_upto: int  # the access logs' sequence number when the event was enriched: later ones are new
     late: int = 0  # late write-method lines of the write's window sent so far
+    followups: int = 0  # requests for the file sent so far
+
+
+def text(s: str, limit: int) -> str:
+    """``s`` as the wire takes it: UTF-8 (a file name's undecodable bytes as
+    ``\\xNN``, as alerts show them), at most ``limit`` characters."""
+    if not s.isascii():
+        s = s.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return s[:limit]
 
 
 def request_map(r: Request, in_window: bool) -> dict[str, Any]:
@@ -61,8 +74,8 @@ def request_map(r: Request, in_window: bool) -> dict[str, Any]:
         if value:
             m[key] = value
     for key, limit in _CUTS:
-        if key in m and len(m[key]) > limit:
-            m[key] = m[key][:limit]
+        if key in m:
+            m[key] = text(m[key], limit)
     m["w"] = in_window
     return m
 
@@ -92,6 +105,8 @@ class Enricher:
         self._seq = 0
         self._unmatched: list[tuple[int, Request]] = []  # (seq, request) read, not yet matched by poll
         self._second, self._budget = -1, 0
+        # the uploads (POST, PUT, PATCH) of the last WRITES_KEEP_MS, by time: few, even on a busy site
+        self._writes: list[tuple[int, int, Request]] = []
         self.counters = {"enriched": 0, "followup_notes": 0, "watches_dropped": 0, "requests_skipped": 0}
 
     # ------------------------------------------------------------ the event
@@ -103,7 +118,7 @@ class Enricher:
             own = self.packages.owner(cand.host_path)
             pkg: dict[str, Any] = {"own": own is not None}
             if own is not None:
-                pkg.update(mgr=own.manager, name=own.package[:256])
+                pkg.update(mgr=text(own.manager, 16), name=text(own.package, 256))
                 if own.differs is not None:
                     pkg["diff"] = own.differs
             ctx["pkg"] = pkg
@@ -113,7 +128,7 @@ class Enricher:
         if self.content is not None:
             signals = self.content.scan(cand.host_path)
             if signals is not None:
-                ctx["sig"] = list(signals)
+                ctx["sig"] = [text(sig, 128) for sig in signals[:MAX_SIGNALS]]
         if self.logs is not None and self._take():
             ctx["req"] = self._write_requests(cand, place)
         if ctx:
@@ -129,13 +144,18 @@ class Enricher:
         self.poll_logs()
         logs = _log_paths(place)
         window = self.cfg.request_window_ms
-        near = self.logs.around(cand.ts_ms, window, window, logs)
-        # around() gives them nearest first: the nearest that upload, then the nearest others
-        best = [r for r in near if r.method in WRITE_METHODS][:MAX_REQS]
+        # the nearest that upload (from their own index: few), then the nearest others
+        ts = cand.ts_ms
+        i = bisect.bisect_left(self._writes, (ts - window,))
+        j = bisect.bisect_left(self._writes, (ts + window + 1,))
+        writes = [r for _, _, r in self._writes[i:j] if logs is None or r.log in logs]
+        best = sorted(writes, key=lambda r: abs(r.ts_ms - ts))[:MAX_REQS]
         if len(best) < MAX_REQS:
-            best += [r for r in near[: MAX_REQS * 4] if r.method not in WRITE_METHODS][: MAX_REQS - len(best)]
+            near = self.logs.nearest(ts, window, MAX_REQS * 2, logs)
+            best += [r for r in near if r.method not in WRITE_METHODS][: MAX_REQS - len(best)]
         if place is not None:
-            self._watch(_Watch(cand.ts_ms, cand.executable, cand.path, url_path(place.url), logs, self._seq))
+            exe = cand.executable or None  # as the wire takes it: nil, never empty
+            self._watch(_Watch(cand.ts_ms, exe, cand.path or None, url_path(place.url), logs, self._seq))
         return [request_map(r, True) for r in best]
 
     def _take(self) -> bool:
@@ -169,6 +189,12 @@ class Enricher:
         self._seq, new = self.logs.since(self._seq)
         first = self._seq - len(new) + 1
         self._unmatched.extend((first + i, r) for i, r in enumerate(new))
+        for i, r in enumerate(new):
+            if r.method in WRITE_METHODS:
+                bisect.insort(self._writes, (r.ts_ms, first + i, r))
+        if self._writes:  # the oldest go: past WRITES_KEEP_MS before the newest, or past MAX_WRITES
+            old = bisect.bisect_left(self._writes, (self._writes[-1][0] - WRITES_KEEP_MS,))
+            del self._writes[: max(old, len(self._writes) - MAX_WRITES)]
         return new
 
     def poll(self) -> list[dict[str, Any]]:
@@ -185,7 +211,9 @@ class Enricher:
         for seq, r in new:
             for w in self._watches.get(url_path(r.url), ()):
                 if seq > w.read_upto and r.ts_ms >= w.ts_ms - 1000 and (w.logs is None or r.log in w.logs):
-                    found.setdefault(id(w), (w, []))[1].append(request_map(r, False))
+                    if w.followups < MAX_FOLLOWUPS:  # an attacker's script calling it all day is not all sent
+                        w.followups += 1
+                        found.setdefault(id(w), (w, []))[1].append(request_map(r, False))
             if r.method not in WRITE_METHODS:
                 continue  # a late line can only change the answer if it could be the upload
             for w in self._recent:
@@ -231,9 +259,9 @@ def _root_map(place: Optional[Placement]) -> dict[str, Any]:
         return {"in": False}
     return {
         "in": True,
-        "srv": place.root.server[:16],
-        "dir": place.root.root,
-        "url": place.url[:MAX_URL],
+        "srv": text(place.root.server, 16),
+        "dir": place.root.root or None,
+        "url": text(place.url, MAX_URL),
         "exec": place.executable,
     }
 

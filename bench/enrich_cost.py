@@ -36,7 +36,7 @@ from agent.collector import evaluate as ev
 from agent.collector.storage.sqlite import CollectorStore
 from agent.sensor.enrich.accesslog import AccessLogs
 from agent.sensor.enrich.content import ContentScanner
-from agent.sensor.enrich.context import Enricher
+from agent.sensor.enrich.context import Enricher, _Watch
 from agent.sensor.enrich.packages import PackageIndex
 from agent.sensor.enrich.webroots import WebRoot, WebRoots
 from agent.sensor.facts import FactsReader
@@ -88,10 +88,34 @@ def _per_call_us(fn: Callable[[Candidate], Any], cands: Sequence[Candidate]) -> 
     return (time.perf_counter() - start) / len(cands) * 1e6
 
 
+def _tail_costs(tmp: Path, n: int) -> dict[str, float]:
+    """What following a busy log costs a line: parsed (armed: just after a
+    detailed event), filtered (files watched: only lines naming one are
+    parsed), read past (nothing armed or watched)."""
+    out = {}
+    now = int(time.time() * 1000)
+    text = "".join(_log_line(now + i, i) for i in range(n))
+    for mode in ("parsed", "filtered", "read_past"):
+        log = tmp / f"tail-{mode}.log"
+        log.write_text("")
+        enricher = _enricher(tmp, log)
+        if mode == "parsed":
+            enricher.arm()
+        elif mode == "filtered":
+            enricher._watch(_Watch(now, EXE, b"/x/shell.php", "/uploads/shell.php", None, 0))
+        with log.open("a") as f:
+            f.write(text)
+        start = time.perf_counter()
+        enricher.poll_logs()
+        out[mode] = (time.perf_counter() - start) / n * 1e6
+    return out
+
+
 def agent_costs(tmp: Path, n: int, log_lines: int, runs: int) -> dict[str, Any]:
     cands, log = _site(tmp, n, log_lines)
     enricher = _enricher(tmp, log)
     enricher._take = lambda: True  # type: ignore[method-assign]  # every event looks its requests up (no 200/s cap)
+    enricher.arm()  # as after a detailed event is stored: every line parsed
     now = int(time.time() * 1000)
     with log.open("a") as f:  # the site's traffic, logged after the agent started following it
         f.write("".join(_log_line(now - 3000 + i * 10_000 // log_lines, i) for i in range(log_lines)))
@@ -114,7 +138,9 @@ def agent_costs(tmp: Path, n: int, log_lines: int, runs: int) -> dict[str, Any]:
         "requests": _per_call_us(lambda cand: enricher._write_requests(cand, None), cands),
     }
     ctx = enricher(cands[0])
+    tail = _tail_costs(tmp, log_lines)
     return {
+        "tail_us_per_line": tail,
         "facts_us": statistics.median(only),
         "facts_and_enrichment_us": statistics.median(both),
         "parts_us": parts,
@@ -198,6 +224,8 @@ def main() -> int:
             ["collector: per alert, ms", cp, ce, ce / cp if cp else None],
         ],
     )
+    tail = ", ".join(f"{k} {v:.2f}" for k, v in agent["tail_us_per_line"].items())
+    print(f"following the access log, us a line: {tail}")
     parts = ", ".join(f"{k} {v:.1f} us" for k, v in agent["parts_us"].items())
     print(
         f"parts: {parts}; package index build {agent['index_build_s']:.3f} s once; ctx {agent['ctx_bytes']} B"

@@ -278,7 +278,8 @@ class LiveAgent:
                 batch.append(ev)
                 masks.append(mask)
         if batch:
-            store.record(batch, masks=masks)
+            if store.record(batch, masks=masks) and self.enricher is not None:
+                self.enricher.arm()  # a detailed event: its request is logged after it
             self.counters["matched"] += len(batch)
 
     def _drain(self, source: EventSource, store: AgentStore, resolver: Resolver) -> None:

@@ -57,6 +57,7 @@ class Site:
     def write(self, name: str, data: bytes) -> Candidate:
         p = self.root / "uploads" / name
         p.write_bytes(data)
+        self.enricher.arm()  # as the agent does when it stores a detailed event
         return Candidate(bytes(p), self.now, EXE, bytes(p), "php-fpm8.2")
 
     def logged(self, *lines: str) -> None:
@@ -180,3 +181,19 @@ def test_a_file_name_that_is_not_utf8_gives_a_context_the_wire_takes(site: Site)
     ctx = site.enricher(Candidate(p, site.now, EXE, p, "php-fpm8.2"))
     assert ctx is not None and ctx["root"]["url"] == "/uploads/\\xff\\xfe.php"
     assert context_map(msgpack.unpackb(msgpack.packb(ctx, use_bin_type=True), raw=False), "ctx") == ctx
+
+
+def test_unarmed_only_lines_naming_a_watched_file_are_parsed(site: Site) -> None:
+    cand = site.write("s.php", b"<?php echo 1;")
+    site.logged(line(site.now + 500, "POST", "/upload.php"))
+    site.enricher(cand)
+    site.clock.advance(30)  # the write's window is long past: disarmed, the new file still watched
+    site.logged(*(line(site.now + 40_000 + i, "GET", f"/page{i}.php") for i in range(50)),
+                line(site.now + 41_000, "GET", "/uploads/s.php?c=id"))  # fmt: skip
+    [note] = site.enricher.poll()
+    assert [r["url"] for r in note["reqs"]] == ["/uploads/s.php?c=id"]
+    assert site.enricher.logs is not None and site.enricher.logs.counters["filtered"] == 50
+    site.clock.advance(600)  # nothing watched any more: nothing parsed
+    site.enricher.poll()
+    site.logged(line(site.now + 700_000, "GET", "/uploads/s.php"))
+    assert site.enricher.poll() == [] and site.enricher.logs.counters["filtered"] == 51

@@ -582,6 +582,10 @@ class AccessLogs:
 
     # ------------------------------------------------------------ reading
 
+    # A caller's cheap test of a raw line (None: every line is parsed): a
+    # line it rejects is read past, never parsed, and counted as filtered.
+    line_filter: Optional[Callable[[bytes], bool]] = None
+
     def poll(self) -> int:
         """Read what was appended since the last poll, from every log (at
         most read_per_poll bytes in all); returns the lines parsed."""
@@ -707,12 +711,16 @@ class AccessLogs:
     def _parse(self, lg: _Log, lines: list[bytes]) -> int:
         parse, path, max_line = lg.parse, lg.path, self._max_line
         keys, reqs, arrived = self._ts, self._reqs, self._arrived
-        seen = bad = too_long = 0
+        seen = bad = too_long = filtered = 0
+        keep = self.line_filter
         for raw in lines:
             if len(raw) > max_line:
                 too_long += 1
                 continue
             if not raw:
+                continue
+            if keep is not None and not keep(raw):
+                filtered += 1
                 continue
             seen += 1
             r = parse(raw.decode("utf-8", "replace"), path)
@@ -732,6 +740,7 @@ class AccessLogs:
         c["lines"] += seen
         c["unparsed"] += bad
         c["too_long"] += too_long
+        c["filtered"] = c.get("filtered", 0) + filtered
         self._seq += seen - bad
         excess = len(keys) - self._max
         if excess > 0:

@@ -18,10 +18,12 @@ from __future__ import annotations
 import bisect
 import logging
 import os
+import re
 from collections import OrderedDict, deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
+from urllib.parse import quote
 
 from agent.sensor.enrich.accesslog import AccessLogs, Request, compile_format, url_path
 from agent.sensor.enrich.content import ContentScanner
@@ -37,6 +39,7 @@ log = logging.getLogger("rarewrite.enrich")
 
 MAX_WATCHES = 2000  # new files whose follow-up requests are watched (the oldest go first)
 WRITE_METHODS = frozenset(("POST", "PUT", "PATCH"))
+_NOTHING: Callable[[bytes], bool] = lambda raw: False  # noqa: E731 - nothing is armed or watched
 _CUTS = (("ip", 64), ("m", 32), ("url", MAX_URL), ("ua", 1024), ("ref", MAX_URL), ("log", 4096))
 
 
@@ -103,6 +106,9 @@ class Enricher:
         self._recent: deque[_Watch] = deque()  # watches still inside their write window
         self._n_watches = 0
         self._seq = 0
+        self._armed_until = -1.0  # monotonic: until then every log line is parsed (see arm)
+        self._watch_gen = 0  # bumped when the watched URLs change
+        self._leaves: Optional[tuple[int, Optional[Callable[[bytes], bool]]]] = None
         self._unmatched: list[tuple[int, Request]] = []  # (seq, request) read, not yet matched by poll
         self._second, self._budget = -1, 0
         # the uploads (POST, PUT, PATCH) of the last WRITES_KEEP_MS, by time: few, even on a busy site
@@ -172,19 +178,44 @@ class Enricher:
     # -------------------------------------------------------------- after it
 
     def _watch(self, w: _Watch) -> None:
+        self._watch_gen += 1
         self._watches.setdefault(w.url, []).append(w)
         self._watches.move_to_end(w.url)
         self._recent.append(w)
         self._n_watches += 1
         while self._n_watches > MAX_WATCHES:
             _, dropped = self._watches.popitem(last=False)
+            self._watch_gen += 1
             self._n_watches -= len(dropped)
             self.counters["watches_dropped"] += len(dropped)
+
+    def arm(self) -> None:
+        """A detailed event was just stored: parse every log line for a while
+        (its writing request is logged at its end, after the write). Unarmed,
+        only lines naming a watched file are parsed, or none: a busy site's
+        log costs the reading, not the parsing."""
+        self._armed_until = self.clock.monotonic() + 2 * self.cfg.request_window_ms / 1000 + 2
+
+    def _line_filter(self) -> Optional[Callable[[bytes], bool]]:
+        if self.clock.monotonic() < self._armed_until:
+            return None
+        if not self._watches:
+            return _NOTHING
+        if self._leaves is None or self._leaves[0] != self._watch_gen:
+            names = {os.fsencode(u.rsplit("/", 1)[-1]) for u in self._watches} - {b""}
+            names |= {quote(n).encode() for n in names}  # as a client may have sent it
+            if len(names) > 256:
+                self._leaves = (self._watch_gen, None)
+            else:
+                found = re.compile(b"|".join(re.escape(n) for n in sorted(names))).search
+                self._leaves = (self._watch_gen, lambda raw: found(raw) is not None)
+        return self._leaves[1]
 
     def poll_logs(self) -> list[Request]:
         """The requests logged since the last call."""
         if self.logs is None:
             return []
+        self.logs.line_filter = self._line_filter()
         self.logs.poll()
         self._seq, new = self.logs.since(self._seq)
         first = self._seq - len(new) + 1
@@ -241,6 +272,7 @@ class Enricher:
                 self._watches[url] = keep
             else:
                 del self._watches[url]
+                self._watch_gen += 1
 
     def status(self) -> dict[str, Any]:
         out: dict[str, Any] = dict(self.counters)

@@ -370,3 +370,47 @@ def test_a_client_side_template_is_no_code_tag() -> None:
     template = b"var t = _.template('<% _.each(people, function(name) { %><li><%- name %></li><% }); %>');"
     assert signals(template, b"/srv/js/app.js") == set()
     assert "code_tag_in_non_code_file" in signals(template, b"/srv/up/app.jpg")
+
+
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+def _system_yara() -> bool:
+    import subprocess
+
+    if not os.path.exists(SYSTEM_PYTHON):
+        return False
+    return (
+        subprocess.run([SYSTEM_PYTHON, "-c", "import yara"], check=False, capture_output=True).returncode == 0
+    )
+
+
+@pytest.mark.skipif(not _system_yara(), reason="Debian's python3-yara is not installed (.ci/run installs it)")
+def test_real_yara_rules_through_debians_python3_yara(tmp_path: Path) -> None:
+    """The scanner with the system's yara module (the one the packaged agent
+    imports), a rules directory, and a file that matches one rule of two."""
+    import json
+    import subprocess
+
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "shells.yar").write_text(
+        'rule php_shell_exec { strings: $a = "shell_exec(" condition: $a }\n'
+        'rule never_here { strings: $a = "no such text anywhere" condition: $a }\n'
+    )
+    target = tmp_path / "avatar.jpg"
+    target.write_bytes(b"\xff\xd8\xff<?php echo shell_exec($_GET['c']); ?>")
+    root = Path(__file__).resolve().parents[2]
+    script = (
+        "import json, sys; sys.path.insert(0, sys.argv[1]);"
+        "from agent.sensor.enrich.content import ContentScanner;"
+        "s = ContentScanner(yara_rules_dir=sys.argv[2]);"
+        "print(json.dumps(list(s.scan(sys.argv[3].encode()) or ())))"
+    )
+    out = subprocess.run(
+        [SYSTEM_PYTHON, "-c", script, str(root), str(rules), str(target)],
+        check=True, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    got = set(json.loads(out.stdout))
+    assert "yara:php_shell_exec" in got and "yara:never_here" not in got
+    assert "code_tag_in_non_code_file" in got

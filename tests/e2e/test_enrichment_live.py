@@ -3,7 +3,8 @@ nginx and php-fpm: a live agent on the real kernel that reads the site's
 nginx config and follows its access log, a real collector (continuous
 schedule) writing alerts to a file.
 
-The attack: a web shell uploaded through the site's form (the hole: no
+The site runs from its own config (``nginx -c``): the agent finds it on
+the running server's command line. The attack: a web shell uploaded through the site's form (the hole: no
 extension check), then called; through it, a file planted over a file of
 Debian's nginx-common package. The alerts must carry the upload request
 (client, URL, status), "not package-owned", "in the web root, executable",
@@ -130,10 +131,10 @@ def test_an_uploaded_web_shell_alert_answers_the_first_questions_and_is_quaranti
     extra = ("--config", str(collector_conf), "--schedule", "continuous", "--settle", f"{SETTLE_S}s",
              "--alerts-file", str(alerts))  # fmt: skip
     with php_site.running_site() as site, writable_by_www(os.path.dirname(PACKAGED)):
-        base = os.path.dirname(site.root)
         conf = (
             FAST.replace("[agent]\n", "[agent]\nheartbeat_interval = 1s\n")
-            + f"[enrich]\nserver_configs = {base}/nginx.conf\nquarantine_dir = {qdir}\n"
+            # no server_configs: the agent finds the site's config on the running nginx's command line
+            + f"[enrich]\nquarantine_dir = {qdir}\n"
             + "[rule]\nquarantine = yes\n"
         )
         with procs.collector(str(tmp_path), *extra) as c:

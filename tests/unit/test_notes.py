@@ -17,9 +17,7 @@ import pytest
 from agent.collector import evaluate as ev
 from agent.collector import responses
 from agent.collector.enrichment import context_fields
-from agent.collector.storage import open_store
 from agent.collector.storage.base import Store
-from agent.collector.storage.sqlite import CollectorStore
 from agent.sensor.outbox import AgentStore, Candidate
 from agent.shared import wire
 from agent.shared.clock import FakeClock
@@ -27,6 +25,7 @@ from agent.shared.errors import WireError
 from agent.shared.events import FileEvent, ProcessInfo, UserInfo
 from agent.shared.rule import Rule
 from agent.shared.wire.context import context_map
+from tests.support import pg
 from tests.unit.test_collector_store import Seq, T, agent, ev_
 
 EXE = b"/usr/sbin/php-fpm8.2"
@@ -43,10 +42,7 @@ CTX = {
 
 @pytest.fixture(params=["sqlite", "postgres"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    if request.param == "sqlite":
-        s: Store = CollectorStore(str(tmp_path / "c.db"))
-    else:
-        s = open_store(request.getfixturevalue("pg_url"))
+    s: Store = pg.backend_store(request.param, tmp_path, request)
     yield s
     s.close()
 

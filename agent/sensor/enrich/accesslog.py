@@ -539,9 +539,12 @@ class AccessLogs:
         max_line: int = 16384,
         read_per_poll: int = 4 << 20,
         clock: Callable[[], float] = time.time,
+        backfill: int = 0,
     ) -> None:
         """Follow these (path, format) access logs from their current end
-        (lines written before the agent started are not read). Raises
+        (lines written before the agent started are not read), or from
+        ``backfill`` bytes before it (a log found while the agent runs: the
+        request that just wrote a file is in its last lines). Raises
         ValueError for a format that does not compile or a path listed twice."""
         if keep_s <= 0 or max_requests < 1 or max_line < 1 or read_per_poll < 1:
             raise ValueError("keep_s, max_requests, max_line and read_per_poll must be positive")
@@ -570,6 +573,14 @@ class AccessLogs:
             st = self._stat(lg)
             if st is not None:
                 self._open(lg, st)
+                if lg.cur is not None and backfill > 0 and lg.cur.offset > 0:
+                    lg.cur.offset = max(0, lg.cur.offset - backfill)
+                    lg.cur.skipping = lg.cur.offset > 0  # from the first whole line on
+
+    @property
+    def paths(self) -> list[str]:
+        """The logs followed."""
+        return [lg.path for lg in self._logs]
 
     def close(self) -> None:
         """Close every open log file (the object can poll again after)."""

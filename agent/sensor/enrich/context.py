@@ -25,10 +25,11 @@ from dataclasses import dataclass
 from typing import Any, Optional
 from urllib.parse import quote
 
-from agent.sensor.enrich.accesslog import AccessLogs, Request, compile_format, url_path
+from agent.sensor.enrich import servers
+from agent.sensor.enrich.accesslog import AccessLogs, Request, url_path
 from agent.sensor.enrich.content import ContentScanner
 from agent.sensor.enrich.packages import PackageIndex
-from agent.sensor.enrich.webroots import Placement, WebRoot, WebRoots, configured, discover
+from agent.sensor.enrich.webroots import Placement, WebRoot, WebRoots
 from agent.sensor.outbox import Candidate
 from agent.shared.clock import Clock
 from agent.shared.config.schema import EnrichConfig
@@ -43,6 +44,8 @@ _NOTHING: Callable[[bytes], bool] = lambda raw: False  # noqa: E731 - nothing is
 _CUTS = (("ip", 64), ("m", 32), ("url", MAX_URL), ("ua", 1024), ("ref", MAX_URL), ("log", 4096))
 
 
+BACKFILL_BYTES = 1 << 20  # of a log found while running: read from this far before its end
+REDISCOVER_S = 30.0  # the web servers' configs are read again this often (web_roots = auto)
 MAX_FOLLOWUPS = 64  # requests for one new file sent as follow-ups, at most
 MAX_WRITES = 20_000
 WRITES_KEEP_MS = 15 * 60_000
@@ -106,6 +109,10 @@ class Enricher:
         self._recent: deque[_Watch] = deque()  # watches still inside their write window
         self._n_watches = 0
         self._seq = 0
+        # () -> (roots, logs) found again (web_roots = auto), every REDISCOVER_S
+        self.rediscover: Optional[Callable[[], tuple[list[WebRoot], list[tuple[str, str]]]]] = None
+        self._next_discovery = clock.monotonic() + REDISCOVER_S
+        self._last_discovery = clock.monotonic()
         self._armed_until = -1.0  # monotonic: until then every log line is parsed (see arm)
         self._watch_gen = 0  # bumped when the watched URLs change
         self._leaves: Optional[tuple[int, Optional[Callable[[bytes], bool]]]] = None
@@ -129,6 +136,8 @@ class Enricher:
                     pkg["diff"] = own.differs
             ctx["pkg"] = pkg
         place = self.roots.place(cand.host_path) if self.roots is not None and at_host_path else None
+        if place is None and at_host_path and self._may_rediscover():  # a site started after the last look?
+            place = self.roots.place(cand.host_path) if self.roots is not None else None
         if self.roots is not None and at_host_path:
             ctx["root"] = _root_map(place)
         if self.content is not None:
@@ -232,6 +241,7 @@ class Enricher:
         """The ``req`` notes of requests logged since the last poll that ask
         for a watched new file, or fall in a recent write's window and were
         not sent with it; watches past ``followup`` are dropped."""
+        self._maybe_rediscover()
         if self.logs is None:
             return []
         self.poll_logs()
@@ -274,6 +284,38 @@ class Enricher:
                 del self._watches[url]
                 self._watch_gen += 1
 
+    def _may_rediscover(self) -> bool:
+        """Look again now (at most every 5 s) for a file outside every root
+        written by a web server: its site may have just started."""
+        if self.rediscover is None or self.clock.monotonic() < self._last_discovery + 5:
+            return False
+        self._next_discovery = 0.0
+        self._maybe_rediscover()
+        return True
+
+    def _maybe_rediscover(self) -> None:
+        """Every REDISCOVER_S, the servers' configs again (a site started or
+        reconfigured after the agent): new roots and logs are taken up, a
+        log kept is followed on, where it was."""
+        now = self.clock.monotonic()
+        if self.rediscover is None or now < self._next_discovery:
+            return
+        self._next_discovery = now + REDISCOVER_S
+        self._last_discovery = now
+        try:
+            roots, logs = self.rediscover()
+        except Exception as e:  # noqa: BLE001 - a config we cannot read must not stop the sensor
+            log.warning("event=rediscovery_failed error=%r", repr(e)[:300])
+            return
+        if tuple(roots) != (self.roots.roots if self.roots is not None else ()):
+            self.roots = WebRoots(roots)
+            _log_targets(roots, logs)
+        if self.logs is None or sorted(self.logs.paths) != [p for p, _ in logs]:
+            if self.logs is not None:
+                self.logs.close()
+            self.logs = _follow(self.cfg, logs, BACKFILL_BYTES)  # the request that sent us here is in it
+            self._seq, self._unmatched = 0, []
+
     def status(self) -> dict[str, Any]:
         out: dict[str, Any] = dict(self.counters)
         out["watches"] = self._n_watches
@@ -308,78 +350,46 @@ def _log_paths(place: Optional[Placement]) -> Optional[frozenset[str]]:
 # ------------------------------------------------------------------ building
 
 
-def _web_roots(cfg: EnrichConfig, problems: list[str]) -> list[WebRoot]:
-    roots: list[WebRoot] = []
-    for spec in cfg.web_roots:
-        if spec == "auto":
-            for found, issues in _discovered(cfg.server_configs):
-                roots.extend(found)
-                for issue in issues:  # a server's config we cannot read is not the agent's error
-                    log.warning("event=web_server_config problem=%r", issue)
-        else:
-            root = configured(spec)
-            if root is None:
-                problems.append(f"[enrich] web_roots: {spec!r} is not DIR[:EXT,EXT][@/URL]")
-            else:
-                roots.append(root)
-    return roots
-
-
-def _discovered(confs: Sequence[str]) -> list[tuple[list[WebRoot], list[str]]]:
-    """discover() over the configured server configs: nginx's by name, the rest Apache's."""
-    nginx = [p for p in confs if "nginx" in os.path.basename(os.path.dirname(p)) + os.path.basename(p)]
-    apache = [p for p in confs if p not in nginx]
-    out = [discover(nginx_conf=None, apache_confs=apache)] if apache else []
-    out.extend(discover(nginx_conf=p, apache_confs=()) for p in nginx)
-    return out
-
-
-def _access_logs(cfg: EnrichConfig, roots: Sequence[WebRoot], problems: list[str]) -> list[tuple[str, str]]:
-    logs: dict[str, str] = {}
-    for log_path, fmt in cfg.access_logs:
-        if log_path == "auto":
-            for root in roots:
-                for p, f in root.access_logs:
-                    logs.setdefault(p, f or "combined")
-        else:
-            logs[log_path] = fmt
-    for log_path, fmt in list(logs.items()):
-        try:
-            compile_format(fmt)
-        except ValueError as e:
-            problems.append(f"[enrich] access_logs: {log_path}: {e}")
-            del logs[log_path]
-    return sorted(logs.items())
-
-
 def build_enricher(cfg: EnrichConfig, clock: Clock) -> Optional[Enricher]:
     """The agent's enricher (None when ``[enrich] enabled = no``); raises
     ConfigError listing every web root and log format it cannot use."""
     if not cfg.enabled:
         return None
     problems: list[str] = []
-    roots = _web_roots(cfg, problems)
-    logs = _access_logs(cfg, roots, problems)
+    roots, logs = _targets(cfg, problems)
     if problems:
         raise ConfigError(problems)
-    keep_s = max(900.0, 2 * cfg.request_window_ms / 1000)
     enricher = Enricher(
         cfg,
         clock,
         packages=PackageIndex() if cfg.packages else None,
         roots=WebRoots(roots),
-        logs=AccessLogs(logs, keep_s=keep_s) if logs else None,
+        logs=_follow(cfg, logs),
         content=(
             ContentScanner(max_bytes=cfg.content_max_bytes, files_per_s=cfg.content_rate,
                            yara_rules_dir=cfg.yara_rules or None)
             if cfg.content else None
         ),
     )  # fmt: skip
-    log.info(
-        "event=enrichment web_roots=%d access_logs=%s packages=%s content=%s",
-        len(roots),
-        ",".join(p for p, _ in logs) or "none",
-        "yes" if cfg.packages else "no",
-        "yes" if cfg.content else "no",
-    )
+    if "auto" in cfg.web_roots:
+        enricher.rediscover = lambda: _targets(cfg, [])
+    _log_targets(roots, logs)
     return enricher
+
+
+def _targets(cfg: EnrichConfig, problems: list[str]) -> tuple[list[WebRoot], list[tuple[str, str]]]:
+    roots = servers.web_roots(cfg, problems, servers.running_configs())
+    return roots, servers.access_logs(cfg, roots, problems)
+
+
+def _follow(cfg: EnrichConfig, logs: Sequence[tuple[str, str]], backfill: int = 0) -> Optional[AccessLogs]:
+    keep_s = max(900.0, 2 * cfg.request_window_ms / 1000)
+    return AccessLogs(logs, keep_s=keep_s, backfill=backfill) if logs else None
+
+
+def _log_targets(roots: Sequence[WebRoot], logs: Sequence[tuple[str, str]]) -> None:
+    log.info(
+        "event=enrichment web_roots=%s access_logs=%s",
+        ",".join(os.fsdecode(r.root) for r in roots[:20]) or "none",
+        ",".join(p for p, _ in logs[:20]) or "none",
+    )

@@ -25,6 +25,7 @@ cross (another filesystem, another mount).
 from __future__ import annotations
 
 import base64
+import contextlib
 import errno
 import hashlib
 import json
@@ -44,6 +45,7 @@ CONTENT = b"file"
 AUDIT = "audit.log"
 DONE = "done"  # alerts already acted on (one a line): an answer repeated is not acted on twice
 MAX_ID = (1 << 53) - 1
+DONE_KEEP = 10_000  # alerts remembered as acted on
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
@@ -131,6 +133,7 @@ class Quarantine:
             fd = self._root_fd()
             try:
                 _append(fd, DONE, act["alert"] + "\n")
+                _trim(fd, DONE, DONE_KEEP)
                 _append(fd, AUDIT, json.dumps(entry, sort_keys=True) + "\n")
             finally:
                 os.close(fd)
@@ -384,6 +387,24 @@ def _append(dir_fd: int, name: str, text: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _trim(dir_fd: int, name: str, keep: int) -> None:
+    """Keep the last ``keep`` lines of ``name`` once it holds twice as many
+    (a collector asks again only while an alert's action is pending)."""
+    if os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_size < keep * 2 * 16:  # ids are longer
+        return
+    lines = _read_text(dir_fd, name).splitlines()
+    if len(lines) > 2 * keep:
+        tmp = name + ".tmp"
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp, dir_fd=dir_fd)
+        fd = os.open(tmp, _NEW, 0o600, dir_fd=dir_fd)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write("\n".join(lines[-keep:]) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
 
 
 def _read_text(dir_fd: int, name: str) -> str:

@@ -157,3 +157,15 @@ def test_an_unsafe_quarantine_dir_and_no_package_database_move_nothing(tmp_path:
     assert os.path.exists(path)
     for bad in ({"id": True}, {"id": 1 << 60}, {"id": -1}, {"id": 1, "path_b64": "%%"}, "not a dict"):
         assert quarantine.parse_action(bad) is None
+
+
+def test_the_done_list_keeps_its_newest_alerts_only(tmp_path: Path) -> None:
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for i in range(40):
+            quarantine._append(fd, quarantine.DONE, f"alert-{i:04d}\n")
+            quarantine._trim(fd, quarantine.DONE, 5)
+    finally:
+        os.close(fd)
+    kept = (tmp_path / quarantine.DONE).read_text().split()
+    assert 5 <= len(kept) <= 10 and kept[-1] == "alert-0039"

@@ -111,8 +111,10 @@ class Quarantine:
             return None
         act: dict[str, Any] = {"id": aid, "alert": alert, "rule": rule}
         try:
-            act["qid"] = self._quarantine(path, exe, rule, alert, aid)
+            act["qid"], why = self._quarantine(path, exe, rule, alert, aid)
             act["result"] = "quarantined"
+            if why:
+                act["why"] = why
         except QuarantineError as e:
             act["result"], act["why"] = "refused", str(e)[:1024]
         except OSError as e:
@@ -146,7 +148,7 @@ class Quarantine:
         if not path or not path.startswith(b"/"):
             raise QuarantineError("no absolute path")
         if not self.reported(exe, path):
-            raise QuarantineError("this agent did not report that file in its window")
+            raise QuarantineError("this agent did not report that file (in its window, since it started)")
         if self.in_container(exe, path):
             raise QuarantineError("a container's file (the host sees it at another path): not moved")
         if self.package_owner is None:
@@ -157,32 +159,52 @@ class Quarantine:
 
     def _quarantine(
         self, path: Optional[bytes], exe: Optional[bytes], rule: str, alert: str, aid: int
-    ) -> str:
+    ) -> tuple[str, Optional[str]]:
+        """(qid, a note on what went wrong after the file was moved)."""
         path = self._checked(path, exe, rule)
         parent, name = open_parent(path)
         try:
             st = os.stat(name, dir_fd=parent, follow_symlinks=False)
             if not stat.S_ISREG(st.st_mode):
                 raise QuarantineError("not a regular file (a symlink, directory or device is never moved)")
+            if st.st_nlink > 1:
+                raise QuarantineError(f"the file has {st.st_nlink} names (hard links): one moved leaves it")
             qid = uuid.uuid4().hex
-            root = self._root_fd()
+            meta = _meta(qid, aid, alert, rule, path, exe, st, self.now_ms(), self.stub)
+            self._take_in(qid, parent, name, st, meta)
+            if self.stub:
+                try:
+                    os.close(os.open(name, _NEW, 0, dir_fd=parent))
+                except OSError as e:  # written again already by the dropper: the file is held all the same
+                    return qid, f"no stub left: {e.strerror or e}"
+            return qid, None
+        finally:
+            os.close(parent)
+
+    def _take_in(self, qid: str, parent: int, name: bytes, st: os.stat_result, meta: dict[str, Any]) -> None:
+        """The entry ``qid``: its metadata first (a file moved is never one
+        restore cannot find), then the file checked (``st``); nothing left of
+        the entry if the file did not move (the original is where it was)."""
+        root = self._root_fd()
+        try:
+            os.mkdir(qid, 0o700, dir_fd=root)
+            entry = os.open(qid, _DIR, dir_fd=root)
             try:
-                os.mkdir(qid, 0o700, dir_fd=root)
-                entry = os.open(qid, _DIR, dir_fd=root)
-            finally:
-                os.close(root)
-            try:
-                meta = _meta(qid, aid, alert, rule, path, exe, st, self.now_ms(), self.stub)
-                _write_json(entry, META, meta)  # first: a file moved is never one restore cannot find
+                _write_json(entry, META, meta)
                 meta["sha256"] = _move_in(parent, name, st, entry)
+            except BaseException:
+                for left in (CONTENT, META.encode()):
+                    with contextlib.suppress(OSError):
+                        os.unlink(left, dir_fd=entry)
+                os.close(entry)
+                os.rmdir(qid, dir_fd=root)
+                raise
+            try:
                 _write_json(entry, META, meta)
             finally:
                 os.close(entry)
-            if self.stub:
-                os.close(os.open(name, _NEW, 0, dir_fd=parent))
-            return qid
         finally:
-            os.close(parent)
+            os.close(root)
 
     def _root_fd(self) -> int:
         """The quarantine directory: made if missing; refused unless it is a
@@ -321,18 +343,23 @@ def _put_back(entry: int, parent: int, name: bytes, meta: dict[str, Any], force:
         os.utime(fd, ns=(meta["atime_ns"], meta["mtime_ns"]))
         if _renamed(entry, CONTENT, parent, name):  # over the stub, when forced
             return
-        tmp = name + b".rarewrite-restore"
-        _copy_fd(fd, parent, tmp, meta["mode"])
+        tmp = b".rarewrite-restore-" + uuid.uuid4().hex.encode()
+        try:  # owner, mode and times set through the copy's own descriptor, never its name
+            _copy_fd(
+                fd,
+                parent,
+                tmp,
+                meta["mode"],
+                (meta["uid"], meta["gid"]),
+                (meta["atime_ns"], meta["mtime_ns"]),
+            )
+            os.rename(tmp, name, src_dir_fd=parent, dst_dir_fd=parent)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=parent)
+            raise
     finally:
         os.close(fd)
-    out = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
-    try:
-        os.fchown(out, meta["uid"], meta["gid"])
-        os.fchmod(out, meta["mode"])
-        os.utime(out, ns=(meta["atime_ns"], meta["mtime_ns"]))
-    finally:
-        os.close(out)
-    os.rename(tmp, name, src_dir_fd=parent, dst_dir_fd=parent)
     os.unlink(CONTENT, dir_fd=entry)
 
 
@@ -347,7 +374,13 @@ def _sha256_fd(fd: int) -> str:
     return h.hexdigest()
 
 
-def _copy_fd(fd: int, dir_fd: int, name: bytes, mode: int) -> str:
+def _copy_fd(
+    fd: int, dir_fd: int, name: bytes, mode: int,
+    owner: Optional[tuple[int, int]] = None, times: Optional[tuple[int, int]] = None,
+) -> str:  # fmt: skip
+    """``fd``'s content into a new file ``name`` of ``dir_fd`` (its sha256),
+    fsynced, with ``mode`` (and ``owner``, ``times`` in ns) set on the copy's
+    own descriptor."""
     h = hashlib.sha256()
     os.lseek(fd, 0, os.SEEK_SET)
     out = os.open(name, _NEW, 0o600, dir_fd=dir_fd)
@@ -357,7 +390,11 @@ def _copy_fd(fd: int, dir_fd: int, name: bytes, mode: int) -> str:
             view = memoryview(chunk)
             while view:
                 view = view[os.write(out, view) :]
+        if owner is not None:
+            os.fchown(out, *owner)
         os.fchmod(out, mode)
+        if times is not None:
+            os.utime(out, ns=times)
         os.fsync(out)
     finally:
         os.close(out)

@@ -48,7 +48,12 @@ FACTS_AT_EXIT = 1 << 30
 BUSY_EVENTS = 2000  # a read() this large means a burst: the shipper waits until it is over
 FACTS_PER_LOOP = 4000  # more than a read slice holds, so a stored burst's facts keep up with it
 DRAIN_AT_STOP_S = 10.0  # at most this long storing read-ahead events at a stop
+DETAILED_PAIRS = 20_000  # pairs remembered for quarantine (an alert comes within the hour)
 IDLE_RELEASE_S = 2.0  # this long without events after a burst, and all shipped: memory is handed back
+
+
+def _quarantine_rules(cfg: Config) -> list[str]:
+    return [r.rule_id for r in (cfg.rule, *cfg.rules) if r.enabled and r.quarantine]
 
 
 class LiveAgent:
@@ -76,7 +81,8 @@ class LiveAgent:
         self._seen_outside = 0
         self._coverage_ms = self.started_ms
         self._actions: deque[dict[str, Any]] = deque()  # from the collector's answers, for _respond
-        self._container_pairs: OrderedDict[tuple[Optional[bytes], Optional[bytes]], None] = OrderedDict()
+        # (exe, path) -> host path of the pairs detailed in this run (for quarantine)
+        self._detailed: OrderedDict[tuple[Optional[bytes], Optional[bytes]], bytes] = OrderedDict()
         # late-bound on purpose: a SIGHUP reload swaps self.rules
         self.containers = Containers()
         self.resolver = Resolver(
@@ -113,7 +119,8 @@ class LiveAgent:
         self.store = AgentStore(
             state.store_path, cfg.rule, self.clock, cfg.agent.outbox_max_records,
             facts=FactsReader(self.clock, cfg.agent.hash_max_bytes) if cfg.agent.file_facts else None,
-            context=self._context if self.enricher is not None else None,
+            # the context also tells quarantine which files this run saw, at which host path
+            context=self._context if self.enricher is not None or _quarantine_rules(cfg) else None,
         )  # fmt: skip
         self.rules = RuleSet(cfg.rule, cfg.rules)
         self.store.set_rules(self.rules.ids)
@@ -182,26 +189,31 @@ class LiveAgent:
                 self.source = self._reload(self.source, open_source)
 
     def _context(self, cand: Candidate) -> Optional[dict[str, Any]]:
-        """The enricher's answer; a container's pair is remembered as one (it
-        is never quarantined at the host's path of the same name)."""
-        if cand.path is not None and cand.path != cand.host_path:
-            self._container_pairs[(cand.executable, cand.path)] = None
-            while len(self._container_pairs) > 10_000:
-                self._container_pairs.popitem(last=False)
+        """The enricher's answer. Each detailed pair is remembered with its
+        host path: quarantine moves only a file this run saw, where the host
+        has it (never a container's file by the host's file of that name)."""
+        self._detailed[(cand.executable or None, cand.path)] = cand.host_path
+        self._detailed.move_to_end((cand.executable or None, cand.path))
+        while len(self._detailed) > DETAILED_PAIRS:
+            self._detailed.popitem(last=False)
         return self.enricher(cand) if self.enricher is not None else None
+
+    def _seen_here(self, exe: Optional[bytes], path: Optional[bytes]) -> bool:
+        """A pair this run detailed, at the host's own path, still in the window."""
+        return self._detailed.get((exe or None, path)) == path and self.store.reported(exe, path)
 
     def _quarantine(self, cfg: Config) -> Optional[Quarantine]:
         """The response, when a rule of this agent's config says quarantine = yes."""
-        rules = [r.rule_id for r in (cfg.rule, *cfg.rules) if r.enabled and r.quarantine]
+        rules = _quarantine_rules(cfg)
         if not rules:
             return None
         packages = self.enricher.packages if self.enricher is not None else None
         packages = packages if packages is not None else PackageIndex()
         return Quarantine(
-            cfg.enrich.quarantine_dir, rules, self.store.reported,
+            cfg.enrich.quarantine_dir, rules, self._seen_here,
             package_owner=packages.owner if packages.available() else None,
             stub=cfg.enrich.quarantine_stub, now_ms=self.clock.now_ms,
-            in_container=lambda exe, path: (exe or None, path) in self._container_pairs,
+            in_container=lambda exe, path: self._detailed.get((exe or None, path), path) != path,
         )  # fmt: skip
 
     def _respond(self, store: AgentStore) -> None:

@@ -24,8 +24,12 @@ def fake_proc(tmp: Path, procs: dict[int, tuple[str, bytes, int]]) -> str:
         d.mkdir(parents=True)
         (d / "comm").write_text(comm + "\n")
         (d / "cmdline").write_bytes(cmdline)
+        (d / "ns").mkdir()
+        os.symlink(os.readlink("/proc/self/ns/mnt"), d / "ns" / "mnt")
+        os.symlink("/bin/sh", d / "exe")  # a root-owned binary
         os.chown(d, uid, uid)
-    (root / "self").mkdir()
+    (root / "self" / "ns").mkdir(parents=True)
+    os.symlink(os.readlink("/proc/self/ns/mnt"), root / "self" / "ns" / "mnt")
     return str(root)
 
 
@@ -39,7 +43,10 @@ def test_running_servers_name_their_configs_and_only_roots_count(tmp_path: Path)
         14: ("httpd", b"/usr/sbin/httpd\0-DFOREGROUND\0", 0),  # no -f: the configured paths cover it
         15: ("nginx", b"nginx -p /opt/n/ -c conf/nginx.conf", 0),
         16: ("bash", b"nginx -c /x", 0),
+        17: ("nginx", b"nginx -c /in/a/container.conf", 0),  # root, but in another mount namespace
     })  # fmt: skip
+    os.unlink(f"{proc}/17/ns/mnt")
+    os.symlink("mnt:[1]", f"{proc}/17/ns/mnt")
     assert servers.running_configs(proc) == [
         "/srv/site/nginx.conf",
         "/opt/ap/conf/httpd.conf",
@@ -72,7 +79,7 @@ def test_a_site_started_after_the_agent_is_taken_up(tmp_path: Path) -> None:
     log = tmp_path / "access.log"
     log.write_text("")
     root = WebRoot("nginx", b"/srv/late", "/", ("php",), ((str(log), "combined"),), ())
-    enricher.rediscover = lambda: ([root], [(str(log), "combined")])
+    enricher.rediscover = lambda force: ([root], [(str(log), "combined")])
     enricher.poll()
     assert enricher.logs is None  # not yet: once every 30 s
     clock.advance(31)
@@ -95,7 +102,7 @@ def test_a_write_outside_every_root_looks_again_and_reads_the_new_logs_last_line
     stamp = time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime(now // 1000))
     log.write_text("x" * 100 + f'\n1.2.3.4 - - [{stamp}] "POST /up.php HTTP/1.1" 200 5 "-" "ua"\n')
     root = WebRoot("nginx", bytes(www), "/", ("php",), ((str(log), "combined"),), ())
-    enricher.rediscover = lambda: ([root], [(str(log), "combined")])
+    enricher.rediscover = lambda force: ([root], [(str(log), "combined")])
     clock.advance(6)  # the last look was at start
     shell = www / "s.php"
     shell.write_text("<?php")

@@ -169,3 +169,43 @@ def test_the_done_list_keeps_its_newest_alerts_only(tmp_path: Path) -> None:
         os.close(fd)
     kept = (tmp_path / quarantine.DONE).read_text().split()
     assert 5 <= len(kept) <= 10 and kept[-1] == "alert-0039"
+
+
+def test_a_hard_linked_file_is_refused_and_a_failed_move_leaves_no_entry(tmp_path: Path) -> None:
+    s = Setup(tmp_path)
+    path = s.shell()
+    os.link(path, s.web / "other-name.php")
+    note = s.q.act(action(9, path))
+    assert note is not None and note["act"]["result"] == "refused" and "hard links" in note["act"]["why"]
+    os.unlink(s.web / "other-name.php")
+    real = quarantine._move_in
+
+    def swapped(*args: Any) -> str:
+        raise QuarantineError("the file changed while it was being quarantined")
+
+    quarantine._move_in = swapped  # type: ignore[assignment]
+    try:
+        note = s.q.act(action(10, path))
+    finally:
+        quarantine._move_in = real  # type: ignore[assignment]
+    assert note is not None and note["act"]["result"] == "refused"
+    assert quarantine.entries(str(s.qdir)) == [] and os.path.exists(path)
+    assert [p.name for p in s.qdir.iterdir() if p.is_dir()] == []
+
+
+def test_a_stub_that_cannot_be_left_still_reports_the_file_quarantined(tmp_path: Path) -> None:
+    s = Setup(tmp_path, stub=True)
+    path = s.shell()
+    real_open = os.open
+
+    def recreated(p: Any, flags: int, *a: Any, **kw: Any) -> int:
+        if p == os.path.basename(path) and flags & os.O_CREAT:
+            raise FileExistsError(17, "File exists")  # the dropper wrote it again first
+        return real_open(p, flags, *a, **kw)
+
+    import unittest.mock
+
+    with unittest.mock.patch.object(quarantine.os, "open", recreated):
+        note = s.q.act(action(11, path))
+    assert note is not None and note["act"]["result"] == "quarantined" and "no stub" in note["act"]["why"]
+    assert quarantine.entries(str(s.qdir))[0]["qid"] == note["act"]["qid"]

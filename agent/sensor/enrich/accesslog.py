@@ -475,6 +475,12 @@ def url_path(target: str) -> str:
     return _squash(target)
 
 
+def normal_path(path: str) -> str:
+    """``path`` with "//", "/./" and "/../" resolved, as url_path() leaves a
+    request's path (for a path that is decoded already)."""
+    return _squash(path)
+
+
 def _squash(path: str) -> str:
     if not path.startswith("/") or ("//" not in path and "/." not in path):
         return path
@@ -569,13 +575,34 @@ class AccessLogs:
         self._next = 0  # the log read first, in turn, so one busy log cannot starve the rest
         keys = ("lines", "unparsed", "too_long", "rotated", "truncated", "unreadable", "dropped")
         self.counters: dict[str, int] = dict.fromkeys(keys, 0)
-        for lg in self._logs:
+        self._start(self._logs, backfill)
+
+    def _start(self, logs: Sequence[_Log], backfill: int) -> None:
+        for lg in logs:
             st = self._stat(lg)
             if st is not None:
                 self._open(lg, st)
                 if lg.cur is not None and backfill > 0 and lg.cur.offset > 0:
                     lg.cur.offset = max(0, lg.cur.offset - backfill)
                     lg.cur.skipping = lg.cur.offset > 0  # from the first whole line on
+
+    def add(self, logs: Sequence[tuple[str, str]], backfill: int = 0) -> list[str]:
+        """Follow these logs too (the ones not followed yet), each from
+        ``backfill`` bytes before its end; the others go on where they are.
+        Returns the paths added; a format that does not compile is left out."""
+        known = {lg.path for lg in self._logs}
+        new = []
+        for path, fmt in logs:
+            if path in known:
+                continue
+            try:
+                new.append(_Log(path, _compile(fmt)))
+            except ValueError:
+                continue
+            known.add(path)
+        self._logs.extend(new)
+        self._start(new, backfill)
+        return [lg.path for lg in new]
 
     @property
     def paths(self) -> list[str]:
@@ -643,6 +670,8 @@ class AccessLogs:
             lg.at_end = False  # a log that appears later is new: read from its start
         except OSError as e:
             self._unreadable(lg, e)
+        except ValueError as e:  # a NUL in the path: never a file
+            self._unreadable(lg, OSError(str(e)))
         return None
 
     def _open(self, lg: _Log, st: os.stat_result) -> None:

@@ -23,10 +23,9 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
-from urllib.parse import quote
 
 from agent.sensor.enrich import servers
-from agent.sensor.enrich.accesslog import AccessLogs, Request, url_path
+from agent.sensor.enrich.accesslog import AccessLogs, Request, normal_path, url_path
 from agent.sensor.enrich.content import ContentScanner
 from agent.sensor.enrich.packages import PackageIndex
 from agent.sensor.enrich.webroots import Placement, WebRoot, WebRoots
@@ -40,7 +39,32 @@ log = logging.getLogger("rarewrite.enrich")
 
 MAX_WATCHES = 2000  # new files whose follow-up requests are watched (the oldest go first)
 WRITE_METHODS = frozenset(("POST", "PUT", "PATCH"))
-_NOTHING: Callable[[bytes], bool] = lambda raw: False  # noqa: E731 - nothing is armed or watched
+# writers whose file outside every known root makes the agent look for a new site at once
+WEB_SERVERS = ("nginx", "apache", "httpd", "php", "lsphp", "lighttpd", "caddy", "uwsgi", "gunicorn", "java",
+               "node")  # fmt: skip
+
+
+Found = tuple[list[WebRoot], list[tuple[str, str]]]  # what a discovery finds: roots, (log, format)
+
+
+def _web_server(name: Optional[str]) -> bool:
+    return bool(name) and str(name).startswith(WEB_SERVERS)
+
+
+def _uploads(raw: bytes) -> bool:
+    return b'"POST ' in raw or b'"PUT ' in raw or b'"PATCH ' in raw
+
+
+def _escaped(raw: bytes) -> bool:
+    return b"%" in raw or b"\\x" in raw
+
+
+def _watch_key(url: str) -> str:
+    """The URL path a request for ``url`` (a file's, decoded) comes out as
+    from url_path(): a name that is not UTF-8 as its request decodes."""
+    return normal_path(url.encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
+
+
 _CUTS = (("ip", 64), ("m", 32), ("url", MAX_URL), ("ua", 1024), ("ref", MAX_URL), ("log", 4096))
 
 
@@ -109,8 +133,8 @@ class Enricher:
         self._recent: deque[_Watch] = deque()  # watches still inside their write window
         self._n_watches = 0
         self._seq = 0
-        # () -> (roots, logs) found again (web_roots = auto), every REDISCOVER_S
-        self.rediscover: Optional[Callable[[], tuple[list[WebRoot], list[tuple[str, str]]]]] = None
+        # (force) -> (roots, logs) found again, or None: nothing changed (web_roots = auto)
+        self.rediscover: Optional[Callable[[bool], Optional[Found]]] = None
         self._next_discovery = clock.monotonic() + REDISCOVER_S
         self._last_discovery = clock.monotonic()
         self._armed_until = -1.0  # monotonic: until then every log line is parsed (see arm)
@@ -136,7 +160,7 @@ class Enricher:
                     pkg["diff"] = own.differs
             ctx["pkg"] = pkg
         place = self.roots.place(cand.host_path) if self.roots is not None and at_host_path else None
-        if place is None and at_host_path and self._may_rediscover():  # a site started after the last look?
+        if place is None and at_host_path and _web_server(cand.process_name) and self._may_rediscover():
             place = self.roots.place(cand.host_path) if self.roots is not None else None
         if self.roots is not None and at_host_path:
             ctx["root"] = _root_map(place)
@@ -170,7 +194,7 @@ class Enricher:
             best += [r for r in near if r.method not in WRITE_METHODS][: MAX_REQS - len(best)]
         if place is not None:
             exe = cand.executable or None  # as the wire takes it: nil, never empty
-            self._watch(_Watch(cand.ts_ms, exe, cand.path or None, url_path(place.url), logs, self._seq))
+            self._watch(_Watch(cand.ts_ms, exe, cand.path or None, _watch_key(place.url), logs, self._seq))
         return [request_map(r, True) for r in best]
 
     def _take(self) -> bool:
@@ -206,18 +230,22 @@ class Enricher:
         self._armed_until = self.clock.monotonic() + 2 * self.cfg.request_window_ms / 1000 + 2
 
     def _line_filter(self) -> Optional[Callable[[bytes], bool]]:
+        """What a raw line must hold to be parsed now: everything while armed;
+        else an upload (its request may be read before the event: a burst);
+        with watches, also a watched file's name, or any escape (%, \\x: a
+        name a client or the server encoded)."""
         if self.clock.monotonic() < self._armed_until:
             return None
         if not self._watches:
-            return _NOTHING
+            return _uploads
         if self._leaves is None or self._leaves[0] != self._watch_gen:
-            names = {os.fsencode(u.rsplit("/", 1)[-1]) for u in self._watches} - {b""}
-            names |= {quote(n).encode() for n in names}  # as a client may have sent it
+            names = {u.rsplit("/", 1)[-1].encode("utf-8", "replace") for u in self._watches} - {b""}
             if len(names) > 256:
                 self._leaves = (self._watch_gen, None)
             else:
-                found = re.compile(b"|".join(re.escape(n) for n in sorted(names))).search
-                self._leaves = (self._watch_gen, lambda raw: found(raw) is not None)
+                named = re.compile(b"|".join(re.escape(n) for n in sorted(names))).search
+                keep = lambda raw: _uploads(raw) or _escaped(raw) or bool(named(raw))  # noqa: E731
+                self._leaves = (self._watch_gen, keep)
         return self._leaves[1]
 
     def poll_logs(self) -> list[Request]:
@@ -285,36 +313,37 @@ class Enricher:
                 self._watch_gen += 1
 
     def _may_rediscover(self) -> bool:
-        """Look again now (at most every 5 s) for a file outside every root
-        written by a web server: its site may have just started."""
+        """Look again now (at most every 5 s) for a web server's file outside
+        every root: its site may have just started."""
         if self.rediscover is None or self.clock.monotonic() < self._last_discovery + 5:
             return False
-        self._next_discovery = 0.0
-        self._maybe_rediscover()
+        self._maybe_rediscover(force=True)
         return True
 
-    def _maybe_rediscover(self) -> None:
-        """Every REDISCOVER_S, the servers' configs again (a site started or
-        reconfigured after the agent): new roots and logs are taken up, a
-        log kept is followed on, where it was."""
+    def _maybe_rediscover(self, force: bool = False) -> None:
+        """Every REDISCOVER_S (or ``force``), the servers again (a site started
+        or reconfigured after the agent): new roots and logs are taken up (a
+        new log from BACKFILL_BYTES before its end: the request that sent us
+        here is in it), the logs followed go on where they are."""
         now = self.clock.monotonic()
-        if self.rediscover is None or now < self._next_discovery:
+        if self.rediscover is None or (now < self._next_discovery and not force):
             return
         self._next_discovery = now + REDISCOVER_S
         self._last_discovery = now
         try:
-            roots, logs = self.rediscover()
-        except Exception as e:  # noqa: BLE001 - a config we cannot read must not stop the sensor
+            found = self.rediscover(force)
+            if found is None:
+                return
+            roots, logs = found
+            if tuple(roots) != (self.roots.roots if self.roots is not None else ()):
+                self.roots = WebRoots(roots)
+                _log_targets(roots, logs)
+            if self.logs is None:
+                self.logs = _follow(self.cfg, logs, BACKFILL_BYTES)
+            else:
+                self.logs.add(logs, BACKFILL_BYTES)
+        except Exception as e:  # noqa: BLE001 - a config or log we cannot read must not stop the sensor
             log.warning("event=rediscovery_failed error=%r", repr(e)[:300])
-            return
-        if tuple(roots) != (self.roots.roots if self.roots is not None else ()):
-            self.roots = WebRoots(roots)
-            _log_targets(roots, logs)
-        if self.logs is None or sorted(self.logs.paths) != [p for p, _ in logs]:
-            if self.logs is not None:
-                self.logs.close()
-            self.logs = _follow(self.cfg, logs, BACKFILL_BYTES)  # the request that sent us here is in it
-            self._seq, self._unmatched = 0, []
 
     def status(self) -> dict[str, Any]:
         out: dict[str, Any] = dict(self.counters)
@@ -372,7 +401,7 @@ def build_enricher(cfg: EnrichConfig, clock: Clock) -> Optional[Enricher]:
         ),
     )  # fmt: skip
     if "auto" in cfg.web_roots:
-        enricher.rediscover = lambda: _targets(cfg, [])
+        enricher.rediscover = servers.Discovery(cfg, clock.monotonic)
     _log_targets(roots, logs)
     return enricher
 

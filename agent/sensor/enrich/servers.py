@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Optional
 
 from agent.sensor.enrich.accesslog import compile_format
 from agent.sensor.enrich.webroots import WebRoot, configured, discover
@@ -48,8 +49,8 @@ def running_configs(proc: str = "/proc") -> list[str]:
                 comm = f.read(64).strip().decode("utf-8", "replace")
             if comm not in NGINX_NAMES and comm not in APACHE_NAMES:
                 continue
-            if os.stat(f"{proc}/{pid}").st_uid != 0:  # a worker or a user's process: not ours to follow
-                continue
+            if os.stat(f"{proc}/{pid}").st_uid != 0 or not _ours(proc, pid):
+                continue  # a worker, a user's process, or root in a container: not ours to follow
             with open(f"{proc}/{pid}/cmdline", "rb") as f:
                 raw = f.read(8192)
         except OSError:
@@ -62,6 +63,17 @@ def running_configs(proc: str = "/proc") -> list[str]:
     return list(found)
 
 
+def _ours(proc: str, pid: str) -> bool:
+    """A server in the agent's own mount namespace running a root-owned
+    binary: root in a container could name a file of the host it writes."""
+    try:
+        if os.readlink(f"{proc}/{pid}/ns/mnt") != os.readlink(f"{proc}/self/ns/mnt"):
+            return False
+        return os.stat(f"{proc}/{pid}/exe").st_uid == 0
+    except OSError:
+        return False
+
+
 def _config_of(comm: str, args: list[str]) -> str:
     if comm in NGINX_NAMES:
         conf = _option(args, "-c")
@@ -70,7 +82,7 @@ def _config_of(comm: str, args: list[str]) -> str:
         return os.path.normpath(conf) if conf else ""
     conf = _option(args, "-f")
     if conf and not conf.startswith("/"):
-        conf = os.path.join(_option(args, "-d") or "/etc/httpd", conf)
+        conf = os.path.join(_option(args, "-d") or f"/etc/{comm}", conf)
     return os.path.normpath(conf) if conf else ""
 
 
@@ -81,6 +93,29 @@ def _by_server(confs: Sequence[str]) -> list[tuple[list[WebRoot], list[str]]]:
     out = [discover(nginx_conf=None, apache_confs=apache)] if apache else []
     out.extend(discover(nginx_conf=p, apache_confs=()) for p in nginx)
     return out
+
+
+class Discovery:
+    """``discovery(force)``: the roots and logs again when the running
+    servers' configs changed, FULL_EVERY_S passed or ``force``; else None
+    (nothing new: a host's configs are not parsed again every time)."""
+
+    FULL_EVERY_S = 300.0
+
+    def __init__(self, cfg: EnrichConfig, monotonic: Callable[[], float]) -> None:
+        self.cfg, self.monotonic = cfg, monotonic
+        self._running: Optional[list[str]] = None
+        self._at = -1e18
+
+    def __call__(self, force: bool = False) -> Optional[tuple[list[WebRoot], list[tuple[str, str]]]]:
+        running = running_configs()
+        now = self.monotonic()
+        if not force and running == self._running and now < self._at + self.FULL_EVERY_S:
+            return None
+        self._running, self._at = running, now
+        problems: list[str] = []  # the admin's own entries were checked at start
+        roots = web_roots(self.cfg, problems, running)
+        return roots, access_logs(self.cfg, roots, problems)
 
 
 def web_roots(cfg: EnrichConfig, problems: list[str], running: Sequence[str] = ()) -> list[WebRoot]:
@@ -115,6 +150,9 @@ def access_logs(cfg: EnrichConfig, roots: Sequence[WebRoot], problems: list[str]
                     logs.setdefault(p, f or "combined")
         else:
             logs[log_path] = fmt
+    for bad in [p for p in logs if "\0" in p or not p.startswith("/")]:
+        log.warning("event=access_log_path_unusable log=%r", bad[:200])
+        del logs[bad]
     for log_path, fmt in list(logs.items()):
         try:
             compile_format(fmt)

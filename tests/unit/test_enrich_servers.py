@@ -79,7 +79,7 @@ def test_a_site_started_after_the_agent_is_taken_up(tmp_path: Path) -> None:
     log = tmp_path / "access.log"
     log.write_text("")
     root = WebRoot("nginx", b"/srv/late", "/", ("php",), ((str(log), "combined"),), ())
-    enricher.rediscover = lambda force: ([root], [(str(log), "combined")])
+    enricher.rediscover = lambda: ([root], [(str(log), "combined")])
     enricher.poll()
     assert enricher.logs is None  # not yet: once every 30 s
     clock.advance(31)
@@ -102,7 +102,7 @@ def test_a_write_outside_every_root_looks_again_and_reads_the_new_logs_last_line
     stamp = time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime(now // 1000))
     log.write_text("x" * 100 + f'\n1.2.3.4 - - [{stamp}] "POST /up.php HTTP/1.1" 200 5 "-" "ua"\n')
     root = WebRoot("nginx", bytes(www), "/", ("php",), ((str(log), "combined"),), ())
-    enricher.rediscover = lambda force: ([root], [(str(log), "combined")])
+    enricher.rediscover = lambda: ([root], [(str(log), "combined")])
     clock.advance(6)  # the last look was at start
     shell = www / "s.php"
     shell.write_text("<?php")

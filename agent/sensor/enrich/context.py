@@ -133,8 +133,8 @@ class Enricher:
         self._recent: deque[_Watch] = deque()  # watches still inside their write window
         self._n_watches = 0
         self._seq = 0
-        # (force) -> (roots, logs) found again, or None: nothing changed (web_roots = auto)
-        self.rediscover: Optional[Callable[[bool], Optional[Found]]] = None
+        # () -> (roots, logs) found again, or None: nothing changed (web_roots = auto)
+        self.rediscover: Optional[Callable[[], Optional[Found]]] = None
         self._next_discovery = clock.monotonic() + REDISCOVER_S
         self._last_discovery = clock.monotonic()
         self._armed_until = -1.0  # monotonic: until then every log line is parsed (see arm)
@@ -331,7 +331,7 @@ class Enricher:
         self._next_discovery = now + REDISCOVER_S
         self._last_discovery = now
         try:
-            found = self.rediscover(force)
+            found = self.rediscover()
             if found is None:
                 return
             roots, logs = found
@@ -385,7 +385,9 @@ def build_enricher(cfg: EnrichConfig, clock: Clock) -> Optional[Enricher]:
     if not cfg.enabled:
         return None
     problems: list[str] = []
-    roots, logs = _targets(cfg, problems)
+    running = servers.running_configs()
+    roots = servers.web_roots(cfg, problems, running)
+    logs = servers.access_logs(cfg, roots, problems)
     if problems:
         raise ConfigError(problems)
     enricher = Enricher(
@@ -401,14 +403,13 @@ def build_enricher(cfg: EnrichConfig, clock: Clock) -> Optional[Enricher]:
         ),
     )  # fmt: skip
     if "auto" in cfg.web_roots:
-        enricher.rediscover = servers.Discovery(cfg, clock.monotonic)
+        discovery = servers.Discovery(cfg, clock.monotonic)
+        discovery.started_with(running)  # the next looks parse again only what changed
+        enricher.rediscover = discovery
+    if enricher.packages is not None:
+        enricher.packages.owner(b"/")  # the index is built now, not in the sensor's loop at a first event
     _log_targets(roots, logs)
     return enricher
-
-
-def _targets(cfg: EnrichConfig, problems: list[str]) -> tuple[list[WebRoot], list[tuple[str, str]]]:
-    roots = servers.web_roots(cfg, problems, servers.running_configs())
-    return roots, servers.access_logs(cfg, roots, problems)
 
 
 def _follow(cfg: EnrichConfig, logs: Sequence[tuple[str, str]], backfill: int = 0) -> Optional[AccessLogs]:

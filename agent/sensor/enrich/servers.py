@@ -96,9 +96,9 @@ def _by_server(confs: Sequence[str]) -> list[tuple[list[WebRoot], list[str]]]:
 
 
 class Discovery:
-    """``discovery(force)``: the roots and logs again when the running
-    servers' configs changed, FULL_EVERY_S passed or ``force``; else None
-    (nothing new: a host's configs are not parsed again every time)."""
+    """``discovery()``: the roots and logs again when the running servers'
+    configs changed or FULL_EVERY_S passed; else None (nothing new: a host's
+    configs are not parsed again each time, the sensor's loop is waiting)."""
 
     FULL_EVERY_S = 300.0
 
@@ -107,10 +107,14 @@ class Discovery:
         self._running: Optional[list[str]] = None
         self._at = -1e18
 
-    def __call__(self, force: bool = False) -> Optional[tuple[list[WebRoot], list[tuple[str, str]]]]:
+    def started_with(self, running: list[str]) -> None:
+        """What the agent found at start, parsed already."""
+        self._running, self._at = running, self.monotonic()
+
+    def __call__(self) -> Optional[tuple[list[WebRoot], list[tuple[str, str]]]]:
         running = running_configs()
         now = self.monotonic()
-        if not force and running == self._running and now < self._at + self.FULL_EVERY_S:
+        if running == self._running and now < self._at + self.FULL_EVERY_S:
             return None
         self._running, self._at = running, now
         problems: list[str] = []  # the admin's own entries were checked at start

@@ -37,6 +37,7 @@ from collections.abc import Callable, Collection
 from typing import Any, Optional
 
 from agent.sensor.longpath import open_parent
+from agent.shared.text import visible
 
 log = logging.getLogger("rarewrite.quarantine")
 
@@ -237,7 +238,7 @@ def _meta(
 ) -> dict[str, Any]:  # fmt: skip
     return {
         "qid": qid, "action_id": aid, "alert": alert, "rule": rule, "path_b64": _b64(path),
-        "path": path.decode("utf-8", "backslashreplace"), "exe_b64": _b64(exe),
+        "path": visible(path), "exe_b64": _b64(exe),
         "mode": stat.S_IMODE(st.st_mode),
         "uid": st.st_uid, "gid": st.st_gid, "size": st.st_size, "atime_ns": st.st_atime_ns,
         "mtime_ns": st.st_mtime_ns, "quarantined_ms": now_ms, "stub": stub,

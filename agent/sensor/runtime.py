@@ -192,10 +192,11 @@ class LiveAgent:
         """The enricher's answer. Each detailed pair is remembered with its
         host path: quarantine moves only a file this run saw, where the host
         has it (never a container's file by the host's file of that name)."""
-        self._detailed[(cand.executable or None, cand.path)] = cand.host_path
-        self._detailed.move_to_end((cand.executable or None, cand.path))
-        while len(self._detailed) > DETAILED_PAIRS:
-            self._detailed.popitem(last=False)
+        if self.quarantine is not None:  # only quarantine asks; without it nothing is kept
+            self._detailed[(cand.executable or None, cand.path)] = cand.host_path
+            self._detailed.move_to_end((cand.executable or None, cand.path))
+            while len(self._detailed) > DETAILED_PAIRS:
+                self._detailed.popitem(last=False)
         return self.enricher(cand) if self.enricher is not None else None
 
     def _seen_here(self, exe: Optional[bytes], path: Optional[bytes]) -> bool:

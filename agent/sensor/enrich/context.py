@@ -33,6 +33,7 @@ from agent.sensor.outbox import Candidate
 from agent.shared.clock import Clock
 from agent.shared.config.schema import EnrichConfig
 from agent.shared.errors import ConfigError
+from agent.shared.text import visible
 from agent.shared.wire.context import MAX_NOTE_REQS, MAX_REQS, MAX_SIGNALS, MAX_URL
 
 log = logging.getLogger("rarewrite.enrich")
@@ -42,9 +43,6 @@ WRITE_METHODS = frozenset(("POST", "PUT", "PATCH"))
 # writers whose file outside every known root makes the agent look for a new site at once
 WEB_SERVERS = ("nginx", "apache", "httpd", "php", "lsphp", "lighttpd", "caddy", "uwsgi", "gunicorn", "java",
                "node")  # fmt: skip
-
-
-Found = tuple[list[WebRoot], list[tuple[str, str]]]  # what a discovery finds: roots, (log, format)
 
 
 def _web_server(name: Optional[str]) -> bool:
@@ -91,9 +89,7 @@ class _Watch:
 def text(s: str, limit: int) -> str:
     """``s`` as the wire takes it: UTF-8 (a file name's undecodable bytes as
     ``\\xNN``, as alerts show them), at most ``limit`` characters."""
-    if not s.isascii():
-        s = s.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    return s[:limit]
+    return (s if s.isascii() else str(visible(s.encode("utf-8", "surrogateescape"))))[:limit]
 
 
 def request_map(r: Request, in_window: bool) -> dict[str, Any]:
@@ -134,7 +130,7 @@ class Enricher:
         self._n_watches = 0
         self._seq = 0
         # () -> (roots, logs) found again, or None: nothing changed (web_roots = auto)
-        self.rediscover: Optional[Callable[[], Optional[Found]]] = None
+        self.rediscover: Optional[Callable[[], Optional[servers.Found]]] = None
         self._next_discovery = clock.monotonic() + REDISCOVER_S
         self._last_discovery = clock.monotonic()
         self._armed_until = -1.0  # monotonic: until then every log line is parsed (see arm)
@@ -386,8 +382,7 @@ def build_enricher(cfg: EnrichConfig, clock: Clock) -> Optional[Enricher]:
         return None
     problems: list[str] = []
     running = servers.running_configs()
-    roots = servers.web_roots(cfg, problems, running)
-    logs = servers.access_logs(cfg, roots, problems)
+    roots, logs = servers.targets(cfg, running, problems)
     if problems:
         raise ConfigError(problems)
     enricher = Enricher(

@@ -21,6 +21,7 @@ from agent.shared.config.schema import EnrichConfig
 
 log = logging.getLogger("rarewrite.enrich")
 
+Found = tuple[list[WebRoot], list[tuple[str, str]]]  # what a discovery finds: roots, (log, format)
 NGINX_NAMES = frozenset(("nginx",))
 APACHE_NAMES = frozenset(("apache2", "httpd"))
 NGINX_PREFIX = "/usr/share/nginx"  # Debian's and Fedora's compiled prefix: a relative -c is under it
@@ -111,15 +112,20 @@ class Discovery:
         """What the agent found at start, parsed already."""
         self._running, self._at = running, self.monotonic()
 
-    def __call__(self) -> Optional[tuple[list[WebRoot], list[tuple[str, str]]]]:
+    def __call__(self) -> Optional[Found]:
         running = running_configs()
         now = self.monotonic()
         if running == self._running and now < self._at + self.FULL_EVERY_S:
             return None
         self._running, self._at = running, now
-        problems: list[str] = []  # the admin's own entries were checked at start
-        roots = web_roots(self.cfg, problems, running)
-        return roots, access_logs(self.cfg, roots, problems)
+        return targets(self.cfg, running, [])  # the admin's own entries were checked at start
+
+
+def targets(cfg: EnrichConfig, running: Sequence[str], problems: list[str]) -> Found:
+    """The web roots and the (log, format) to follow, from the config and the
+    ``running`` servers' configs; what the admin wrote wrong goes into ``problems``."""
+    roots = web_roots(cfg, problems, running)
+    return roots, access_logs(cfg, roots, problems)
 
 
 def web_roots(cfg: EnrichConfig, problems: list[str], running: Sequence[str] = ()) -> list[WebRoot]:

@@ -38,7 +38,8 @@ import _common as c
 import requests
 
 from agent.collector.storage import open_store
-from agent.collector.storage.sqlite import CollectorStore, order_key
+from agent.collector.storage.base import order_key
+from agent.collector.storage.sqlite import CollectorStore
 from agent.shared import wire
 from agent.shared.rule import Rule
 from agent.shared.wire.format import pair_key
@@ -145,16 +146,19 @@ def _shape(n: int) -> dict[str, int]:
     }
 
 
-def load_pg(url: str, n: int, at: int) -> float:
-    """Bulk-load ``n`` events over (at - 1h, at]; seconds taken."""
+def load_pg(url: str, n: int, at: int, create: bool = True) -> float:
+    """Bulk-load ``n`` events over (at - 1h, at]; seconds taken. ``create``:
+    make the schema first (else another checkout's code made it, and the
+    pairs get its columns: ``okey`` only from schema 6 on)."""
     import psycopg
 
     s = _shape(n)
-    from agent.collector.storage.postgres import PgStore
+    if create:
+        from agent.collector.storage.postgres import PgStore
 
-    store = PgStore(url)
-    store.ensure_partitions({at // H + i for i in range(-2, 2)})
-    store.close()
+        store = PgStore(url)
+        store.ensure_partitions({at // H + i for i in range(-2, 2)})
+        store.close()
     t0 = time.monotonic()
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(
@@ -166,10 +170,17 @@ def load_pg(url: str, n: int, at: int) -> float:
             "SELECT g, 'agent-' || g, g, 'k' || g, 0 FROM generate_series(1, %s) g",
             (s["agents"],),
         )
-        with conn.cursor() as cur, cur.copy("COPY pairs (ref, key, exe, path, last_ts) FROM STDIN") as cp:
+        okey = conn.execute(
+            "SELECT 1 FROM information_schema.columns WHERE table_name = 'pairs' AND column_name = 'okey'"
+        ).fetchone()
+        cols = "ref, key, exe, path, last_ts" + (", okey" if okey else "")
+        with conn.cursor() as cur, cur.copy(f"COPY pairs ({cols}) FROM STDIN") as cp:
             for ref in range(1, s["pairs"] + 1):
                 path = b"/var/www/p/%d" % ref
-                cp.write_row((ref, pair_key(EXE, path), EXE, path, at))
+                row = (ref, pair_key(EXE, path), EXE, path, at)
+                cp.write_row((*row, order_key(EXE, path)) if okey else row)
+        for table in ("hosts", "agents", "pairs"):  # the refs were given: move the sequences past them
+            conn.execute(f"SELECT setval('{table}_ref_seq', (SELECT max(ref) FROM {table}))")  # noqa: S608
         conn.execute(
             "INSERT INTO events (ts, pair, agent, host) "
             "SELECT %(at)s - 1 - (random() * %(h)s)::bigint, "
@@ -196,9 +207,10 @@ def pg_bytes_per_event(url: str, n: int) -> dict[str, float]:
     return {"heap_b": round(int(row[0]) / n, 1), "index_b": round(int(row[1]) / n, 1)}
 
 
-def load_sqlite(path: str, n: int, at: int) -> float:
+def load_sqlite(path: str, n: int, at: int, create: bool = True) -> float:
     s = _shape(n)
-    CollectorStore(path).close()
+    if create:
+        CollectorStore(path).close()
     t0 = time.monotonic()
     db = sqlite3.connect(path, isolation_level=None)
     db.execute("PRAGMA journal_mode=WAL")

@@ -20,9 +20,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any, Optional
 
-from agent.collector import excepted, suppress
+from agent.collector import continuous, excepted, suppress
 from agent.collector.enrichment import context_fields, with_notes
-from agent.collector.storage import open_store
+from agent.collector.storage import open_store, ticks
 from agent.collector.storage.base import GapRow, Pair, RankedRow, Store, StoredEvent
 from agent.shared.rule import Row, Rule
 from agent.shared.rules import AnyRule
@@ -335,42 +335,37 @@ def _record(
     return [doc for doc in docs if doc["kibana"]["alert"]["uuid"] in new]
 
 
-def _fresh(
-    ranked: Sequence[RankedRow], alerted: set[Pair], at_ms: int, settle_ms: Optional[int]
-) -> list[RankedRow]:
-    return [
-        r
-        for r in ranked
-        if (r.row.executable, r.row.path) not in alerted
-        and (settle_ms is None or r.first_ts <= at_ms - settle_ms)
-    ]
+def _whole_window(
+    store: Store, rule: Rule, at_ms: int, settle_ms: Optional[int]
+) -> tuple[list[RankedRow], int]:
+    """The rows a run alerts, ranked over the whole window, and how many
+    more the limit cut (call inside ``store.read()``)."""
+    # The limit caps new alerts per run, so it applies after the pairs
+    # already alerted are set aside; applied before, 100 old rows would
+    # hide every new one for the rest of the window. The first
+    # limit + len(alerted) rows hold at least limit rows of pairs not
+    # alerted yet (or all there are); while the settle time sets more
+    # aside, ask for twice as many. Same result as ranking every row,
+    # without building every row.
+    alerted = store.alerted_pairs(rule.rule_id, at_ms - rule.window_ms)
+    want = rule.limit + len(alerted)
+    while True:
+        ranked = excepted.ranked_rows(store, replace(rule, limit=want), at_ms)
+        fresh = continuous.fresh(ranked, alerted, at_ms, settle_ms)
+        if len(fresh) > rule.limit or len(ranked) < want:
+            break
+        want *= 2
+    if len(fresh) <= rule.limit:
+        return fresh, 0
+    # rows over the limit: count them (the next runs alert them)
+    every = excepted.ranked_rows(store, replace(rule, limit=CUT_COUNT_MAX), at_ms)
+    return fresh[: rule.limit], len(continuous.fresh(every, alerted, at_ms, settle_ms)) - rule.limit
 
 
-def _pick(
-    store: Store, rule: Rule, at_ms: int, settle_ms: Optional[int], stats: RunStats
-) -> tuple[list[RankedRow], list[dict[str, Any]]]:
-    with store.read():
-        # The limit caps new alerts per run, so it applies after the pairs
-        # already alerted are set aside; applied before, 100 old rows would
-        # hide every new one for the rest of the window. The first
-        # limit + len(alerted) rows hold at least limit rows of pairs not
-        # alerted yet (or all there are); while the settle time sets more
-        # aside, ask for twice as many. Same result as ranking every row,
-        # without building every row.
-        alerted = store.alerted_pairs(rule.rule_id, at_ms - rule.window_ms)
-        want = rule.limit + len(alerted)
-        while True:
-            ranked = excepted.ranked_rows(store, replace(rule, limit=want), at_ms)
-            fresh = _fresh(ranked, alerted, at_ms, settle_ms)
-            if len(fresh) > rule.limit or len(ranked) < want:
-                break
-            want *= 2
-        cut = 0
-        if len(fresh) > rule.limit:  # rows over the limit: count them (the next tick alerts them)
-            every = excepted.ranked_rows(store, replace(rule, limit=CUT_COUNT_MAX), at_ms)
-            cut = len(_fresh(every, alerted, at_ms, settle_ms)) - rule.limit
-            fresh = fresh[: rule.limit]
-        docs = alert_documents(rule, fresh, at_ms, store, "hourly" if settle_ms is None else "continuous")
+def _documents(
+    store: Store, rule: Rule, fresh: list[RankedRow], cut: int, at_ms: int, schedule: str, stats: RunStats
+) -> list[dict[str, Any]]:
+    docs = alert_documents(rule, fresh, at_ms, store, schedule)
     if cut:
         stats["cut"] = stats.get("cut", 0) + cut
         log.warning(
@@ -378,7 +373,17 @@ def _pick(
         )
         for doc in docs:
             doc["rarewrite"]["rows_cut"] = cut
-    return fresh, docs
+    return docs
+
+
+def _pick(
+    store: Store, rule: Rule, at_ms: int, settle_ms: Optional[int], stats: RunStats
+) -> tuple[list[RankedRow], list[dict[str, Any]]]:
+    """The rows a run ranking the whole window alerts, and their documents."""
+    with store.read():
+        fresh, cut = _whole_window(store, rule, at_ms, settle_ms)
+        schedule = "hourly" if settle_ms is None else "continuous"
+        return fresh, _documents(store, rule, fresh, cut, at_ms, schedule, stats)
 
 
 def run_hourly(
@@ -404,10 +409,24 @@ def run_continuous(
     """One tick of the continuous schedule: alert a row at T once its pair's
     first event in the window is at least ``settle_ms`` old, once per window.
     A tick another collector is running at the same moment is skipped. Rows
-    the limit cut are alerted by the next ticks."""
+    the limit cut are alerted by the next ticks. A tick works from what
+    changed since the last one when it can (agent.collector.continuous)."""
     stats = {} if stats is None else stats
     with store.schedule_run(rule.rule_id, "continuous", at_ms) as mine:
         if not mine:
             return []
-        fresh, docs = _pick(store, rule, at_ms, settle_ms, stats)
-        return _record(store, rule, fresh, docs, at_ms, stats)
+        with store.read():
+            mark = store.change_mark()  # first: what this snapshot holds of the changes
+            last = store.tick_state(rule.rule_id)
+            fp = ticks.fingerprint(rule, settle_ms, excepted.active(rule, at_ms))
+            if last is not None and ticks.usable(last, at_ms, fp):
+                fresh = continuous.changed_fresh(store, rule, at_ms, settle_ms, last)
+                cut = max(0, len(fresh) - rule.limit)
+                fresh = fresh[: rule.limit]
+            else:
+                fresh, cut = _whole_window(store, rule, at_ms, settle_ms)
+            docs = _documents(store, rule, fresh, cut, at_ms, "continuous", stats)
+        raised = _record(store, rule, fresh, docs, at_ms, stats)
+        # saved after the alerts: a tick that fails before leaves the last state, a wider look next time
+        store.save_tick(rule.rule_id, ticks.TickState(at_ms, mark, fp, cut > 0))
+        return raised

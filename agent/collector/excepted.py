@@ -25,16 +25,21 @@ EVENTS_READ_MAX = 100_000
 _SETS: dict[tuple[RuleException, ...], ExceptionSet] = {}  # kept across ticks: its pair cache too
 
 
+def active(rule: Rule, at_ms: int) -> tuple[RuleException, ...]:
+    """The rule's exceptions active at T."""
+    return tuple(x for x in rule.exceptions if x.active_at(at_ms))
+
+
 def exception_set(rule: Rule, at_ms: int) -> ExceptionSet:
     """The compiled exceptions active at T, the same object while they are
     the same (the continuous schedule asks every second about mostly the
     same pairs: each pair's glob matching is done once)."""
-    active = tuple(x for x in rule.exceptions if x.active_at(at_ms))
-    got = _SETS.get(active)
+    active_now = active(rule, at_ms)
+    got = _SETS.get(active_now)
     if got is None:
         if len(_SETS) >= 8:
             _SETS.clear()
-        got = _SETS[active] = ExceptionSet(active, at_ms)
+        got = _SETS[active_now] = ExceptionSet(active_now, at_ms)
     return got
 
 
@@ -49,18 +54,39 @@ def ranked_rows(store: Store, rule: Rule, at_ms: int) -> list[RankedRow]:
     if not excepted:
         return store.ranked_rows(rule, at_ms)
     lo = at_ms - rule.window_ms
-    touched: list[int] = []  # pairs the store's walk leaves out
-    partial: dict[int, tuple[PairRef, tuple[int, ...]]] = {}  # of those, pairs counted event by event
-    for p in store.pairs_since(lo):
+    touched, partial = _split(excepted, store.pairs_since(lo))
+    rows = store.ranked_rows(rule, at_ms, skip=touched)
+    rows.extend(_touched_rows(store, rule, excepted, partial, lo, at_ms))
+    rows.sort(key=_order)
+    return rows[: rule.limit]
+
+
+def ranked_among(store: Store, rule: Rule, at_ms: int, refs: set[int]) -> list[RankedRow]:
+    """Every row at T among the pairs ``refs`` (a continuous tick's), exceptions applied."""
+    excepted = exception_set(rule, at_ms)
+    if not excepted:
+        return store.ranked_among(rule, at_ms, refs)
+    touched, partial = _split(excepted, store.pair_refs(refs))
+    rows = store.ranked_among(rule, at_ms, refs.difference(touched))
+    rows.extend(_touched_rows(store, rule, excepted, partial, at_ms - rule.window_ms, at_ms))
+    rows.sort(key=_order)
+    return rows
+
+
+def _split(
+    excepted: ExceptionSet, pairs: list[PairRef]
+) -> tuple[list[int], dict[int, tuple[PairRef, tuple[int, ...]]]]:
+    """The pairs an exception could touch (the store's count leaves them
+    out) and, of those, the ones counted here event by event."""
+    touched: list[int] = []
+    partial: dict[int, tuple[PairRef, tuple[int, ...]]] = {}
+    for p in pairs:
         candidates = excepted.pair_candidates(p[1], p[2])
         if candidates:
             touched.append(p[0])
             if not excepted.removes_all(candidates):  # who wrote each event decides
                 partial[p[0]] = (p, candidates)
-    rows = store.ranked_rows(rule, at_ms, skip=touched)
-    rows.extend(_touched_rows(store, rule, excepted, partial, lo, at_ms))
-    rows.sort(key=_order)
-    return rows[: rule.limit]
+    return touched, partial
 
 
 def _touched_rows(

@@ -12,7 +12,7 @@ from typing import Any, Optional, Protocol
 
 import msgpack
 
-from agent.collector.storage import notes
+from agent.collector.storage import notes, ticks
 from agent.collector.terms import Candidate, Run, new_candidates
 from agent.shared import wire
 from agent.shared.events import Actor
@@ -184,6 +184,15 @@ class Store(Protocol):
     def prune_terms(self, rule_id: str, before_ms: int) -> int: ...
     def rows(self, rule: Rule, at_ms: int) -> list[Row]: ...
     def ranked_rows(self, rule: Rule, at_ms: int, skip: Collection[int] = ()) -> list[RankedRow]: ...
+    def ranked_among(self, rule: Rule, at_ms: int, refs: Collection[int]) -> list[RankedRow]: ...
+    def change_mark(self) -> int: ...
+    def tick_candidates(
+        self, rule_id: str, state: ticks.TickState, at_ms: int, window_ms: int, settle_ms: int
+    ) -> set[int]: ...
+    def pair_refs(self, refs: Collection[int]) -> list[PairRef]: ...
+    def alerted_among(self, rule_id: str, since_ms: int, pairs: Collection[Pair]) -> set[Pair]: ...
+    def tick_state(self, rule_id: str) -> Optional[ticks.TickState]: ...
+    def save_tick(self, rule_id: str, state: ticks.TickState) -> None: ...
     def pair_events(self, pair: Pair, lo_ms: int, hi_ms: int, limit: int) -> list[StoredEvent]: ...
     def pairs_since(self, lo_ms: int) -> list[PairRef]: ...
     def window_events(self, refs: Sequence[int], lo_ms: int, hi_ms: int) -> list[WindowEvent]: ...
@@ -210,6 +219,29 @@ class Store(Protocol):
 
 
 # ------------------------------------------------------ ingest, shared by the stores
+
+
+def can_have_rows(rule: Rule) -> bool:
+    """Can the rule have a row at all? (a row has max(1, agent_count) events at least)"""
+    return rule.agent_count >= 1 and max(1, rule.agent_count) < rule.count_below and rule.limit > 0
+
+
+def order_key(exe: Optional[bytes], path: Optional[bytes]) -> bytes:
+    """``pairs.key`` of (exe, path): one byte string per pair whose bytewise
+    order (SQLite compares BLOBs with memcmp, the shorter first on a tie) is
+    the order of ``ORDER BY exe, path``: NULL first, then the bytes.
+
+    Each part is ``00`` for NULL, else ``01``, the bytes with every ``00``
+    written ``00 FF``, and a ``00`` terminator; a part is never a prefix of
+    another one, so the two concatenate without changing the order."""
+    return _order_part(exe) + _order_part(path)
+
+
+def _order_part(b: Optional[bytes]) -> bytes:
+    if b is None:
+        return b"\x00"
+    return b"\x01" + b.replace(b"\x00", b"\x00\xff") + b"\x00"
+
 
 # A row of the events table: (ts, pair ref, agent ref, host ref, detail or None, actor ref or None).
 EventRow = tuple[int, int, int, int, Optional[bytes], Optional[int]]

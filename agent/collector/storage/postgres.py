@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import hashlib
 import json
 import logging
 import os
@@ -48,7 +49,7 @@ from typing import Any, Optional
 
 import msgpack
 
-from agent.collector.storage import notes
+from agent.collector.storage import notes, ticks
 from agent.collector.storage.base import (
     ENROLL_BAD_TOKEN,
     ENROLL_NEW,
@@ -72,12 +73,14 @@ from agent.collector.storage.base import (
     WindowEvent,
     actor_keys,
     actor_of_key,
+    can_have_rows,
     enroll_decision,
     event_rows,
     hit_of,
     hits_query,
     is_replayed,
     newest_per_pair,
+    order_key,
     possible_loss,
     term_writes,
     token_usable,
@@ -109,12 +112,13 @@ except ImportError as e:  # pragma: no cover - depends on the install
     ) from e
 
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 _EPOCH_SQL = (
     "INSERT INTO epochs(agent_ref, epoch, last_seq, last_sent_at) VALUES (%s, %s, %s, %s) "
     "ON CONFLICT (agent_ref, epoch) DO UPDATE SET last_seq = excluded.last_seq, "
     "last_sent_at = excluded.last_sent_at"
 )
+_CHANGES_SQL = "INSERT INTO pair_changes(received_ms, pairs) VALUES (%s, %s)"
 _TERM_SELECT_SQL = (
     TERM_SELECT_SQL.replace("IN ({marks})", "= ANY(?)").replace("?", "%s") + " ORDER BY pair FOR UPDATE"
 )
@@ -290,12 +294,57 @@ def _v5(conn: psycopg.Connection[Any]) -> None:
     conn.execute(notes.NOTES_SCHEMA.format(**notes.PG_TYPES).encode())
 
 
+# pairs.okey is order_key(exe, path): bytea compares as memcmp then length,
+# so it sorts as ORDER BY exe, path. A btree entry holds at most ~2.7 kB and a
+# path may be 16 KiB: the index holds a prefix, ties sort on the whole key.
+ORDER_PREFIX = "substring(okey FROM 1 FOR 1024)"
+# alerts by pair: exe and path are never b"" (the wire refuses empty names)
+ALERT_PAIR_HASH = "sha256(coalesce(exe, '\\x'::bytea) || '\\x00'::bytea || coalesce(path, '\\x'::bytea))"
+_V6 = f"""
+CREATE INDEX pairs_order ON pairs ({ORDER_PREFIX});
+CREATE TABLE pair_changes (
+    id bigserial PRIMARY KEY,
+    xid bigint NOT NULL DEFAULT (pg_current_xact_id()::text::bigint),
+    received_ms bigint NOT NULL,
+    pairs bigint[] NOT NULL
+);
+CREATE INDEX pair_changes_xid ON pair_changes (xid);
+CREATE INDEX pair_changes_received ON pair_changes (received_ms);
+CREATE INDEX alerts_pair ON alerts (rule_id, {ALERT_PAIR_HASH}, at_ms);
+"""
+
+
+def alert_pair_hash(pair: Pair) -> bytes:
+    """ALERT_PAIR_HASH of a pair, computed here."""
+    return hashlib.sha256((pair[0] or b"") + b"\x00" + (pair[1] or b"")).digest()
+
+
+def _v6(conn: psycopg.Connection[Any]) -> None:
+    conn.execute("ALTER TABLE pairs ADD COLUMN okey bytea")
+    last = 0
+    while True:
+        got = conn.execute(
+            "SELECT ref, exe, path FROM pairs WHERE ref > %s ORDER BY ref LIMIT 10000", (last,)
+        ).fetchall()
+        if not got:
+            break
+        conn.execute(
+            "UPDATE pairs AS p SET okey = u.k FROM unnest(%s::int8[], %s::bytea[]) AS u(r, k) "
+            "WHERE p.ref = u.r",
+            ([int(r) for r, _, _ in got], [order_key(_b(e), _b(p)) for _, e, p in got]),
+        )
+        last = int(got[-1][0])
+    conn.execute("ALTER TABLE pairs ALTER COLUMN okey SET NOT NULL")
+    conn.execute((_V6 + ticks.TICKS_SCHEMA.format(int="bigint")).encode())
+
+
 MIGRATIONS: tuple[Migration[psycopg.Connection[Any]], ...] = (
     Migration(1, "initial schema, events partitioned by hour", _v1),
     Migration(2, "who wrote each event (actors) for exceptions; alert suppression", _v2),
     Migration(3, "agents' health from heartbeats; per-host enrollment tokens", _v3),
     Migration(4, "several rules: the new-terms history and its new events", _v4),
     Migration(5, "what came after an alert's events: agents' notes, response actions", _v5),
+    Migration(6, "pairs in (exe, path) order; the continuous schedule's memory", _v6),
 )
 
 # One statement, one snapshot. The window is a range on ts (partition pruning,
@@ -335,6 +384,44 @@ WHERE NOT (g.pair = ANY(%(skip)s::bigint[]))
 ORDER BY g.cc, p.exe NULLS FIRST, p.path NULLS FIRST
 LIMIT %(limit)s
 """
+
+
+# The ordered walk (as SQLite's _WALK_SQL): pairs in (exe, path) order through
+# pairs_order, each one's events counted up to count_below through
+# events_pair, v = 2 * cc + (agents ok); stop at the limit once that many
+# pairs have the fewest events a row can have (v = vmin). v is computed per
+# pair as the walk reaches it (a subquery in the target list is evaluated
+# after the sort and limit). _AMONG: the rows among given pairs (a tick's).
+_V_PG = """(SELECT count(*) * 2 + ({ok})::int FROM (
+        SELECT e.agent AS a FROM events AS e
+        WHERE e.pair = p.ref AND e.ts > %(lo)s AND e.ts <= %(hi)s LIMIT %(below)s) AS s)"""
+_OK_ONE, _OK_ANY = "min(a) = max(a)", "count(DISTINCT a) = %(agents)s"
+_P_ORDER_PREFIX = ORDER_PREFIX.replace("okey", "p.okey")
+_WALK_PG = """
+SELECT ref FROM (
+    SELECT p.ref, {v} AS v FROM pairs AS p
+    WHERE NOT (p.ref = ANY(%(skip)s::bigint[]))
+    ORDER BY {order}, p.okey LIMIT %(budget)s
+) AS w WHERE v = %(vmin)s LIMIT %(limit)s
+"""
+_AMONG_PG = """
+SELECT ref FROM (SELECT p.ref, {v} AS v FROM unnest(%(refs)s::bigint[]) AS p(ref)) AS w
+WHERE v %% 2 = 1 AND v >= 3 AND v < 2 * %(below)s
+"""
+_RANKED_PG = {
+    (mode, one): sql.format(v=_V_PG.format(ok=_OK_ONE if one else _OK_ANY), order=_P_ORDER_PREFIX)
+    for mode, sql in (("walk", _WALK_PG), ("among", _AMONG_PG))
+    for one in (True, False)
+}
+# the rows of the pairs the walk chose (each has fewer than count_below events)
+_DETAIL_PG = """
+SELECT count(*), count(DISTINCT e.agent), array_agg(DISTINCT e.agent), array_agg(DISTINCT e.host),
+       p.exe, p.path, min(e.ts)
+FROM events AS e JOIN pairs AS p ON p.ref = e.pair
+WHERE e.pair = ANY(%(refs)s::bigint[]) AND e.ts > %(lo)s AND e.ts <= %(hi)s
+GROUP BY e.pair, p.exe, p.path
+"""
+WALK_PAIRS = 100_000  # as SQLite's: walk for limits up to this, through max(WALK_PAIRS, 10 * limit) pairs
 
 
 class _Retry(Exception):
@@ -429,6 +516,7 @@ class PgStore:
         self._parts: Optional[set[int]] = None
         self._parts_lock = threading.Lock()
         self._owner = f"{socket.gethostname()}:{os.getpid()}"
+        self.walk_pairs = WALK_PAIRS  # see _WALK_PG; tests lower it to cut the walk short
         try:
             self._open()
         except BaseException:
@@ -794,6 +882,8 @@ class PgStore:
             self._terms(conn, agent, batch.host_id, terms, now_ms)
         if batch.notes:
             _store_notes(conn, agent, batch, now_ms)
+        if refs:  # for the continuous schedule (agent.collector.storage.ticks)
+            conn.execute(_CHANGES_SQL, (now_ms, sorted(set(refs.values()))))
         conn.execute("UPDATE agents SET last_seen_ms = %s WHERE ref = %s", (now_ms, agent.ref))
         return "stored"
 
@@ -861,12 +951,18 @@ class PgStore:
         new = [k for k in keys if k not in refs]
         if new:
             for key, ref in conn.execute(
-                "INSERT INTO pairs(key, exe, path, last_ts) "
-                "SELECT k, e, p, t FROM unnest(%s::bytea[], %s::bytea[], %s::bytea[], %s::int8[]) "
-                "AS u(k, e, p, t) ORDER BY k "
+                "INSERT INTO pairs(key, exe, path, last_ts, okey) "
+                "SELECT k, e, p, t, o FROM unnest(%s::bytea[], %s::bytea[], %s::bytea[], %s::int8[], "
+                "%s::bytea[]) AS u(k, e, p, t, o) ORDER BY k "
                 "ON CONFLICT (key) DO UPDATE SET last_ts = greatest(pairs.last_ts, excluded.last_ts) "
                 "RETURNING key, ref",
-                (new, [want[k][0] for k in new], [want[k][1] for k in new], [want[k][2] for k in new]),
+                (
+                    new,
+                    [want[k][0] for k in new],
+                    [want[k][1] for k in new],
+                    [want[k][2] for k in new],
+                    [order_key(want[k][0], want[k][1]) for k in new],
+                ),
             ).fetchall():
                 refs[bytes(key)] = int(ref)
         if stale:
@@ -937,21 +1033,57 @@ class PgStore:
     def ranked_rows(self, rule: Rule, at_ms: int, skip: Collection[int] = ()) -> list[RankedRow]:
         """The rule's rows at T, each with its first event time; pairs in
         ``skip`` (refs) left out (exceptions count those themselves)."""
+        if not can_have_rows(rule):
+            return []
         conn = self._conn()
-        params = {
+        params = self._row_args(rule, at_ms)
+        params["skip"] = list(skip)
+        with self.read(), self._errors("evaluating"):
+            # the walk's cost estimate (every pair, a subquery each) would start
+            # the JIT compiler: ~20 ms compiling for a walk that stops after a few hundred
+            conn.execute("SET LOCAL jit = off")
+            got: list[Any] = []
+            if rule.limit <= WALK_PAIRS:
+                walked = conn.execute(_RANKED_PG["walk", rule.agent_count == 1], params).fetchall()
+                if len(walked) >= rule.limit:
+                    got = conn.execute(_DETAIL_PG, {**params, "refs": [r for (r,) in walked]}).fetchall()
+            if not got:  # too few rows with the fewest events: rank them all
+                conn.execute(f"SET LOCAL work_mem = '{EVAL_WORK_MEM}'")
+                sql = _ROWS_ONE_AGENT_SQL if rule.agent_count == 1 else _ROWS_SQL
+                got = conn.execute(sql, params).fetchall()
+            return self._ranked(conn, got)
+
+    def ranked_among(self, rule: Rule, at_ms: int, refs: Collection[int]) -> list[RankedRow]:
+        """Every row at T among the pairs ``refs``, in the rule's order (no limit)."""
+        if not can_have_rows(rule) or not refs:
+            return []
+        conn = self._conn()
+        params = self._row_args(rule, at_ms)
+        params["refs"] = list(refs)
+        with self.read(), self._errors("evaluating"):
+            conn.execute("SET LOCAL jit = off")
+            chosen = conn.execute(_RANKED_PG["among", rule.agent_count == 1], params).fetchall()
+            if not chosen:
+                return []
+            got = conn.execute(_DETAIL_PG, {**params, "refs": [r for (r,) in chosen]}).fetchall()
+            return self._ranked(conn, got)
+
+    def _row_args(self, rule: Rule, at_ms: int) -> dict[str, Any]:
+        return {
             "lo": at_ms - rule.window_ms,
             "hi": at_ms,
             "below": rule.count_below,
             "agents": rule.agent_count,
             "limit": min(rule.limit, (1 << 63) - 1),
-            "skip": list(skip),
+            "vmin": 2 * max(1, rule.agent_count) + 1,
+            "budget": max(self.walk_pairs, 10 * rule.limit),
+            "skip": [],
         }
-        with self.read(), self._errors("evaluating"):
-            conn.execute(f"SET LOCAL work_mem = '{EVAL_WORK_MEM}'")
-            sql = _ROWS_ONE_AGENT_SQL if rule.agent_count == 1 else _ROWS_SQL
-            got = conn.execute(sql, params).fetchall()
-            agent_names = self._names(conn, {int(x) for r in got for x in r[2]}, "agents")
-            host_names = self._names(conn, {int(x) for r in got for x in r[3]}, "hosts")
+
+    def _ranked(self, conn: psycopg.Connection[Any], got: list[Any]) -> list[RankedRow]:
+        """RankedRows of (cc, agent count, agent refs, host refs, exe, path, first ts), sorted."""
+        agent_names = self._names(conn, {int(x) for r in got for x in r[2]}, "agents")
+        host_names = self._names(conn, {int(x) for r in got for x in r[3]}, "hosts")
         out = []
         for cc, ac, agents, hosts, exe, path, first in got:
             row = Row(
@@ -959,11 +1091,81 @@ class PgStore:
                 agent_count=int(ac),
                 host_names=tuple(sorted({host_names[int(x)] for x in hosts})),
                 agent_ids=tuple(sorted({agent_names[int(x)] for x in agents})),
-                executable=None if exe is None else bytes(exe),
-                path=None if path is None else bytes(path),
+                executable=_b(exe),
+                path=_b(path),
             )
             out.append(RankedRow(row, int(first)))
+        out.sort(key=lambda r: (r.row.cc, order_key(r.row.executable, r.row.path)))
         return out
+
+    # ------------------------------------------------------------ continuous ticks
+
+    def change_mark(self) -> int:
+        """The oldest transaction still running: every batch committed later has an id at least this."""
+        with self._errors("reading changes"):
+            got = (
+                self._conn()
+                .execute("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint")
+                .fetchone()
+            )
+        return int(got[0]) if got else 0
+
+    def tick_candidates(self, rule_id: str, state: ticks.TickState, at_ms: int, window_ms: int,
+                        settle_ms: int) -> set[int]:  # fmt: skip
+        """As CollectorStore.tick_candidates; a batch whose transaction id is
+        at least the last tick's mark may not have been visible to it."""
+        conn = self._conn()
+        refs: set[int] = set()
+        with self._errors("reading changes"):
+            got = conn.execute(
+                "SELECT DISTINCT unnest(pairs) FROM pair_changes WHERE xid >= %s", (state.mark,)
+            )
+            refs.update(int(r) for (r,) in got.fetchall())
+            for lo, hi in ticks.edges(state.at_ms, at_ms, window_ms, settle_ms):
+                refs.update(
+                    int(r) for (r,) in conn.execute(_pg(ticks.PAIRS_BETWEEN_SQL), (lo, hi)).fetchall()
+                )
+            lo, hi = state.at_ms - window_ms, at_ms - window_ms
+            gone = conn.execute(_pg(ticks.ALERTS_BETWEEN_SQL), (rule_id, lo, hi)).fetchall()
+            if gone:
+                keys = [pair_key(_b(e), _b(p)) for e, p in gone]
+                got = conn.execute("SELECT ref FROM pairs WHERE key = ANY(%s)", (keys,))
+                refs.update(int(r) for (r,) in got.fetchall())
+        return refs
+
+    def pair_refs(self, refs: Collection[int]) -> list[PairRef]:
+        with self._errors("reading pairs"):
+            got = (
+                self._conn()
+                .execute("SELECT ref, exe, path FROM pairs WHERE ref = ANY(%s)", (list(refs),))
+                .fetchall()
+            )
+        return [(int(r), _b(e), _b(p)) for r, e, p in got]
+
+    def alerted_among(self, rule_id: str, since_ms: int, pairs: Collection[Pair]) -> set[Pair]:
+        if not pairs:
+            return set()
+        with self._errors("reading alerts"):
+            got = (
+                self._conn()
+                .execute(
+                    f"SELECT exe, path FROM alerts WHERE rule_id = %s AND {ALERT_PAIR_HASH} = ANY(%s) "  # noqa: S608
+                    "AND at_ms > %s",
+                    (rule_id, [alert_pair_hash(p) for p in pairs], since_ms),
+                )
+                .fetchall()
+            )
+        return {(_b(e), _b(p)) for e, p in got} & set(pairs)
+
+    def tick_state(self, rule_id: str) -> Optional[ticks.TickState]:
+        with self._errors("reading the last tick"):
+            got = self._conn().execute(_pg(ticks.TICK_SQL), (rule_id,)).fetchone()
+        return None if got is None else ticks.TickState(int(got[0]), int(got[1]), str(got[2]), bool(got[3]))
+
+    def save_tick(self, rule_id: str, state: ticks.TickState) -> None:
+        with self._write("saving the tick") as conn:
+            args = (rule_id, state.at_ms, state.mark, state.fingerprint, int(state.cut))
+            conn.execute(_pg(ticks.TICK_SAVE_SQL), args)
 
     def rows(self, rule: Rule, at_ms: int) -> list[Row]:
         return [r.row for r in self.ranked_rows(rule, at_ms)]
@@ -1146,6 +1348,7 @@ class PgStore:
             conn.execute("DELETE FROM gaps WHERE end_ms < %s", (before_ms,))
             conn.execute("DELETE FROM term_hits WHERE ts < %s AND received_ms < %s", (before_ms, before_ms))
             conn.execute("DELETE FROM batches WHERE received_ms < %s", (before_ms,))
+            conn.execute("DELETE FROM pair_changes WHERE received_ms < %s", (before_ms,))
             conn.execute("DELETE FROM alerts WHERE at_ms < %s", (before_ms - 7 * 86_400_000,))
             conn.execute(_pg(notes.PRUNE_NOTES_SQL), (before_ms,))
             conn.execute(_pg(notes.PRUNE_ACTIONS_SQL), (before_ms - 7 * 86_400_000,))

@@ -75,7 +75,7 @@ from urllib.parse import quote
 
 import msgpack
 
-from agent.collector.storage import notes
+from agent.collector.storage import notes, ticks
 from agent.collector.storage.base import (
     ENROLL_BAD_TOKEN,
     ENROLL_NEW,
@@ -99,12 +99,14 @@ from agent.collector.storage.base import (
     WindowEvent,
     actor_keys,
     actor_of_key,
+    can_have_rows,
     enroll_decision,
     event_rows,
     hit_of,
     hits_query,
     is_replayed,
     newest_per_pair,
+    order_key,
     possible_loss,
     term_writes,
     token_usable,
@@ -119,7 +121,7 @@ from agent.shared.rule import Row, Rule
 
 log = logging.getLogger("rarewrite.collector.store")
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 BUSY_TIMEOUT_MS = 5000
 PAIR_CACHE_MAX = 65_536  # pair refs the writer keeps in memory (about 10 MB at most)
 _TERMS_SCHEMA = """
@@ -147,6 +149,17 @@ CREATE TABLE IF NOT EXISTS term_hits (
 CREATE INDEX IF NOT EXISTS term_hits_ts ON term_hits(rule_id, ts);
 CREATE INDEX IF NOT EXISTS term_hits_received ON term_hits(rule_id, received_ms);
 """
+# The continuous schedule's memory (agent.collector.storage.ticks): the id
+# orders pair_changes by commit (one writer at a time, never reused).
+_TICKS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS pair_changes (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    received_ms INTEGER NOT NULL,
+    pairs BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS pair_changes_received ON pair_changes(received_ms);
+CREATE INDEX IF NOT EXISTS alerts_pair ON alerts(rule_id, exe, path, at_ms);
+""" + ticks.TICKS_SCHEMA.format(int="INTEGER")
 _SCHEMA = (
     """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -236,6 +249,7 @@ CREATE INDEX IF NOT EXISTS alerts_skey ON alerts(rule_id, skey, at_ms);
 """
     + _TERMS_SCHEMA
     + notes.NOTES_SCHEMA.format(**notes.SQLITE_TYPES)
+    + _TICKS_SCHEMA
 )
 
 _META_SQL = f"INSERT OR REPLACE INTO meta(key, value) VALUES ('schema_version', '{SCHEMA_VERSION}');"  # noqa: S608
@@ -244,23 +258,6 @@ _PAIR_UPSERT_SQL = (
     "INSERT INTO pairs(key, exe, path, last_ts) VALUES (?, ?, ?, ?) "
     "ON CONFLICT(key) DO UPDATE SET last_ts=max(last_ts, excluded.last_ts) RETURNING ref"
 )
-
-
-def order_key(exe: Optional[bytes], path: Optional[bytes]) -> bytes:
-    """``pairs.key`` of (exe, path): one byte string per pair whose bytewise
-    order (SQLite compares BLOBs with memcmp, the shorter first on a tie) is
-    the order of ``ORDER BY exe, path``: NULL first, then the bytes.
-
-    Each part is ``00`` for NULL, else ``01``, the bytes with every ``00``
-    written ``00 FF``, and a ``00`` terminator; a part is never a prefix of
-    another one, so the two concatenate without changing the order."""
-    return _order_part(exe) + _order_part(path)
-
-
-def _order_part(b: Optional[bytes]) -> bytes:
-    if b is None:
-        return b"\x00"
-    return b"\x01" + b.replace(b"\x00", b"\x00\xff") + b"\x00"
 
 
 def _migrate_v2(conn: sqlite3.Connection) -> None:
@@ -305,12 +302,19 @@ def _migrate_v6(conn: sqlite3.Connection) -> None:
             conn.execute(stmt)
 
 
+def _migrate_v7(conn: sqlite3.Connection) -> None:
+    for stmt in _TICKS_SCHEMA.split(";"):
+        if stmt.strip():
+            conn.execute(stmt)
+
+
 MIGRATIONS: tuple[Migration[sqlite3.Connection], ...] = (
     Migration(2, "pairs keyed in (exe, path) order; events indexed by (pair, ts) and (ts)", _migrate_v2),
     Migration(3, "who wrote each event (actors) for exceptions; alert suppression", _migrate_v3),
     Migration(4, "agents' health from heartbeats; per-host enrollment tokens", _migrate_v4),
     Migration(5, "several rules: the new-terms history and its new events", _migrate_v5),
     Migration(6, "what came after an alert's events: agents' notes, response actions", _migrate_v6),
+    Migration(7, "the continuous schedule's memory: pairs each batch changed, the last tick", _migrate_v7),
 )
 
 # The rule's rows at T in two statements, both ranking pairs by
@@ -364,15 +368,23 @@ WHERE p.ref = r.ref AND e.pair = r.ref AND e.ts > :lo AND e.ts <= :hi
 GROUP BY r.ref
 ORDER BY r.v, r.key
 """
+# _AMONG: the rows among the pairs of temp.rw_among (a continuous tick's: the
+# pairs that changed since the last one), every one of them.
+_AMONG_SQL = """
+SELECT v, ref, key FROM (
+    SELECT p.ref, p.key, {v} AS v
+    FROM temp.rw_among AS c CROSS JOIN pairs AS p WHERE p.ref = c.ref
+) WHERE v % 2 = 1 AND v >= 3 AND v < 2 * :below
+"""
 _ROWS_SQL = {
-    (walk, one, skip): _DETAIL_SQL.format(
-        ranked=(_WALK_SQL if walk else _FULL_SQL).format(
+    (mode, one, skip): _DETAIL_SQL.format(
+        ranked={"walk": _WALK_SQL, "full": _FULL_SQL, "among": _AMONG_SQL}[mode].format(
             v=_V_SQL.format(ok=_V_ONE if one else _V_ANY),
             skip_where=f"WHERE {_SKIP}" if skip else "",
             skip_and=f"AND {_SKIP}" if skip else "",
         )
     )
-    for walk in (True, False)
+    for mode in ("walk", "full", "among")
     for one in (True, False)
     for skip in (True, False)
 }
@@ -716,6 +728,11 @@ class CollectorStore:
             if rb.notes:
                 conn.executemany(notes.NOTE_INSERT_SQL, notes.note_rows(agent.ref, rb.notes, now_ms))
                 conn.executemany(notes.ACTION_DONE_SQL, notes.action_reports(agent.ref, rb.notes, now_ms))
+            if refs:
+                conn.execute(
+                    "INSERT INTO pair_changes(received_ms, pairs) VALUES (?, ?)",
+                    (now_ms, ticks.pack_refs(set(refs.values()))),
+                )
             conn.execute("UPDATE agents SET last_seen_ms=? WHERE ref=?", (now_ms, agent.ref))
         # Committed: what this batch learnt about its pairs and actors is now true.
         self._local.actors.update(new_actors)
@@ -889,52 +906,131 @@ class CollectorStore:
     def ranked_rows(self, rule: Rule, at_ms: int, skip: Collection[int] = ()) -> list[RankedRow]:
         """The rule's rows at T, each with its pair's first event time in the
         window; pairs in ``skip`` (refs) left out (exceptions count those themselves)."""
-        low = max(1, rule.agent_count)  # the fewest events a row can have
-        if rule.agent_count < 1 or low >= rule.count_below or rule.limit <= 0:
+        if not can_have_rows(rule):
             return []
         conn = self._conn()
-        one = rule.agent_count == 1
-        args = {
+        one, args = rule.agent_count == 1, self._row_args(rule, at_ms)
+        with _db_errors("evaluating"), self.read():
+            if skip:
+                self._temp_refs(conn, "rw_skip", skip)
+            sk = bool(skip)
+            walked = rule.limit <= WALK_PAIRS
+            got = conn.execute(_ROWS_SQL["walk", one, sk], args).fetchall() if walked else []
+            if len(got) < rule.limit:  # too few rows with the fewest events: rank them all
+                got = conn.execute(_ROWS_SQL["full", one, sk], args).fetchall()
+            return self._ranked(conn, got, args["lo"], at_ms)
+
+    def ranked_among(self, rule: Rule, at_ms: int, refs: Collection[int]) -> list[RankedRow]:
+        """Every row at T among the pairs ``refs``, in the rule's order (no limit)."""
+        if not can_have_rows(rule) or not refs:
+            return []
+        conn = self._conn()
+        args = self._row_args(rule, at_ms)
+        with _db_errors("evaluating"), self.read():
+            self._temp_refs(conn, "rw_among", refs)
+            got = conn.execute(_ROWS_SQL["among", rule.agent_count == 1, False], args).fetchall()
+            return self._ranked(conn, got, args["lo"], at_ms)
+
+    def _row_args(self, rule: Rule, at_ms: int) -> dict[str, int]:
+        return {
             "lo": at_ms - rule.window_ms,
             "hi": at_ms,
             "below": rule.count_below,
             "agents": rule.agent_count,
             "limit": rule.limit,
-            "vmin": 2 * low + 1,
+            "vmin": 2 * max(1, rule.agent_count) + 1,
             "budget": max(self.walk_pairs, 10 * rule.limit),
         }
-        with _db_errors("evaluating"), self.read():
-            if skip:
-                conn.execute("CREATE TEMP TABLE IF NOT EXISTS rw_skip (ref INTEGER PRIMARY KEY)")
-                conn.execute("DELETE FROM temp.rw_skip")
-                conn.executemany("INSERT INTO temp.rw_skip VALUES (?)", ((r,) for r in skip))
-            sk = bool(skip)
-            got = conn.execute(_ROWS_SQL[True, one, sk], args).fetchall() if rule.limit <= WALK_PAIRS else []
-            if len(got) < rule.limit:  # too few rows with the fewest events: rank them all
-                got = conn.execute(_ROWS_SQL[False, one, sk], args).fetchall()
-            agent_names = self._names(conn, {r[1] for r in got} | {r[2] for r in got}, "agents")
-            host_names = self._names(conn, {r[3] for r in got} | {r[4] for r in got}, "hosts")
-            single_agent: dict[int, tuple[str, ...]] = {}
-            single_host: dict[int, tuple[str, ...]] = {}
-            out = []
-            for cc, a1, a2, h1, h2, first, exe, path, pair in got:
-                if a1 == a2 and h1 == h2:  # the usual row: one agent under one host name
-                    agents = 1
-                    agent_ids = single_agent.get(a1) or single_agent.setdefault(a1, (agent_names[a1],))
-                    hosts = single_host.get(h1) or single_host.setdefault(h1, (host_names[h1],))
-                else:
-                    both = conn.execute(
-                        "SELECT DISTINCT agent, host FROM events INDEXED BY events_pair "
-                        "WHERE pair = ? AND ts > ? AND ts <= ?",
-                        (pair, args["lo"], at_ms),
-                    ).fetchall()
-                    agent_names = self._names(conn, {a for a, _ in both}, "agents")
-                    host_names = self._names(conn, {h for _, h in both}, "hosts")
-                    agents = len({a for a, _ in both})
-                    agent_ids = tuple(sorted({agent_names[a] for a, _ in both}))
-                    hosts = tuple(sorted({host_names[h] for _, h in both}))
-                out.append(RankedRow(Row(cc, agents, hosts, agent_ids, exe, path), first))
+
+    @staticmethod
+    def _temp_refs(conn: sqlite3.Connection, table: str, refs: Collection[int]) -> None:
+        conn.execute(f"CREATE TEMP TABLE IF NOT EXISTS {table} (ref INTEGER PRIMARY KEY)")
+        conn.execute(f"DELETE FROM temp.{table}")  # noqa: S608 - one of two fixed names
+        conn.executemany(f"INSERT INTO temp.{table} VALUES (?)", ((r,) for r in refs))  # noqa: S608
+
+    def _ranked(self, conn: sqlite3.Connection, got: list[Any], lo: int, at_ms: int) -> list[RankedRow]:
+        """RankedRows of _DETAIL_SQL's result rows (names looked up, cached)."""
+        agent_names = self._names(conn, {r[1] for r in got} | {r[2] for r in got}, "agents")
+        host_names = self._names(conn, {r[3] for r in got} | {r[4] for r in got}, "hosts")
+        single_agent: dict[int, tuple[str, ...]] = {}
+        single_host: dict[int, tuple[str, ...]] = {}
+        out = []
+        for cc, a1, a2, h1, h2, first, exe, path, pair in got:
+            if a1 == a2 and h1 == h2:  # the usual row: one agent under one host name
+                agents = 1
+                agent_ids = single_agent.get(a1) or single_agent.setdefault(a1, (agent_names[a1],))
+                hosts = single_host.get(h1) or single_host.setdefault(h1, (host_names[h1],))
+            else:
+                both = conn.execute(
+                    "SELECT DISTINCT agent, host FROM events INDEXED BY events_pair "
+                    "WHERE pair = ? AND ts > ? AND ts <= ?",
+                    (pair, lo, at_ms),
+                ).fetchall()
+                agent_names = self._names(conn, {a for a, _ in both}, "agents")
+                host_names = self._names(conn, {h for _, h in both}, "hosts")
+                agents = len({a for a, _ in both})
+                agent_ids = tuple(sorted({agent_names[a] for a, _ in both}))
+                hosts = tuple(sorted({host_names[h] for _, h in both}))
+            out.append(RankedRow(Row(cc, agents, hosts, agent_ids, exe, path), first))
         return out
+
+    # ------------------------------------------------------------ continuous ticks
+
+    def change_mark(self) -> int:
+        """The newest pair_changes id this snapshot sees (call inside read())."""
+        with _db_errors("reading changes"):
+            got = self._conn().execute("SELECT max(id) FROM pair_changes").fetchone()
+        return int(got[0] or 0)
+
+    def tick_candidates(self, rule_id: str, state: ticks.TickState, at_ms: int, window_ms: int,
+                        settle_ms: int) -> set[int]:  # fmt: skip
+        """The pairs whose row may differ from the last tick's (see
+        agent.collector.continuous): written since its mark, an event
+        entering or leaving the window or passing the settle time, an alert
+        of the rule leaving the window."""
+        conn = self._conn()
+        refs: set[int] = set()
+        with _db_errors("reading changes"):
+            for (blob,) in conn.execute("SELECT pairs FROM pair_changes WHERE id > ?", (state.mark,)):
+                refs.update(ticks.unpack_refs(bytes(blob)))
+            for lo, hi in ticks.edges(state.at_ms, at_ms, window_ms, settle_ms):
+                refs.update(r for (r,) in conn.execute(ticks.PAIRS_BETWEEN_SQL, (lo, hi)))
+            lo, hi = state.at_ms - window_ms, at_ms - window_ms
+            for exe, path in conn.execute(ticks.ALERTS_BETWEEN_SQL, (rule_id, lo, hi)).fetchall():
+                got = conn.execute("SELECT ref FROM pairs WHERE key=?", (order_key(exe, path),)).fetchone()
+                if got is not None:
+                    refs.add(int(got[0]))
+        return refs
+
+    def pair_refs(self, refs: Collection[int]) -> list[PairRef]:
+        """(ref, exe, path) of the pairs ``refs`` (those still stored)."""
+        conn = self._conn()
+        out: list[PairRef] = []
+        want = list(refs)
+        with _db_errors("reading pairs"):
+            for i in range(0, len(want), 500):
+                chunk = want[i : i + 500]
+                sql = f"SELECT ref, exe, path FROM pairs WHERE ref IN ({','.join('?' * len(chunk))})"  # noqa: S608
+                out.extend(conn.execute(sql, chunk).fetchall())
+        return out
+
+    def alerted_among(self, rule_id: str, since_ms: int, pairs: Collection[Pair]) -> set[Pair]:
+        """Those of ``pairs`` alerted by ``rule_id`` at a time T' > since_ms."""
+        conn = self._conn()
+        sql = "SELECT 1 FROM alerts WHERE rule_id=? AND exe IS ? AND path IS ? AND at_ms > ? LIMIT 1"
+        with _db_errors("reading alerts"):
+            return {p for p in pairs if conn.execute(sql, (rule_id, p[0], p[1], since_ms)).fetchone()}
+
+    def tick_state(self, rule_id: str) -> Optional[ticks.TickState]:
+        with _db_errors("reading the last tick"):
+            got = self._conn().execute(ticks.TICK_SQL, (rule_id,)).fetchone()
+        return None if got is None else ticks.TickState(int(got[0]), int(got[1]), str(got[2]), bool(got[3]))
+
+    def save_tick(self, rule_id: str, state: ticks.TickState) -> None:
+        with self._write("saving the tick") as conn:
+            conn.execute(
+                ticks.TICK_SAVE_SQL, (rule_id, state.at_ms, state.mark, state.fingerprint, int(state.cut))
+            )
 
     def rows(self, rule: Rule, at_ms: int) -> list[Row]:
         """The rule's rows at T: exact to the millisecond, sorted by cc, at most rule.limit."""
@@ -1092,6 +1188,7 @@ class CollectorStore:
             conn.execute("DELETE FROM gaps WHERE end_ms < ?", (before_ms,))
             conn.execute("DELETE FROM term_hits WHERE ts < ? AND received_ms < ?", (before_ms, before_ms))
             conn.execute("DELETE FROM batches WHERE received_ms < ?", (before_ms,))
+            conn.execute("DELETE FROM pair_changes WHERE received_ms < ?", (before_ms,))
             conn.execute("DELETE FROM alerts WHERE at_ms < ?", (before_ms - 7 * 86_400_000,))
             conn.execute(notes.PRUNE_NOTES_SQL, (before_ms,))
             conn.execute(notes.PRUNE_ACTIONS_SQL, (before_ms - 7 * 86_400_000,))

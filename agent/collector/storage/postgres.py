@@ -314,6 +314,15 @@ CREATE INDEX alerts_pair ON alerts (rule_id, {ALERT_PAIR_HASH}, at_ms);
 """
 
 
+# one index probe a pair (the planner's estimate for the range on at_ms alone
+# can be far off while a window's alerts are fresh)
+_ALERTED_SQL = f"""
+SELECT a.exe, a.path FROM unnest(%s::bytea[]) AS h(x) CROSS JOIN LATERAL (
+    SELECT exe, path FROM alerts WHERE rule_id = %s AND {ALERT_PAIR_HASH} = h.x AND at_ms > %s LIMIT 1
+) AS a
+"""  # noqa: S608 - constants only
+
+
 def alert_pair_hash(pair: Pair) -> bytes:
     """ALERT_PAIR_HASH of a pair, computed here."""
     return hashlib.sha256((pair[0] or b"") + b"\x00" + (pair[1] or b"")).digest()
@@ -391,7 +400,9 @@ LIMIT %(limit)s
 # events_pair, v = 2 * cc + (agents ok); stop at the limit once that many
 # pairs have the fewest events a row can have (v = vmin). v is computed per
 # pair as the walk reaches it (a subquery in the target list is evaluated
-# after the sort and limit). _AMONG: the rows among given pairs (a tick's).
+# after the sort and limit). _AMONG: the rows among given pairs (a tick's);
+# OFFSET 0 keeps the subquery whole, so v is computed once a pair, not once
+# for each of the three tests on it.
 _V_PG = """(SELECT count(*) * 2 + ({ok})::int FROM (
         SELECT e.agent AS a FROM events AS e
         WHERE e.pair = p.ref AND e.ts > %(lo)s AND e.ts <= %(hi)s LIMIT %(below)s) AS s)"""
@@ -405,7 +416,7 @@ SELECT ref FROM (
 ) AS w WHERE v = %(vmin)s LIMIT %(limit)s
 """
 _AMONG_PG = """
-SELECT ref FROM (SELECT p.ref, {v} AS v FROM unnest(%(refs)s::bigint[]) AS p(ref)) AS w
+SELECT ref FROM (SELECT p.ref, {v} AS v FROM unnest(%(refs)s::bigint[]) AS p(ref) OFFSET 0) AS w
 WHERE v %% 2 = 1 AND v >= 3 AND v < 2 * %(below)s
 """
 _RANKED_PG = {
@@ -415,12 +426,20 @@ _RANKED_PG = {
 }
 # the rows of the pairs the walk chose (each has fewer than count_below events)
 _DETAIL_PG = """
-SELECT count(*), count(DISTINCT e.agent), array_agg(DISTINCT e.agent), array_agg(DISTINCT e.host),
-       p.exe, p.path, min(e.ts)
-FROM events AS e JOIN pairs AS p ON p.ref = e.pair
-WHERE e.pair = ANY(%(refs)s::bigint[]) AND e.ts > %(lo)s AND e.ts <= %(hi)s
-GROUP BY e.pair, p.exe, p.path
+SELECT d.cc, d.ac, d.agents, d.hosts, p.exe, p.path, d.first_ts
+FROM unnest(%(refs)s::bigint[]) AS r(ref) JOIN pairs AS p ON p.ref = r.ref
+CROSS JOIN LATERAL (
+    SELECT count(*) AS cc, count(DISTINCT e.agent) AS ac, array_agg(DISTINCT e.agent) AS agents,
+           array_agg(DISTINCT e.host) AS hosts, min(e.ts) AS first_ts
+    FROM events AS e WHERE e.pair = r.ref AND e.ts > %(lo)s AND e.ts <= %(hi)s
+) AS d
+WHERE d.cc > 0
 """
+# For statements that look up a few events of each of many pairs: the
+# estimate (every pair, a subquery each) would start the JIT compiler (~20 ms
+# for a walk that stops after a few hundred pairs), and a bitmap scan's set-up
+# costs more than the plain index scan of count_below entries (~1/3 of a tick).
+_PER_PAIR_SETTINGS = "SET LOCAL jit = off; SET LOCAL enable_bitmapscan = off"
 WALK_PAIRS = 100_000  # as SQLite's: walk for limits up to this, through max(WALK_PAIRS, 10 * limit) pairs
 
 
@@ -1039,14 +1058,13 @@ class PgStore:
         params = self._row_args(rule, at_ms)
         params["skip"] = list(skip)
         with self.read(), self._errors("evaluating"):
-            # the walk's cost estimate (every pair, a subquery each) would start
-            # the JIT compiler: ~20 ms compiling for a walk that stops after a few hundred
-            conn.execute("SET LOCAL jit = off")
             got: list[Any] = []
             if rule.limit <= WALK_PAIRS:
+                conn.execute(_PER_PAIR_SETTINGS)
                 walked = conn.execute(_RANKED_PG["walk", rule.agent_count == 1], params).fetchall()
                 if len(walked) >= rule.limit:
                     got = conn.execute(_DETAIL_PG, {**params, "refs": [r for (r,) in walked]}).fetchall()
+                conn.execute("SET LOCAL enable_bitmapscan = on")
             if not got:  # too few rows with the fewest events: rank them all
                 conn.execute(f"SET LOCAL work_mem = '{EVAL_WORK_MEM}'")
                 sql = _ROWS_ONE_AGENT_SQL if rule.agent_count == 1 else _ROWS_SQL
@@ -1061,7 +1079,7 @@ class PgStore:
         params = self._row_args(rule, at_ms)
         params["refs"] = list(refs)
         with self.read(), self._errors("evaluating"):
-            conn.execute("SET LOCAL jit = off")
+            conn.execute(_PER_PAIR_SETTINGS)
             chosen = conn.execute(_RANKED_PG["among", rule.agent_count == 1], params).fetchall()
             if not chosen:
                 return []
@@ -1146,15 +1164,8 @@ class PgStore:
         if not pairs:
             return set()
         with self._errors("reading alerts"):
-            got = (
-                self._conn()
-                .execute(
-                    f"SELECT exe, path FROM alerts WHERE rule_id = %s AND {ALERT_PAIR_HASH} = ANY(%s) "  # noqa: S608
-                    "AND at_ms > %s",
-                    (rule_id, [alert_pair_hash(p) for p in pairs], since_ms),
-                )
-                .fetchall()
-            )
+            args = ([alert_pair_hash(p) for p in pairs], rule_id, since_ms)
+            got = self._conn().execute(_ALERTED_SQL, args).fetchall()
         return {(_b(e), _b(p)) for e, p in got} & set(pairs)
 
     def tick_state(self, rule_id: str) -> Optional[ticks.TickState]:

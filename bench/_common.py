@@ -308,18 +308,23 @@ def stub_collector(tmp: str) -> Iterator[str]:
             [sys.executable, "-c", STUB, str(port)], stdout=log, stderr=log, start_new_session=True
         )
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    break
-            except OSError:
-                if time.monotonic() > deadline or p.poll() is not None:
-                    raise RuntimeError("stub collector did not start") from None
-                time.sleep(0.05)
+        wait_port(port, p)
         yield f"http://127.0.0.1:{port}"
     finally:
         procs.stop(p)
+
+
+def wait_port(port: int, p: subprocess.Popen[bytes], timeout: float = 10) -> None:
+    """Until the stub ``p`` listens on loopback ``port``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            if time.monotonic() > deadline or p.poll() is not None:
+                raise RuntimeError("stub collector did not start") from None
+            time.sleep(0.05)
 
 
 @contextlib.contextmanager

@@ -41,11 +41,12 @@ class FactsReader:
         self._files += 1
         return True
 
-    def __call__(self, path: bytes) -> Optional[FileFacts]:
+    def __call__(self, path: bytes, pre: Optional[longpath.Stat] = None) -> Optional[FileFacts]:
+        """``pre``: the file's lstat already read (by the store, for the enrichment too)."""
         if not path:
             return None
         try:
-            st = longpath.lstat(path)
+            st = longpath.stat_of(path, pre)
         except OSError:
             return FileFacts(gone=True)
         facts = FileFacts(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import os
+from typing import Optional, Union
 
 PATH_MAX = 4096
 MAX_DEPTH = 4096  # levels walked up before giving up (a loop, a race with a rename)
@@ -61,6 +62,27 @@ def _entry_for(parent_fd: int, child: os.stat_result) -> bytes:
                     return os.fsencode(entry.name)
     # a mount point (its parent lists the covered inode) or renamed meanwhile
     raise OSError(errno.ENOENT, "directory no longer linked in its parent")
+
+
+Stat = Union[os.stat_result, OSError]  # an lstat's result, or why it failed
+
+
+def lstat_or_error(path: bytes) -> Stat:
+    """lstat's result, or its OSError: one read handed to every reader of a
+    file's facts (the facts, its package, its content), not one each."""
+    try:
+        return lstat(path)
+    except OSError as exc:
+        return exc
+
+
+def stat_of(path: bytes, st: Optional[Stat]) -> os.stat_result:
+    """``st`` when given (raised when it is an error), else an lstat now."""
+    if st is None:
+        return lstat(path)
+    if isinstance(st, OSError):
+        raise st
+    return st
 
 
 def lstat(path: bytes) -> os.stat_result:

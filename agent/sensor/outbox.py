@@ -67,6 +67,8 @@ from typing import Any, NamedTuple, Optional
 
 import msgpack
 
+from agent.sensor import longpath
+from agent.sensor.facts import FactsReader
 from agent.shared import wire
 from agent.shared.clock import Clock
 from agent.shared.errors import StoreError
@@ -152,6 +154,7 @@ class Candidate(NamedTuple):
     executable: Optional[bytes]
     path: Optional[bytes]  # as the event says (a container's path)
     process_name: Optional[str]
+    stat: Optional[longpath.Stat] = None  # the file's lstat when its facts were read (None: not yet)
 
 
 @dataclass(frozen=True)
@@ -575,6 +578,12 @@ class AgentStore:
             out.append((first + i, path, due, n_keys, cand))
         return out
 
+    def _facts_of(self, path: bytes, st: longpath.Stat) -> Optional[FileFacts]:
+        """The facts of one file from its lstat (a reader that takes none reads its own)."""
+        if self.facts is None:
+            return None
+        return self.facts(path, st) if isinstance(self.facts, FactsReader) else self.facts(path)
+
     def _context_of(self, cand: Candidate) -> Optional[dict[str, Any]]:
         """The enrichment of one event; what fails in it costs the event its
         context only (it is evidence, not the record)."""
@@ -619,9 +628,10 @@ class AgentStore:
             due = list(itertools.takewhile(lambda p: p[2] <= now, itertools.islice(self._pending, limit)))
         if not due:
             return 0
-        # file reads outside the lock
-        facts = [self.facts(path) if self.facts else None for _, path, _, _, _ in due]
-        contexts = [self._context_of(cand) for _, _, _, _, cand in due]
+        # file reads outside the lock; one lstat a file, for its facts and its context alike
+        stats = [longpath.lstat_or_error(path) for _, path, _, _, _ in due]
+        facts = [self._facts_of(path, st) for (_, path, _, _, _), st in zip(due, stats)]
+        contexts = [self._context_of(cand._replace(stat=st)) for (_, _, _, _, cand), st in zip(due, stats)]
         db = self._db()
         filled = 0
         with self._lock:

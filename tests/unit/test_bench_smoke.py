@@ -46,6 +46,19 @@ def test_wire_bytes_quick() -> None:
         assert f["rows_equal_oracle"] is True
 
 
+@needs_root  # the throwaway PostgreSQL cluster is started as its own user
+def test_continuous_tick_quick() -> None:
+    doc = _run("continuous_tick.py", "--both-rules")
+    assert doc["bench"] == "continuous_tick"
+    runs = doc["runs"]
+    assert {(r["store"], r["events"]) for r in runs} == {
+        (s, n) for s in ("sqlite", "postgresql") for n in (20000, 40000)
+    }
+    for r in runs:
+        assert r["alerted_before"] > 0  # the steady state: the window's rows alerted already
+        assert {"first_tick_ms", "tick_ms_median", "evaluate_cli_s", "new_terms_tick_ms_median"} <= set(r)
+
+
 @needs_root
 def test_short_lived_quick() -> None:
     doc = _run("short_lived.py")
@@ -64,6 +77,25 @@ def test_burst_quick() -> None:
         doc["summary"]
     )
     assert {"none", "agent"} == {r["mode"] for r in doc["runs"]}
+
+
+@needs_root
+def test_sustained_quick() -> None:
+    doc = _run("sustained.py")
+    assert doc["bench"] == "sustained"
+    assert doc["cgroup"] in ("v1", "v2")
+    run = doc["runs"]["agent"][0]
+    assert {
+        "events",
+        "matched",
+        "lost",
+        "overflows",
+        "cpu_us_per_event",
+        "throttled_s",
+        "latency_newest_ms",
+    } <= set(run)
+    assert run["lost"] == 0 and run["overflows"] == 0  # 500 events a second: far inside the quota
+    assert run["seconds"] and {"backlog", "cpu_ms", "throttled_ms"} <= set(run["seconds"][0])
 
 
 def test_collector_ingest_quick() -> None:

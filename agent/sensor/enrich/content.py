@@ -288,9 +288,10 @@ class ContentScanner:
         self._rules_checked: Optional[float] = None
         self._warned: set[str] = set()
 
-    def scan(self, path: bytes) -> Optional[tuple[str, ...]]:
+    def scan(self, path: bytes, pre: Optional[longpath.Stat] = None) -> Optional[tuple[str, ...]]:
+        """``pre``: the file's lstat already read (None: read it here)."""
         try:
-            st = longpath.lstat(path)
+            st = longpath.stat_of(path, pre)
         except OSError as exc:
             if exc.errno not in _GONE:
                 self.skipped["unreadable"] += 1

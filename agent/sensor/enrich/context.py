@@ -148,7 +148,7 @@ class Enricher:
         ctx: dict[str, Any] = {}
         at_host_path = cand.path is None or cand.path == cand.host_path
         if self.packages is not None and at_host_path and self.packages.available():
-            own = self.packages.owner(cand.host_path)
+            own = self.packages.owner(cand.host_path, cand.stat)
             pkg: dict[str, Any] = {"own": own is not None}
             if own is not None:
                 pkg.update(mgr=text(own.manager, 16), name=text(own.package, 256))
@@ -161,7 +161,7 @@ class Enricher:
         if self.roots is not None and at_host_path:
             ctx["root"] = _root_map(place)
         if self.content is not None:
-            signals = self.content.scan(cand.host_path)
+            signals = self.content.scan(cand.host_path, cand.stat)
             if signals is not None:
                 ctx["sig"] = [text(sig, 128) for sig in signals[:MAX_SIGNALS]]
         if self.logs is not None and self._take():

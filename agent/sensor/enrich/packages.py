@@ -279,10 +279,11 @@ class PackageIndex:
             self._warn("refresh", f"package database unreadable: {exc}")
         return self._db is not None or self._rpm is not None
 
-    def owner(self, path: bytes) -> Optional[Owner]:
+    def owner(self, path: bytes, pre: Optional[longpath.Stat] = None) -> Optional[Owner]:
+        """``pre``: the file's lstat already read (None: read it here)."""
         try:
             self._refresh()
-            return self._cached(path)
+            return self._cached(path, pre)
         except Exception as exc:  # noqa: BLE001 - enrichment must never stop the agent
             self._warn("owner", f"package lookup of {path!r} failed: {exc}")
             return None
@@ -329,9 +330,9 @@ class PackageIndex:
             self._warn("rpm-import", f"rpm bindings unusable: {exc}")
             return None
 
-    def _cached(self, path: bytes) -> Optional[Owner]:
+    def _cached(self, path: bytes, pre: Optional[longpath.Stat]) -> Optional[Owner]:
         try:
-            st: Optional[os.stat_result] = longpath.lstat(path)
+            st: Optional[os.stat_result] = longpath.stat_of(path, pre)
         except OSError:
             st = None
         sig = _sig(st)

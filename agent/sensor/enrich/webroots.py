@@ -123,6 +123,9 @@ def discover(
     return _merge(roots), list(dict.fromkeys(problems))
 
 
+DIR_CACHE = 4096  # directories whose root WebRoots.place remembers
+
+
 class WebRoots:
     """The roots to place files in; ``place`` costs one dict look-up per
     directory level of the path, not one per root."""
@@ -132,6 +135,9 @@ class WebRoots:
         self._by_root: dict[bytes, list[WebRoot]] = {}
         for r in self.roots:
             self._by_root.setdefault(_norm(r.root), []).append(r)
+        # directory -> the deepest root at or above it (None: none): the roots never change
+        # here, and a burst's files share few directories, so a file costs one look-up
+        self._dirs: dict[bytes, Optional[bytes]] = {}
 
     def __len__(self) -> int:
         return len(self.roots)
@@ -141,11 +147,24 @@ class WebRoots:
         /var/www/html2 is not under /var/www/html), or None. Of several
         roots at the same directory, the first that executes the file."""
         path = _norm(path)
-        probe = path
+        here = self._by_root.get(path)
+        if here:
+            return _placement(here, path, path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            return None
+        if parent not in self._dirs:
+            if len(self._dirs) >= DIR_CACHE:
+                self._dirs.clear()
+            self._dirs[parent] = self._root_at_or_above(parent)
+        root = self._dirs[parent]
+        return _placement(self._by_root[root], path, root) if root is not None else None
+
+    def _root_at_or_above(self, directory: bytes) -> Optional[bytes]:
+        probe = directory
         while True:
-            here = self._by_root.get(probe)
-            if here:
-                return _placement(here, path, probe)
+            if self._by_root.get(probe):
+                return probe
             parent = os.path.dirname(probe)
             if parent == probe:
                 return None

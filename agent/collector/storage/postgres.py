@@ -400,9 +400,8 @@ LIMIT %(limit)s
 # events_pair, v = 2 * cc + (agents ok); stop at the limit once that many
 # pairs have the fewest events a row can have (v = vmin). v is computed per
 # pair as the walk reaches it (a subquery in the target list is evaluated
-# after the sort and limit). _AMONG: the rows among given pairs (a tick's);
-# OFFSET 0 keeps the subquery whole, so v is computed once a pair, not once
-# for each of the three tests on it.
+# after the sort and limit). _COUNT: a tick's pairs, each one's newest
+# count_below events in the window counted (see ticks.BusyPairs).
 _V_PG = """(SELECT count(*) * 2 + ({ok})::int FROM (
         SELECT e.agent AS a FROM events AS e
         WHERE e.pair = p.ref AND e.ts > %(lo)s AND e.ts <= %(hi)s LIMIT %(below)s) AS s)"""
@@ -415,15 +414,20 @@ SELECT ref FROM (
     ORDER BY {order}, p.okey LIMIT %(budget)s
 ) AS w WHERE v = %(vmin)s LIMIT %(limit)s
 """
-_AMONG_PG = """
-SELECT ref FROM (SELECT p.ref, {v} AS v FROM unnest(%(refs)s::bigint[]) AS p(ref) OFFSET 0) AS w
-WHERE v %% 2 = 1 AND v >= 3 AND v < 2 * %(below)s
+_COUNT_PG = """
+SELECT c.ref, x.cc, x.ok, x.oldest FROM unnest(%(refs)s::bigint[]) AS c(ref) CROSS JOIN LATERAL (
+    SELECT count(*) AS cc, coalesce({ok}, false) AS ok, min(s.ts) AS oldest FROM (
+        SELECT e.agent AS a, e.ts FROM events AS e
+        WHERE e.pair = c.ref AND e.ts > %(lo)s AND e.ts <= %(hi)s ORDER BY e.ts DESC LIMIT %(below)s
+    ) AS s
+) AS x WHERE x.cc > 0
 """
 _RANKED_PG = {
-    (mode, one): sql.format(v=_V_PG.format(ok=_OK_ONE if one else _OK_ANY), order=_P_ORDER_PREFIX)
-    for mode, sql in (("walk", _WALK_PG), ("among", _AMONG_PG))
+    (mode, one): sql.format(v=_V_PG.format(ok=_OK_ONE if one else _OK_ANY), order=_P_ORDER_PREFIX,
+                            ok=_OK_ONE if one else _OK_ANY)
+    for mode, sql in (("walk", _WALK_PG), ("count", _COUNT_PG))
     for one in (True, False)
-}
+}  # fmt: skip
 # the rows of the pairs the walk chose (each has fewer than count_below events)
 _DETAIL_PG = """
 SELECT d.cc, d.ac, d.agents, d.hosts, p.exe, p.path, d.first_ts
@@ -536,6 +540,7 @@ class PgStore:
         self._parts_lock = threading.Lock()
         self._owner = f"{socket.gethostname()}:{os.getpid()}"
         self.walk_pairs = WALK_PAIRS  # see _WALK_PG; tests lower it to cut the walk short
+        self._busy = ticks.BusyPairs()  # see ranked_among
         try:
             self._open()
         except BaseException:
@@ -1077,14 +1082,15 @@ class PgStore:
             return []
         conn = self._conn()
         params = self._row_args(rule, at_ms)
-        params["refs"] = list(refs)
+        params["refs"] = self._busy.to_count(rule, at_ms, refs)
         with self.read(), self._errors("evaluating"):
             conn.execute(_PER_PAIR_SETTINGS)
-            chosen = conn.execute(_RANKED_PG["among", rule.agent_count == 1], params).fetchall()
+            got = conn.execute(_RANKED_PG["count", rule.agent_count == 1], params).fetchall()
+            counts = [(int(r), int(cc), bool(ok), int(oldest)) for r, cc, ok, oldest in got]
+            chosen = self._busy.rows(rule, at_ms, counts)
             if not chosen:
                 return []
-            got = conn.execute(_DETAIL_PG, {**params, "refs": [r for (r,) in chosen]}).fetchall()
-            return self._ranked(conn, got)
+            return self._ranked(conn, conn.execute(_DETAIL_PG, {**params, "refs": chosen}).fetchall())
 
     def _row_args(self, rule: Rule, at_ms: int) -> dict[str, Any]:
         return {

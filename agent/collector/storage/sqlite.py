@@ -368,14 +368,15 @@ WHERE p.ref = r.ref AND e.pair = r.ref AND e.ts > :lo AND e.ts <= :hi
 GROUP BY r.ref
 ORDER BY r.v, r.key
 """
-# _AMONG: the rows among the pairs of temp.rw_among (a continuous tick's: the
-# pairs that changed since the last one), every one of them.
+# _AMONG: the pairs of temp.rw_among, chosen as rows by CollectorStore.ranked_among
+# (a continuous tick's, from the newest count_below events of each pair: _COUNT_SQL).
 _AMONG_SQL = """
-SELECT v, ref, key FROM (
-    SELECT p.ref, p.key, {v} AS v
-    FROM temp.rw_among AS c CROSS JOIN pairs AS p WHERE p.ref = c.ref
-) WHERE v % 2 = 1 AND v >= 3 AND v < 2 * :below
+SELECT 0, c.ref, p.key FROM temp.rw_among AS c CROSS JOIN pairs AS p WHERE p.ref = c.ref{skip_and}
 """
+_COUNT_SQL = (
+    "SELECT agent, ts FROM events INDEXED BY events_pair WHERE pair = ? AND ts > ? AND ts <= ? "
+    "ORDER BY ts DESC LIMIT ?"
+)
 _ROWS_SQL = {
     (mode, one, skip): _DETAIL_SQL.format(
         ranked={"walk": _WALK_SQL, "full": _FULL_SQL, "among": _AMONG_SQL}[mode].format(
@@ -427,6 +428,7 @@ class CollectorStore:
         self._host_names: dict[int, str] = {}
         self._actor_by_ref: dict[int, Actor] = {}
         self.walk_pairs = WALK_PAIRS  # see _WALK_SQL; tests lower it to cut the walk short
+        self._busy = ticks.BusyPairs()  # see ranked_among
         if readonly and not os.path.exists(path):
             raise StoreError(f"no collector database at {path!r}")
         try:
@@ -926,10 +928,24 @@ class CollectorStore:
             return []
         conn = self._conn()
         args = self._row_args(rule, at_ms)
+        lo, below = args["lo"], rule.count_below
         with _db_errors("evaluating"), self.read():
-            self._temp_refs(conn, "rw_among", refs)
-            got = conn.execute(_ROWS_SQL["among", rule.agent_count == 1, False], args).fetchall()
-            return self._ranked(conn, got, args["lo"], at_ms)
+            counts = []
+            for ref in self._busy.to_count(rule, at_ms, refs):
+                got = conn.execute(_COUNT_SQL, (ref, lo, at_ms, below)).fetchall()
+                if got:
+                    agents = {a for a, _ in got}
+                    ok = len(agents) == 1 if rule.agent_count == 1 else len(agents) == rule.agent_count
+                    counts.append((ref, len(got), ok, got[-1][1]))
+            chosen = self._busy.rows(rule, at_ms, counts)
+            if not chosen:
+                return []
+            self._temp_refs(conn, "rw_among", chosen)
+            rows = self._ranked(
+                conn, conn.execute(_ROWS_SQL["among", True, False], args).fetchall(), lo, at_ms
+            )
+        rows.sort(key=lambda r: (r.row.cc, order_key(r.row.executable, r.row.path)))
+        return rows
 
     def _row_args(self, rule: Rule, at_ms: int) -> dict[str, int]:
         return {

@@ -91,3 +91,46 @@ def usable(state: Optional[TickState], at_ms: int, fp: str) -> bool:
         and state.fingerprint == fp
         and state.at_ms <= at_ms <= state.at_ms + INCREMENTAL_MAX_MS
     )
+
+
+# A pair count (up to count_below, newest first) as ranked_among reads it:
+# (ref, events counted, the agents test, the oldest of those counted).
+PairCount = tuple[int, int, bool, int]
+BUSY_MAX = 1 << 20  # pairs the memo below remembers (about 100 MB at most)
+
+
+class BusyPairs:
+    """The pairs a tick need not count again yet: one found with count_below
+    events or more, the oldest of its newest count_below at t_b, is no row
+    while T - window < t_b (events are only added inside a window: pruning
+    stops at retention, which is longer than the window). A path every server
+    writes is counted about once a window, not every second. Per process, a
+    cache of facts about stored events only: any collector may keep one."""
+
+    def __init__(self) -> None:
+        self._until: dict[tuple[int, int], dict[int, int]] = {}
+        self._at = 0
+
+    def _memo(self, rule: Rule, at_ms: int) -> dict[int, int]:
+        if at_ms < self._at:  # a clock stepped back: what was learnt is about later windows
+            self._until.clear()
+        self._at = at_ms
+        return self._until.setdefault((rule.window_ms, rule.count_below), {})
+
+    def to_count(self, rule: Rule, at_ms: int, refs: Collection[int]) -> list[int]:
+        """The pairs of ``refs`` that may be rows at T."""
+        memo = self._memo(rule, at_ms)
+        return [r for r in refs if memo.get(r, 0) <= at_ms]
+
+    def rows(self, rule: Rule, at_ms: int, counts: Iterable[PairCount]) -> list[int]:
+        """The pairs of ``counts`` that are rows at T; the busy ones are remembered."""
+        memo = self._memo(rule, at_ms)
+        if len(memo) > BUSY_MAX:
+            memo.clear()
+        low, out = max(1, rule.agent_count), []
+        for ref, cc, agents_ok, oldest in counts:
+            if cc >= rule.count_below:
+                memo[ref] = oldest + rule.window_ms
+            elif cc >= low and agents_ok:
+                out.append(ref)
+        return out

@@ -11,6 +11,22 @@ PostgreSQL here is a throwaway local cluster (tests/support/pg.py) with
 fsync on and synchronous_commit on: a 2xx means durable on both stores.
 A batch is ``--records`` records: 10% full events, 90% count times.
 
+Per core: next to records/s, records per CPU-second of the store side over
+the measured interval, from /proc/PID/stat (utime + stime of each process of
+the tree, plus cutime + cstime: its reaped children), so that two setups on a
+shared 2-core box compare by the work they cost, not by who got the cores:
+  sqlite-1:  the collector process and its children (SQLite runs inside it);
+  pg-2:      both collectors and their children, plus the postmaster and all
+             its processes (backends, WAL writer, checkpointer, autovacuum).
+The bench's own agent threads (the client) are shown apart (client_cpu_s).
+
+``--against DIR`` also runs another checkout's collector (for example
+``git worktree add /tmp/rw-old HEAD~1``), by this venv's interpreter, so old
+and new compare side by side in one run: ``--rounds`` rounds (3 by default
+then), each running every setup once per checkout, the order rotated every
+round; each run gets a fresh SQLite file or PostgreSQL database. Medians per
+setup and checkout are printed last. ``--ingest-only`` skips the evaluate part.
+
 Evaluate: ``--events`` events (default 10,000,000) spread over one hour,
 bulk-loaded (COPY / generate_series, not through HTTP), with a realistic
 skew: 90% of events on the common pairs (10% of pairs, many agents), the
@@ -24,14 +40,18 @@ Prints tables and, last, one JSON line.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
+import resource
 import shutil
 import sqlite3
 import statistics
+import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import _common as c
@@ -76,7 +96,40 @@ def _batch(agent_id: str, epoch: str, seq: int, now: int, records: int, rng: ran
     )
 
 
-def ingest_run(urls: list[str], threads: int, seconds: float, records: int) -> dict[str, Any]:
+def tree_cpu_s(roots: list[int]) -> float:
+    """CPU seconds (user + system) used so far by ``roots`` and every process
+    below them: each live one's own time plus its reaped children's."""
+    procs_: dict[int, tuple[int, int]] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat", encoding="ascii", errors="replace") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        # fields[0] is field 3 (state): ppid is 4, utime stime cutime cstime 14-17
+        procs_[int(d)] = (int(fields[1]), sum(int(x) for x in fields[11:15]))
+    below: dict[int, list[int]] = {}
+    for pid, (ppid, _) in procs_.items():
+        below.setdefault(ppid, []).append(pid)
+    ticks, todo, seen = 0, list(roots), set()
+    while todo:
+        pid = todo.pop()
+        if pid in seen or pid not in procs_:
+            continue
+        seen.add(pid)
+        ticks += procs_[pid][1]
+        todo.extend(below.get(pid, ()))
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _self_cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _enroll(urls: list[str], threads: int) -> list[str]:
     keys = []
     for i in range(threads):
         r = requests.post(
@@ -86,6 +139,14 @@ def ingest_run(urls: list[str], threads: int, seconds: float, records: int) -> d
         )
         r.raise_for_status()
         keys.append(r.json()["api_key"])
+    return keys
+
+
+def ingest_run(
+    urls: list[str], threads: int, seconds: float, records: int, cpu: dict[str, list[int]]
+) -> dict[str, Any]:
+    """``cpu``: name -> root pids whose process trees make the store side."""
+    keys = _enroll(urls, threads)
     stop = time.monotonic() + seconds
     done = [0] * threads
     latencies: list[list[float]] = [[] for _ in range(threads)]
@@ -111,6 +172,8 @@ def ingest_run(urls: list[str], threads: int, seconds: float, records: int) -> d
                 errors[i] += 1
                 time.sleep(float(resp.headers.get("Retry-After", "0.2")))
 
+    cpu0 = {k: tree_cpu_s(v) for k, v in cpu.items()}
+    client0 = _self_cpu_s()
     t0 = time.monotonic()
     ts = [threading.Thread(target=agent, args=(i,)) for i in range(threads)]
     for t in ts:
@@ -118,6 +181,9 @@ def ingest_run(urls: list[str], threads: int, seconds: float, records: int) -> d
     for t in ts:
         t.join()
     took = time.monotonic() - t0
+    used = {f"{k}_cpu_s": round(tree_cpu_s(v) - cpu0[k], 2) for k, v in cpu.items()}
+    store_cpu = sum(used.values())
+    client = _self_cpu_s() - client0
     lat = sorted(x for xs in latencies for x in xs)
     batches = sum(done)
     return {
@@ -127,10 +193,119 @@ def ingest_run(urls: list[str], threads: int, seconds: float, records: int) -> d
         "batches": batches,
         "batches_per_s": round(batches / took, 1),
         "records_per_s": round(batches * records / took),
+        "records_per_cpu_s": round(batches * records / store_cpu) if store_cpu else None,
+        "store_cpu_s": round(store_cpu, 2),
+        **used,
+        "client_cpu_s": round(client, 2),
         "p50_ms": round(1000 * lat[len(lat) // 2], 1) if lat else None,
         "p99_ms": round(1000 * lat[int(len(lat) * 0.99)], 1) if lat else None,
         "non_2xx": sum(errors),
     }
+
+
+@contextlib.contextmanager
+def _collector(tmp: str, db: str, checkout: str | None) -> Iterator[procs.Collector]:
+    """``collector serve`` of this checkout (None) or of ``checkout`` (--against)."""
+    os.makedirs(tmp)
+    port = procs.free_port()
+    log = os.path.join(tmp, f"collector-{port}.log")
+    env = {**os.environ, "RAREWRITE_ENROLLMENT_SECRET": procs.SECRET}
+    cmd = [*c.rarewrite_of(checkout), "collector", "serve", "--listen", f"127.0.0.1:{port}", "--db", db]
+    with open(log, "ab") as out:
+        p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    col = procs.Collector(f"http://127.0.0.1:{port}", db, p, log)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            with contextlib.suppress(requests.RequestException):
+                if requests.get(col.url + "/healthz", timeout=2).status_code == 200:
+                    break
+            if p.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("collector did not come up: " + col.log_text()[-2000:])
+            time.sleep(0.1)
+        yield col
+    finally:
+        procs.stop(p)
+
+
+def _postmaster(server: pg.Server) -> int:
+    with open(os.path.join(server.data, "postmaster.pid"), encoding="ascii") as f:
+        return int(f.readline())
+
+
+def ingest_setup(
+    setup: str, checkout: str | None, server: pg.Server, tmp: str, args: argparse.Namespace
+) -> dict[str, Any]:
+    """One run of ``setup`` (sqlite-1 or pg-2) on a fresh store."""
+    d = tempfile.mkdtemp(prefix=f"{setup}-", dir=tmp)
+    run = (args.threads, args.seconds, args.records)
+    if setup == "sqlite-1":
+        with _collector(os.path.join(d, "s"), os.path.join(d, "c.db"), checkout) as col:
+            return ingest_run([col.url], *run, {"collector": [col.proc.pid]})
+    name = server.create_db("ingest")
+    url = server.url(name, with_password=False)
+    try:
+        with (
+            _collector(os.path.join(d, "a"), url, checkout) as a,
+            _collector(os.path.join(d, "b"), url, checkout) as b,
+        ):
+            cpu = {"collector": [a.proc.pid, b.proc.pid], "postgres": [_postmaster(server)]}
+            return ingest_run([a.url, b.url], *run, cpu)
+    finally:
+        server.drop_db(name)
+
+
+INGEST_KEYS = [
+    "setup",
+    "checkout",
+    "batches_per_s",
+    "records_per_s",
+    "records_per_cpu_s",
+    "store_cpu_s",
+    "collector_cpu_s",
+    "postgres_cpu_s",
+    "client_cpu_s",
+    "p50_ms",
+    "p99_ms",
+    "non_2xx",
+]
+
+
+def ingest_all(server: pg.Server, tmp: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Every setup, for this checkout and (``--against``) the other one, in rotated order."""
+    checkouts: list[str | None] = [None, args.against] if args.against else [None]
+    runs = []
+    for k in range(args.rounds):
+        order = checkouts[k % len(checkouts) :] + checkouts[: k % len(checkouts)]
+        for setup in ("sqlite-1", "pg-2"):
+            for checkout in order:
+                r = ingest_setup(setup, checkout, server, tmp, args)
+                runs.append({"setup": setup, "checkout": checkout or "this", "round": k, **r})
+    print(
+        f"\ningest: {args.threads} agent threads, {args.records} records a batch, {args.seconds:g} s each"
+        + (f"; this = {c.ROOT}, against = {args.against}" if args.against else "")
+    )
+    c.table(INGEST_KEYS, [[r.get(k) for k in INGEST_KEYS] for r in runs])
+    summary = []
+    for setup in ("sqlite-1", "pg-2"):
+        for checkout in checkouts:
+            rs = [r for r in runs if r["setup"] == setup and r["checkout"] == (checkout or "this")]
+            summary.append(
+                {
+                    "setup": setup,
+                    "checkout": checkout or "this",
+                    "runs": len(rs),
+                    **{
+                        k: c.median([r[k] for r in rs if r.get(k) is not None])
+                        for k in ("records_per_s", "records_per_cpu_s", "store_cpu_s", "p50_ms")
+                    },
+                }
+            )
+    if args.rounds > 1 or args.against:
+        print("\nmedians")
+        keys = ["setup", "checkout", "runs", "records_per_s", "records_per_cpu_s", "store_cpu_s", "p50_ms"]
+        c.table(keys, [[r[k] for k in keys] for r in summary])
+    return {"ingest": runs, "ingest_summary": summary}
 
 
 # ---------------------------------------------------------------- evaluate
@@ -283,6 +458,48 @@ def time_eval(db: str, at: int, tmp: str) -> dict[str, Any]:
     }
 
 
+def evaluate_all(server: pg.Server, tmp: str, args: argparse.Namespace) -> dict[str, Any]:
+    at = (int(time.time() * 1000) // H) * H + H // 2
+    evals = []
+    eurl = server.url(server.create_db("evaluate"), with_password=False)
+    load = load_pg(eurl, args.events, at)
+    evals.append(
+        {
+            "store": "postgresql",
+            "events": args.events,
+            "load_s": round(load, 1),
+            **pg_bytes_per_event(eurl, args.events),
+            **time_eval(eurl, at, tmp),
+        }
+    )
+    if args.sqlite_eval:
+        path = os.path.join(tmp, "eval.db")
+        load = load_sqlite(path, args.events, at)
+        evals.append(
+            {
+                "store": "sqlite",
+                "events": args.events,
+                "load_s": round(load, 1),
+                **sqlite_bytes_per_event(path, args.events),
+                **time_eval(path, at, tmp),
+            }
+        )
+    print(f"\nevaluate: {args.events:,} events in the window, shape {_shape(args.events)}")
+    keys = [
+        "store",
+        "events",
+        "load_s",
+        "heap_b",
+        "index_b",
+        "rows",
+        "rows_s_first",
+        "rows_s_median",
+        "cli_s",
+    ]
+    c.table(keys, [[r.get(k) for k in keys] for r in evals])
+    return {"evaluate": evals, "shape": _shape(args.events)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--events", type=int, default=10_000_000, help="stored events for the evaluate timing")
@@ -292,8 +509,13 @@ def main() -> None:
     ap.add_argument(
         "--sqlite-eval", action="store_true", help="also time evaluate on SQLite with the same data"
     )
+    ap.add_argument("--against", metavar="DIR", help="also run another checkout's collector, side by side")
+    ap.add_argument("--rounds", type=int, help="ingest runs per setup and checkout (1; 3 with --against)")
+    ap.add_argument("--ingest-only", action="store_true", help="skip the evaluate part")
     ap.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
     args = ap.parse_args()
+    if args.rounds is None:
+        args.rounds = 3 if args.against else 1
     if args.quick:
         args.events, args.seconds, args.threads, args.records = 20_000, 2.0, 4, 50
         args.sqlite_eval = True
@@ -305,70 +527,9 @@ def main() -> None:
         with pg.running(durable=True, settings={"max_wal_size": "'4GB'"}) as server:
             os.environ["PGPASSWORD"] = server.password  # children read it; never on a command line
             doc["postgres"] = os.path.basename(os.path.dirname(server.bindir))
-            ingest = []
-            os.makedirs(os.path.join(tmp, "s"))
-            with procs.collector(os.path.join(tmp, "s"), db=os.path.join(tmp, "s", "c.db")) as col:
-                ingest.append(
-                    {"setup": "sqlite-1", **ingest_run([col.url], args.threads, args.seconds, args.records)}
-                )
-            url = server.url(server.create_db("ingest"), with_password=False)
-            os.makedirs(os.path.join(tmp, "a"))
-            os.makedirs(os.path.join(tmp, "b"))
-            with (
-                procs.collector(os.path.join(tmp, "a"), db=url) as a,
-                procs.collector(os.path.join(tmp, "b"), db=url) as b,
-            ):
-                ingest.append(
-                    {"setup": "pg-2", **ingest_run([a.url, b.url], args.threads, args.seconds, args.records)}
-                )
-            print(
-                f"\ningest: {args.threads} agent threads, {args.records} records a batch, "
-                f"{args.seconds:g} s each"
-            )
-            keys = ["setup", "collectors", "batches_per_s", "records_per_s", "p50_ms", "p99_ms", "non_2xx"]
-            c.table(keys, [[r[k] for k in keys] for r in ingest])
-            doc["ingest"] = ingest
-
-            at = (int(time.time() * 1000) // H) * H + H // 2
-            evals = []
-            eurl = server.url(server.create_db("evaluate"), with_password=False)
-            load = load_pg(eurl, args.events, at)
-            evals.append(
-                {
-                    "store": "postgresql",
-                    "events": args.events,
-                    "load_s": round(load, 1),
-                    **pg_bytes_per_event(eurl, args.events),
-                    **time_eval(eurl, at, tmp),
-                }
-            )
-            if args.sqlite_eval:
-                path = os.path.join(tmp, "eval.db")
-                load = load_sqlite(path, args.events, at)
-                evals.append(
-                    {
-                        "store": "sqlite",
-                        "events": args.events,
-                        "load_s": round(load, 1),
-                        **sqlite_bytes_per_event(path, args.events),
-                        **time_eval(path, at, tmp),
-                    }
-                )
-            print(f"\nevaluate: {args.events:,} events in the window, shape {_shape(args.events)}")
-            keys = [
-                "store",
-                "events",
-                "load_s",
-                "heap_b",
-                "index_b",
-                "rows",
-                "rows_s_first",
-                "rows_s_median",
-                "cli_s",
-            ]
-            c.table(keys, [[r.get(k) for k in keys] for r in evals])
-            doc["evaluate"] = evals
-            doc["shape"] = _shape(args.events)
+            doc.update(ingest_all(server, tmp, args))
+            if not args.ingest_only:
+                doc.update(evaluate_all(server, tmp, args))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     c.emit(doc)

@@ -47,6 +47,17 @@ def test_wire_bytes_quick() -> None:
 
 
 @needs_root  # the throwaway PostgreSQL cluster is started as its own user
+def test_pg_ingest_quick() -> None:
+    doc = _run("pg_ingest.py")
+    assert doc["bench"] == "pg_ingest"
+    assert {r["setup"] for r in doc["ingest"]} == {"sqlite-1", "pg-2"}
+    for r in doc["ingest"]:
+        assert r["non_2xx"] == 0 and r["records_per_s"] > 0 and r["records_per_cpu_s"] > 0
+    assert {e["store"] for e in doc["evaluate"]} == {"postgresql", "sqlite"}
+    assert len({e["rows"] for e in doc["evaluate"]}) == 1  # both stores find the same rows
+
+
+@needs_root  # the throwaway PostgreSQL cluster is started as its own user
 def test_continuous_tick_quick() -> None:
     doc = _run("continuous_tick.py", "--both-rules")
     assert doc["bench"] == "continuous_tick"

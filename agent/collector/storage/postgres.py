@@ -12,8 +12,11 @@ built for many ``collector serve`` processes on one database:
   ``INSERT ... ON CONFLICT DO NOTHING`` on ``(agent, epoch, seq)`` and
   ``(agent, batch_id)``: a batch resent to another collector while the first
   one still holds it waits for that transaction, then counts as a duplicate
-  (or is stored, if the first one rolled back). Events go in with ``COPY``.
-  Deadlocks and serialization failures retry the whole transaction.
+  (or is stored, if the first one rolled back). Events go in with one
+  ``INSERT ... SELECT FROM unnest(...)`` of array parameters. The statements
+  run in pipeline mode: two round trips a batch (name, epoch, pairs, actors;
+  then events and COMMIT). Deadlocks and serialization failures retry the
+  whole transaction.
 - **Events** are partitioned by range on ``ts``, one partition an hour
   (``events_pYYYYMMDD_HH``), created ahead of time by whichever collector
   ingests first, plus a DEFAULT partition for timestamps far from now.
@@ -44,7 +47,7 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from typing import Any, Optional
 
 import msgpack
@@ -75,7 +78,6 @@ from agent.collector.storage.base import (
     actor_of_key,
     can_have_rows,
     enroll_decision,
-    event_rows,
     hit_of,
     hits_query,
     is_replayed,
@@ -118,7 +120,7 @@ _EPOCH_SQL = (
     "ON CONFLICT (agent_ref, epoch) DO UPDATE SET last_seq = excluded.last_seq, "
     "last_sent_at = excluded.last_sent_at"
 )
-_CHANGES_SQL = "INSERT INTO pair_changes(received_ms, pairs) VALUES (%s, %s)"
+_CHANGES_SQL = "INSERT INTO pair_changes(received_ms, pairs) VALUES (%s, %s::int8[])"
 _TERM_SELECT_SQL = (
     TERM_SELECT_SQL.replace("IN ({marks})", "= ANY(?)").replace("?", "%s") + " ORDER BY pair FOR UPDATE"
 )
@@ -445,6 +447,91 @@ WHERE d.cc > 0
 # costs more than the plain index scan of count_below entries (~1/3 of a tick).
 _PER_PAIR_SETTINGS = "SET LOCAL jit = off; SET LOCAL enable_bitmapscan = off"
 WALK_PAIRS = 100_000  # as SQLite's: walk for limits up to this, through max(WALK_PAIRS, 10 * limit) pairs
+# A batch's pairs in one statement: the known ones read without a lock (their
+# last_ts raised only when stale), the new ones inserted. Rows: (key, ref,
+# stale) of each pair, then (NULL, ref, NULL) of each stale pair raised; a
+# stale pair not raised was deleted meanwhile by a prune (see _interned).
+_INTERN_SQL = """
+WITH w(k, e, p, t, o) AS (
+    SELECT * FROM unnest(%b::bytea[], %b::bytea[], %b::bytea[], %s::int8[], %b::bytea[])
+),
+old AS (
+    SELECT pairs.ref, w.k, w.t, pairs.last_ts < w.t - %s::int8 AS stale
+    FROM w JOIN pairs ON pairs.key = w.k
+),
+raised AS (
+    UPDATE pairs SET last_ts = greatest(pairs.last_ts, old.t) FROM old
+    WHERE pairs.ref = old.ref AND old.stale RETURNING pairs.ref
+),
+added AS (
+    INSERT INTO pairs(key, exe, path, last_ts, okey)
+    SELECT k, e, p, t, o FROM w WHERE NOT EXISTS (SELECT FROM old WHERE old.k = w.k) ORDER BY k
+    ON CONFLICT (key) DO UPDATE SET last_ts = greatest(pairs.last_ts, excluded.last_ts)
+    RETURNING key, ref
+)
+SELECT k, ref, stale FROM old
+UNION ALL SELECT key, ref, false FROM added
+UNION ALL SELECT NULL, ref, NULL FROM raised
+"""
+# A batch's rows of the events table, in the order of event_rows: its events
+# (with their details), then each count time. Integer columns travel as array
+# literals, cheaper to build than a list psycopg dumps value by value (see
+# _event_arrays); bytea arrays as binary (%b: in text each value is escaped).
+_EVENTS_SQL = """
+INSERT INTO events (ts, pair, agent, host, detail, actor)
+SELECT e.ts, e.pair, %s::int8, %s::int8, e.detail, e.actor
+FROM unnest(%s::int8[], %s::int8[], %b::bytea[], %s::int8[]) AS e(ts, pair, detail, actor)
+UNION ALL
+SELECT c.ts, c.pair, %s::int8, %s::int8, NULL::bytea, c.actor
+FROM unnest(%s::int8[], %s::int8[], %s::int8[]) AS c(ts, pair, actor)
+"""
+
+
+def _interned(cur: Optional[psycopg.Cursor[Any]]) -> dict[bytes, int]:
+    """Pair key -> ref from :data:`_INTERN_SQL`'s rows; _Retry when a stale
+    pair vanished under a concurrent prune."""
+    refs: dict[bytes, int] = {}
+    stale = raised = 0
+    for key, ref, was_stale in cur.fetchall() if cur is not None else ():
+        if key is None:
+            raised += 1
+            continue
+        refs[bytes(key)] = int(ref)
+        stale += bool(was_stale)
+    if raised != stale:
+        raise _Retry()
+    return refs
+
+
+def _array(items: Iterable[str]) -> str:
+    return "{" + ",".join(items) + "}"
+
+
+def _event_arrays(
+    batch: wire.RowBatch, refs: dict[bytes, int], agent: AgentRecord, actors: dict[bytes, int]
+) -> tuple[Any, ...]:
+    """The parameters of :data:`_EVENTS_SQL` for ``batch``."""
+    ev = batch.events
+    who: dict[Optional[bytes], str] = {None: "NULL"}
+    who.update((k, str(r)) for k, r in actors.items())
+    c_ts, c_pair, c_actor = [], [], []
+    for key, _, _, times, actor in batch.counts:
+        if times:
+            n = len(times)
+            c_ts.append(",".join(map(str, times)))
+            c_pair.append(",".join([str(refs[key])] * n))
+            c_actor.append(",".join([who[actor]] * n))
+    return (
+        *(agent.ref, agent.host_ref),
+        _array(str(e[0]) for e in ev),
+        _array(str(refs[e[1]]) for e in ev),
+        [e[4] for e in ev],
+        _array(who[e[5]] for e in ev),
+        *(agent.ref, agent.host_ref),
+        _array(c_ts),
+        _array(c_pair),
+        _array(c_actor),
+    )
 
 
 class _Retry(Exception):
@@ -536,6 +623,7 @@ class PgStore:
         self._agent_names: dict[int, str] = {}
         self._host_names: dict[int, str] = {}
         self._actor_by_ref: dict[int, Actor] = {}
+        self._actor_cache: dict[bytes, int] = {}  # actor key -> ref, committed ones only
         self._parts: Optional[set[int]] = None
         self._parts_lock = threading.Lock()
         self._owner = f"{socket.gethostname()}:{os.getpid()}"
@@ -699,7 +787,7 @@ class PgStore:
         now_h = now_ms // HOUR_MS
         lo, hi = now_h - BAND_BACK_HOURS, now_h + BAND_AHEAD_HOURS
         hours = {now_h + i for i in range(AHEAD_HOURS + 1)}
-        hours.update(h for t in times if lo <= (h := t // HOUR_MS) <= hi)
+        hours.update(h for h in {t // HOUR_MS for t in times} if lo <= h <= hi)
         return hours
 
     # ------------------------------------------------------------ agents
@@ -825,7 +913,11 @@ class PgStore:
         terms: Sequence[Candidate] = (),
     ) -> str:
         """Store one batch in one transaction: "stored" or "duplicate" (see the
-        SQLite store for the rules; they are the same)."""
+        SQLite store for the rules; they are the same).
+
+        Two round trips in pipeline mode: the batch's name, its epoch, its pairs
+        and new actors go out together, then (once the name is ours and the
+        seq is new) its events, the agent's last-seen time and the COMMIT."""
         if self.readonly:
             raise StoreError("the collector database is open read-only")
         batch = wire.rows_of(batch)
@@ -833,18 +925,21 @@ class PgStore:
         self.ensure_partitions(self._hours_for(times, now_ms))
         conn = self._conn()
         for attempt in range(RETRIES):
+            fresh: dict[bytes, int] = {}
             try:
                 with self._errors("ingest"):
                     status = "stored"
                     try:
-                        with conn.transaction():
-                            status = self._ingest_tx(conn, agent, batch, now_ms, terms)
+                        with conn.pipeline(), conn.transaction():
+                            status = self._ingest_tx(conn, agent, batch, now_ms, terms, fresh)
                             if status != "stored":
                                 raise psycopg.Rollback()
                     except (pg_errors.DeadlockDetected, pg_errors.SerializationFailure, _Retry):
                         if attempt == RETRIES - 1:
                             raise
                         continue
+                    if status == "stored":  # committed: the new actors' refs are true from now on
+                        self._actor_cache.update(fresh)
                     return status
             except _Retry:
                 raise StoreError("collector database: ingest kept racing a prune; retry later") from None
@@ -856,26 +951,34 @@ class PgStore:
         agent: AgentRecord,
         batch: wire.RowBatch,
         now_ms: int,
-        terms: Sequence[Candidate] = (),
+        terms: Sequence[Candidate],
+        fresh: dict[bytes, int],
     ) -> str:
         """ "stored", "duplicate" (its batch id was stored) or "conflict" (a new
-        batch id with a used seq); only "stored" may commit."""
+        batch id with a used seq); only "stored" may commit. Runs in a pipeline:
+        statements queue until a result is read."""
         # The name first: a concurrent copy of this batch (another collector)
         # waits here for ours, then finds the conflict.
         named = conn.execute(
             "INSERT INTO batches(agent_ref, epoch, seq, batch_id, received_ms, records) "
             "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING RETURNING 1",
             (agent.ref, batch.epoch, batch.seq, batch.batch_id, now_ms, batch.size()),
-        ).fetchone()
-        if named is None:
+        )
+        ep_cur = conn.execute(
+            "SELECT last_seq, last_sent_at FROM epochs WHERE agent_ref = %s AND epoch = %s FOR UPDATE",
+            (agent.ref, batch.epoch),
+        )
+        # Sent before the seq is checked: rolled back with the rest if it is not new.
+        conn.execute(_EPOCH_SQL, (agent.ref, batch.epoch, batch.seq, batch.sent_at))
+        want = newest_per_pair(batch)
+        pairs_cur = self._intern(conn, want) if want else None
+        actors_cur = self._actor_refs(conn, actor_keys(batch))
+        if named.fetchone() is None:  # the first read: the pipeline's first round trip
             same = conn.execute(
                 "SELECT 1 FROM batches WHERE agent_ref = %s AND batch_id = %s", (agent.ref, batch.batch_id)
             ).fetchone()
             return "duplicate" if same else "conflict"
-        ep = conn.execute(
-            "SELECT last_seq, last_sent_at FROM epochs WHERE agent_ref = %s AND epoch = %s FOR UPDATE",
-            (agent.ref, batch.epoch),
-        ).fetchone()
+        ep = ep_cur.fetchone()
         if is_replayed(ep, batch.seq):
             return "conflict"
         gap = possible_loss(agent, ep, batch)
@@ -885,16 +988,26 @@ class PgStore:
                 "VALUES (%s, %s, %s, 0, 'possible_loss', %s)",
                 (agent.ref, *gap, now_ms),
             )
-        conn.execute(_EPOCH_SQL, (agent.ref, batch.epoch, batch.seq, batch.sent_at))
-        want = newest_per_pair(batch)
-        refs = self._intern(conn, want) if want else {}
-        actors = self._actor_refs(conn, actor_keys(batch))
-        with conn.cursor() as cur:
-            sql = "COPY events (ts, pair, agent, host, detail, actor) FROM STDIN (FORMAT BINARY)"
-            with cur.copy(sql) as cp:
-                cp.set_types(["int8", "int8", "int8", "int8", "bytea", "int8"])
-                for row in event_rows(batch, refs, agent, actors):
-                    cp.write_row(row)
+        refs = _interned(pairs_cur)
+        if actors_cur is not None:
+            fresh.update((bytes(k), int(r)) for k, r in actors_cur.fetchall())
+        actors = {**self._actor_cache, **fresh} if fresh else self._actor_cache
+        if batch.events or batch.counts:
+            conn.execute(_EVENTS_SQL, _event_arrays(batch, refs, agent, actors))
+        if refs:  # for the continuous schedule (agent.collector.storage.ticks)
+            conn.execute(_CHANGES_SQL, (now_ms, _array(str(r) for r in sorted(set(refs.values())))))
+        self._ingest_rest(conn, agent, batch, now_ms, terms)
+        return "stored"
+
+    def _ingest_rest(
+        self,
+        conn: psycopg.Connection[Any],
+        agent: AgentRecord,
+        batch: wire.RowBatch,
+        now_ms: int,
+        terms: Sequence[Candidate],
+    ) -> None:
+        """The batch's gaps, new-terms writes, notes and the agent's last-seen time."""
         if batch.gaps:
             with conn.cursor() as cur:
                 cur.executemany(
@@ -906,10 +1019,7 @@ class PgStore:
             self._terms(conn, agent, batch.host_id, terms, now_ms)
         if batch.notes:
             _store_notes(conn, agent, batch, now_ms)
-        if refs:  # for the continuous schedule (agent.collector.storage.ticks)
-            conn.execute(_CHANGES_SQL, (now_ms, sorted(set(refs.values()))))
         conn.execute("UPDATE agents SET last_seen_ms = %s WHERE ref = %s", (now_ms, agent.ref))
-        return "stored"
 
     @staticmethod
     def _terms(
@@ -956,63 +1066,37 @@ class PgStore:
     @staticmethod
     def _intern(
         conn: psycopg.Connection[Any], want: dict[bytes, tuple[Optional[bytes], Optional[bytes], int]]
-    ) -> dict[bytes, int]:
-        """Pair refs for ``want`` (key -> exe, path, newest ts), creating new pairs.
+    ) -> psycopg.Cursor[Any]:
+        """Pair refs for ``want`` (key -> exe, path, newest ts), creating new
+        pairs, in one statement (read with :func:`_interned`).
 
         Known pairs are read without a lock; last_ts is raised (a row lock, held
         to commit) only when it lags by more than LAST_TS_LAG_MS, so a pair that
-        every agent writes is not a queue. Keys are sorted: no lock-order deadlock."""
+        every agent writes is not a queue. Keys are sorted: no lock-order deadlock.
+        Planned each time (prepare=False): a plan cached while ``pairs`` was
+        small (no ANALYZE yet) scans the whole table."""
         keys = sorted(want)
-        refs: dict[bytes, int] = {}
-        stale: list[tuple[int, int]] = []
-        for key, ref, last_ts in conn.execute(
-            "SELECT key, ref, last_ts FROM pairs WHERE key = ANY(%s)", (keys,)
-        ).fetchall():
-            k = bytes(key)
-            refs[k] = int(ref)
-            if int(last_ts) < want[k][2] - LAST_TS_LAG_MS:
-                stale.append((int(ref), want[k][2]))
-        new = [k for k in keys if k not in refs]
-        if new:
-            for key, ref in conn.execute(
-                "INSERT INTO pairs(key, exe, path, last_ts, okey) "
-                "SELECT k, e, p, t, o FROM unnest(%s::bytea[], %s::bytea[], %s::bytea[], %s::int8[], "
-                "%s::bytea[]) AS u(k, e, p, t, o) ORDER BY k "
-                "ON CONFLICT (key) DO UPDATE SET last_ts = greatest(pairs.last_ts, excluded.last_ts) "
-                "RETURNING key, ref",
-                (
-                    new,
-                    [want[k][0] for k in new],
-                    [want[k][1] for k in new],
-                    [want[k][2] for k in new],
-                    [order_key(want[k][0], want[k][1]) for k in new],
-                ),
-            ).fetchall():
-                refs[bytes(key)] = int(ref)
-        if stale:
-            stale.sort()
-            done = conn.execute(
-                "UPDATE pairs AS p SET last_ts = greatest(p.last_ts, v.t) "
-                "FROM unnest(%s::int8[], %s::int8[]) AS v(r, t) WHERE p.ref = v.r RETURNING p.ref",
-                ([r for r, _ in stale], [t for _, t in stale]),
-            ).fetchall()
-            if len(done) != len(stale):
-                raise _Retry()
-        return refs
+        args = (
+            keys,
+            [want[k][0] for k in keys],
+            [want[k][1] for k in keys],
+            _array(str(want[k][2]) for k in keys),
+            [order_key(want[k][0], want[k][1]) for k in keys],
+        )
+        return conn.execute(_INTERN_SQL, (*args, LAST_TS_LAG_MS), prepare=False)
 
-    @staticmethod
-    def _actor_refs(conn: psycopg.Connection[Any], keys: set[bytes]) -> dict[bytes, int]:
-        """Actor key -> ref, creating new actors (a host has a handful)."""
-        if not keys:
-            return {}
-        want = sorted(keys)
+    def _actor_refs(self, conn: psycopg.Connection[Any], keys: set[bytes]) -> Optional[psycopg.Cursor[Any]]:
+        """The (key, ref) of the actors not cached yet, creating them (a host
+        has a handful; actors are never deleted, so a cached ref stays true)."""
+        want = sorted(keys - self._actor_cache.keys())
+        if not want:
+            return None
         conn.execute(
-            "INSERT INTO actors(key) SELECT k FROM unnest(%s::bytea[]) AS u(k) ORDER BY k "
+            "INSERT INTO actors(key) SELECT k FROM unnest(%b::bytea[]) AS u(k) ORDER BY k "
             "ON CONFLICT (key) DO NOTHING",
             (want,),
         )
-        got = conn.execute("SELECT key, ref FROM actors WHERE key = ANY(%s)", (want,)).fetchall()
-        return {bytes(k): int(r) for k, r in got}
+        return conn.execute("SELECT key, ref FROM actors WHERE key = ANY(%b)", (want,), prepare=False)
 
     def _actor_names(self, conn: psycopg.Connection[Any], refs: set[int]) -> dict[int, Actor]:
         if not refs <= self._actor_by_ref.keys():
